@@ -1,0 +1,1 @@
+"""INT8 kernels (Triton on CUDA, torch fallbacks elsewhere)."""

@@ -1,0 +1,443 @@
+"""Safetensors reading and streaming writing, with the header validated before anything else.
+
+Reading: ``SafetensorsReader`` parses and checks the whole header (size, JSON, dtypes, shapes,
+offsets tiling the data section exactly) before it reads a single tensor, then reads one tensor at a
+time with ``pread`` into memory it owns. The input file is opened read-only and never modified.
+We never unpickle anything: ``.ckpt/.pt/.bin/.pth`` inputs are refused.
+
+Writing: ``StreamingWriter`` takes the full list of output tensors (key, dtype, shape) up front -- the
+conversion plan knows it before quantizing anything -- computes the header, reserves the file, then
+accepts tensors in any order and writes each at its offset. Peak memory is one tensor. Output goes to
+``<out>.partial`` and is renamed into place atomically only when every tensor was written and synced;
+on any error or cancel the partial file is removed.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import ConvertError, OutputPathError, SafetensorsFormatError, UnsupportedInputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype_name: str
+    shape: Tuple[int, ...]
+    begin: int  # offset inside the data section
+    end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise SafetensorsFormatError(f"header has the key {k!r} twice")
+        seen[k] = v
+    return seen
+
+
+def parse_header(raw: bytes, data_size: int, where: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    """Validate a header's JSON against the size of the data section; return tensors and metadata."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SafetensorsFormatError(f"{where}: header is not UTF-8 ({e})") from None
+    if not text.lstrip().startswith("{"):
+        raise SafetensorsFormatError(f"{where}: header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except SafetensorsFormatError as e:
+        raise SafetensorsFormatError(f"{where}: {e}") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise SafetensorsFormatError(f"{where}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{where}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in metadata.items()):
+        raise SafetensorsFormatError(f"{where}: __metadata__ must map strings to strings")
+    infos: Dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        at = f"{where}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsFormatError(f"{at}: entry is not an object")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype_name not in DTYPES:
+            raise SafetensorsFormatError(f"{at}: unknown dtype {dtype_name!r} "
+                                         f"(known: {', '.join(sorted(DTYPES))})")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise SafetensorsFormatError(f"{at}: shape must be a list of at most 8 non-negative ints, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise SafetensorsFormatError(f"{at}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        begin, end = offsets
+        if end > data_size:
+            raise SafetensorsFormatError(
+                f"{at}: data ends at byte {end} but the data section has only {data_size} bytes "
+                "(file truncated or offsets out of range)")
+        expected = math.prod(shape) * itemsize(DTYPES[dtype_name])
+        if expected != end - begin:
+            raise SafetensorsFormatError(
+                f"{at}: {dtype_name} {shape} needs {expected} bytes but its offsets span {end - begin}")
+        infos[name] = TensorInfo(name, dtype_name, tuple(shape), begin, end)
+    # the tensors must tile the data section exactly: no overlap, no hole, nothing after
+    pos = 0
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin < pos:
+            raise SafetensorsFormatError(f"{where}: tensor {info.name!r} overlaps the previous tensor "
+                                         f"(starts at {info.begin}, previous ends at {pos})")
+        if info.begin > pos:
+            raise SafetensorsFormatError(f"{where}: hole in the data section before tensor {info.name!r} "
+                                         f"(bytes {pos}..{info.begin} belong to no tensor)")
+        pos = info.end
+    if pos != data_size:
+        raise SafetensorsFormatError(f"{where}: {data_size - pos} bytes after the last tensor "
+                                     "(file has trailing data or the header is incomplete)")
+    return infos, metadata
+
+
+def check_input_path(path: str) -> str:
+    """Refuse what we will not read: missing files, directories, pickle checkpoints."""
+    p = os.fspath(path)
+    if "\x00" in p:
+        raise UnsupportedInputError(f"input path contains a NUL byte: {p!r}")
+    if p.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsupportedInputError(
+            f"{p}: pickle checkpoints (.ckpt/.pt/.pth/.bin) can execute code when loaded and are not "
+            "read. Convert it to .safetensors first with a tool you trust.")
+    if not os.path.exists(p):
+        raise UnsupportedInputError(f"{p}: no such file")
+    if not os.path.isfile(p):
+        raise UnsupportedInputError(f"{p}: not a regular file")
+    return p
+
+
+class SafetensorsReader:
+    """Lazy, validated reader. Use as a context manager; ``get(key)`` returns an owned tensor."""
+
+    def __init__(self, path: str):
+        self.path = check_input_path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._parse()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse(self):
+        size = os.fstat(self._fd).st_size
+        where = self.path
+        if size < 8:
+            raise SafetensorsFormatError(f"{where}: file is {size} bytes; a safetensors file needs at "
+                                         "least 8 (truncated or not safetensors)")
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        if n > size - 8:
+            raise SafetensorsFormatError(f"{where}: header length {n} goes beyond the end of the file "
+                                         f"({size} bytes): truncated or not a safetensors file")
+        if n > MAX_HEADER_BYTES:
+            raise SafetensorsFormatError(f"{where}: header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
+        if n < 2:
+            raise SafetensorsFormatError(f"{where}: header length {n} is too small for a JSON object")
+        raw = os.pread(self._fd, n, 8)
+        self.header_size = n
+        self.data_start = 8 + n
+        self.file_size = size
+        self.infos, self.metadata = parse_header(raw, size - self.data_start, where)
+
+    # --- access ---------------------------------------------------------------------------------
+    def keys(self) -> List[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def info(self, key: str) -> TensorInfo:
+        return self.infos[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.infos[key]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        pos, off = 0, self.data_start + info.begin
+        while pos < info.nbytes:
+            n = os.preadv(self._fd, [view[pos:]], off + pos)
+            if n <= 0:
+                raise SafetensorsFormatError(f"{self.path}: tensor {key!r}: file ended while reading "
+                                             "(it changed size after it was opened?)")
+            pos += n
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def get_raw(self, key: str) -> bytes:
+        info = self.infos[key]
+        return os.pread(self._fd, info.nbytes, self.data_start + info.begin)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    with SafetensorsReader(path) as r:
+        return dict(r.infos), dict(r.metadata)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputEntry:
+    key: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def layout_entries(entries: Sequence[OutputEntry]) -> List[Tuple[OutputEntry, int]]:
+    """File order: larger item sizes first so every tensor starts aligned to its item size
+    (the official safetensors writer does the same); stable within a size."""
+    order = sorted(range(len(entries)), key=lambda i: (-itemsize(entries[i].dtype), i))
+    placed, pos = [], 0
+    for i in order:
+        placed.append((entries[i], pos))
+        pos += entries[i].nbytes
+    return placed
+
+
+def build_header(entries: Sequence[OutputEntry], metadata: Optional[Dict[str, str]]) -> Tuple[bytes, Dict[str, int], int]:
+    keys = [e.key for e in entries]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ConvertError(f"internal error: output plan has duplicate keys {dup[:5]}")
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offsets: Dict[str, int] = {}
+    total = 0
+    for entry, off in layout_entries(entries):
+        if entry.dtype not in DTYPE_NAMES:
+            raise ConvertError(f"cannot store dtype {entry.dtype} in safetensors ({entry.key})")
+        header[entry.key] = {"dtype": DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
+                             "data_offsets": [off, off + entry.nbytes]}
+        offsets[entry.key] = off
+        total = max(total, off + entry.nbytes)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return raw, offsets, total
+
+
+def partial_path(path: str) -> str:
+    return path + ".partial"
+
+
+class StreamingWriter:
+    """Write a safetensors file whose tensor list is known before any data exists.
+
+    ``write(key, tensor)`` may be called in any order; ``finish()`` checks every tensor was written,
+    syncs and atomically renames ``<path>.partial`` to ``path``. ``abort()`` (or leaving the
+    ``with`` block by an exception) removes the partial file. ``checksums`` holds a SHA-256 of each
+    tensor's bytes as written, for verification.
+    """
+
+    def __init__(self, path: str, entries: Sequence[OutputEntry], metadata: Optional[Dict[str, str]] = None,
+                 overwrite: bool = False, preallocate: bool = True):
+        self.path = os.fspath(path)
+        self.tmp = partial_path(self.path)
+        self.entries = {e.key: e for e in entries}
+        raw, self.offsets, self.data_size = build_header(list(entries), metadata)
+        self.data_start = 8 + len(raw)
+        self.written: Dict[str, bool] = {}
+        self.checksums: Dict[str, str] = {}
+        self.overwrite = overwrite
+        if os.path.exists(self.path) and not overwrite:
+            raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
+        if os.path.lexists(self.tmp):
+            os.unlink(self.tmp)  # a stale partial from an earlier crash: never a valid output
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise OutputPathError(f"cannot create {self.tmp}: {e.strerror}") from None
+        try:
+            total = self.data_start + self.data_size
+            if preallocate and total > 0 and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(self._fd, 0, total)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise OutputPathError(_disk_full_message(self.path, total)) from None
+                    os.ftruncate(self._fd, total)  # filesystem without fallocate
+            else:
+                os.ftruncate(self._fd, total)
+            self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _pwrite(self, data, offset: int):
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            try:
+                n = os.pwrite(self._fd, view[pos:], offset + pos)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise OutputPathError(_disk_full_message(self.path, self.data_start + self.data_size)) from None
+                raise OutputPathError(f"writing {self.tmp} failed: {e.strerror}") from None
+            pos += n
+
+    def write(self, key: str, tensor: torch.Tensor):
+        entry = self.entries.get(key)
+        if entry is None:
+            raise ConvertError(f"internal error: {key!r} is not in the output plan")
+        if key in self.written:
+            raise ConvertError(f"internal error: {key!r} written twice")
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+            raise ConvertError(f"internal error: {key!r} planned as {entry.dtype} {list(entry.shape)}, "
+                               f"got {tensor.dtype} {list(tensor.shape)}")
+        data = tensor_bytes(tensor)
+        self._pwrite(data, self.data_start + self.offsets[key])
+        self.checksums[key] = hashlib.sha256(data).hexdigest()
+        self.written[key] = True
+
+    def missing(self) -> List[str]:
+        return [k for k in self.entries if k not in self.written]
+
+    def finish(self) -> str:
+        missing = self.missing()
+        if missing:
+            self.abort()
+            raise ConvertError(f"internal error: {len(missing)} planned tensors were never written, "
+                               f"e.g. {missing[:3]}")
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self.abort()
+            raise OutputPathError(f"syncing {self.tmp} failed: {e.strerror}") from None
+        os.close(self._fd)
+        self._fd = None
+        if os.path.exists(self.path) and not self.overwrite:
+            self.abort()
+            raise OutputPathError(f"{self.path} appeared while converting; not overwritten")
+        os.replace(self.tmp, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return self.path
+
+    def abort(self):
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif self._fd is not None:
+            self.finish()
+        return False
+
+
+def _disk_full_message(path: str, total: int) -> str:
+    return (f"no space left on the device for {path} ({total / 1e9:.2f} GB needed); "
+            "nothing was written -- free some space or choose another output folder")
+
+
+def _fsync_dir(d: str):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None,
+              overwrite: bool = True) -> str:
+    """Write a dict of tensors (small files: tests, calibration statistics, LoRAs we make)."""
+    entries = [OutputEntry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with StreamingWriter(path, entries, metadata, overwrite=overwrite, preallocate=False) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+    return path
+
+
+def load_file(path: str) -> Dict[str, torch.Tensor]:
+    with SafetensorsReader(path) as r:
+        return {k: r.get(k) for k in r.keys()}
