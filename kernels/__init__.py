@@ -1,1 +1,238 @@
-"""INT8 kernels (Triton on CUDA, torch fallbacks elsewhere)."""
+"""INT8 kernels: Triton on CUDA (sm80+, tuned for Hopper), torch fallbacks with the same numerics
+elsewhere. This module is the stable API used by the ComfyUI loader and ``quant_core``; see
+docs/KERNELS.md for numerics, paths and measurements.
+
+    quantize_activations(x, convrot_groupsize=0, block_k=0) -> (q_int8, scale_fp32)
+    int8_linear(x, qdata, weight_scale, bias=None, *, convrot_groupsize=0, out_dtype=None, path=None)
+    int8_blockwise_linear(x, qdata, weight_scale, bias=None, *, group_size=128, out_dtype=None, path=None)
+    quantized_linear(x, qw, bias=None, path=None)       # dispatches on qw.format (registry below)
+    register_linear(format_name, fn)                     # fn(x, qw, bias, path=None, backend=None)
+    dequantize(qw, dtype=None)
+
+``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
+sets the default. ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
+CONVERT_TO_QUANT_KERNEL_BACKEND. All functions accept activations of any leading shape [..., K].
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..quant_core.errors import ConvertError
+from . import dispatch, reference
+from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path
+from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usable
+
+__all__ = [
+    "quantize_activations", "int8_linear", "int8_blockwise_linear", "quantized_linear", "register_linear",
+    "registered_formats", "dequantize", "choose_path", "resolve_backend", "triton_usable", "KernelInputError",
+    "KernelFormatError", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KernelInputError(ConvertError, ValueError):
+    """Operands that don't fit a kernel (shape, dtype, device)."""
+
+
+class KernelFormatError(ConvertError, NotImplementedError):
+    """A QuantizedWeight whose format has no registered linear implementation."""
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 and (x2.shape[0] <= 1 or x2.stride(0) >= k) else x2.contiguous()
+
+
+def _check_common(x: torch.Tensor, qdata: torch.Tensor, bias: Optional[torch.Tensor], what: str) -> Tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise KernelInputError(f"{what}: activations must be a float32/float16/bfloat16 tensor, "
+                               f"got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise KernelInputError(f"{what}: activations need at least one dimension")
+    if qdata.dtype != torch.int8 or qdata.dim() != 2:
+        raise KernelInputError(f"{what}: weight must be a 2-D int8 tensor, got {qdata.dtype} {list(qdata.shape)}")
+    n, k = qdata.shape
+    if x.shape[-1] != k:
+        raise KernelInputError(f"{what}: activations have {x.shape[-1]} features but the weight expects {k} "
+                               f"(weight shape {list(qdata.shape)})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise KernelInputError(f"{what}: bias must have shape [{n}], got {list(bias.shape)}")
+    return n, k
+
+
+def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype], what: str) -> torch.dtype:
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise KernelInputError(f"{what}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return out_dtype
+
+
+def _same_device(t: Optional[torch.Tensor], device: torch.device, dtype=None) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+
+
+def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0, *,
+                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization, optionally after the convrot group Hadamard, in one pass.
+
+    Returns ``q`` int8 of x's shape and fp32 ``scale``: shape [..., 1] per token (``x ≈ q * scale``)
+    or [..., K / block_k] with ``block_k`` (one scale per token per block of K). Rounding is to nearest,
+    ties to even; scale = max(absmax / 127, 1e-30).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+        raise KernelInputError("quantize_activations: x must be a float32/float16/bfloat16 tensor")
+    k = x.shape[-1]
+    if convrot_groupsize:
+        if convrot_groupsize not in (16, 64, 256, 1024):
+            raise KernelInputError(f"quantize_activations: convrot group size must be 16, 64, 256 or 1024, "
+                                   f"got {convrot_groupsize}")
+        if k % convrot_groupsize:
+            raise KernelInputError(f"quantize_activations: {k} features not divisible by convrot group "
+                                   f"{convrot_groupsize}")
+    if block_k and (block_k < 1 or k % block_k):
+        raise KernelInputError(f"quantize_activations: {k} features not divisible by block_k {block_k}")
+    x2 = _as_rows(x, k)
+    if _compiling():
+        q, s = torch.ops.convert_to_quant.quantize_activations(x2, convrot_groupsize, block_k, backend or "")
+    else:
+        q, s = dispatch.quantize_activations_2d(x2, convrot_groupsize, block_k, backend)
+    lead = tuple(x.shape[:-1])
+    return q.reshape(x.shape), s.reshape(lead + ((k // block_k,) if block_k else (1,)))
+
+
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, *, convrot_groupsize: int = 0,
+                out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """``y = x · Wᵀ + bias`` for an ``int8_tensorwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
+    fp32 0-dim/[1] (tensor) or [N, 1]/[N] (per row). ``convrot_groupsize`` > 0: the stored weight is
+    ``W · blockdiag(H)ᵀ`` and the activations are rotated the same way before quantization.
+    ``out_dtype`` defaults to x's dtype."""
+    what = "int8_linear"
+    n, k = _check_common(x, qdata, bias, what)
+    if weight_scale.numel() not in (1, n):
+        raise KernelInputError(f"{what}: weight_scale must be a scalar or have {n} entries (per row), "
+                               f"got shape {list(weight_scale.shape)}")
+    if convrot_groupsize:
+        if convrot_groupsize not in (16, 64, 256, 1024) or k % convrot_groupsize:
+            raise KernelInputError(f"{what}: convrot group size {convrot_groupsize} must be 16/64/256/1024 "
+                                   f"and divide in_features {k}")
+    out_dtype = _out_dtype(x, out_dtype, what)
+    dev = x.device
+    qdata = _same_device(qdata, dev)
+    ws = _same_device(weight_scale, dev, torch.float32).reshape(-1)
+    bias = _same_device(bias, dev)
+    x2 = _as_rows(x, k)
+    if _compiling():
+        y = torch.ops.convert_to_quant.int8_linear(x2, qdata, ws, bias, convrot_groupsize, out_dtype,
+                                                   path or "", backend or "")
+    else:
+        y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend)
+    return y.reshape(tuple(x.shape[:-1]) + (n,))
+
+
+def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, group_size: int = 128,
+                          out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
+                          backend: Optional[str] = None) -> torch.Tensor:
+    """``y = x · Wᵀ + bias`` for an ``int8_blockwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
+    fp32 [ceil(N/g), K/g] (one scale per g×g tile). W8A8 quantizes activations per token per g-block
+    of K and applies both scales per K block inside the GEMM (fp32 accumulation)."""
+    what = "int8_blockwise_linear"
+    n, k = _check_common(x, qdata, bias, what)
+    g = int(group_size)
+    if g < 16 or g % 16 or k % g:
+        raise KernelInputError(f"{what}: group_size {g} must be a multiple of 16 dividing in_features {k}")
+    want = (-(-n // g), k // g)
+    if weight_scale.dim() != 2 or tuple(weight_scale.shape) != want:
+        raise KernelInputError(f"{what}: weight_scale must have shape {list(want)} for weight {[n, k]} and "
+                               f"group {g}, got {list(weight_scale.shape)}")
+    out_dtype = _out_dtype(x, out_dtype, what)
+    dev = x.device
+    qdata = _same_device(qdata, dev)
+    ws = _same_device(weight_scale, dev, torch.float32)
+    bias = _same_device(bias, dev)
+    x2 = _as_rows(x, k)
+    if _compiling():
+        y = torch.ops.convert_to_quant.int8_blockwise_linear(x2, qdata, ws, bias, g, out_dtype, path or "",
+                                                             backend or "")
+    else:
+        y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend)
+    return y.reshape(tuple(x.shape[:-1]) + (n,))
+
+
+# ------------------------------------------------------------------------------------------------
+# QuantizedWeight dispatch
+# ------------------------------------------------------------------------------------------------
+LinearFn = Callable[..., torch.Tensor]
+_LINEAR_REGISTRY: Dict[str, LinearFn] = {}
+
+
+def register_linear(format_name: str, fn: LinearFn, *, replace: bool = False) -> LinearFn:
+    """Register ``fn(x, qw, bias, path=None, backend=None) -> y`` as the linear for ``format_name``
+    (a ``quant_core.formats`` format). Returns ``fn`` so it can be used as a decorator helper."""
+    if not replace and format_name in _LINEAR_REGISTRY and _LINEAR_REGISTRY[format_name] is not fn:
+        raise ValueError(f"a linear kernel for format {format_name!r} is already registered")
+    _LINEAR_REGISTRY[format_name] = fn
+    return fn
+
+
+def registered_formats() -> Tuple[str, ...]:
+    return tuple(sorted(_LINEAR_REGISTRY))
+
+
+def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, path: Optional[str] = None, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """``y = x · dequant(qw)ᵀ + bias`` with the fastest kernel for ``qw.format``; output in x's dtype."""
+    fn = _LINEAR_REGISTRY.get(qw.format)
+    if fn is None:
+        raise KernelFormatError(f"no linear kernel for weight format {qw.format!r}; registered formats: "
+                                f"{', '.join(registered_formats())}")
+    return fn(x, qw, bias, path=path, backend=backend)
+
+
+def _tensorwise_linear(x, qw, bias, path=None, backend=None):
+    p = qw.params
+    return int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=p.convrot_groupsize if p.convrot else 0,
+                       path=path, backend=backend)
+
+
+def _blockwise_linear(x, qw, bias, path=None, backend=None):
+    return int8_blockwise_linear(x, qw.qdata, qw.scale, bias, group_size=qw.params.group_size, path=path,
+                                 backend=backend)
+
+
+def _fp16_linear(x, qw, bias, path=None, backend=None):
+    w = qw.qdata.to(device=x.device, dtype=x.dtype)
+    return F.linear(x, w, bias.to(device=x.device, dtype=x.dtype) if bias is not None else None)
+
+
+register_linear("int8_tensorwise", _tensorwise_linear)
+register_linear("int8_blockwise", _blockwise_linear)
+register_linear("fp16", _fp16_linear)
+
+
+def dequantize(qw, dtype: Optional[torch.dtype] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """The weight in its original space as ``dtype`` (default ``qw.orig_dtype``), computed as
+    ``q.float() * scale`` (then un-rotated for convrot) and rounded once; Triton on CUDA."""
+    dtype = dtype or qw.orig_dtype
+    if qw.format == "int8_tensorwise":
+        g = qw.params.convrot_groupsize if qw.params.convrot else 0
+        args = (qw.qdata, qw.scale.float().reshape(-1), 0, g)
+    elif qw.format == "int8_blockwise":
+        args = (qw.qdata, qw.scale.float(), qw.params.group_size, 0)
+    else:
+        return qw.dequantize().to(dtype)
+    if _compiling():
+        return torch.ops.convert_to_quant.dequantize(*args, dtype, backend or "")
+    return dispatch.dequantize_2d(*args, dtype, backend)

@@ -1,0 +1,186 @@
+"""Path choice and the ``convert_to_quant::*`` custom ops.
+
+A *path* is the algorithm for one linear layer:
+  * ``w8a8``    -- quantize activations per token (fused convrot), int8 x int8 GEMM, fp32 epilogue;
+  * ``w8a16``   -- weight-only: int8 weight tiles converted in the GEMM, activations stay float;
+  * ``dequant`` -- dequantize the weight to the activation dtype, then ``F.linear`` (cuBLAS).
+A *backend* is where it runs: ``triton`` (CUDA sm80+) or ``torch`` (everything else, same numerics).
+
+``auto`` picks the path from ``PATH_TABLE`` (measured with ``benchmarks/kernels.py``; see
+docs/KERNELS.md); the function argument ``path=`` or env ``CONVERT_TO_QUANT_KERNEL_PATH`` forces one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_quant, launch_dequant,
+                     launch_int8_gemm, launch_rotate, launch_w8a16, resolve_backend)
+
+PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
+PATHS = ("auto", "w8a8", "w8a16", "dequant")
+
+# (arch, weight kind) -> ((largest M, path), ...): the first row whose bound is >= M wins; larger M
+# use "w8a8". Measured on an H100 with benchmarks/kernels.py (docs/KERNELS.md, "path sweep").
+PATH_TABLE = {
+    ("sm90", "row"): ((16, "w8a16"),),
+    ("sm90", "block"): ((16, "w8a16"),),
+    ("sm89", "row"): ((16, "w8a16"),),
+    ("sm89", "block"): ((16, "w8a16"),),
+    ("sm80", "row"): ((16, "w8a16"),),
+    ("sm80", "block"): ((16, "w8a16"),),
+}
+
+
+def choose_path(kind: str, m: int, device: torch.device) -> str:
+    """The path ``auto`` takes for ``m`` tokens on ``device`` ("row": tensor-wise/per-row weights,
+    "block": block-wise weights)."""
+    for bound, path in PATH_TABLE.get((arch_of(device), kind), ()):
+        if m <= bound:
+            return path
+    return "w8a8"
+
+
+def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device) -> str:
+    p = (path or os.environ.get(PATH_ENV) or "auto").lower()
+    if p not in PATHS:
+        raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {p!r}")
+    return choose_path(kind, m, device) if p == "auto" else p
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations on 2-D activations (what the custom ops run)
+# ------------------------------------------------------------------------------------------------
+def quantize_activations_2d(x: torch.Tensor, convrot_groupsize: int, block_k: int, backend: Optional[str] = None,
+                            scale_k_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[1]
+    if resolve_backend(x.device, backend) == "triton" and act_kernel_supports(k, convrot_groupsize, block_k):
+        return launch_act_quant(x, convrot_groupsize, block_k, scale_k_major)
+    return ref.quantize_activations(x, convrot_groupsize, block_k)
+
+
+def _dequant_weight(qdata, w_scale, group_size, convrot_groupsize, dtype, backend):
+    n, k = qdata.shape
+    if backend == "triton":
+        if convrot_groupsize and act_kernel_supports(k, convrot_groupsize, 0) and w_scale.numel() == n:
+            return launch_rotate(qdata, convrot_groupsize, dtype, rowscale=w_scale.reshape(-1).float())
+        if not convrot_groupsize:
+            return launch_dequant(qdata, w_scale, group_size, dtype)
+    return ref.dequantize_weight(qdata, w_scale, group_size, convrot_groupsize, dtype)
+
+
+def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   convrot_groupsize: int, out_dtype: torch.dtype, path: Optional[str] = None,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    m, k = x.shape
+    n = qdata.shape[0]
+    be = resolve_backend(x.device, backend)
+    p = resolve_path(path, "row", m, x.device)
+    if be == "triton" and not gemm_supports(n, k):
+        be = "torch"  # the GEMM kernels need N, K multiples of 16
+    if p == "dequant":
+        w = _dequant_weight(qdata, w_scale, 0, convrot_groupsize, x.dtype, be)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None).to(out_dtype)
+    if p == "w8a16":
+        if convrot_groupsize:  # rotate the activations (rounded once to their dtype), weights stay rotated
+            if be == "triton" and act_kernel_supports(k, convrot_groupsize, 0):
+                x = launch_rotate(x, convrot_groupsize, x.dtype)
+            else:
+                x = ref.rotate(x, convrot_groupsize).to(x.dtype)
+        if be == "triton":
+            return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype)
+        return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
+    q, s = quantize_activations_2d(x, convrot_groupsize, 0, be)
+    if be == "triton":
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype)
+    return ref.scaled_int8_mm(q, s, qdata, w_scale, bias, out_dtype)
+
+
+def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
+                             bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+                             path: Optional[str] = None, backend: Optional[str] = None) -> torch.Tensor:
+    m, k = x.shape
+    n = qdata.shape[0]
+    be = resolve_backend(x.device, backend)
+    p = resolve_path(path, "block", m, x.device)
+    if be == "triton" and not gemm_supports(n, k):
+        be = "torch"
+    if p == "dequant":
+        w = _dequant_weight(qdata, w_scale, group_size, 0, x.dtype, be)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None).to(out_dtype)
+    if p == "w8a16":
+        if be == "triton":
+            return launch_w8a16(x, qdata, w_scale, bias, group_size, out_dtype)
+        return ref.w8a16_mm(x, qdata, w_scale, bias, group_size, out_dtype)
+    if be == "triton" and act_kernel_supports(k, 0, group_size):
+        q, s = launch_act_quant(x, 0, group_size, scale_k_major=True)
+    else:
+        q, s = ref.quantize_activations(x, 0, group_size)
+    if be == "triton":
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size)
+    return ref.blockwise_int8_mm(q, s, qdata, w_scale, bias, group_size, out_dtype)
+
+
+def dequantize_2d(qdata: torch.Tensor, w_scale: torch.Tensor, group_size: int, convrot_groupsize: int,
+                  dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
+    return _dequant_weight(qdata, w_scale, group_size, convrot_groupsize, dtype,
+                           resolve_backend(qdata.device, backend))
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing
+# ------------------------------------------------------------------------------------------------
+def _opt(s: str) -> Optional[str]:
+    return s or None
+
+
+@torch.library.custom_op("convert_to_quant::quantize_activations", mutates_args=())
+def quantize_activations_op(x: torch.Tensor, convrot_groupsize: int, block_k: int,
+                            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, s = quantize_activations_2d(x, convrot_groupsize, block_k, _opt(backend))
+    return q, s.contiguous()
+
+
+@quantize_activations_op.register_fake
+def _(x, convrot_groupsize, block_k, backend):
+    m, k = x.shape
+    s_shape = (m, k // block_k) if block_k else (m,)
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty(s_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("convert_to_quant::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   convrot_groupsize: int, out_dtype: torch.dtype, path: str, backend: str) -> torch.Tensor:
+    return int8_linear_2d(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, _opt(path), _opt(backend))
+
+
+@int8_linear_op.register_fake
+def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend):
+    return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("convert_to_quant::int8_blockwise_linear", mutates_args=())
+def int8_blockwise_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
+                             bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype, path: str,
+                             backend: str) -> torch.Tensor:
+    return int8_blockwise_linear_2d(x, qdata, weight_scale, bias, group_size, out_dtype, _opt(path), _opt(backend))
+
+
+@int8_blockwise_linear_op.register_fake
+def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend):
+    return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("convert_to_quant::dequantize", mutates_args=())
+def dequantize_op(qdata: torch.Tensor, weight_scale: torch.Tensor, group_size: int, convrot_groupsize: int,
+                  dtype: torch.dtype, backend: str) -> torch.Tensor:
+    return dequantize_2d(qdata, weight_scale, group_size, convrot_groupsize, dtype, _opt(backend))
+
+
+@dequantize_op.register_fake
+def _(qdata, weight_scale, group_size, convrot_groupsize, dtype, backend):
+    return qdata.new_empty(qdata.shape, dtype=dtype)

@@ -1,0 +1,285 @@
+"""Triton kernels: activation quantization (+ convrot), W8A8 / block-wise W8A8 / W8A16 GEMMs, dequant.
+
+Only the ``@triton.jit`` bodies and their launchers live here; which kernel runs for a call (path,
+backend, tuned config) is decided in ``dispatch.py``. Numerics are documented in docs/KERNELS.md and
+mirrored exactly by ``reference.py`` (the torch fallbacks).
+
+Conventions shared by every kernel:
+* int8 values are symmetric in [-127, 127]; scales are float32.
+* Rounding is round-to-nearest, ties to even (like ``torch.round``), done with the 1.5·2^23 trick on
+  values already clamped to ±127, so it is exact and identical on every backend.
+* Divisions use ``div_rn`` (IEEE round-to-nearest) so scales and quotients equal torch's bit for bit.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 1.5 * 2**23: adding it to |v| <= 2**22 leaves an fp32 whose ulp is 1, so the hardware's
+# round-to-nearest-even does the rounding; subtracting it back is exact.
+RNE_MAGIC = 12582912.0
+# Bit pattern of RNE_MAGIC: int32 n + this, reinterpreted as fp32, is RNE_MAGIC + n for |n| < 2**22
+# (an integer add instead of the slow I2F conversion in the block-wise main loop).
+I2F_MAGIC_BITS = 0x4B400000
+
+
+# ------------------------------------------------------------------------------------------------
+# activation quantization / rotation: one program per row, the whole row in registers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_row(x, h1_ptr, h2_ptr, P: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
+                STAGE1_DTYPE: tl.constexpr, STAGE1_IEEE: tl.constexpr):
+    """x · blockdiag(H_g)ᵀ for one padded row of length P, g = G1·G2, H_g = kron(H_G1, H_G2).
+
+    Seeing a group as a G1×G2 matrix X (row-major), X·kron(A, B) = Aᵀ·X·B, so the rotation is one
+    tensor-core matmul by H_G2 on the right (exact products: the Hadamard entries ±2^-k are exact
+    in bf16/fp16) and, when G1 > 1, one fp32 matmul by H_G1 on the transposed groups.
+    """
+    xs = tl.reshape(x.to(STAGE1_DTYPE), (P // G2, G2))
+    r2 = tl.arange(0, G2)
+    h2 = tl.load(h2_ptr + r2[:, None] * G2 + r2[None, :]).to(STAGE1_DTYPE)
+    if STAGE1_IEEE:
+        y = tl.dot(xs, h2, input_precision="ieee")
+    else:
+        y = tl.dot(xs, h2)
+    if G1 > 1:
+        y = tl.reshape(y, (P // (G1 * G2), G1, G2))
+        y = tl.permute(y, (0, 2, 1))
+        y = tl.reshape(y, (P // G1, G1))
+        r1 = tl.arange(0, G1)
+        h1 = tl.load(h1_ptr + r1[:, None] * G1 + r1[None, :])
+        y = tl.dot(y, h1, input_precision="ieee")
+        y = tl.reshape(y, (P // (G1 * G2), G2, G1))
+        y = tl.permute(y, (0, 2, 1))
+    return tl.reshape(y, (P,))
+
+
+@triton.jit
+def _round_clamp_int8(v):
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr,
+                     K, stride_xm, stride_om, stride_sm, stride_sb,
+                     P: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     MODE: tl.constexpr, STAGE1_DTYPE: tl.constexpr, STAGE1_IEEE: tl.constexpr,
+                     HAS_ROWSCALE: tl.constexpr):
+    """MODE 0: quantize a row to int8 with one fp32 scale per row (BLOCK_Q == 0) or per BLOCK_Q
+    columns; G2 > 0 rotates first (convrot). MODE 1: write the rotated row (times an optional
+    per-row scale, used to dequantize convrot weights) in ``out_ptr``'s dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, P)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0)
+    if G2 > 0:
+        y = _rotate_row(x, h1_ptr, h2_ptr, P, G1, G2, STAGE1_DTYPE, STAGE1_IEEE)
+    else:
+        y = x.to(tl.float32)
+    if MODE == 1:
+        if HAS_ROWSCALE:
+            y = y * tl.load(rowscale_ptr + row)
+        tl.store(out_ptr + row * stride_om + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        if BLOCK_Q == 0:
+            amax = tl.max(tl.abs(y), axis=0)
+            s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+            q = _round_clamp_int8(tl.math.div_rn(y, s))
+            tl.store(s_ptr + row * stride_sm, s)
+        else:
+            yb = tl.reshape(y, (P // BLOCK_Q, BLOCK_Q))
+            amax = tl.max(tl.abs(yb), axis=1)
+            s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+            q = tl.reshape(_round_clamp_int8(tl.math.div_rn(yb, s[:, None])), (P,))
+            nb = tl.arange(0, P // BLOCK_Q)
+            tl.store(s_ptr + row * stride_sm + nb * stride_sb, s, mask=nb < K // BLOCK_Q)
+        tl.store(out_ptr + row * stride_om + offs, q, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 GEMMs. One kernel body, specialized by constexprs:
+#   USE_TMA    - A and B come as host TensorDescriptors (Hopper); else raw pointers.
+#   BLOCKWISE  - per-K-block scales applied in the main loop (fp32 accumulation) instead of an
+#                int32 accumulator scaled once in the epilogue.
+#   persistent - the grid may be smaller than the tile count; programs stride over tiles in grouped
+#                order (GROUP_M rows of tiles share B tiles in L2).
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    width = GROUP_M * num_pid_n
+    group = tile // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % gsize
+    pid_n = (tile % width) // gsize
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int32_to_f32_exact(blk, MAGIC_CVT: tl.constexpr):
+    if MAGIC_CVT:
+        return (blk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return blk.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])  # one compile serves every token count
+def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr,
+                     M, N, K, num_programs,
+                     stride_am, stride_bn, stride_cm,
+                     stride_asm, stride_ask, stride_wsn, stride_wsk,
+                     WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCKWISE: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr,
+                     WS_TILE_SCALAR: tl.constexpr, MAGIC_CVT: tl.constexpr,
+                     USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN_K: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[M,N] = epilogue(A[M,K] int8 · B[N,K]ᵀ int8).
+
+    Tensor-wise/per-row: acc int32 over all K, then C = (acc·a_s[m])·w_s[n] (+ bias) in fp32.
+    Block-wise: for each BK slice in K block kb = k // GROUP_K,
+        acc += f32(slice int32) · (a_s[m, kb] · w_s[n // GROUP_N, kb]),  C = acc (+ bias).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BK)
+    rk = tl.arange(0, BK)
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        # clamp instead of masking rows: out-of-range rows read row 0 and are dropped at the store
+        rm_safe = tl.where(rm < M, rm, 0)
+        rn_safe = tl.where(rn < N, rn, 0)
+        if not USE_TMA:
+            a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
+            b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+        if BLOCKWISE:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for ki in range(k_tiles):
+            if USE_TMA:
+                a = a_ptr.load([off_m, ki * BK])
+                b = b_ptr.load([off_n, ki * BK])
+            else:
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(b_ptrs)
+                else:
+                    kmask = rk[None, :] < K - ki * BK
+                    a = tl.load(a_ptrs, mask=kmask, other=0)
+                    b = tl.load(b_ptrs, mask=kmask, other=0)
+                a_ptrs += BK
+                b_ptrs += BK
+            if BLOCKWISE:
+                blk = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                kb = (ki * BK) // GROUP_K
+                a_s = tl.load(as_ptr + rm_safe * stride_asm + kb * stride_ask)
+                if WS_TILE_SCALAR:
+                    w_s = tl.load(ws_ptr + (off_n // GROUP_N) * stride_wsn + kb * stride_wsk)
+                    acc += _int32_to_f32_exact(blk, MAGIC_CVT) * (a_s * w_s)[:, None]
+                else:
+                    w_s = tl.load(ws_ptr + (rn_safe // GROUP_N) * stride_wsn + kb * stride_wsk)
+                    acc += _int32_to_f32_exact(blk, MAGIC_CVT) * (a_s[:, None] * w_s[None, :])
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        if BLOCKWISE:
+            out = acc
+        else:
+            a_s = tl.load(as_ptr + rm_safe * stride_asm)
+            out = acc.to(tl.float32) * a_s[:, None]
+            if WS_PER_ROW:
+                out = out * tl.load(ws_ptr + rn_safe * stride_wsn)[None, :]
+            else:
+                out = out * tl.load(ws_ptr)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
+def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
+                      M, N, K, stride_am, stride_bn, stride_cm, stride_wsn, stride_wsk,
+                      WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = A[M,K] (float) · dequant(B[N,K] int8)ᵀ; the int8 tile is converted exactly to A's dtype in
+    registers (no dequantized weight in memory), products accumulate in fp32.
+    WS_MODE 0: scalar scale, 1: per-row [N,1] (both in the epilogue), 2: block-wise [ceil(N/G), K/G]
+    (applied per BK slice, BK divides GROUP)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm_safe = tl.where(rm < M, rm, 0)
+    rn_safe = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BK)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = rk[None, :] < K - ki * BK
+            a = tl.load(a_ptrs, mask=kmask, other=0)
+            b = tl.load(b_ptrs, mask=kmask, other=0)
+        if DOT_IEEE:
+            a = a.to(tl.float32)
+            bt = tl.trans(b.to(tl.float32))
+        else:
+            bt = tl.trans(b.to(a.dtype))
+        if WS_MODE == 2:
+            if DOT_IEEE:
+                part = tl.dot(a, bt, input_precision="ieee")
+            else:
+                part = tl.dot(a, bt)
+            kb = (ki * BK) // GROUP
+            w_s = tl.load(ws_ptr + (rn_safe // GROUP) * stride_wsn + kb * stride_wsk)
+            acc += part * w_s[None, :]
+        else:
+            if DOT_IEEE:
+                acc = tl.dot(a, bt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, bt, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if WS_MODE == 1:
+        acc = acc * tl.load(ws_ptr + rn_safe * stride_wsn)[None, :]
+    elif WS_MODE == 0:
+        acc = acc * tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_on, stride_sn, stride_sk,
+                   WS_MODE: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out = q.float() · scale (scalar / per-row / block-wise), cast to out's dtype."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    q = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + rk[None, :], mask=mask, other=0)
+    if WS_MODE == 0:
+        s = tl.load(s_ptr)
+        w = q.to(tl.float32) * s
+    elif WS_MODE == 1:
+        s = tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0)
+        w = q.to(tl.float32) * s[:, None]
+    else:
+        s = tl.load(s_ptr + (rn // GROUP)[:, None] * stride_sn + (rk // GROUP)[None, :] * stride_sk,
+                    mask=mask, other=0)
+        w = q.to(tl.float32) * s
+    tl.store(out_ptr + rn.to(tl.int64)[:, None] * stride_on + rk[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mask)

@@ -1,0 +1,460 @@
+"""INT8 kernels against float64 references, on both backends.
+
+On a CPU machine (CI) the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it before
+triton is imported) on tiny shapes that still have ragged M and N and several tiles; on a CUDA machine the
+same tests run the compiled kernels on the GPU. Known interpreter quirk: its fp32->bf16 conversion
+truncates, so bf16 outputs are compared with a bf16-ulp tolerance and the tight checks use fp32 outputs.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert_to_quant.kernels as K
+from convert_to_quant.kernels import dispatch, launch, reference
+from convert_to_quant.kernels.launch import GemmConfig
+from convert_to_quant.quant_core.formats import FP16, Int8Blockwise, Int8Tensorwise, QuantizedWeight
+from convert_to_quant.quant_core.hadamard import rotate_groups
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_OK = launch.triton_usable(DEV)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="triton unusable here"))]
+M, KD, N = 37, 256, 80  # ragged M and N against the 32x32 interpreter tiles (and 64+ GPU tiles)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm()).item()
+
+
+def act(m=M, k=KD, dtype=torch.bfloat16, seed=0):
+    g = gen(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 3] *= 6.0  # an outlier channel, like real activations
+    return x.to(dtype).to(DEV)
+
+
+def weight(n=N, k=KD, seed=1):
+    return torch.randn(n, k, generator=gen(seed)) * 0.05
+
+
+def to_dev(qw):
+    return QuantizedWeight(qw.format, qw.params, qw.qdata.to(DEV), qw.scale.to(DEV) if qw.scale is not None else None,
+                           qw.orig_dtype, qw.extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# activation quantization
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounding_is_nearest_ties_to_even(backend, dtype):
+    # absmax 127 makes the scale exactly 1.0, so q = round(x) and ties are visible
+    vals = [127.0, 2.5, -2.5, 3.5, -3.5, 0.5, -0.5, 1.5, 2.75, -2.75, 126.5, -0.25, 1.25, 0.0, 4.5, -5.5]
+    x = torch.tensor([vals, [-v for v in vals]], dtype=dtype, device=DEV)
+    q, s = K.quantize_activations(x, backend=backend)
+    assert s.shape == (2, 1) and s.dtype == torch.float32
+    assert torch.equal(s.cpu(), torch.ones(2, 1))
+    want = [127, 2, -2, 4, -4, 0, 0, 2, 3, -3, 126, 0, 1, 0, 4, -6]  # ties to even; never truncated
+    assert q.cpu().tolist() == [want, [-v for v in want]]
+    # the same per 16-column block (second block scaled by 0.5: scale 0.5, same integers)
+    xb = torch.cat([x, x * 0.5], dim=1)
+    qb, sb = K.quantize_activations(xb, block_k=16, backend=backend)
+    assert torch.equal(sb.cpu(), torch.tensor([[1.0, 0.5], [1.0, 0.5]]))
+    assert qb.cpu().tolist() == [want + want, [-v for v in want] * 2]
+
+
+def _float64_quant(x, g, block_k):
+    y = rotate_groups(x.double().cpu(), g) if g else x.double().cpu()
+    m, k = y.shape
+    yb = y.reshape(m, -1, block_k if block_k else k)
+    s = yb.abs().amax(dim=2, keepdim=True) / 127
+    return (yb / s).reshape(m, k), s.reshape(m, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("g,block_k,k", [(0, 0, 272), (0, 32, 256), (16, 0, 256), (64, 0, 320), (256, 0, 512),
+                                         (256, 64, 512), (1024, 0, 1024)])
+def test_quantize_activations_matches_float64(backend, g, block_k, k):
+    x = act(k=k, seed=g + block_k)
+    q, s = K.quantize_activations(x, g, block_k, backend=backend)
+    assert q.dtype == torch.int8 and q.shape == x.shape and s.dtype == torch.float32
+    v64, s64 = _float64_quant(x, g, block_k)
+    assert s.shape == s64.shape
+    assert torch.allclose(s.double().cpu(), s64, rtol=2e-6, atol=0)
+    qi = q.cpu().long()
+    assert qi.abs().max() <= 127
+    diff = (qi - torch.round(v64).long()).abs()
+    # integers equal the float64 rounding except within float32 noise of a .5 boundary
+    near_tie = ((v64 - v64.floor()) - 0.5).abs() < 1e-3
+    assert diff.max() <= 1 and not (diff.bool() & ~near_tie).any()
+    # both backends give the same integers (rotation sums may differ in the last fp32 bit)
+    qt, st = reference.quantize_activations(x, g, block_k)
+    assert torch.allclose(s.cpu(), st.reshape(s.shape).cpu(), rtol=1e-6, atol=0)
+    mism = (qi != qt.cpu().long()).sum().item()
+    assert mism == 0 if g == 0 else mism <= max(2, q.numel() // 2000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_activations_leading_dims_zero_rows_and_errors(backend):
+    x = act(k=64).reshape(37, 1, 64)
+    q, s = K.quantize_activations(x, 16, backend=backend)
+    assert q.shape == (37, 1, 64) and s.shape == (37, 1, 1)
+    q2, s2 = K.quantize_activations(x.reshape(37, 64), 16, backend=backend)
+    assert torch.equal(q.reshape(37, 64), q2)
+    zero = torch.zeros(3, 64, device=DEV)
+    qz, sz = K.quantize_activations(zero, backend=backend)
+    assert not qz.any()
+    assert torch.equal(sz.cpu(), torch.full((3, 1), 1e-30))  # SCALE_MIN, never a division by zero
+    with pytest.raises(K.KernelInputError, match="not divisible"):
+        K.quantize_activations(x, 256, backend=backend)
+    with pytest.raises(K.KernelInputError, match="16, 64, 256 or 1024"):
+        K.quantize_activations(x, 32, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8 (tensor / per-row / convrot)
+# ------------------------------------------------------------------------------------------------
+def _exact_w8a8(x, qw, bias, g):
+    qa, sa = K.quantize_activations(x, g, backend="torch")
+    out = (qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu() * qw.scale.double().cpu().reshape(1, -1)
+    return out + (bias.double().cpu() if bias is not None else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scaling,g", [("row", 0), ("tensor", 0), ("row", 64), ("row", 256)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_linear_w8a8_matches_float64(backend, scaling, g, with_bias):
+    x = act()
+    qw = to_dev(Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params(scaling, bool(g), g or 256)))
+    bias = (torch.randn(N, generator=gen(5)) * 0.1).to(torch.bfloat16).to(DEV) if with_bias else None
+    y32 = K.int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=g, out_dtype=torch.float32, path="w8a8",
+                        backend=backend)
+    assert y32.shape == (M, N) and y32.dtype == torch.float32
+    # exact integer math in float64 on the same quantized activations: only fp32 rounding remains
+    assert rel(y32, _exact_w8a8(x, qw, bias, g)) < 1e-6
+    # and the real thing: close to the float64 product with the dequantized weight (activation quant noise)
+    ref64 = x.double().cpu() @ qw.dequantize().double().cpu().T + (bias.double().cpu() if with_bias else 0)
+    assert rel(y32, ref64) < 2e-2
+    y16 = K.int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=g, path="w8a8", backend=backend)
+    assert y16.dtype == torch.bfloat16 and rel(y16, y32) < 6e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_w8a8_gemm_configs_persistent_and_uneven_k(backend):
+    """Low-level GEMM: the persistent grid (fewer programs than tiles), K not a multiple of BK, fp16 out."""
+    if backend == "torch":
+        pytest.skip("launcher test")
+    x = act(k=272)
+    qw = to_dev(Int8Tensorwise.quantize(weight(k=272), Int8Tensorwise.Params("row")))
+    qa, sa = K.quantize_activations(x)
+    want = (qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu() * qw.scale.double().cpu().reshape(1, -1)
+    base = launch._W8A8_CONFIGS["interp"][0] if DEV.type == "cpu" else GemmConfig(64, 64, 64, 4, 3)
+    for cfg in (GemmConfig(base.BM, base.BN, base.BK, base.num_warps, base.num_stages, GROUP_M=2, persistent=True),
+                base):
+        out = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), None, torch.float32,
+                                      configs=[cfg])
+        assert rel(out, want) < 1e-6
+    out16 = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), None, torch.float16)
+    assert rel(out16, want) < 6e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# block-wise W8A8
+# ------------------------------------------------------------------------------------------------
+def _exact_blockwise(x, qb, bias, g):
+    qa, sa = K.quantize_activations(x, 0, g, backend="torch")
+    qa, sa = qa.double().cpu(), sa.double().cpu()
+    qw, sw = qb.qdata.double().cpu(), qb.scale.double().cpu()
+    out = torch.zeros(x.shape[0], qw.shape[0], dtype=torch.float64)
+    wrow = sw.repeat_interleave(g, 0)[: qw.shape[0]]
+    for kb in range(x.shape[1] // g):
+        sl = slice(kb * g, (kb + 1) * g)
+        out += (qa[:, sl] @ qw[:, sl].T) * sa[:, kb:kb + 1] * wrow[:, kb].reshape(1, -1)
+    return out + (bias.double().cpu() if bias is not None else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("g", [16, 32, 64])  # 16 < BN: weight scale varies inside a tile
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blockwise_linear_matches_float64(backend, g, with_bias):
+    x = act(seed=g)
+    qb = to_dev(Int8Blockwise.quantize(weight(seed=g), Int8Blockwise.Params(g)))
+    assert qb.scale.shape == (math.ceil(N / g), KD // g)
+    bias = (torch.randn(N, generator=gen(7)) * 0.1).to(DEV) if with_bias else None
+    y32 = K.int8_blockwise_linear(x, qb.qdata, qb.scale, bias, group_size=g, out_dtype=torch.float32, path="w8a8",
+                                  backend=backend)
+    assert rel(y32, _exact_blockwise(x, qb, bias, g)) < 1e-6
+    ref64 = x.double().cpu() @ qb.dequantize().double().cpu().T + (bias.double().cpu() if with_bias else 0)
+    assert rel(y32, ref64) < 2e-2
+    y16 = K.int8_blockwise_linear(x, qb.qdata, qb.scale, bias, group_size=g, path="w8a8", backend=backend)
+    assert y16.dtype == torch.bfloat16 and rel(y16, y32) < 6e-3
+
+
+@pytest.mark.parametrize("magic", [True, False])
+def test_blockwise_gemm_int_to_float_conversions_agree(magic):
+    """The integer-add int32->fp32 conversion of the main loop is exact (|partial| < 2^22)."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    g = 32
+    # extreme values: every partial product at its largest magnitude
+    qa = torch.full((M, KD), 127, dtype=torch.int8, device=DEV)
+    qa[1::2] = -127
+    sa = torch.rand(KD // g, M, generator=gen(3)).to(DEV).t()  # K-block-major, as the linear passes it
+    qw = torch.full((N, KD), -127, dtype=torch.int8, device=DEV)
+    sw = torch.rand(math.ceil(N / g), KD // g, generator=gen(4)).to(DEV)
+    want = reference.blockwise_int8_mm(qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), None, g, torch.float32)
+    base = launch._BLOCKWISE_CONFIGS["interp"][0] if DEV.type == "cpu" else GemmConfig(64, 64, 32, 4, 3)
+    cfg = GemmConfig(base.BM, base.BN, g, base.num_warps, base.num_stages, GROUP_M=2, persistent=True, magic_cvt=magic)
+    out = launch.launch_int8_gemm(qa, sa, qw, sw, None, torch.float32, g, configs=[cfg])
+    assert rel(out, want) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A16 and the dequant path
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot", "block"])
+def test_w8a16_and_dequant_paths_match_float64(backend, kind):
+    x = act(dtype=torch.float32, seed=11)  # fp32 activations: nothing but fp32 rounding in the comparison
+    w = weight(seed=12)
+    bias = (torch.randn(N, generator=gen(13)) * 0.1).to(DEV)
+    if kind == "block":
+        qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)))
+        fn = lambda p: K.int8_blockwise_linear(x, qw.qdata, qw.scale, bias, group_size=32, path=p,  # noqa: E731
+                                               backend=backend)
+    else:
+        params = Int8Tensorwise.Params("tensor" if kind == "tensor" else "row", kind == "convrot", 64)
+        qw = to_dev(Int8Tensorwise.quantize(w, params))
+        g = 64 if kind == "convrot" else 0
+        fn = lambda p: K.int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=g, path=p,  # noqa: E731
+                                     backend=backend)
+    ref64 = x.double().cpu() @ qw.dequantize().double().cpu().T + bias.double().cpu()
+    for p in ("w8a16", "dequant"):
+        y = fn(p)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert rel(y, ref64) < 1e-5, p
+    # bf16 activations through W8A16: the weight tile is converted exactly, fp32 accumulation
+    xb = x.to(torch.bfloat16)
+    if kind == "block":
+        yb = K.int8_blockwise_linear(xb, qw.qdata, qw.scale, None, group_size=32, path="w8a16", backend=backend,
+                                     out_dtype=torch.float32)
+    else:
+        yb = K.int8_linear(xb, qw.qdata, qw.scale, None, convrot_groupsize=g, path="w8a16", backend=backend,
+                           out_dtype=torch.float32)
+    ref_b = xb.double().cpu() @ qw.dequantize().double().cpu().T
+    assert rel(yb, ref_b) < (6e-3 if kind == "convrot" else 1e-5)  # convrot rounds rotated x to bf16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot", "block"])
+def test_dequantize_equals_format_dequantize(backend, kind):
+    w = weight(seed=21)
+    if kind == "block":
+        qw = Int8Blockwise.quantize(w, Int8Blockwise.Params(32))
+    else:
+        qw = Int8Tensorwise.quantize(w, Int8Tensorwise.Params("tensor" if kind == "tensor" else "row",
+                                                               kind == "convrot", 16))
+    want = qw.dequantize()
+    got = K.dequantize(to_dev(qw), torch.float32, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel(got, want) < (1e-6 if kind == "convrot" else 1e-12)
+    assert K.dequantize(to_dev(qw), torch.bfloat16, backend=backend).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# API: leading dims, QuantizedWeight dispatch, registry, paths, errors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_noncontiguous_input(backend):
+    qw = to_dev(Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params("row")))
+    x = act(m=2 * 3 * 5).reshape(2, 3, 5, KD)
+    y = K.int8_linear(x, qw.qdata, qw.scale, backend=backend, path="w8a8")
+    assert y.shape == (2, 3, 5, N)
+    y2 = K.int8_linear(x.reshape(-1, KD), qw.qdata, qw.scale, backend=backend, path="w8a8")
+    assert torch.equal(y.reshape(-1, N), y2)
+    xt = act(m=KD, k=40).t()  # [40, KD] view with a non-unit last stride
+    yt = K.int8_linear(xt, qw.qdata, qw.scale, backend=backend, path="w8a8")
+    assert torch.equal(yt, K.int8_linear(xt.contiguous(), qw.qdata, qw.scale, backend=backend, path="w8a8"))
+    assert K.int8_linear(x[:0], qw.qdata, qw.scale, backend=backend).shape == (0, 3, 5, N)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_linear_dispatches_on_format(backend):
+    x = act()
+    w = weight(seed=31)
+    ref = x.double().cpu() @ w.double().T
+    for fmt, params in ((Int8Tensorwise, Int8Tensorwise.Params("row")),
+                        (Int8Tensorwise, Int8Tensorwise.Params("row", True, 256)),
+                        (Int8Blockwise, Int8Blockwise.Params(64)), (FP16, FP16.Params())):
+        qw = to_dev(fmt.quantize(w, params))
+        y = K.quantized_linear(x, qw, backend=backend)
+        assert y.dtype == x.dtype and y.shape == (M, N)
+        assert rel(y, ref) < 3e-2, fmt.name
+    bogus = QuantizedWeight("int4_magic", None, torch.zeros(4, 4, dtype=torch.int8), torch.ones(()))
+    with pytest.raises(K.KernelFormatError, match="int4_magic"):
+        K.quantized_linear(x, bogus)
+
+
+def test_register_linear():
+    calls = []
+
+    def fake(x, qw, bias, path=None, backend=None):
+        calls.append(path)
+        return x.sum(-1, keepdim=True)
+
+    K.register_linear("test_only_format", fake)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            K.register_linear("test_only_format", lambda *a, **k: None)
+        qw = QuantizedWeight("test_only_format", None, torch.zeros(1, 4, dtype=torch.int8), torch.ones(()))
+        x = torch.ones(2, 4)
+        assert torch.equal(K.quantized_linear(x, qw, path="w8a16"), torch.full((2, 1), 4.0))
+        assert calls == ["w8a16"] and "test_only_format" in K.registered_formats()
+    finally:
+        K._LINEAR_REGISTRY.pop("test_only_format", None)
+
+
+def test_path_choice_table_env_and_errors(monkeypatch):
+    assert K.choose_path("row", 100000, torch.device("cpu")) == "w8a8"
+    if torch.cuda.is_available():
+        for kind in ("row", "block"):
+            for m in (1, 16, 1024, 4096):
+                assert K.choose_path(kind, m, DEV) in ("w8a8", "w8a16", "dequant")
+    x = act(dtype=torch.float32)
+    qw = to_dev(Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params("row")))
+    forced = K.int8_linear(x, qw.qdata, qw.scale, path="w8a16", backend="torch")
+    monkeypatch.setenv(dispatch.PATH_ENV, "w8a16")
+    assert torch.equal(K.int8_linear(x, qw.qdata, qw.scale, backend="torch"), forced)
+    assert not torch.equal(K.int8_linear(x, qw.qdata, qw.scale, backend="torch", path="w8a8"), forced)
+    monkeypatch.setenv(dispatch.PATH_ENV, "fastest")
+    with pytest.raises(ValueError, match="kernel path"):
+        K.int8_linear(x, qw.qdata, qw.scale, backend="torch")
+    monkeypatch.delenv(dispatch.PATH_ENV)
+    monkeypatch.setenv(K.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match="kernel backend"):
+        K.int8_linear(x, qw.qdata, qw.scale)
+    monkeypatch.setenv(K.BACKEND_ENV, "torch")
+    assert torch.equal(K.int8_linear(x, qw.qdata, qw.scale, path="w8a16"), forced)
+    if DEV.type == "cpu":  # never the interpreter unless asked for
+        monkeypatch.delenv(K.BACKEND_ENV)
+        assert K.resolve_backend(torch.device("cpu")) == "torch"
+
+
+def test_bad_operands_are_clear_errors():
+    x = act(dtype=torch.float32)
+    qw = Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params("row"))
+    q, s = qw.qdata.to(DEV), qw.scale.to(DEV)
+    with pytest.raises(K.KernelInputError, match="expects 256"):
+        K.int8_linear(x[:, :128], q, s)
+    with pytest.raises(K.KernelInputError, match="weight_scale"):
+        K.int8_linear(x, q, s[:10])
+    with pytest.raises(K.KernelInputError, match="int8"):
+        K.int8_linear(x, q.float(), s)
+    with pytest.raises(K.KernelInputError, match="bias"):
+        K.int8_linear(x, q, s, torch.zeros(3, device=DEV))
+    with pytest.raises(K.KernelInputError, match="convrot"):
+        K.int8_linear(x, q, s, convrot_groupsize=48)
+    with pytest.raises(K.KernelInputError, match="activations"):
+        K.int8_linear(x.to(torch.int32), q, s)
+    with pytest.raises(K.KernelInputError, match="out_dtype"):
+        K.int8_linear(x, q, s, out_dtype=torch.int32)
+    with pytest.raises(K.KernelInputError, match=r"shape \[2, 4\]"):
+        K.int8_blockwise_linear(x, q, torch.ones(2, 2, device=DEV), group_size=64)
+    with pytest.raises(K.KernelInputError, match="group_size"):
+        K.int8_blockwise_linear(x, q, torch.ones(2, 2, device=DEV), group_size=24)
+
+
+# ------------------------------------------------------------------------------------------------
+# comfy-kitchen agreement (stock ComfyUI's INT8 path on the same weights)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("g", [0, 256])
+def test_agrees_with_comfy_kitchen_int8_linear(g):
+    ck = pytest.importorskip("comfy_kitchen")
+    x = act(dtype=torch.float32, seed=41).cpu()
+    qw = Int8Tensorwise.quantize(weight(seed=42), Int8Tensorwise.Params("row", bool(g), g or 256))
+    ours = K.int8_linear(x, qw.qdata, qw.scale, convrot_groupsize=g, backend="torch", path="w8a8")
+    theirs = ck.int8_linear(x, qw.qdata, qw.scale.reshape(-1), None, out_dtype=torch.float32, convrot=bool(g),
+                            convrot_groupsize=g or 256)
+    # same algorithm (per-token int8 activations); both within activation-quant noise of each other
+    assert rel(ours, theirs) < 1e-2
+    ref64 = x.double() @ qw.dequantize().double().T
+    assert abs(rel(ours, ref64) - rel(theirs, ref64)) < 5e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops and torch.compile
+# ------------------------------------------------------------------------------------------------
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(5, 64)
+    qw = Int8Tensorwise.quantize(torch.randn(32, 64), Int8Tensorwise.Params("row", True, 16))
+    qb = Int8Blockwise.quantize(torch.randn(32, 64), Int8Blockwise.Params(32))
+    ops = torch.ops.convert_to_quant
+    cases = [
+        (ops.quantize_activations.default, (x, 16, 0, "torch")),
+        (ops.quantize_activations.default, (x, 0, 32, "torch")),
+        (ops.int8_linear.default, (x, qw.qdata, qw.scale.reshape(-1), torch.randn(32), 16, torch.float32, "", "torch")),
+        (ops.int8_linear.default, (x, qw.qdata, qw.scale.reshape(-1), None, 16, torch.bfloat16, "w8a16", "torch")),
+        (ops.int8_blockwise_linear.default, (x, qb.qdata, qb.scale, None, 32, torch.float32, "", "torch")),
+        (ops.dequantize.default, (qw.qdata, qw.scale.reshape(-1), 0, 16, torch.float16, "torch")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+class _TinyQuantMLP(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.up = to_dev(Int8Tensorwise.quantize(weight(n=128, k=64, seed=51), Int8Tensorwise.Params("row", True, 64)))
+        self.down = to_dev(Int8Blockwise.quantize(weight(n=64, k=128, seed=52), Int8Blockwise.Params(32)))
+        self.bias = torch.randn(128, generator=gen(53)).to(DEV)
+
+    def forward(self, x):
+        h = F.gelu(K.quantized_linear(x, self.up, self.bias, backend=self.backend))
+        qa, sa = K.quantize_activations(h, 0, 32, backend=self.backend)
+        return K.quantized_linear(h, self.down, backend=self.backend) + sa.sum()
+
+
+def test_torch_compile_fullgraph_cpu():
+    m = _TinyQuantMLP("torch")
+    x = torch.randn(2, 9, 64, generator=gen(54)).to(DEV)
+    eager = m(x)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), eager)
+    x2 = torch.randn(3, 5, 64, generator=gen(55)).to(DEV)  # new token count: no recompile break
+    assert torch.equal(compiled(x2), m(x2))
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gpu_inductor():
+    m = _TinyQuantMLP(None)
+    x = torch.randn(2, 300, 64, generator=gen(56)).to(DEV, torch.bfloat16)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)
+    assert torch.allclose(compiled(x).float(), eager.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 300, 4100])
+def test_gpu_tuned_kernels_on_larger_shapes(m):
+    """The tuned (TMA on Hopper) configs on GPU-sized operands, every path, against float64."""
+    k, n = 1024, 784
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, k) * 0.05
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    for qw in (Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")),
+               Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row", True, 1024)),
+               Int8Blockwise.quantize(w, Int8Blockwise.Params(128))):
+        qw = to_dev(qw)
+        ref = x.double().cpu() @ qw.dequantize().double().cpu().T + bias.double().cpu()
+        for p in ("w8a8", "w8a16", "dequant", None):
+            y = K.quantized_linear(x, qw, bias, path=p)
+            assert rel(y, ref) < (2e-2 if p in ("w8a8", None) else 6e-3), (qw.format, p)
