@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .errors import SafetensorsFormatError
+from .errors import ConvertError, SafetensorsFormatError
 from .formats import QuantizedWeight, parse_comfy_quant, quantized_weight_from_tensors
 from .safetensors_io import SafetensorsReader
 
@@ -35,6 +35,9 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
             raise SafetensorsFormatError(f"{reader.path}: __metadata__['_quantization_metadata'] is not "
                                          f"valid ({e})") from None
         for base, cfg in layers.items():
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("format"), str):
+                raise SafetensorsFormatError(f"{reader.path}: _quantization_metadata layer {base!r} must be an "
+                                             f"object with a 'format' string, got {cfg!r:.200}")
             if base not in cfgs:
                 # ComfyUI would synthesize the tensor from the header; accept the header's word
                 cfgs[base] = cfg
@@ -45,6 +48,22 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
     return cfgs
 
 
+def read_layer(reader: SafetensorsReader, base: str, cfg: dict, orig_dtype: torch.dtype = torch.bfloat16
+               ) -> Tuple[QuantizedWeight, Dict[str, torch.Tensor]]:
+    """One quantized layer as a loader rebuilds it: (QuantizedWeight, its stored tensors by suffix).
+    A comfy_quant config that does not fit the tensors is a format error naming the file and layer."""
+    prefix = base + "."
+    parts = {k[len(prefix):]: reader.get(k) for k in reader.keys()
+             if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
+    try:
+        return quantized_weight_from_tensors(base, cfg, parts, orig_dtype), parts
+    except SafetensorsFormatError as e:
+        raise SafetensorsFormatError(f"{reader.path}: {e}") from None
+    except (ConvertError, TypeError, ValueError) as e:  # unknown format, group_size "abc", ...
+        raise SafetensorsFormatError(f"{reader.path}: layer {base}: comfy_quant {cfg!r:.200} is not "
+                                     f"usable ({e})") from None
+
+
 def read_quantized_layers(reader: SafetensorsReader, orig_dtype: torch.dtype = torch.bfloat16
                           ) -> Tuple[Dict[str, QuantizedWeight], Dict[str, torch.Tensor]]:
     """(quantized layers by base, every other tensor by key)."""
@@ -52,11 +71,8 @@ def read_quantized_layers(reader: SafetensorsReader, orig_dtype: torch.dtype = t
     layers: Dict[str, QuantizedWeight] = {}
     used = set()
     for base, cfg in cfgs.items():
-        prefix = base + "."
-        parts = {k[len(prefix):]: reader.get(k) for k in reader.keys()
-                 if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
-        layers[base] = quantized_weight_from_tensors(base, cfg, parts, orig_dtype)
-        used.update(prefix + p for p in parts)
+        layers[base], parts = read_layer(reader, base, cfg, orig_dtype)
+        used.update(base + "." + p for p in parts)
     others = {k: reader.get(k) for k in reader.keys() if k not in used}
     return layers, others
 

@@ -137,13 +137,19 @@ class QualityReport:
 
     def write(self, path: str) -> List[str]:
         """Write ``path`` (JSON) and the Markdown table next to it (``.md``); returns both paths."""
-        base, ext = os.path.splitext(path)
-        json_path = path if ext.lower() == ".json" else path + ".json"
-        md_path = (base if ext.lower() in (".json", ".md") else path) + ".md"
+        json_path, md_path = report_file_paths(path)
         _atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1, allow_nan=False,
                                                   default=_json_default))
         _atomic_write_text(md_path, self.markdown())
         return [json_path, md_path]
+
+
+def report_file_paths(path: str) -> List[str]:
+    """The JSON and Markdown files ``QualityReport.write(path)`` creates."""
+    base, ext = os.path.splitext(path)
+    json_path = path if ext.lower() == ".json" else path + ".json"
+    md_path = (base if ext.lower() in (".json", ".md") else path) + ".md"
+    return [json_path, md_path]
 
 
 def _json_default(o):

@@ -6,6 +6,7 @@ memory is about one layer. The output appears atomically at the end or not at al
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BadWeightsError, ConvertError, OutputPathError
+from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .optimizers import LayerContext, get_optimizer
@@ -89,7 +90,56 @@ def validate_paths(input_path: str, output_path: str, overwrite: bool = False) -
         raise OutputPathError(f"{out} already exists (use --overwrite to replace it)")
     if os.path.isdir(out):
         raise OutputPathError(f"output {out} is a directory")
+    # the writer deletes a stale <out>.partial before it starts: that name must not be the input
+    # (an input called model.safetensors.partial, or a symlink to it) nor a folder
+    part = out + ".partial"
+    part_entry = os.path.join(os.path.realpath(os.path.dirname(part)), os.path.basename(part))
+    if part_entry == os.path.realpath(input_path):
+        raise OutputPathError(f"output {output_path} would use {part} as its temporary file, which is the "
+                              "input; choose another output name")
+    if os.path.isdir(part) and not os.path.islink(part):
+        raise OutputPathError(f"{part} (the temporary file for the output) is a directory; remove it or "
+                              "choose another output name")
     return out
+
+
+def output_path_in_folder(folder: str, name: str, suffix: str = ".safetensors") -> str:
+    """Join a file name typed into a UI (a ComfyUI Save node) to ``folder``, refusing every name that
+    would land outside it: absolute paths (also ``C:``/``\\``), ``..`` parts, NUL bytes, and symlinks
+    inside ``folder`` that lead out. Subfolders are allowed; ``suffix`` is appended when missing."""
+    if not isinstance(name, str) or not name.strip():
+        raise OutputPathError("output file name is empty")
+    if "\x00" in name:
+        raise OutputPathError(f"output file name {name!r} contains a NUL byte")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise OutputPathError(f"output file name {name!r} is an absolute path; give a name inside {folder}")
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise OutputPathError(f"output file name {name!r} contains '..'; it must stay inside {folder}")
+    path = os.path.join(folder, *[p for p in parts if p not in ("", ".")])
+    if not path.lower().endswith(suffix):
+        path += suffix
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise OutputPathError(f"output file name {name!r} leads outside {folder} through a symbolic link")
+    return path
+
+
+def validate_report_path(report_path: str, input_path: str, output_path: str):
+    """The report's JSON/Markdown files must not replace the input or the model being written."""
+    from .metrics import report_file_paths
+    if "\x00" in os.fspath(report_path):
+        raise OutputPathError("report path contains a NUL byte")
+    taken = {os.path.realpath(p) for p in (input_path, output_path, output_path + ".partial")}
+    for p in report_file_paths(report_path):
+        if os.path.realpath(p) in taken:
+            raise OutputPathError(f"quality report file {p} is the input or the output model; choose "
+                                  "another --report-quality path")
+        if os.path.isdir(p):
+            raise OutputPathError(f"quality report file {p} is a directory")
+        d = os.path.dirname(os.path.abspath(p))
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise OutputPathError(f"quality report folder {d} is not a folder")
 
 
 def quantization_metadata(plan: ConversionPlan) -> Dict[str, dict]:
@@ -103,8 +153,8 @@ def quantization_metadata(plan: ConversionPlan) -> Dict[str, dict]:
 
 def _check_not_quantized(reader: SafetensorsReader):
     if "_quantization_metadata" in reader.metadata or any(k.endswith(".comfy_quant") for k in reader.keys()):
-        raise ConvertError(f"{reader.path} is already quantized (it has comfy_quant metadata); "
-                           "convert the original float model instead")
+        raise UnsupportedInputError(f"{reader.path} is already quantized (it has comfy_quant metadata); "
+                                    "convert the original float model instead")
 
 
 def _nonfinite(t: torch.Tensor) -> Optional[str]:
@@ -136,6 +186,8 @@ class ConversionJob:
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite)
+        if opts.report_path:
+            validate_report_path(opts.report_path, reader.path, self.output_path)
         _check_not_quantized(reader)
         self.plan = plan = build_plan(reader.infos, opts.plan)
         for note in plan.notes:
@@ -234,14 +286,31 @@ class ConversionJob:
                         done += 1
                         if progress is not None:
                             progress(done, n_layers, layer[0])
-            writer.finish()
-        return self.finish(writer.checksums)
+            writer.finish(verify=lambda tmp: self.verify(tmp, writer.checksums))
+        return self.finish(writer.checksums, verified=True)
 
-    def finish(self, checksums: Dict[str, str]) -> "ConversionResult":
-        """After the file is in place: verify it, finalize and write the report."""
-        self.reader.close()
+    def verify(self, path: str, checksums: Dict[str, str]):
+        """Check a written file (the ``.partial`` before it is renamed): header, keys, dtypes and shapes
+        against the plan always; with ``--verify`` also every tensor's SHA-256 and the quality report
+        recomputed from the file."""
+        verify_output(path, self.entries, checksums if self.opts.verify else None)
+        if self.opts.verify:
+            verify_quality(self, path)
+
+    def finish(self, checksums: Dict[str, str], verified: bool = False) -> "ConversionResult":
+        """After the file is in place: verify it (unless ``run`` did before the rename), finalize and
+        write the report. A file that fails verification is removed."""
         out = self.output_path
-        verify_output(out, self.entries, checksums if self.opts.verify else None)
+        if not verified:
+            try:
+                self.verify(out, checksums)
+            except BaseException:
+                try:
+                    os.unlink(out)
+                except FileNotFoundError:
+                    pass
+                raise
+        self.reader.close()
         seconds = time.perf_counter() - self.t0
         plan = self.plan
         self.report.finalize(bytes_in=os.path.getsize(self.input_path), bytes_out=os.path.getsize(out),
@@ -250,7 +319,11 @@ class ConversionJob:
                              output=os.path.basename(out))
         for w_ in self.report.warnings:
             self.log("warning: " + w_)
-        paths = self.report.write(self.opts.report_path) if self.opts.report_path else []
+        try:
+            paths = self.report.write(self.opts.report_path) if self.opts.report_path else []
+        except OSError as e:  # disk full, permissions: the model itself is complete and verified
+            raise OutputPathError(f"{out} was written, but the quality report {self.opts.report_path} "
+                                  f"could not be: {e.strerror or e}") from None
         return ConversionResult(out, plan, self.report, seconds, paths, self.lora_report)
 
     def close(self):
@@ -320,3 +393,52 @@ def verify_output(path: str, entries: List[OutputEntry], checksums: Optional[Dic
             for k, digest in checksums.items():
                 if hashlib.sha256(r.get_raw(k)).hexdigest() != digest:
                     raise ConvertError(f"verification of {path} failed: checksum of {k} differs from what was written")
+
+
+QUALITY_RTOL = 1e-5  # GPU reductions may sum in another order than the recomputation on the CPU
+
+
+def verify_quality(job: "ConversionJob", path: str):
+    """``--verify``: rebuild every quantized layer from the written file exactly as the loader does,
+    recompute its error against the input weights (LoRAs merged again), and require the per-layer
+    numbers and the summary to equal the report's."""
+    from .loading import quant_layer_configs, read_layer
+    from .metrics import error_stats
+
+    def close(a, b):
+        if a is None or b is None:
+            return a is None and b is None
+        return abs(a - b) <= QUALITY_RTOL * max(abs(a), abs(b), 1e-12)
+
+    fresh = QualityReport(job.opts.quality_threshold)
+    with SafetensorsReader(path) as out:
+        cfgs = quant_layer_configs(out)
+        for base, lq in job.report.layers.items():
+            lp = job.plan.layers.get(base)
+            if not lq.quantized or lp is None:
+                fresh.add(base, lq)
+                continue
+            info = job.reader.info(lp.weight_key)
+            w = job.reader.get(lp.weight_key)
+            if job.merger is not None:
+                w = job.merger.apply(lp.weight_key, w)
+            w = w.to(torch.float32)
+            if base in cfgs:
+                deq = read_layer(out, base, cfgs[base], info.dtype)[0].dequantize()
+            else:
+                deq = out.get(lp.weight_key).float()
+            st = error_stats(w, deq)
+            for name in ("mse", "sqnr_db", "max_abs_err"):
+                if not close(st[name], getattr(lq, name)):
+                    raise ConvertError(f"verification of {path} failed: layer {base} {name} recomputed from "
+                                       f"the file is {st[name]}, the report says {getattr(lq, name)}")
+            fresh.add(base, dataclasses.replace(lq, mse=st["mse"], sqnr_db=st["sqnr_db"],
+                                                max_abs_err=st["max_abs_err"]))
+    want, got = job.report.finalize(), fresh.finalize()
+    for name in ("layers_quantized", "layers_kept", "layers_fallback", "formats", "mean_sqnr_db",
+                 "min_sqnr_db", "layers_below_threshold"):
+        a, b = got.get(name), want.get(name)
+        same = close(a, b) if isinstance(a, float) or isinstance(b, float) else a == b
+        if not same:
+            raise ConvertError(f"verification of {path} failed: summary {name} recomputed from the file is "
+                               f"{a}, the report says {b}")

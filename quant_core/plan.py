@@ -45,6 +45,65 @@ def compile_user_regex(pattern: str, where: str) -> "re.Pattern":
         raise PlanError(f"{where}: invalid regex {pattern!r}: {e}") from None
 
 
+# A user regex is matched against names from a model file someone else made. Python's ``re`` cannot be
+# interrupted, and patterns such as ``(a+)+$`` or ``(a|a)*$`` take exponential time on a long name, so
+# all user-regex matching of a plan runs in a short-lived child interpreter that is killed after
+# REGEX_TIME_LIMIT_S seconds; the error names the pattern that was still running. Exact ``re``
+# semantics, no extra dependency, no false refusals of patterns that merely look nested.
+REGEX_TIME_LIMIT_S = float(os.environ.get("CONVERT_TO_QUANT_REGEX_TIMEOUT", "10"))
+
+_MATCH_WORKER = r"""
+import json, re, sys
+job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+names = job["names"]
+for pattern, flags in job["patterns"]:
+    rx = re.compile(pattern, flags)
+    fn = rx.fullmatch if job["fullmatch"] else rx.search
+    sys.stdout.write(json.dumps([i for i, n in enumerate(names) if fn(n) is not None]) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def match_user_regexes(patterns: Sequence[Tuple["re.Pattern", str]], names: Sequence[str], fullmatch: bool,
+                       time_limit_s: Optional[float] = None) -> List[set]:
+    """For each ``(compiled regex, where it came from)``, the set of ``names`` it matches (``search``, or
+    ``fullmatch``), computed in a child process with a time limit; a pattern that does not finish
+    raises PlanError naming it and where it came from."""
+    import subprocess
+    import sys
+
+    if not patterns:
+        return []
+    limit = REGEX_TIME_LIMIT_S if time_limit_s is None else time_limit_s
+    job = json.dumps({"names": list(names), "fullmatch": bool(fullmatch),
+                      "patterns": [[rx.pattern, rx.flags] for rx, _ in patterns]}).encode("utf-8")
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _MATCH_WORKER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError:  # no usable interpreter to start (frozen app): match here, without the time limit
+        return [{n for n in names if (rx.fullmatch(n) if fullmatch else rx.search(n)) is not None}
+                for rx, _ in patterns]
+    try:
+        out, err = proc.communicate(job, timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        rx, where = patterns[min(out.count(b"\n"), len(patterns) - 1)]
+        raise PlanError(f"{where}: regex {rx.pattern!r} did not finish matching {len(names)} layer names "
+                        f"in {limit:g} s: it backtracks catastrophically (nested quantifiers such as "
+                        "(a+)+, or alternatives that overlap such as (a|ab)*). Rewrite it without nested "
+                        "repetition, e.g. a+ instead of (a+)+.") from None
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    lines = out.decode("utf-8").splitlines()
+    if proc.returncode != 0 or len(lines) != len(patterns):
+        raise PlanError(f"matching layer names against {[rx.pattern for rx, _ in patterns]} failed "
+                        f"(exit {proc.returncode}): {err.decode('utf-8', 'replace')[-500:]}")
+    return [{names[i] for i in json.loads(line)} for line in lines]
+
+
 @dataclass
 class LayerConfigRule:
     pattern: "re.Pattern"
@@ -65,6 +124,8 @@ def parse_layer_config(data, default_spec: FormatSpec, where: str = "layer-confi
         raise PlanError(f"{where}: must be a JSON object mapping regex -> settings")
     rules = []
     for pattern, cfg in data.items():
+        if not isinstance(pattern, str):
+            raise PlanError(f"{where}: keys must be regex strings, got {pattern!r}")
         if pattern.startswith("_"):
             continue
         at = f"{where}[{pattern!r}]"
@@ -106,6 +167,9 @@ def spec_from_settings(cfg: dict, default_spec: FormatSpec, where: str) -> Forma
             convrot_groupsize=int(cfg.get("convrot_groupsize", getattr(dp, "convrot_groupsize", 256))))
     except PlanError as e:
         raise PlanError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # block_size "abc", convrot_groupsize [1], ...
+        raise PlanError(f"{where}: invalid value ({e}); block_size and convrot_groupsize are integers, "
+                        "convrot and skip are true/false") from None
 
 
 def load_layer_config(path: str, default_spec: FormatSpec) -> List[LayerConfigRule]:
@@ -114,8 +178,10 @@ def load_layer_config(path: str, default_spec: FormatSpec) -> List[LayerConfigRu
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError
         raise PlanError(f"layer-config file {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise PlanError(f"layer-config file {path} cannot be read: {e.strerror}") from None
     return parse_layer_config(data, default_spec, where=path)
 
 
@@ -233,6 +299,12 @@ def build_plan(infos: Dict[str, TensorInfo], opts: PlanOptions) -> ConversionPla
     match = (lambda rx, k: rx.fullmatch(k) is not None) if opts.fullmatch else (lambda rx, k: rx.search(k) is not None)
     exclude = compile_user_regex(opts.exclude_layers, "--exclude-layers") if opts.exclude_layers else None
     custom = compile_user_regex(opts.custom_layers, "--custom-layers") if opts.custom_layers else None
+    user_rx = [(r.pattern, r.source) for r in opts.layer_config] + \
+        [(rx, w) for rx, w in ((exclude, "--exclude-layers"), (custom, "--custom-layers")) if rx is not None]
+    if user_rx:  # answer every regex question of this plan up front, under the time limit
+        names = [n for k, i in infos.items() if is_candidate(i) for n in (k, k[: -len(".weight")])]
+        hits = {id(rx): h for (rx, _), h in zip(user_rx, match_user_regexes(user_rx, names, opts.fullmatch))}
+        match = lambda rx, k: k in hits[id(rx)]  # noqa: E731
     quantize_only = [s for p in presets for s in p.quantize_only]
 
     dropped: List[str] = []

@@ -20,13 +20,14 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import ConvertError, OutputPathError, SafetensorsFormatError, UnsupportedInputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSOR_BYTES = 2 ** 62  # beyond any real tensor; keeps torch's int64 size arithmetic from overflowing
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -92,7 +93,8 @@ def parse_header(raw: bytes, data_size: int, where: str) -> Tuple[Dict[str, Tens
         raise SafetensorsFormatError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{where}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in metadata.items()):
         raise SafetensorsFormatError(f"{where}: __metadata__ must map strings to strings")
@@ -102,7 +104,7 @@ def parse_header(raw: bytes, data_size: int, where: str) -> Tuple[Dict[str, Tens
         if not isinstance(entry, dict):
             raise SafetensorsFormatError(f"{at}: entry is not an object")
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise SafetensorsFormatError(f"{at}: unknown dtype {dtype_name!r} "
                                          f"(known: {', '.join(sorted(DTYPES))})")
         if (not isinstance(shape, list) or len(shape) > 8
@@ -120,6 +122,11 @@ def parse_header(raw: bytes, data_size: int, where: str) -> Tuple[Dict[str, Tens
         if expected != end - begin:
             raise SafetensorsFormatError(
                 f"{at}: {dtype_name} {shape} needs {expected} bytes but its offsets span {end - begin}")
+        # zero-size tensors carry no bytes, so the byte check above cannot bound their other dims;
+        # torch still multiplies every dim when it allocates, so refuse shapes it cannot even describe
+        if math.prod(max(d, 1) for d in shape) * itemsize(DTYPES[dtype_name]) >= MAX_TENSOR_BYTES:
+            raise SafetensorsFormatError(f"{at}: shape {shape} is impossibly large (over 2**62 bytes "
+                                         "even ignoring its zero dims); refusing to allocate it")
         infos[name] = TensorInfo(name, dtype_name, tuple(shape), begin, end)
     # the tensors must tile the data section exactly: no overlap, no hole, nothing after
     pos = 0
@@ -158,7 +165,11 @@ class SafetensorsReader:
 
     def __init__(self, path: str):
         self.path = check_input_path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = None
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise UnsupportedInputError(f"{self.path}: cannot open for reading: {e.strerror}") from None
         try:
             self._parse()
         except BaseException:
@@ -317,7 +328,10 @@ class StreamingWriter:
         if os.path.exists(self.path) and not overwrite:
             raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
         if os.path.lexists(self.tmp):
-            os.unlink(self.tmp)  # a stale partial from an earlier crash: never a valid output
+            try:
+                os.unlink(self.tmp)  # a stale partial from an earlier crash: never a valid output
+            except OSError as e:
+                raise OutputPathError(f"cannot remove the stale temporary file {self.tmp}: {e.strerror}") from None
         try:
             self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
@@ -367,7 +381,9 @@ class StreamingWriter:
     def missing(self) -> List[str]:
         return [k for k in self.entries if k not in self.written]
 
-    def finish(self) -> str:
+    def finish(self, verify: Optional[Callable[[str], None]] = None) -> str:
+        """Sync, optionally ``verify(partial_path)`` (raise to refuse the file), then rename into place.
+        Verifying before the rename means a file that fails verification never appears as the output."""
         missing = self.missing()
         if missing:
             self.abort()
@@ -380,10 +396,20 @@ class StreamingWriter:
             raise OutputPathError(f"syncing {self.tmp} failed: {e.strerror}") from None
         os.close(self._fd)
         self._fd = None
+        if verify is not None:
+            try:
+                verify(self.tmp)
+            except BaseException:
+                self.abort()
+                raise
         if os.path.exists(self.path) and not self.overwrite:
             self.abort()
             raise OutputPathError(f"{self.path} appeared while converting; not overwritten")
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OutputPathError(f"cannot move {self.tmp} to {self.path}: {e.strerror}") from None
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return self.path
 
