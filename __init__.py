@@ -20,9 +20,7 @@ def _comfy_available() -> bool:
 
 
 if _comfy_available():
-    try:
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
-    except ImportError:
-        pass
+    # inside ComfyUI: a failure to import the nodes is a real error and must show, not be swallowed
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,362 @@
+"""Conversion nodes: Load Weights -> (Merge LoRA)* -> Quantize -> Quality Report / Save.
+
+Each node is a thin adapter over ``quant_core``: Load Weights reads only the header, Merge LoRA checks the
+LoRA file and adds it to the handle, Quantize runs ``quant_core.pipeline.ConversionJob`` (streaming, one
+layer in memory, ProgressBar per layer, ComfyUI's interrupt checked between tensors), Save publishes
+the result atomically inside a folder the user cannot escape. See ``handles`` for what flows between them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..quant_core.errors import ConvertError, PlanError
+from ..quant_core.formats import FORMATS, make_spec
+from ..quant_core.optimizers import OPTIMIZERS
+from ..quant_core.paths import publish_file, resolve_inside
+from ..quant_core.pipeline import ConversionJob, ConvertOptions
+from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
+from ..quant_core.presets import all_presets, detect_family
+from ..quant_core.safetensors_io import SafetensorsReader
+from .chart import render_sqnr_chart, sqnr_bars
+from .handles import QuantizedFile, WeightsSource, new_temp_path
+
+log = logging.getLogger("convert_to_quant")
+
+CATEGORY = "convert_to_quant/convert"
+SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
+SAVE_FOLDERS = ("output", "diffusion_models", "checkpoints", "text_encoders", "loras")
+NONE = "None"
+
+
+# ------------------------------------------------------------------------------------------------
+# file lists and header inspection (also used by the web route)
+# ------------------------------------------------------------------------------------------------
+def weight_choices() -> List[str]:
+    out = []
+    for folder in SOURCE_FOLDERS:
+        try:
+            names = folder_paths.get_filename_list(folder)
+        except KeyError:
+            continue
+        out += [f"{folder}/{n}" for n in names if n.lower().endswith(".safetensors")]
+    return out
+
+
+def resolve_choice(choice: str) -> str:
+    """Full path of a ``<folder>/<name>`` choice, only through ComfyUI's own file lists."""
+    folder, _, name = choice.partition("/")
+    if folder not in SOURCE_FOLDERS or not name:
+        raise ConvertError(f"{choice!r} is not a <folder>/<file> choice from {', '.join(SOURCE_FOLDERS)}")
+    if name not in folder_paths.get_filename_list(folder):
+        raise ConvertError(f"{choice!r}: no such file in ComfyUI's {folder} folders")
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ConvertError(f"{choice!r}: no such file in ComfyUI's {folder} folders")
+    return path
+
+
+def inspect_weights(path: str) -> Dict[str, object]:
+    """Family, suggested preset, layer counts and sizes from the header alone (no tensor is read)."""
+    with SafetensorsReader(path) as r:
+        infos = dict(r.infos)
+        quantized = "_quantization_metadata" in r.metadata or any(k.endswith(".comfy_quant") for k in infos)
+    family = detect_family(infos)
+    plan = build_plan(infos, PlanOptions(presets=("auto",)))
+    est = plan.estimate()
+    return {
+        "family": family,
+        "suggested_preset": family or "none",
+        "tensors": len(infos),
+        "linear_layers": len(plan.layers),
+        "layers_to_quantize": est["layers_quantized"],
+        "parameters": sum(i.numel for i in infos.values()),
+        "size_bytes": os.path.getsize(path),
+        "estimated_int8_bytes": est["bytes_out"],
+        "already_quantized": quantized,
+    }
+
+
+def describe_inspection(info: Dict[str, object]) -> str:
+    fam = info["family"] or "unknown"
+    s = (f"family: {fam} (preset: {info['suggested_preset']})\n"
+         f"{info['linear_layers']} linear layers, {info['layers_to_quantize']} to quantize\n"
+         f"{info['parameters'] / 1e6:.1f}M parameters, {info['size_bytes'] / 1e9:.3f} GB "
+         f"-> ~{info['estimated_int8_bytes'] / 1e9:.3f} GB int8")
+    if info["already_quantized"]:
+        s += "\nalready quantized: convert the float original instead"
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# nodes
+# ------------------------------------------------------------------------------------------------
+class QuantLoadWeights:
+    """Pick a safetensors file to convert. Reads only its header: returns a lightweight handle."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"weights": (weight_choices(), {
+            "tooltip": "file from diffusion_models / checkpoints / text_encoders / loras"})}}
+
+    RETURN_TYPES = ("QUANT_WEIGHTS", "STRING")
+    RETURN_NAMES = ("weights", "info")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Choose a model file to quantize; shows its detected family, layer count and size."
+
+    def load(self, weights: str):
+        path = resolve_choice(weights)
+        info = inspect_weights(path)
+        if info["already_quantized"]:
+            raise ConvertError(f"{weights} is already quantized (it has comfy_quant metadata); "
+                               "load the float original instead")
+        text = describe_inspection(info)
+        src = WeightsSource(path=path, label=weights, family=info["family"])
+        return {"ui": {"text": [text], "weights_info": [info]}, "result": (src, text)}
+
+
+class QuantMergeLoRA:
+    """Add up to three LoRAs (with strengths) to merge during Quantize. Chain for more."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        loras = folder_paths.get_filename_list("loras")
+        opt = [NONE] + loras
+        strength = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
+        return {"required": {"weights": ("QUANT_WEIGHTS",), "lora_1": (loras,), "strength_1": strength},
+                "optional": {"lora_2": (opt, {"default": NONE}), "strength_2": strength,
+                             "lora_3": (opt, {"default": NONE}), "strength_3": strength}}
+
+    RETURN_TYPES = ("QUANT_WEIGHTS",)
+    RETURN_NAMES = ("weights",)
+    FUNCTION = "merge"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("LoRAs are merged into the float weights while Quantize streams the model "
+                   "(ComfyUI's LoRA math), then the merged weights are quantized.")
+
+    def merge(self, weights: WeightsSource, lora_1: str, strength_1: float, lora_2: str = NONE,
+              strength_2: float = 1.0, lora_3: str = NONE, strength_3: float = 1.0):
+        from ..quant_core.lora import load_lora_file
+        out = weights
+        for name, strength in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)):
+            if not name or name == NONE:
+                continue
+            path = folder_paths.get_full_path("loras", name)
+            if path is None:
+                raise ConvertError(f"LoRA {name!r} not found in ComfyUI's loras folders")
+            load_lora_file(path, strength)  # parse now, so a broken LoRA is reported at this node
+            out = out.with_lora(f"loras/{name}", path, strength)
+        return (out,)
+
+
+def _preset_choices() -> List[str]:
+    return ["auto", "none"] + sorted(all_presets())
+
+
+def _plan_options(fmt: str, scaling: str, block_size: int, convrot: bool, convrot_group_size: int, preset: str,
+                  layer_config: str, exclude_layers: str) -> PlanOptions:
+    spec = make_spec(format=fmt, scaling_mode="block" if fmt == "int8_blockwise" else scaling,
+                     block_size=block_size, convrot=convrot, convrot_groupsize=int(convrot_group_size))
+    rules = ()
+    if layer_config and layer_config.strip():
+        try:
+            data = json.loads(layer_config)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"layer_config is not valid JSON: {e}") from None
+        rules = parse_layer_config(data, spec, where="layer_config")
+    presets = () if preset == "none" else (preset,)
+    return PlanOptions(spec=spec, presets=presets, layer_config=rules,
+                       exclude_layers=exclude_layers.strip() or None if exclude_layers else None)
+
+
+class QuantQuantize:
+    """Stream the model through LoRA merging and quantization into a temporary file."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "weights": ("QUANT_WEIGHTS",),
+                "format": (sorted(FORMATS), {"default": "int8_tensorwise"}),
+                "scaling": (["axis", "tensor"], {"default": "axis",
+                            "tooltip": "int8_tensorwise scale: per output row (axis) or one per tensor"}),
+                "block_size": ("INT", {"default": 128, "min": 16, "max": 1024, "step": 16,
+                                       "tooltip": "tile size of int8_blockwise"}),
+                "convrot": ("BOOLEAN", {"default": False,
+                            "tooltip": "regular-Hadamard rotation (core-loadable int8_tensorwise + convrot)"}),
+                "convrot_group_size": (["16", "64", "256", "1024"], {"default": "256"}),
+                "preset": (_preset_choices(), {"default": "auto",
+                           "tooltip": "layers to keep in high precision; auto detects the family"}),
+                "optimizer": (sorted(OPTIMIZERS), {"default": "rtn"}),
+                "num_iter": ("INT", {"default": 1000, "min": 1, "max": 100000}),
+                "lr": ("FLOAT", {"default": 8.0773e-3, "min": 1e-8, "max": 10.0, "step": 1e-4}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+            },
+            "optional": {
+                "layer_config": ("STRING", {"multiline": True, "default": "",
+                                 "tooltip": 'JSON {regex: {format, scaling_mode, block_size, convrot, '
+                                            'convrot_groupsize, skip}}'}),
+                "exclude_layers": ("STRING", {"default": "", "tooltip": "regex of layers to keep"}),
+                "optimizer_options": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "JSON of further optimizer knobs (CLI names)"}),
+                "quality_threshold": ("FLOAT", {"default": 30.0, "min": 0.0, "max": 200.0}),
+                "calibration": ("QUANT_CALIBRATION",),
+            },
+        }
+
+    RETURN_TYPES = ("QUANT_RESULT", "STRING")
+    RETURN_NAMES = ("quantized", "summary")
+    FUNCTION = "quantize"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Quantizes one layer at a time into a temporary file (peak RAM ~ one layer), merging "
+                   "LoRAs on the way. Cancel stops within a layer and leaves no file.")
+
+    def quantize(self, weights: WeightsSource, format: str, scaling: str, block_size: int, convrot: bool,
+                 convrot_group_size: str, preset: str, optimizer: str, num_iter: int, lr: float, device: str,
+                 layer_config: str = "", exclude_layers: str = "", optimizer_options: str = "",
+                 quality_threshold: float = 30.0, calibration=None):
+        plan_opts = _plan_options(format, scaling, block_size, convrot, int(convrot_group_size), preset,
+                                  layer_config, exclude_layers)
+        knobs = {"num_iter": num_iter, "lr": lr}
+        if optimizer_options and optimizer_options.strip():
+            try:
+                extra = json.loads(optimizer_options)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"optimizer_options is not valid JSON: {e}") from None
+            if not isinstance(extra, dict):
+                raise PlanError("optimizer_options must be a JSON object")
+            knobs.update(extra)
+        opts = ConvertOptions(
+            plan=plan_opts, optimizer=optimizer, optimizer_options=knobs,
+            calibration_data=calibration.path if calibration is not None else None,
+            loras=[p for _, p, _ in weights.loras], lora_strengths=[s for _, _, s in weights.loras],
+            device=device, quality_threshold=quality_threshold,
+            extra_metadata={"convert_to_quant.source": os.path.basename(weights.path)})
+        tmp = new_temp_path(folder_paths.get_output_directory())
+        messages: List[str] = []
+        job = ConversionJob(weights.path, tmp, opts, log=messages.append)
+        try:
+            total = max(len(job.plan.quantized_layers()), 1)
+            bar = comfy.utils.ProgressBar(total)
+            result = job.run(progress=lambda done, n, name: bar.update_absolute(done, n),
+                             check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
+        except BaseException:
+            for p in (tmp, tmp + ".partial"):
+                if os.path.exists(p):
+                    os.unlink(p)
+            raise
+        finally:
+            job.close()
+        for m in messages:
+            log.info("convert_to_quant: %s", m)
+        settings = {"format": plan_opts.spec.describe(), "preset": preset, "optimizer": optimizer,
+                    "source": weights.describe()}
+        lora_lines = result.lora_report.lines() if result.lora_report is not None else []
+        qf = QuantizedFile(tmp, weights, result.report, settings, lora_lines)
+        summary = "\n".join(result.report.summary_lines() + lora_lines)
+        return (qf, summary)
+
+
+def report_payload(report) -> Dict[str, object]:
+    """Compact JSON for the web widget: summary + one row per layer."""
+    rows = []
+    for name, l in report.layers.items():
+        rows.append([name, l.format, "x".join(str(s) for s in l.shape), l.sqnr_db, l.mse, l.max_abs_err,
+                     l.quantized, l.fallback or ("" if l.quantized else l.reason)])
+    return {"summary": report.summary, "threshold_db": report.threshold_db,
+            "columns": ["layer", "format", "shape", "sqnr_db", "mse", "max_abs_err", "quantized", "note"],
+            "rows": rows}
+
+
+class QuantQualityReport:
+    """Per-layer quality of the stored weights: summary text, JSON, and an SQNR bar chart IMAGE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"quantized": ("QUANT_RESULT",)}}
+
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("summary", "report_json", "sqnr_chart")
+    FUNCTION = "report"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def report(self, quantized: QuantizedFile):
+        rep = quantized.report
+        summary = "\n".join(rep.summary_lines() + [f"warning: {w}" for w in rep.warnings[:20]])
+        chart = render_sqnr_chart(sqnr_bars(rep), rep.threshold_db)
+        text = json.dumps(rep.to_dict(), allow_nan=False)
+        return {"ui": {"text": [summary], "quant_report": [report_payload(rep)]},
+                "result": (summary, text, chart)}
+
+
+def save_folder(folder: str) -> str:
+    if folder == "output":
+        return folder_paths.get_output_directory()
+    if folder not in SAVE_FOLDERS:
+        raise ConvertError(f"unknown save folder {folder!r}; choose one of {', '.join(SAVE_FOLDERS)}")
+    paths = folder_paths.get_folder_paths(folder)
+    if not paths:
+        raise ConvertError(f"ComfyUI has no {folder} folder configured")
+    # ComfyUI lists legacy names first (models/unet for diffusion_models): prefer the folder named like
+    # the choice, then any that exists
+    named = [p for p in paths if os.path.basename(os.path.normpath(p)) == folder and os.path.isdir(p)]
+    existing = [p for p in paths if os.path.isdir(p)]
+    target = (named or existing or paths)[0]
+    os.makedirs(target, exist_ok=True)
+    return target
+
+
+class QuantSave:
+    """Publish the quantized file under a name inside an output or models folder (atomic)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "quantized": ("QUANT_RESULT",),
+            "folder": (list(SAVE_FOLDERS), {"default": "diffusion_models"}),
+            "filename": ("STRING", {"default": "quantized/model_int8.safetensors",
+                                    "tooltip": "relative to the folder; sub-folders allowed, '..' is not"}),
+            "overwrite": ("BOOLEAN", {"default": False}),
+            "save_report": ("BOOLEAN", {"default": True,
+                                        "tooltip": "also write <name>_quality.json / .md next to it"}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def save(self, quantized: QuantizedFile, folder: str, filename: str, overwrite: bool, save_report: bool):
+        base = save_folder(folder)
+        path = resolve_inside(base, filename, suffix=".safetensors")
+        if not quantized.exists():
+            raise ConvertError("the quantized temporary file is gone (output directory cleaned?); "
+                               "run Quantize again")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        publish_file(quantized.tmp_path, path, overwrite=overwrite)
+        written = [path]
+        if save_report:
+            stem = os.path.splitext(path)[0] + "_quality"
+            written += quantized.report.write(stem + ".json")
+        rel = os.path.relpath(path, base)
+        text = f"saved {folder}/{rel} ({os.path.getsize(path) / 1e9:.3f} GB)"
+        log.info("convert_to_quant: %s", text)
+        return {"ui": {"text": [text]}, "result": (path,)}
+
+
+NODES = {
+    "QuantLoadWeights": (QuantLoadWeights, "Load Weights (convert_to_quant)"),
+    "QuantMergeLoRA": (QuantMergeLoRA, "Merge LoRA (convert_to_quant)"),
+    "QuantQuantize": (QuantQuantize, "Quantize (convert_to_quant)"),
+    "QuantQualityReport": (QuantQualityReport, "Quality Report (convert_to_quant)"),
+    "QuantSave": (QuantSave, "Save Quantized Model (convert_to_quant)"),
+}

@@ -1,0 +1,249 @@
+"""ComfyUI ``custom_operations`` whose Linear layers keep int8 weights and run our kernels.
+
+``QuantOps`` subclasses ``comfy.ops.manual_cast`` (so every other layer type behaves exactly as stock
+ComfyUI's) and replaces ``Linear``: ``_load_from_state_dict`` reads a layer's ``weight`` /
+``weight_scale`` / ``comfy_quant`` tensors (FORMATS.md) and keeps the int8 integers as the ``weight``
+parameter, so ComfyUI's memory management moves them with ``.to()`` (model unload, lowvram offload) and
+counts their real size. Layers stored in float stay float and use the stock manual-cast path.
+
+LoRA at runtime: ``attach_patches`` turns ComfyUI's LoRA patches for this layer into a low-rank side path
+next to the int8 GEMM, ``y = int8_gemm(x) + (x·Aᵀ)·(s·B)ᵀ`` (all LoRAs of a layer concatenated into one
+pair of skinny matrices), never touching the integers. Patches that are not plain low-rank LoRA (LoHa,
+LoKr, DoRA, full diffs, model merges) become one dense delta ``ΔW`` in the compute dtype, computed once
+when the model is patched with ComfyUI's own ``calculate_weight`` on the dequantized weight.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import comfy.lora
+import comfy.model_patcher
+import comfy.ops
+import comfy.weight_adapter
+
+from ..kernels import dequantize as kernel_dequantize
+from ..kernels import quantized_linear
+from ..quant_core.errors import ConvertError, SafetensorsFormatError
+from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
+                                  parse_comfy_quant, quantized_weight_from_tensors)
+
+log = logging.getLogger("convert_to_quant")
+
+# tensors of a quantized layer besides weight/bias (extra per-format tensors come from the format)
+QUANT_SUFFIXES = ("weight_scale", "comfy_quant")
+
+
+def _low_rank_factors(patch, out_features: int, in_features: int
+                      ) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[int, int]]]]:
+    """(down [r, in], scaled up [rows, r], output row slice) for a plain LoRA patch, else None.
+
+    A ComfyUI patch is ``(strength, adapter, strength_model, offset, function)``; ``offset`` =
+    ``(dim, start, length)`` targets a slice of a fused weight (e.g. q of a fused qkv)."""
+    strength, adapter, strength_model, offset, function = patch
+    if function is not None or strength_model != 1.0:
+        return None
+    if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
+        return None
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    if up.dim() != 2 or down.dim() != 2:
+        return None
+    rows, rows_slice = out_features, None
+    if offset is not None:
+        dim, start, length = offset
+        if dim != 0:
+            return None
+        rows, rows_slice = int(length), (int(start), int(length))
+    rank = down.shape[0]
+    if tuple(up.shape) != (rows, rank) or down.shape[1] != in_features:
+        return None
+    scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+    return down.float(), up.float() * scale, rows_slice
+
+
+class QuantLinearMixin:
+    """What our Linear adds to ``comfy.ops.manual_cast.Linear`` (kept separate so the text-encoder ops
+    and the diffusion-model ops share it)."""
+
+    quant_spec: Optional[FormatSpec] = None
+
+    def _init_quant(self, in_features: int, out_features: int):
+        torch.nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        # nothing is allocated here: the real tensors (int8 or float) arrive in _load_from_state_dict
+        self.weight = None
+        self.bias = None
+        self.weight_scale = None
+        self.quant_spec = None
+        self.lora_groups: List[Optional[Tuple[int, int]]] = []
+        self.has_dense_delta = False
+
+    # --- loading ------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        w = state_dict.get(prefix + "weight")
+        cq = state_dict.get(prefix + "comfy_quant")
+        base = prefix[:-1]
+        if w is None:
+            missing_keys.append(prefix + "weight")
+        elif cq is not None:
+            cfg = parse_comfy_quant(cq, where=prefix + "comfy_quant")
+            parts = {k[len(prefix):]: v for k, v in state_dict.items()
+                     if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
+            qw = quantized_weight_from_tensors(base, cfg, parts)
+            if qw.format == "fp16":
+                self.weight = torch.nn.Parameter(qw.qdata, requires_grad=False)
+            else:
+                if tuple(qw.qdata.shape) != (self.out_features, self.in_features):
+                    raise SafetensorsFormatError(
+                        f"{base}: stored weight {list(qw.qdata.shape)} does not fit the model's layer "
+                        f"[{self.out_features}, {self.in_features}]")
+                self.set_quantized(qw)
+        elif w.dtype == torch.int8:
+            raise SafetensorsFormatError(f"{base}.weight is int8 but the layer has no comfy_quant config "
+                                         "(and the file no _quantization_metadata entry for it)")
+        else:
+            self.weight = torch.nn.Parameter(w, requires_grad=False)
+        b = state_dict.get(prefix + "bias")
+        if b is not None:
+            self.bias = torch.nn.Parameter(b, requires_grad=False)
+
+    def set_quantized(self, qw: QuantizedWeight):
+        get_format(qw.format)  # unknown formats fail here with the registry's message
+        self.quant_spec = FormatSpec(qw.format, qw.params)
+        self.weight = torch.nn.Parameter(qw.qdata, requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(qw.scale.float(), requires_grad=False)
+        # the per-layer config travels in the state dict, so saving this model writes a loadable file
+        self.register_buffer("comfy_quant", comfy_quant_tensor(get_format(qw.format).comfy_quant(qw.params)))
+        for suffix, t in qw.extra.items():
+            self.register_buffer(suffix, t)
+        self._extra_names = tuple(qw.extra)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_spec is not None
+
+    def quantized_weight(self, device: Optional[torch.device] = None) -> QuantizedWeight:
+        q, s = self.weight, self.weight_scale
+        extra = {n: getattr(self, n) for n in getattr(self, "_extra_names", ())}
+        if device is not None and q.device != device:
+            q = q.to(device, non_blocking=True)
+            s = s.to(device, non_blocking=True)
+            extra = {n: t.to(device, non_blocking=True) for n, t in extra.items()}
+        return QuantizedWeight(self.quant_spec.format, self.quant_spec.params, q, s, torch.float32, extra)
+
+    # --- the hooks ComfyUI's ModelPatcher looks for (get_key_weight: convert_/set_<param>) -------
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        """Integers (as a float tensor, how ModelPatcher hands them over) -> float weight."""
+        if not self.is_quantized:
+            return weight
+        qw = self.quantized_weight(weight.device)
+        qw.qdata = weight.round().clamp(-127, 127).to(torch.int8)
+        return get_format(qw.format).dequantize(qw).to(weight.dtype)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        raise ConvertError(
+            "this int8 layer cannot be re-quantized in place by ComfyUI's generic patcher (hook-based LoRA "
+            "scheduling is not supported on quantized models); load LoRAs with LoraLoader / "
+            "LoraLoaderModelOnly, which this model applies as a low-rank side path")
+
+    # --- LoRA side paths ------------------------------------------------------------------------
+    def clear_patches(self):
+        for i in range(len(self.lora_groups)):
+            self._buffers.pop(f"lora_down_{i}", None)
+            self._buffers.pop(f"lora_up_{i}", None)
+        self.lora_groups = []
+        self._buffers.pop("lora_dense", None)
+        self.has_dense_delta = False
+
+    def attach_patches(self, patches: Sequence, key: str, device: torch.device, dtype: torch.dtype) -> str:
+        """Replace this layer's side paths by the ones for ``patches`` (ComfyUI's patch list for
+        ``<layer>.weight``). Returns "low-rank" or "dense" (how they were applied)."""
+        self.clear_patches()
+        factors = [_low_rank_factors(p, self.out_features, self.in_features) for p in patches]
+        if all(f is not None for f in factors):
+            groups = {}
+            for down, up, rows in factors:
+                groups.setdefault(rows, ([], []))
+                groups[rows][0].append(down)
+                groups[rows][1].append(up)
+            for i, (rows, (downs, ups)) in enumerate(groups.items()):
+                self.register_buffer(f"lora_down_{i}", torch.cat(downs, 0).to(device=device, dtype=dtype),
+                                     persistent=False)
+                self.register_buffer(f"lora_up_{i}", torch.cat(ups, 1).to(device=device, dtype=dtype),
+                                     persistent=False)
+                self.lora_groups.append(rows)
+            return "low-rank"
+        # not plain LoRA: let ComfyUI compute the patched weight once, keep only the difference
+        w = kernel_dequantize(self.quantized_weight(device), torch.float32)
+        patched = comfy.lora.calculate_weight(patches, w.clone(), key)
+        self.register_buffer("lora_dense", (patched - w).to(dtype), persistent=False)
+        self.has_dense_delta = True
+        return "dense"
+
+    def _add_side_paths(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for i, rows in enumerate(self.lora_groups):
+            down = getattr(self, f"lora_down_{i}").to(device=x.device, dtype=x.dtype)
+            up = getattr(self, f"lora_up_{i}").to(device=x.device, dtype=x.dtype)
+            h = F.linear(F.linear(x, down), up)
+            if rows is None:
+                y = y + h
+            else:
+                start, length = rows
+                y = torch.cat([y[..., :start], y[..., start:start + length] + h, y[..., start + length:]], -1)
+        if self.has_dense_delta:
+            y = y + F.linear(x, self.lora_dense.to(device=x.device, dtype=x.dtype))
+        return y
+
+    # --- forward --------------------------------------------------------------------------------
+    def _cast_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.bias is None:
+            return None
+        b = self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        for f in self.bias_function:
+            b = f(b)
+        return b
+
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.quantized_weight(x.device)
+        bias = self._cast_bias(x)
+        # LowVramPatch entries re-apply LoRA patches to a float weight; ours already live in the side
+        # paths (QuantModelPatcher attaches them), so only other weight functions need a float weight
+        extra_fns = [f for f in self.weight_function if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+        if extra_fns:
+            w = kernel_dequantize(qw, x.dtype)
+            for f in extra_fns:
+                w = f(w)
+            y = F.linear(x, w, bias)
+        else:
+            y = quantized_linear(x, qw, bias)
+        if self.lora_groups or self.has_dense_delta:
+            y = self._add_side_paths(x, y)
+        return y
+
+
+class QuantOps(comfy.ops.manual_cast):
+    """``custom_operations`` for diffusion models and text encoders with int8 Linear layers."""
+
+    class Linear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            self._init_quant(in_features, out_features)
+
+        def reset_parameters(self):
+            return None
+
+        def forward(self, *args, **kwargs):
+            if self.quant_spec is not None:
+                return self.forward_quantized(*args, **kwargs)
+            return super().forward(*args, **kwargs)
+
+
+def quant_linears(model: torch.nn.Module):
+    """(name, module) of every int8 Linear in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinearMixin) and m.is_quantized]
