@@ -23,7 +23,7 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
     for key in reader.keys():
         if key.endswith(".comfy_quant"):
             base = key[: -len(".comfy_quant")]
-            cfgs[base] = parse_comfy_quant(reader.get(key), where=key)
+            cfgs[base] = parse_comfy_quant(reader.get(key), where=f"{reader.path}: {key}")
     raw = reader.metadata.get("_quantization_metadata")
     if raw is not None:
         try:
