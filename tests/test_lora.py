@@ -92,8 +92,13 @@ def _check_against_peft(base, merged_by_us, merged_by_peft, n_expected_changed):
     assert changed == n_expected_changed
 
 
-def test_peft_lora_on_minilm_equals_merge_and_unload(minilm_path, tmp_path):
-    folder, peft_merged, cfg = _peft_minilm(minilm_path, tmp_path, **PEFT_CFG)
+@pytest.fixture(scope="module")
+def peft_lora(minilm_path, tmp_path_factory):
+    return _peft_minilm(minilm_path, tmp_path_factory.mktemp("peft"), **PEFT_CFG)
+
+
+def test_peft_lora_on_minilm_equals_merge_and_unload(minilm_path, peft_lora):
+    folder, peft_merged, cfg = peft_lora
     base = load_file(minilm_path)
     # PEFT's own layout: adapter_model.safetensors (no alpha in it) + adapter_config.json beside it
     m = LoraMerger.from_files([str(folder / "adapter_model.safetensors")], [1.0])
@@ -145,8 +150,8 @@ def _cfg_dict(cfg):
     return d
 
 
-def test_peft_lora_in_kohya_comfy_and_metadata_styles_merges_identically(minilm_path, tmp_path):
-    folder, peft_merged, cfg = _peft_minilm(minilm_path, tmp_path, **PEFT_CFG)
+def test_peft_lora_in_kohya_comfy_and_metadata_styles_merges_identically(minilm_path, peft_lora, tmp_path):
+    folder, peft_merged, cfg = peft_lora
     base = load_file(minilm_path)
     kohya, comfy, peft_default = _peft_to_styles(folder, cfg)
     meta = {"lora_adapter_metadata": json.dumps(_cfg_dict(cfg))}
