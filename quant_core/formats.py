@@ -61,6 +61,11 @@ def round_to_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
+def _round_temp_to_int8(x: torch.Tensor) -> torch.Tensor:
+    """``round_to_int8`` for a temporary the caller no longer needs (rounds in place: less memory)."""
+    return x.round_().clamp_(-QMAX, QMAX).to(torch.int8)
+
+
 def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
     return (absmax.float() / QMAX).clamp(min=SCALE_MIN)
 
@@ -123,7 +128,7 @@ class QuantFormat:
         orig_dtype = orig_dtype or w.dtype
         ws = cls.to_storage(w.float(), params)
         scale = cls.compute_scale(ws, params)
-        q = round_to_int8(ws / cls.expand_scale(scale, ws.shape, params))
+        q = _round_temp_to_int8(ws / cls.expand_scale(scale, ws.shape, params))
         return cls.pack(q, scale, params, orig_dtype)
 
     @classmethod
@@ -266,21 +271,42 @@ class Int8Blockwise(QuantFormat):
     def params_from_config(cls, cfg, tensors):
         return cls.Params(group_size=int(cfg.get("group_size", 128)))
 
+    @staticmethod
+    def _tile_view(x: torch.Tensor, g: int) -> torch.Tensor:
+        """[out, in] -> [ceil(out/g), g, in/g, g] (rows zero-padded only when out is ragged)."""
+        out, inn = x.shape
+        pad = (-out) % g
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, inn)], 0)
+        return x.reshape(-1, g, inn // g, g)
+
     @classmethod
     def compute_scale(cls, ws, params):
-        g = params.group_size
-        out, inn = ws.shape
-        ro, ri = cls.scale_shape(ws.shape, params)
-        padded = torch.zeros(ro * g, ri * g, dtype=torch.float32, device=ws.device)
-        padded[:out, :inn] = ws.abs()
-        tiles = padded.reshape(ro, g, ri, g).amax(dim=(1, 3))
-        return _absmax_scale(tiles)
+        tiles = cls._tile_view(ws, params.group_size)
+        return _absmax_scale(tiles.abs().amax(dim=(1, 3)))
 
     @classmethod
     def expand_scale(cls, scale, shape, params):
         g = params.group_size
         s = scale.float().repeat_interleave(g, 0).repeat_interleave(g, 1)
         return s[: shape[0], : shape[1]]
+
+    @classmethod
+    def quantize(cls, w, params, orig_dtype=None):
+        # same numbers as the generic path, without materializing the per-element scale matrix
+        orig_dtype = orig_dtype or w.dtype
+        g = params.group_size
+        ws = w.float()
+        tiles = cls._tile_view(ws, g)
+        scale = _absmax_scale(tiles.abs().amax(dim=(1, 3)))
+        q = _round_temp_to_int8(tiles / scale[:, None, :, None]).reshape(-1, ws.shape[1])[: ws.shape[0]]
+        return cls.pack(q, scale, params, orig_dtype)
+
+    @classmethod
+    def dequantize_storage(cls, qw):
+        g = qw.params.group_size
+        tiles = cls._tile_view(qw.qdata, g).float()
+        return tiles.mul_(qw.scale.float()[:, None, :, None]).reshape(-1, qw.qdata.shape[1])[: qw.qdata.shape[0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,3 +483,8 @@ def quantized_weight_from_tensors(base: str, cfg: dict, tensors: Dict[str, torch
         raise SafetensorsFormatError(f"{base}: {reason}")
     extra = {k: v for k, v in tensors.items() if k not in ("weight", "weight_scale", "comfy_quant", "bias")}
     return QuantizedWeight(cls.name, params, q, scale.float(), orig_dtype, extra)
+
+
+# formats that carry extra runtime tensors (SmoothQuant factors, QuIP sign vectors): registered here so
+# that importing the registry always knows every format
+from . import formats_extra  # noqa: E402,F401
