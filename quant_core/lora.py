@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 
 from .errors import LoRAError
-from .lora_keys import (TE_TAGS, UNSUPPORTED_ROLES, BaseIndex, Target, lora_name_candidates, split_lora_key)
+from .lora_keys import TE_TAGS, BaseIndex, Target, lora_name_candidates, split_lora_key, unsupported_kind
 from .safetensors_io import SafetensorsReader, check_input_path
 
 MAX_LISTED = 20  # problems quoted in one error message
@@ -76,8 +76,9 @@ class LoraModule:
     def classify(self) -> Optional[str]:
         """Set ``kind`` from the roles present; return an error message for an inconsistent module."""
         roles = set(self.tensors)
-        for role, what in UNSUPPORTED_ROLES.items():
-            if role in roles:
+        for role in roles:
+            what = unsupported_kind(role)
+            if what:
                 return f"{what} adapters are not supported for merging"
         if "reshape_weight" in roles:
             return ("has a reshape_weight (a LoRA that changes the layer's shape, e.g. a BFL control "

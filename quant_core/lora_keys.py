@@ -68,13 +68,18 @@ _SUFFIX_RULES: Tuple[Tuple[str, str], ...] = (
     (r"\.b_norm", "b_norm"),
     (r"\.reshape_weight", "reshape_weight"),
     # adapters ComfyUI knows that we do not merge: recognised so the error names them
-    (r"\.oft_blocks", "oft"), (r"\.oft_diag", "oft"), (r"\.rescale", "oft"),
-    (r"\.oft_R" + _ADAPTER + r"\.weight", "oft"),
-    (r"\.a1\.weight", "glora"), (r"\.a2\.weight", "glora"), (r"\.b1\.weight", "glora"), (r"\.b2\.weight", "glora"),
+    (r"\.oft_blocks", "unsupported:OFT/BOFT:oft_blocks"), (r"\.oft_diag", "unsupported:OFT/BOFT:oft_diag"),
+    (r"\.rescale", "unsupported:OFT/BOFT:rescale"),
+    (r"\.oft_R" + _ADAPTER + r"\.weight", "unsupported:OFT/BOFT:oft_R"),
+    (r"\.a1\.weight", "unsupported:GLoRA:a1"), (r"\.a2\.weight", "unsupported:GLoRA:a2"),
+    (r"\.b1\.weight", "unsupported:GLoRA:b1"), (r"\.b2\.weight", "unsupported:GLoRA:b2"),
 )
 _SUFFIX_RES = tuple((re.compile(r"^(?P<module>.+?)" + pat + r"$"), role) for pat, role in _SUFFIX_RULES)
 
-UNSUPPORTED_ROLES = {"oft": "OFT/BOFT", "glora": "GLoRA"}
+
+def unsupported_kind(role: str) -> Optional[str]:
+    """The adapter type of a tensor role we recognise but do not merge (OFT, GLoRA), else None."""
+    return role.split(":")[1] if role.startswith("unsupported:") else None
 
 
 def split_lora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:

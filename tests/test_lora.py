@@ -695,3 +695,97 @@ def test_pipeline_merges_while_streaming_and_writes_nothing_on_error(minilm_path
         convert_file(minilm_path, out2, ConvertOptions(loras=[bad]))
     assert not os.path.exists(out2) and not os.path.exists(out2 + ".partial")
     assert read_header(minilm_path)[0][key].shape == (384, 384)  # input untouched
+
+
+@pytest.mark.parametrize("base_prefix", ["", "text_encoders.t5xxl.transformer.", "t5xxl.transformer."])
+def test_text_encoder_key_styles_t5_and_clip(base_prefix):
+    """T5 (Flux/SD3 trainers: kohya lora_te2_/lora_te3_, diffusers text_encoder_2., ComfyUI
+    text_encoders.t5xxl.) and CLIP-L (lora_te1_, text_encoder.) onto their weights."""
+    t5q = base_prefix + "encoder.block.0.layer.0.SelfAttention.q.weight"
+    t5o = base_prefix + "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    clip_prefix = "clip_l.transformer." if base_prefix else ""
+    clq = clip_prefix + "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    base = {t5q: _rand(8, 8, seed=1), t5o: _rand(8, 16, seed=2), clq: _rand(6, 6, seed=3)}
+    lora, want = {}, {k: v.double().clone() for k, v in base.items()}
+    specs = [("lora_te2_encoder_block_0_layer_0_SelfAttention_q", t5q, ".lora_down.weight", ".lora_up.weight"),
+             ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wo", t5o, ".lora_A.weight", ".lora_B.weight"),
+             ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", clq, ".lora_down.weight", ".lora_up.weight")]
+    for n, (name, key, dn, up) in enumerate(specs):
+        b, a = _lora_pair(base[key].shape[0], base[key].shape[1], 2, seed=10 + n)
+        lora[name + dn], lora[name + up] = a, b
+        want[key] += b.double() @ a.double()
+    merged, rep, _ = _merge(base, [lora])
+    assert rep.matched_modules == 3 and rep.unmatched == []
+    for k in base:
+        assert float((merged[k].double() - want[k]).abs().max()) < 1e-5, k
+    if base_prefix.startswith("text_encoders."):
+        lora2 = {f"text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q{s}": t
+                 for s, t in ((".lora_down.weight", _rand(2, 8)), (".lora_up.weight", _rand(8, 2)))}
+        _, rep2, _ = _merge(base, [lora2])
+        assert rep2.changed_keys == [t5q]
+
+
+def test_cli_merge_flags_strict_and_scale(minilm_path, tmp_path):
+    from convert_to_quant.quant_core.cli import main
+
+    b, a = _lora_pair(384, 384, 4, seed=3)
+    lora = save_file({"lora_te_encoder_layer_0_attention_self_query.lora_down.weight": a * 0.05,
+                      "lora_te_encoder_layer_0_attention_self_query.lora_up.weight": b * 0.05,
+                      "lora_te_encoder_layer_9_attention_self_query.lora_down.weight": a * 0.05,
+                      "lora_te_encoder_layer_9_attention_self_query.lora_up.weight": b * 0.05},
+                     str(tmp_path / "l.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    assert main(["-i", minilm_path, "-o", out, "--fp16", "--merge-lora", lora, "--merge-lora-scale", "0.5",
+                 "--merge-lora-strict", "--verbose", "MINIMAL"]) == 2
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    assert main(["-i", minilm_path, "-o", out, "--fp16", "--merge-loras", lora, lora, "--merge-lora-scale", "0.5",
+                 "0.25", "--merge-lora-dampen", "--verbose", "MINIMAL"]) == 0
+    key = "encoder.layer.0.attention.self.query.weight"
+    base = load_file(minilm_path)[key].double()
+    # two files change the same rows: (0.5 + 0.25) * delta / sqrt(2)
+    want = (base + 0.75 / math.sqrt(2) * ((b * 0.05).double() @ (a * 0.05).double())).to(torch.float16)
+    assert float((load_file(out)[key].double() - want.double()).abs().max()) <= 2 ** -10
+
+
+@pytest.mark.parametrize("base_keys,lora_name,want_key,want_rows", [
+    # Flux.2: SwiGLU MLP names, fused single-block projection in diffusers too, shared modulations
+    ({"double_blocks.0.img_attn.qkv.weight": (96, 32), "double_blocks.0.img_mlp.0.weight": (192, 32)},
+     "transformer.transformer_blocks.0.ff.linear_in", "double_blocks.0.img_mlp.0.weight", None),
+    ({"single_blocks.0.linear1.weight": (96 + 192, 32)},
+     "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_blocks.0.linear1.weight", None),
+    ({"single_blocks.0.linear1.weight": (96 + 192, 32), "double_stream_modulation_img.lin.weight": (192, 32)},
+     "transformer.double_stream_modulation_img.linear", "double_stream_modulation_img.lin.weight", None),
+    ({"single_blocks.0.linear1.weight": (288, 32), "time_in.in_layer.weight": (32, 256)},
+     "transformer.time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer.weight", None),
+    # Chroma's approximator
+    ({"double_blocks.0.img_attn.qkv.weight": (96, 32), "distilled_guidance_layer.layers.3.in_layer.weight": (16, 16)},
+     "transformer.distilled_guidance_layer.layers.3.linear_1", "distilled_guidance_layer.layers.3.in_layer.weight", None),
+    # Qwen-Image keeps diffusers names in ComfyUI: plain, transformer. and lycoris_ forms
+    ({"transformer_blocks.0.img_mlp.net.0.proj.weight": (64, 16), "img_in.weight": (16, 8)},
+     "transformer.transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.0.img_mlp.net.0.proj.weight", None),
+    ({"transformer_blocks.0.attn.to_q.weight": (16, 16), "img_in.weight": (16, 8)},
+     "lycoris_transformer_blocks_0_attn_to_q", "transformer_blocks.0.attn.to_q.weight", None),
+    # Z-Image diffusers on a checkpoint with the model.diffusion_model. prefix
+    ({"model.diffusion_model.context_refiner.1.attention.qkv.weight": (48, 16)},
+     "diffusion_model.context_refiner.1.attention.to_v", "model.diffusion_model.context_refiner.1.attention.qkv.weight", (32, 16)),
+    # HunyuanVideo single block via the flux rules (same BFL layout)
+    ({"single_blocks.2.linear1.weight": (3 * 16 + 64, 16)},
+     "transformer.single_transformer_blocks.2.attn.to_k", "single_blocks.2.linear1.weight", (16, 16)),
+])
+def test_family_name_mapping(base_keys, lora_name, want_key, want_rows):
+    res = BaseIndex(base_keys).resolve(lora_name)
+    assert not res.error, res.error
+    assert [(t.key, t.rows) for t in res.targets] == [(want_key, want_rows)]
+
+
+def test_unsupported_and_reshaping_loras_name_the_reason():
+    base = {"img_in.weight": _rand(8, 16)}
+    with pytest.raises(LoRAError, match="reshape_weight"):
+        _merge(base, [{"img_in.lora_A.weight": _rand(2, 32), "img_in.lora_B.weight": _rand(8, 2),
+                       "img_in.reshape_weight": torch.tensor([8, 32])}])
+    with pytest.raises(LoRAError, match="GLoRA"):
+        _merge(base, [{"img_in.a1.weight": _rand(2, 16), "img_in.a2.weight": _rand(16, 2),
+                       "img_in.b1.weight": _rand(2, 16), "img_in.b2.weight": _rand(8, 2)}])
+    with pytest.raises(LoRAError, match="several PEFT adapters"):
+        _merge(base, [{"img_in.lora_A.one.weight": _rand(2, 16), "img_in.lora_B.one.weight": _rand(8, 2),
+                       "x.lora_A.two.weight": _rand(2, 16), "x.lora_B.two.weight": _rand(8, 2)}])
