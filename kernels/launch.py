@@ -98,24 +98,29 @@ class GemmConfig:
     persistent: bool = False
     tma: bool = False
     magic_cvt: bool = True  # block-wise only: int32->fp32 by an integer add (see triton_kernels)
+    ctas_per_sm: int = 1  # persistent grid = SMs x this (small tiles: two CTAs interleave on one SM)
+    split_k: int = 1  # W8A16 only: programs per output tile along K (fp32 atomics)
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
-        return s + ("/tma" if self.tma else "") + ("/pers" if self.persistent else "")
+        s += ("/tma" if self.tma else "") + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
+        return s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
 
 
 C = GemmConfig
 # W8A8 with int32 accumulation (tensor-wise / per-row weight scales)
 _W8A8_CONFIGS = {
+    # Triton keeps int32-accumulator wgmma synchronous (a wait after every K step), so large BK
+    # (fewer waits) and two warpgroups per CTA (one computes while the other waits) matter most.
     "sm90": [
         C(128, 256, 128, 8, 3, persistent=True, tma=True),
-        C(128, 256, 128, 8, 3, tma=True),
         C(256, 128, 128, 8, 3, persistent=True, tma=True),
-        C(128, 256, 64, 8, 4, persistent=True, tma=True),
-        C(128, 128, 128, 8, 4, persistent=True, tma=True),
+        C(128, 256, 256, 8, 2, persistent=True, tma=True),
+        C(256, 128, 256, 8, 2, persistent=True, tma=True),
+        C(128, 128, 256, 8, 3, persistent=True, tma=True),
+        C(128, 256, 128, 8, 3, tma=True),
         C(128, 128, 128, 4, 4, tma=True),
-        C(128, 256, 128, 8, 3),
-        C(64, 128, 128, 4, 4, tma=True),
+        C(64, 128, 256, 4, 2, persistent=True, tma=True, ctas_per_sm=2),
         C(64, 64, 128, 4, 4, tma=True),
     ],
     "sm89": [
@@ -133,11 +138,10 @@ _BLOCKWISE_CONFIGS = {
     "sm90": [
         C(128, 128, 128, 8, 4, persistent=True, tma=True),
         C(128, 128, 128, 8, 4, persistent=True, tma=True, magic_cvt=False),
-        C(128, 128, 128, 8, 4, tma=True),
-        C(128, 128, 128, 8, 3, persistent=True, tma=True),
-        C(128, 64, 128, 4, 4, tma=True),
+        C(128, 128, 128, 8, 3, tma=True),
+        C(64, 128, 128, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
+        C(128, 64, 128, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
         C(64, 128, 128, 4, 4, tma=True),
-        C(128, 128, 128, 8, 4),
     ],
     "sm89": [C(128, 128, 64, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4), C(128, 128, 64, 8, 3, magic_cvt=False)],
     "sm80": [C(128, 128, 64, 8, 3), C(128, 128, 128, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4)],
@@ -149,14 +153,15 @@ def _w8a16_configs(arch: str, m: int) -> List[GemmConfig]:
     if arch == "interp":
         return [C(16, 32, 32, 4, 1, GROUP_M=2)]
     stages = 4 if arch == "sm90" else 3
+    # small M streams the weight: enough programs in flight matter more than tile efficiency
     if m <= 16:
-        return [C(16, 64, 128, 4, stages), C(16, 32, 128, 4, stages), C(16, 128, 128, 4, stages),
-                C(16, 64, 256, 4, 3), C(16, 32, 256, 4, 3)]
+        return [C(16, 64, 128, 4, stages, split_k=4), C(16, 32, 128, 4, stages, split_k=2),
+                C(16, 64, 128, 4, stages), C(16, 128, 128, 4, stages, split_k=8), C(16, 32, 256, 4, 3)]
     if m <= 64:
-        return [C(32, 64, 128, 4, stages), C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages),
-                C(32, 128, 128, 4, stages)]
-    return [C(128, 128, 64, 8, stages), C(64, 128, 64, 4, stages), C(128, 256, 64, 8, 3),
-            C(128, 64, 64, 4, stages)]
+        return [C(32, 64, 128, 4, stages, split_k=2), C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages),
+                C(32, 128, 128, 4, stages, split_k=4)]
+    # large M is W8A8's ground (the path table never picks W8A16 there): two sane tiles suffice
+    return [C(128, 128, 64, 8, stages), C(64, 128, 64, 4, stages)]
 
 
 def m_bucket(m: int) -> int:
@@ -370,7 +375,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
 
     def launch(cfg: GemmConfig) -> None:
         tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
-        grid = min(tiles, nsm) if cfg.persistent else tiles
+        grid = min(tiles, nsm * cfg.ctas_per_sm) if cfg.persistent else tiles
         if cfg.tma:
             a_arg = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg.BM, cfg.BK])
             b_arg = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg.BN, cfg.BK])
@@ -419,13 +424,20 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     ieee = x.dtype == torch.float32 or interpreter_active()
 
     def launch(cfg: GemmConfig) -> None:
-        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+        out = c
+        if cfg.split_k > 1:
+            out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=x.device)
+            out.zero_()
+        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN), cfg.split_k)
         tk.w8a16_gemm_kernel[grid](
-            x, qw, c, ws, bias if bias is not None else ws, m, n, k,
-            x.stride(0), qw.stride(0), c.stride(0), s_wn, s_wk,
+            x, qw, out, ws, bias if bias is not None else ws, m, n, k,
+            x.stride(0), qw.stride(0), out.stride(0), s_wn, s_wk,
             WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
-            EVEN_K=k % cfg.BK == 0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k,
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if out is not c:
+            c.copy_(out)
 
     key = ("w8a16", arch, m_bucket(m), n, k, group_size, x.dtype, out_dtype, bias is not None, mode,
            str(x.device))

@@ -207,13 +207,16 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr,
 def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
                       M, N, K, stride_am, stride_bn, stride_cm, stride_wsn, stride_wsk,
                       WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C = A[M,K] (float) · dequant(B[N,K] int8)ᵀ; the int8 tile is converted exactly to A's dtype in
     registers (no dequantized weight in memory), products accumulate in fp32.
     WS_MODE 0: scalar scale, 1: per-row [N,1] (both in the epilogue), 2: block-wise [ceil(N/G), K/G]
-    (applied per BK slice, BK divides GROUP)."""
+    (applied per BK slice, BK divides GROUP).
+    SPLIT_K > 1 (small M: more programs to stream the weight): program (tile, s) covers a K range
+    and atomically adds its scaled fp32 partial into C (fp32, zeroed); split 0 adds the bias."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -222,15 +225,18 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
     rk = tl.arange(0, BK)
     rm_safe = tl.where(rm < M, rm, 0)
     rn_safe = tl.where(rn < N, rn, 0)
-    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+    k_steps = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)
+    k_start = pid_k * k_steps * BK
+    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + (k_start + rk)[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + (k_start + rk)[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for ki in range(tl.cdiv(K, BK)):
+    for ki in range(k_steps):
+        k0 = k_start + ki * BK
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            kmask = rk[None, :] < K - ki * BK
+            kmask = rk[None, :] < K - k0
             a = tl.load(a_ptrs, mask=kmask, other=0)
             b = tl.load(b_ptrs, mask=kmask, other=0)
         if DOT_IEEE:
@@ -243,7 +249,7 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
                 part = tl.dot(a, bt, input_precision="ieee")
             else:
                 part = tl.dot(a, bt)
-            kb = (ki * BK) // GROUP
+            kb = tl.minimum(k0, K - 1) // GROUP
             w_s = tl.load(ws_ptr + (rn_safe // GROUP) * stride_wsn + kb * stride_wsk)
             acc += part * w_s[None, :]
         else:
@@ -258,9 +264,14 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
     elif WS_MODE == 0:
         acc = acc * tl.load(ws_ptr)
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+        if pid_k == 0:
+            acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    cmask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
 @triton.jit

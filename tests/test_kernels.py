@@ -458,3 +458,23 @@ def test_gpu_tuned_kernels_on_larger_shapes(m):
         for p in ("w8a8", "w8a16", "dequant", None):
             y = K.quantized_linear(x, qw, bias, path=p)
             assert rel(y, ref) < (2e-2 if p in ("w8a8", None) else 6e-3), (qw.format, p)
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_w8a16_split_k_matches_float64(group):
+    """Split-K W8A16 (small-M configs): K ranges per program, uneven last split, fp32 atomics."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    x = act(m=5, dtype=torch.float32, seed=61)
+    w = weight(seed=62)
+    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if group
+                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")))
+    bias = torch.randn(N, generator=gen(63)).to(DEV)
+    ref64 = x.double().cpu() @ qw.dequantize().double().cpu().T + bias.double().cpu()
+    for split in (3, 8):  # 256/32 = 8 K steps: 3 splits leave the last one partly past K
+        for out_dtype in (torch.float32, torch.bfloat16):
+            cfg = GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, split_k=split)
+            y = launch.launch_w8a16(x, qw.qdata, qw.scale if group else qw.scale.reshape(-1), bias, group, out_dtype,
+                                    configs=[cfg])
+            assert y.dtype == out_dtype
+            assert rel(y, ref64) < (1e-5 if out_dtype == torch.float32 else 6e-3)
