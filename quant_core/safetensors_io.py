@@ -343,7 +343,7 @@ class StreamingWriter:
                     os.posix_fallocate(self._fd, 0, total)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                        raise OutputPathError(_disk_full_message(self.path, total)) from None
+                        raise OutputPathError(_disk_full_message(self.path, total, e.errno)) from None
                     os.ftruncate(self._fd, total)  # filesystem without fallocate
             else:
                 os.ftruncate(self._fd, total)
@@ -360,7 +360,8 @@ class StreamingWriter:
                 n = os.pwrite(self._fd, view[pos:], offset + pos)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise OutputPathError(_disk_full_message(self.path, self.data_start + self.data_size)) from None
+                    raise OutputPathError(_disk_full_message(self.path, self.data_start + self.data_size,
+                                                             e.errno)) from None
                 raise OutputPathError(f"writing {self.tmp} failed: {e.strerror}") from None
             pos += n
 
@@ -436,9 +437,12 @@ class StreamingWriter:
         return False
 
 
-def _disk_full_message(path: str, total: int) -> str:
-    return (f"no space left on the device for {path} ({total / 1e9:.2f} GB needed); "
-            "nothing was written -- free some space or choose another output folder")
+def _disk_full_message(path: str, total: int, err: int = errno.ENOSPC) -> str:
+    size = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
+    why = {errno.EFBIG: "the file is larger than the file system or the process's file-size limit allows",
+           errno.EDQUOT: "the disk quota is exceeded"}.get(err, "no space left on the device")
+    return (f"cannot write {path} ({size}): {why}; nothing was written -- free some space or "
+            "choose another output folder")
 
 
 def _fsync_dir(d: str):
