@@ -267,3 +267,79 @@ def test_all_zero_layer_has_no_division_by_zero(tmp_path):
         sd, layers = load_quantized_file(str(out))
         assert bool((layers["z"].qdata == 0).all()) and bool(torch.isfinite(layers["z"].scale).all())
         assert torch.equal(sd["z.weight"], torch.zeros(128, 256)), flags
+
+
+# ------------------------------------------------------------------------------------------------
+# output verification (--verify)
+# ------------------------------------------------------------------------------------------------
+def _lora_for_small_model(path):
+    g = torch.Generator().manual_seed(5)
+    save_file({"lora_unet_blocks_0_attn_qkv.lora_down.weight": torch.randn(4, 64, generator=g) * 0.1,
+               "lora_unet_blocks_0_attn_qkv.lora_up.weight": torch.randn(64, 4, generator=g) * 0.1,
+               "lora_unet_blocks_0_attn_qkv.alpha": torch.tensor(4.0)}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("flags", [[], ["--scaling_mode", "tensor"], ["--scaling_mode", "block", "--block_size", "32"],
+                                   ["--convrot", "--convrot-group-size", "16"], ["--fp16"], ["--merge-lora", "LORA"]],
+                         ids=["row", "tensor", "block", "convrot", "fp16", "lora"])
+def test_verify_recomputes_the_quality_report_from_the_file(tmp_path, capsys, flags):
+    inp = corpus.small_model(tmp_path / "m.safetensors")
+    flags = [_lora_for_small_model(tmp_path / "l.safetensors") if f == "LORA" else f for f in flags]
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    assert cli.main(["-i", inp, "-o", str(out), "--verify", "--report-quality", str(rep), "--verbose", "MINIMAL",
+                     *flags]) == 0, capsys.readouterr().err
+    report = json.loads(rep.read_text())
+    assert report["summary"]["layers_quantized"] == 2
+    if flags and flags[0] == "--merge-lora":  # the LoRA changed the weights the report measures against
+        plain = convert_file(inp, str(tmp_path / "plain.safetensors")).report
+        assert report["layers"]["blocks.0.attn.qkv"]["mse"] != plain.layers["blocks.0.attn.qkv"].mse
+
+
+def test_verify_catches_a_report_that_disagrees_with_the_file(tmp_path, monkeypatch):
+    """A quality number that does not come from the written file fails --verify, and nothing appears."""
+    from convert_to_quant.quant_core import pipeline
+    inp = corpus.small_model(tmp_path / "m.safetensors")
+    real = pipeline._layer_quality
+
+    def off_by_a_bit(*a, **k):
+        lq = real(*a, **k)
+        lq.sqnr_db += 0.01
+        return lq
+
+    monkeypatch.setattr(pipeline, "_layer_quality", off_by_a_bit)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ConvertError, match=r"verification of .*o\.safetensors\.partial failed: layer blocks\.0\.attn\.qkv "
+                                           r"sqnr_db recomputed from the file is [\d.]+, the report says [\d.]+"):
+        convert_file(inp, str(out), ConvertOptions(verify=True))
+    assert not out.exists() and not partial_files(str(tmp_path))
+    convert_file(inp, str(out), ConvertOptions(verify=False))  # unchecked, the wrong number goes through
+    assert out.exists()
+
+
+def test_runner_finish_verifies_and_removes_a_bad_file(tmp_path):
+    """Runners that drive ``ConversionJob`` themselves (multi-GPU) call ``finish`` after their own
+    rename: it verifies the file in place and deletes it when it is wrong."""
+    from convert_to_quant.quant_core.pipeline import ConversionJob
+    inp = corpus.small_model(tmp_path / "m.safetensors")
+    out = tmp_path / "o.safetensors"
+    job = ConversionJob(inp, str(out), ConvertOptions(verify=True))
+    try:
+        writer = job.open_writer()
+        for key in job.order:
+            tensors, layer = job.process(key)
+            for k, v in tensors.items():
+                writer.write(k, v)
+            if layer is not None:
+                job.report.add(*layer)
+        writer.finish()
+        with open(out, "r+b") as f:  # damage one stored integer after the rename
+            f.seek(-1, os.SEEK_END)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([b[0] ^ 1]))
+        with pytest.raises(ConvertError, match=r"verification of .*o\.safetensors failed: checksum of .* differs"):
+            job.finish(writer.checksums)
+    finally:
+        job.close()
+    assert not out.exists()
