@@ -28,8 +28,8 @@ the same rules serve every model size. The facts follow ComfyUI's ``comfy/lora.p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 # ------------------------------------------------------------------------------------------------
 # LoRA key suffixes
@@ -290,7 +290,8 @@ def _sd3_family() -> Family:
     ]
     fused = (
         Fused(j + "x_block.attn.qkv", (t + "attn.to_q", t + "attn.to_k", t + "attn.to_v"), "qkv"),
-        Fused(j + "context_block.attn.qkv", (t + "attn.add_q_proj", t + "attn.add_k_proj", t + "attn.add_v_proj"), "qkv"),
+        Fused(j + "context_block.attn.qkv",
+              (t + "attn.add_q_proj", t + "attn.add_k_proj", t + "attn.add_v_proj"), "qkv"),
         Fused(j + "x_block.attn2.qkv", (t + "attn2.to_q", t + "attn2.to_k", t + "attn2.to_v"), "qkv"),
     )
     return Family("sd3", r"^joint_blocks\.\d+\.x_block\.attn\.qkv$",
@@ -429,7 +430,8 @@ class BaseIndex:
         self.flat: Dict[str, List[_Entry]] = {}
         self.slots: Set[str] = set()
         self.families: Dict[str, str] = {}  # family name -> "orig" | "alt"
-        modules: Dict[str, Tuple[str, Optional[str], Optional[str], str]] = {}  # canonical -> (full, kind, slot, weight key)
+        # canonical module name -> (full module name, kind, slot, weight key)
+        modules: Dict[str, Tuple[str, Optional[str], Optional[str], str]] = {}
         for key in self.shapes:
             canon, kind, slot = canonical_base_name(key)
             if slot:

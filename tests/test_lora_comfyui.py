@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from convert_to_quant.quant_core.lora import LoraMerger
-from convert_to_quant.quant_core.lora_keys import flat
 from convert_to_quant.quant_core.safetensors_io import load_file, save_file
 
 pytestmark = pytest.mark.comfyui
@@ -214,7 +213,8 @@ def test_merged_weights_and_outputs_match_stock_comfyui_lora(tmp_path):
             merger = LoraMerger.from_files(paths, strengths)
             report = merger.bind({k: (v.dtype, tuple(v.shape)) for k, v in base.items()})
             assert report.unmatched == [], (name, report.unmatched)
-            assert all(f.matched == f.modules for f in report.files), (name, [(f.matched, f.modules) for f in report.files])
+            assert all(f.matched == f.modules for f in report.files), \
+                (name, [(f.matched, f.modules) for f in report.files])
             merged = {k: merger.apply(k, v).contiguous() for k, v in base.items()}
             assert merger.pending() == []
             mpath = str(tmp_path / f"{name}_merged.safetensors")
