@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from . import presets as presets_mod
-from .errors import PlanError
+from .errors import PlanError, UnsupportedInputError
 from .formats import FP16, FormatSpec, get_format, make_spec, resolve_fit
 from .safetensors_io import DTYPES, FLOAT_DTYPES, OutputEntry, TensorInfo, itemsize
 
@@ -253,6 +253,7 @@ class ConversionPlan:
                     entries.append(e)
             else:
                 entries.append(OutputEntry(key, info.dtype, info.shape))
+        _refuse_colliding_keys(entries, self)
         return entries
 
     def estimate(self) -> Dict[str, int]:
@@ -271,6 +272,23 @@ class ConversionPlan:
             why = lp.reason + (f"; fallback: {lp.fallback_reason}" if lp.fallback_reason else "")
             rows.append(f"{lp.base:<60} {shape:>16}  {lp.describe():<28} {why}")
         return "\n".join(rows)
+
+
+def _refuse_colliding_keys(entries: List[OutputEntry], plan: "ConversionPlan"):
+    """A hostile or half-converted input can hold a tensor named like one a quantized layer writes
+    (``x.weight_scale`` next to a float ``x.weight``): say so instead of failing on a duplicate key."""
+    seen = set()
+    for e in entries:
+        if e.key in seen:
+            layer = next((lp for lp in plan.layers.values() if lp.spec is not None and e.key.startswith(lp.base + ".")),
+                         None)
+            what = f"quantizing layer {layer.base!r} ({layer.describe()}) writes one too" if layer else \
+                "a conversion step writes one too"
+            raise UnsupportedInputError(
+                f"output tensor {e.key!r} would be written twice: the input already has a tensor of that name "
+                f"and {what}. Is the input partly quantized? Keep that layer with --exclude-layers, or "
+                "convert the original float model")
+        seen.add(e.key)
 
 
 def is_candidate(info: TensorInfo) -> bool:

@@ -318,6 +318,18 @@ def _(d):
     return _io(d, str(d / "fifo.safetensors"))
 
 
+@hostile("input_symlink_to_a_device", E.UnsupportedInputError, r"zero\.safetensors: not a regular file")
+def _(d):
+    os.symlink("/dev/zero", d / "zero.safetensors")  # reading it would never end
+    return _io(d, str(d / "zero.safetensors"))
+
+
+@hostile("output_key_collision", E.UnsupportedInputError,
+         r"output tensor 'blocks\.0\.attn\.qkv\.weight_scale' would be written twice: the input already has")
+def _(d):
+    return _io(d, small_model(d / "m.safetensors", extra={"blocks.0.attn.qkv.weight_scale": torch.ones(64, 1)}))
+
+
 @hostile("input_missing", E.UnsupportedInputError, r"nothere\.safetensors: no such file")
 def _(d):
     return _io(d, str(d / "nothere.safetensors"))
