@@ -612,14 +612,13 @@ class LoraMerger:
                    dampen=dampen, strict=strict)
 
     # --- validation against a base model --------------------------------------------------------
-    def bind(self, base_infos: Mapping[str, Any], kept: Optional[Union[Iterable[str], Callable[[str], bool]]] = None,
-             keep_high_precision=None) -> MergeReport:
+    def bind(self, base_infos: Mapping[str, Any],
+             kept: Optional[Union[Iterable[str], Callable[[str], bool]]] = None) -> MergeReport:
         """Match every LoRA module to the base model described by ``base_infos`` (key -> (dtype, shape),
         a ``TensorInfo`` or a tensor) and validate every shape. Raises ``LoRAError`` (nothing merged,
         nothing written) for structural problems, shape mismatches, a file that matches nothing, or
         -- with ``strict`` -- any LoRA key that matches nothing. ``kept``: weight keys (or a predicate)
         the conversion keeps in high precision; they are merged too and listed in the report."""
-        kept = kept if kept is not None else keep_high_precision
         shapes: Dict[str, Tuple[int, ...]] = {}
         dtypes: Dict[str, Optional[torch.dtype]] = {}
         for k, v in base_infos.items():

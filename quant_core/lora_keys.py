@@ -52,6 +52,8 @@ _SUFFIX_RULES: Tuple[Tuple[str, str], ...] = (
     (r"\.lora_linear_layer\.down\.weight", "down"),
     (r"\.lora_B", "up"),  # Mochi's trainer: no ".weight"
     (r"\.lora_A", "down"),
+    (r"\.up\.weight", "up"),  # XLabs / USO Flux LoRAs: "...processor.qkv_lora1.up.weight"
+    (r"\.down\.weight", "down"),
     (r"\.alpha", "alpha"),
     (r"\.dora_scale", "dora_scale"),
     (r"\.lora_magnitude_vector" + _ADAPTER + r"(?:\.weight)?", "dora_magnitude"),
@@ -224,7 +226,10 @@ def _flux_family() -> Family:
         ("linear2", "proj_out"), ("modulation.lin", "norm.linear"),
         # Flux.2 keeps q, k, v and the MLP fused in diffusers too
         ("linear2", "attn.to_out"), ("linear1", "attn.to_qkv_mlp_proj"),
-    ]) + [Rename(a, b) for a, b in (
+    ]) + _block(d, d, [  # XLabs / USO processor LoRAs ("double_blocks.N.processor.qkv_lora1.up.weight")
+        ("img_attn.qkv", "processor.qkv_lora1"), ("txt_attn.qkv", "processor.qkv_lora2"),
+        ("img_attn.proj", "processor.proj_lora1"), ("txt_attn.proj", "processor.proj_lora2"),
+    ]) + _block(s, s, [("linear2", "processor.proj")]) + [Rename(a, b) for a, b in (
         ("img_in", "x_embedder"), ("txt_in", "context_embedder"),
         ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
         ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
@@ -249,6 +254,7 @@ def _flux_family() -> Family:
         Fused(d + "txt_attn.qkv", (td + "attn.add_q_proj", td + "attn.add_k_proj", td + "attn.add_v_proj"), "qkv"),
         Fused(s + "linear1", (ts + "attn.to_q", ts + "attn.to_k", ts + "attn.to_v", ts + "proj_mlp"), "qkv_mlp"),
         Fused(s + "linear1", (s + "linear1_qkv",), "first3"),  # ComfyUI's name for the q/k/v rows (USO LoRAs)
+        Fused(s + "linear1", (s + "processor.qkv",), "first3"),  # USO's own name ("processor.qkv_lora.up")
     )
     return Family("flux", r"^(double_blocks\.\d+\.img_attn\.qkv|single_blocks\.\d+\.linear1)$",
                   (r"^single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_qkv_mlp_proj|proj_mlp)$",),

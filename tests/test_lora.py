@@ -789,3 +789,25 @@ def test_unsupported_and_reshaping_loras_name_the_reason():
     with pytest.raises(LoRAError, match="several PEFT adapters"):
         _merge(base, [{"img_in.lora_A.one.weight": _rand(2, 16), "img_in.lora_B.one.weight": _rand(8, 2),
                        "x.lora_A.two.weight": _rand(2, 16), "x.lora_B.two.weight": _rand(8, 2)}])
+
+
+def test_xlabs_uso_processor_lora_float64():
+    """XLabs / USO Flux LoRAs: "double_blocks.N.processor.qkv_lora1.down.weight" (img qkv), qkv_lora2
+    (txt), proj_lora1/2, and USO's single-block "processor.qkv_lora" (q/k/v rows of linear1) and
+    "processor.proj_lora" (linear2); no alpha (scale 1), as ComfyUI converts them."""
+    h = 8
+    base = _flux_base(h)
+    specs = {"double_blocks.0.processor.qkv_lora1": ("double_blocks.0.img_attn.qkv.weight", 0, 3 * h),
+             "double_blocks.0.processor.qkv_lora2": ("double_blocks.0.txt_attn.qkv.weight", 0, 3 * h),
+             "double_blocks.0.processor.proj_lora1": ("double_blocks.0.img_attn.proj.weight", 0, h),
+             "single_blocks.0.processor.qkv_lora": ("single_blocks.0.linear1.weight", 0, 3 * h),
+             "single_blocks.0.processor.proj_lora": ("single_blocks.0.linear2.weight", 0, h)}
+    lora, ref = {}, {k: v.double().clone() for k, v in base.items()}
+    for n, (name, (key, row0, rows)) in enumerate(specs.items()):
+        b, a = _lora_pair(rows, base[key].shape[1], 2, seed=n)
+        lora[f"{name}.down.weight"], lora[f"{name}.up.weight"] = a, b
+        ref[key][row0:row0 + rows] += 0.9 * (b.double() @ a.double())
+    merged, rep, _ = _merge(base, [lora], 0.9)
+    assert rep.matched_modules == len(specs) and rep.unmatched == []
+    for k in base:
+        assert float((merged[k].double() - ref[k]).abs().max()) < 1e-5, k
