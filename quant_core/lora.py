@@ -677,9 +677,13 @@ class LoraMerger:
                     if mod.bias_delta() is not None:
                         by_key.setdefault(tgt.bias_key, []).append(_Contribution(fi, mod, tgt, lf.strength, True))
             if fr.matched == 0 and not lf.problems:
-                listed = [m for m in lf.modules][:5]
-                errors.append(f"{lf.name}: none of its {len(lf.modules)} modules matches a layer of this model "
-                              f"(e.g. {', '.join(listed)}); is it a LoRA for another model?")
+                if lf.modules:
+                    listed = [m for m in lf.modules][:5]
+                    errors.append(f"{lf.name}: none of its {len(lf.modules)} modules matches a layer of this model "
+                                  f"(e.g. {', '.join(listed)}); is it a LoRA for another model?")
+                else:
+                    errors.append(f"{lf.name}: holds no LoRA tensors this merger knows (keys like "
+                                  f"{', '.join(lf.unrecognized[:5])})")
             if self.strict and fr.unmatched:
                 errors += [f"{lf.name}: {u} (strict mode)" for u in fr.unmatched]
 
@@ -702,9 +706,12 @@ class LoraMerger:
         dshape = mod.delta_shape()
         for tgt in targets:
             dt = dtypes.get(tgt.key)
-            if dt is not None and not dt.is_floating_point:
+            if isinstance(dt, torch.dtype) and not dt.is_floating_point:
                 return f"base tensor {tgt.key} is {dt}, not a float weight (already quantized?)"
-            if dshape is not None:
+            if dshape is not None and (len(dshape) == 0 or len(tgt.shape) == 0):
+                if tgt.rows is not None or tgt.src_rows is not None or math.prod(dshape) != math.prod(tgt.shape):
+                    return f"shape mismatch: the LoRA delta is {list(dshape)} but {tgt.key} is {list(tgt.shape)}"
+            elif dshape is not None:
                 want_rows = tgt.expected_delta_rows
                 slice_shape = tgt.slice_shape
                 want_numel = math.prod(slice_shape) if tgt.src_rows is None else \
@@ -781,9 +788,14 @@ class LoraMerger:
         return [k for k in self._by_key if k not in self._applied]
 
     def _delta(self, mod: LoraModule) -> torch.Tensor:
-        if self._cache[0] != id(mod):
-            self._cache = (id(mod), mod.weight_delta())
-        return self._cache[1]
+        # one-entry cache: a LoRA on a fused weight of an original-layout model is split over several
+        # separate weights, each needing the same product; reads a snapshot so threads never mix deltas
+        cached_id, cached = self._cache
+        if cached_id == id(mod):
+            return cached
+        d = mod.weight_delta()
+        self._cache = (id(mod), d)
+        return d
 
     def apply(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` with every LoRA delta for ``key`` merged, as a new float32 tensor; ``tensor``

@@ -811,3 +811,13 @@ def test_xlabs_uso_processor_lora_float64():
     assert rep.matched_modules == len(specs) and rep.unmatched == []
     for k in base:
         assert float((merged[k].double() - ref[k]).abs().max()) < 1e-5, k
+
+
+def test_scalar_parameters_and_files_without_lora_tensors():
+    base = {"x.weight": _rand(4, 4), "logit_scale": torch.tensor(2.0)}
+    merged, rep, _ = _merge(base, [{"logit_scale.diff": torch.tensor(0.25)}], 2.0)
+    assert float(merged["logit_scale"]) == 2.5 and rep.changed_keys == ["logit_scale"]
+    with pytest.raises(LoRAError, match="shape mismatch"):
+        _merge(base, [{"logit_scale.diff": torch.ones(2)}])
+    with pytest.raises(LoRAError, match="holds no LoRA tensors this merger knows"):
+        _merge(base, [{"model.layers.0.weight": _rand(4, 4)}])
