@@ -821,3 +821,27 @@ def test_scalar_parameters_and_files_without_lora_tensors():
         _merge(base, [{"logit_scale.diff": torch.ones(2)}])
     with pytest.raises(LoRAError, match="holds no LoRA tensors this merger knows"):
         _merge(base, [{"model.layers.0.weight": _rand(4, 4)}])
+
+
+@pytest.mark.parametrize("metadata,want_scales", [
+    # diffusers pipeline save_lora_weights: one config per component, keys prefixed "transformer."
+    ({"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
+                                           "transformer.alpha_pattern": {"attn.to_k": 2}})}, (2.0, 0.5)),
+    # kohya's training metadata (used only when a module has no .alpha tensor)
+    ({"ss_network_alpha": "1", "ss_network_dim": "4"}, (0.25, 0.25)),
+    # nothing: alpha = rank
+    ({}, (1.0, 1.0)),
+])
+def test_alpha_from_metadata_forms(metadata, want_scales):
+    h, r = 8, 4
+    base = _flux_base(h, single=False)
+    lora = {}
+    for part in ("to_q", "to_k"):
+        b, a = _lora_pair(h, h, r, seed=len(lora))
+        lora[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"] = a
+        lora[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"] = b
+    m = LoraMerger.from_state_dicts([lora], metadata=[metadata])
+    m.bind(_infos(base))
+    mods = m.files[0].modules
+    got = tuple(mods[f"transformer.transformer_blocks.0.attn.{p}"].scale for p in ("to_q", "to_k"))
+    assert got == want_scales
