@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Dict, List
 
+import torch
+
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -19,8 +21,8 @@ import folder_paths
 from ..quant_core.errors import ConvertError, PlanError
 from ..quant_core.formats import FORMATS, make_spec
 from ..quant_core.optimizers import OPTIMIZERS
-from ..quant_core.paths import publish_file, resolve_inside
-from ..quant_core.pipeline import ConversionJob, ConvertOptions
+from ..quant_core.paths import publish_file
+from ..quant_core.pipeline import ConversionJob, ConvertOptions, output_path_in_folder
 from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
 from ..quant_core.presets import all_presets, detect_family
 from ..quant_core.safetensors_io import SafetensorsReader
@@ -241,19 +243,21 @@ class QuantQuantize:
             extra_metadata={"convert_to_quant.source": os.path.basename(weights.path)})
         tmp = new_temp_path(folder_paths.get_output_directory())
         messages: List[str] = []
-        job = ConversionJob(weights.path, tmp, opts, log=messages.append)
-        try:
-            total = max(len(job.plan.quantized_layers()), 1)
-            bar = comfy.utils.ProgressBar(total)
-            result = job.run(progress=lambda done, n, name: bar.update_absolute(done, n),
-                             check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
-        except BaseException:
-            for p in (tmp, tmp + ".partial"):
-                if os.path.exists(p):
-                    os.unlink(p)
-            raise
-        finally:
-            job.close()
+        # ComfyUI runs nodes under torch.inference_mode(); the learned-rounding optimizers need autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            job = ConversionJob(weights.path, tmp, opts, log=messages.append)
+            try:
+                total = max(len(job.plan.quantized_layers()), 1)
+                bar = comfy.utils.ProgressBar(total)
+                result = job.run(progress=lambda done, n, name: bar.update_absolute(done, n),
+                                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
+            except BaseException:
+                for p in (tmp, tmp + ".partial"):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                raise
+            finally:
+                job.close()
         for m in messages:
             log.info("convert_to_quant: %s", m)
         settings = {"format": plan_opts.spec.describe(), "preset": preset, "optimizer": optimizer,
@@ -337,7 +341,7 @@ class QuantSave:
 
     def save(self, quantized: QuantizedFile, folder: str, filename: str, overwrite: bool, save_report: bool):
         base = save_folder(folder)
-        path = resolve_inside(base, filename, suffix=".safetensors")
+        path = output_path_in_folder(base, filename)
         if not quantized.exists():
             raise ConvertError("the quantized temporary file is gone (output directory cleaned?); "
                                "run Quantize again")

@@ -23,7 +23,7 @@ from ..quant_core.loading import quant_layer_configs
 from ..quant_core.model_quant import plan_for_tensors, quantize_tensors
 from ..quant_core.plan import PlanOptions
 from ..quant_core.safetensors_io import SafetensorsReader
-from .ops import QuantOps, quant_linears
+from .ops import QuantOps, consumed_quant_layers, quant_linears
 from .patcher import QuantModelPatcher, as_quant_patcher
 
 log = logging.getLogger("convert_to_quant")
@@ -45,6 +45,18 @@ def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]
     return sd, cfgs
 
 
+def check_all_consumed(path: str, cfgs: Dict[str, dict], model: torch.nn.Module):
+    """Every quantized tensor of the file must have been taken by a layer that understands it; a layer
+    type that silently loaded int8 integers as weights would compute garbage."""
+    consumed = consumed_quant_layers(model)
+    if len(consumed) >= len(cfgs):
+        return
+    unused = [b for b in cfgs if not any(b == n or b.endswith("." + n) or n.endswith("." + b) for n in consumed)]
+    raise ConvertError(f"{path}: {len(cfgs) - len(consumed)} quantized layer(s) did not land on a layer that "
+                       f"can use them (wrong architecture, or a layer type our loader cannot run int8): "
+                       f"{', '.join(unused[:8])}")
+
+
 def load_diffusion_model(path: str, dtype: Optional[torch.dtype] = None) -> QuantModelPatcher:
     sd, cfgs = read_state_dict(path)
     options = {"custom_operations": QuantOps}
@@ -53,16 +65,14 @@ def load_diffusion_model(path: str, dtype: Optional[torch.dtype] = None) -> Quan
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
     if patcher is None:
         raise ConvertError(f"{path}: ComfyUI could not detect the model architecture from its weights")
+    check_all_consumed(path, cfgs, patcher.model)
     n = len(quant_linears(patcher.model))
-    if cfgs and n == 0:
-        raise ConvertError(f"{path}: none of the {len(cfgs)} quantized layers matched a Linear of the "
-                           "detected model (keys do not fit the architecture?)")
     log.info("convert_to_quant: %s: %d int8 Linear layers", path, n)
     return as_quant_patcher(patcher)
 
 
 def load_text_encoder(path: str, clip_type, dtype: Optional[torch.dtype] = None, embedding_directory=None):
-    sd, _ = read_state_dict(path)
+    sd, cfgs = read_state_dict(path)
     options = {"custom_operations": QuantOps,
                "initial_device": comfy.model_management.text_encoder_offload_device()}
     if dtype is not None:
@@ -71,6 +81,7 @@ def load_text_encoder(path: str, clip_type, dtype: Optional[torch.dtype] = None,
                                                   embedding_directory=embedding_directory)
     if clip is None:
         raise ConvertError(f"{path}: ComfyUI could not detect the text encoder type from its weights")
+    check_all_consumed(path, cfgs, clip.cond_stage_model)
     clip.patcher = as_quant_patcher(clip.patcher)
     return clip
 

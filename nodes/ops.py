@@ -228,6 +228,28 @@ class QuantLinearMixin:
         return y
 
 
+class DequantizeOnLoadMixin:
+    """For layer types our kernels do not run (embedding tables): a quantized weight is dequantized once
+    at load into the dtype the layer was built with, so a file that quantized them still loads right."""
+
+    dequantized_from: Optional[str] = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        cq = state_dict.get(prefix + "comfy_quant")
+        if cq is not None and prefix + "weight" in state_dict:
+            cfg = parse_comfy_quant(cq, where=prefix + "comfy_quant")
+            parts = {k[len(prefix):]: v for k, v in state_dict.items()
+                     if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
+            qw = quantized_weight_from_tensors(prefix[:-1], cfg, parts)
+            dtype = self.weight.dtype if self.weight is not None and self.weight.is_floating_point() else torch.float32
+            state_dict = {k: v for k, v in state_dict.items() if k not in (prefix + "weight_scale", prefix + "comfy_quant")}
+            state_dict[prefix + "weight"] = get_format(qw.format).dequantize(qw).to(dtype)
+            self.dequantized_from = qw.format
+        return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                             unexpected_keys, error_msgs)
+
+
 class QuantOps(comfy.ops.manual_cast):
     """``custom_operations`` for diffusion models and text encoders with int8 Linear layers."""
 
@@ -242,6 +264,18 @@ class QuantOps(comfy.ops.manual_cast):
             if self.quant_spec is not None:
                 return self.forward_quantized(*args, **kwargs)
             return super().forward(*args, **kwargs)
+
+
+    class Embedding(DequantizeOnLoadMixin, comfy.ops.manual_cast.Embedding):
+        pass
+
+
+def consumed_quant_layers(model: torch.nn.Module) -> List[str]:
+    """Names of the modules that took a quantized weight from the state dict (int8 Linear layers and
+    layers dequantized at load)."""
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, QuantLinearMixin) and m.is_quantized)
+            or (isinstance(m, DequantizeOnLoadMixin) and m.dequantized_from is not None)]
 
 
 def quant_linears(model: torch.nn.Module):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from aiohttp import web
 
@@ -27,9 +28,11 @@ async def inspect(request: web.Request) -> web.Response:
 
 
 def register_routes():
-    from server import PromptServer
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:  # imported outside a running server (tools, tests)
+    # only when ComfyUI's server is running (main.py imports it before custom nodes); importing server
+    # here would start pulling the whole web app into tools and tests
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
         return False
     instance.routes.get(ROUTE)(inspect)
     return True

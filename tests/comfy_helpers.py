@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -228,7 +229,8 @@ def read_latent(path: str) -> torch.Tensor:
 
 def latest_latent(output_dir: str, prefix: str) -> str:
     d = os.path.join(output_dir, "latents")
-    names = sorted(n for n in os.listdir(d) if n.startswith(prefix) and n.endswith(".latent"))
+    rx = re.compile(re.escape(prefix) + r"_\d+_\.latent")
+    names = sorted(n for n in os.listdir(d) if rx.fullmatch(n))
     if not names:
         raise FileNotFoundError(f"no latent {prefix}* in {d}")
     return os.path.join(d, names[-1])

@@ -1,0 +1,238 @@
+"""The node pack inside a real ComfyUI server, driven through its HTTP API like users and API clients do.
+
+Model: a small generated Wan 2.1 T2V (dim 256, 2 blocks, ffn 512) that ComfyUI's own model detection
+recognises from its weights; it has a 5-D patch-embedding conv that must pass through unchanged.
+Skipped unless COMFYUI_DIR / COMFYUI_PYTHON point at a ComfyUI checkout and its python.
+"""
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from comfy_helpers import (OUR_NODES, SKIP_REASON, ComfyServer, PromptRejected, comfy_env,  # noqa: E402
+                           execution_error, latest_latent, read_latent, rel_err, sample_nodes, save_tensors,
+                           status_messages, ui_outputs, wan21_lora, wan21_state_dict)
+
+from convert_to_quant.quant_core.loading import read_quantized_layers  # noqa: E402
+from convert_to_quant.quant_core.safetensors_io import SafetensorsReader  # noqa: E402
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfy_env() is None, reason=SKIP_REASON)]
+
+MODEL = "wan_tiny.safetensors"
+LORA = "wan_lora.safetensors"
+INT8 = "ctq/wan_tiny_int8.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy"))
+    save_tensors(os.path.join(base, "models", "diffusion_models", MODEL), wan21_state_dict())
+    save_tensors(os.path.join(base, "models", "loras", LORA), wan21_lora())
+    srv = ComfyServer(base)
+    yield srv
+    srv.stop()
+
+
+def quantize_node(weights_ref, **kw):
+    inputs = {"weights": weights_ref, "format": "int8_tensorwise", "scaling": "axis", "block_size": 128,
+              "convrot": False, "convrot_group_size": "256", "preset": "auto", "optimizer": "rtn",
+              "num_iter": 10, "lr": 0.01, "device": "cpu"}
+    inputs.update(kw)
+    return {"class_type": "QuantQuantize", "inputs": inputs}
+
+
+def convert_prompt(filename, overwrite=False, **quant):
+    return {"1": {"class_type": "QuantLoadWeights", "inputs": {"weights": f"diffusion_models/{MODEL}"}},
+            "2": quantize_node(["1", 0], **quant),
+            "3": {"class_type": "QuantQualityReport", "inputs": {"quantized": ["2", 0]}},
+            "4": {"class_type": "QuantSave", "inputs": {"quantized": ["2", 0], "folder": "diffusion_models",
+                                                        "filename": filename, "overwrite": overwrite,
+                                                        "save_report": True}}}
+
+
+def ok(entry):
+    err = execution_error(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(err or status_messages(entry))[:3000]
+    return entry
+
+
+@pytest.fixture(scope="module")
+def converted(server):
+    """convert -> report -> save through POST /prompt (shared by the tests that need the int8 file)."""
+    entry = ok(server.run(convert_prompt(INT8)))
+    return entry
+
+
+def test_object_info_lists_every_node(server):
+    info = server.get("/object_info")
+    missing = [n for n in OUR_NODES if n not in info]
+    assert not missing, f"not registered: {missing}"
+    q = info["QuantQuantize"]["input"]
+    assert "int8_blockwise" in q["required"]["format"][0] and "auto" in q["required"]["preset"][0]
+    assert "calibration" in q["optional"]
+    assert f"diffusion_models/{MODEL}" in info["QuantLoadWeights"]["input"]["required"]["weights"][0]
+
+
+def test_convert_report_save(server, converted):
+    path = server.models("diffusion_models", *INT8.split("/"))
+    assert os.path.isfile(path)
+    # the quality report node: summary text, per-layer rows for the web widget
+    ui = ui_outputs(converted, "3")
+    assert "layers quantized: 20" in ui["text"][0]
+    rep = ui["quant_report"][0]
+    rows = {r[0]: dict(zip(rep["columns"], r)) for r in rep["rows"]}
+    assert rows["blocks.0.self_attn.q"]["quantized"] and rows["blocks.0.self_attn.q"]["sqnr_db"] > 35
+    assert not rows["text_embedding.0"]["quantized"]  # the wan preset (auto) keeps embeddings
+    # the file: int8 layers readable the way a loader reads them; the 5-D conv copied unchanged
+    src = wan21_state_dict()
+    with SafetensorsReader(path) as r:
+        layers, others = read_quantized_layers(r)
+        assert len(layers) == 20 and all(q.qdata.dtype == torch.int8 for q in layers.values())
+        conv = r.get("patch_embedding.weight")
+    assert conv.dim() == 5 and torch.equal(conv, src["patch_embedding.weight"])
+    assert torch.equal(others["text_embedding.0.weight"], src["text_embedding.0.weight"])
+    # report files next to it; no temporary file left besides the cached conversion
+    assert os.path.isfile(path[:-len(".safetensors")] + "_quality.json")
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".partial")]
+
+
+def _latent(server, prefix):
+    return read_latent(latest_latent(server.output(), prefix))
+
+
+def test_load_quantized_and_sample_close_to_float(server, converted):
+    prompt = {"10": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+              "20": {"class_type": "QuantDiffusionModelLoader",
+                     "inputs": {"unet_name": INT8, "compute_dtype": "default"}}}
+    prompt.update(sample_nodes(["10", 0], "float", start=100))
+    prompt.update(sample_nodes(["20", 0], "int8", start=200))
+    prompt.update(sample_nodes(["10", 0], "float_seed8", seed=8, start=300))
+    ok(server.run(prompt))
+    ref, q, other = _latent(server, "float"), _latent(server, "int8"), _latent(server, "float_seed8")
+    assert ref.shape == (1, 16, 1, 8, 8)
+    err = rel_err(q, ref)
+    # int8 (W8A8) output is within a few % of the float model; a different seed is ~100% away
+    assert err < 0.05, err
+    assert rel_err(other, ref) > 10 * err
+
+
+def test_stock_lora_loader_on_int8_model_matches_float_lora(server, converted):
+    lora = {"lora_name": LORA, "strength_model": 1.0}
+    prompt = {"10": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+              "11": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["10", 0], **lora}},
+              "20": {"class_type": "QuantDiffusionModelLoader", "inputs": {"unet_name": INT8,
+                                                                           "compute_dtype": "default"}},
+              "21": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["20", 0], **lora}}}
+    prompt.update(sample_nodes(["10", 0], "nolora", start=100))
+    prompt.update(sample_nodes(["11", 0], "floatlora", start=200))
+    prompt.update(sample_nodes(["21", 0], "int8lora", start=300))
+    ok(server.run(prompt))
+    ref, ref_lora, q_lora = _latent(server, "nolora"), _latent(server, "floatlora"), _latent(server, "int8lora")
+    effect, err = rel_err(ref_lora, ref), rel_err(q_lora, ref_lora)
+    assert err < 0.05 and effect > 5 * err, (err, effect)
+
+
+def test_merge_lora_then_quantize_matches_runtime_lora(server):
+    prompt = {"1": {"class_type": "QuantLoadWeights", "inputs": {"weights": f"diffusion_models/{MODEL}"}},
+              "5": {"class_type": "QuantMergeLoRA", "inputs": {"weights": ["1", 0], "lora_1": LORA,
+                                                               "strength_1": 1.0}},
+              "2": quantize_node(["5", 0]),
+              "4": {"class_type": "QuantSave", "inputs": {"quantized": ["2", 0], "folder": "diffusion_models",
+                                                          "filename": "ctq/wan_merged_int8", "overwrite": True,
+                                                          "save_report": False}}}
+    ok(server.run(prompt))
+    assert os.path.isfile(server.models("diffusion_models", "ctq", "wan_merged_int8.safetensors"))
+    prompt = {"10": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+              "11": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["10", 0], "lora_name": LORA,
+                                                                     "strength_model": 1.0}},
+              "20": {"class_type": "QuantDiffusionModelLoader",
+                     "inputs": {"unet_name": "ctq/wan_merged_int8.safetensors", "compute_dtype": "default"}}}
+    prompt.update(sample_nodes(["11", 0], "mlref", start=100))
+    prompt.update(sample_nodes(["20", 0], "merged", start=200))
+    ok(server.run(prompt))
+    assert rel_err(_latent(server, "merged"), _latent(server, "mlref")) < 0.05
+
+
+def test_on_the_fly_quantize(server):
+    prompt = {"10": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+              "11": {"class_type": "QuantizeModelOnTheFly",
+                     "inputs": {"model": ["10", 0], "format": "int8_tensorwise", "convrot": True,
+                                "convrot_group_size": "256", "block_size": 128, "preset": "auto"}}}
+    prompt.update(sample_nodes(["10", 0], "otf_ref", start=100))
+    prompt.update(sample_nodes(["11", 0], "otf_q", start=200))
+    ok(server.run(prompt))
+    assert rel_err(_latent(server, "otf_q"), _latent(server, "otf_ref")) < 0.05
+
+
+@pytest.mark.parametrize("name, why", [("../escape", "'..'"), ("ctq/../../escape", "'..'"),
+                                       ("/tmp/ctq_escape", "absolute"), ("bad\x00name", "NUL")])
+def test_save_refuses_names_that_escape(server, converted, name, why):
+    entry = server.run(convert_prompt(name))
+    err = execution_error(entry)
+    assert entry["status"]["status_str"] == "error" and err is not None
+    assert err["node_type"] == "QuantSave" and why in err["exception_message"], err["exception_message"]
+    models = server.models()
+    assert not os.path.exists(os.path.join(models, "escape.safetensors"))
+    assert not os.path.exists(os.path.join(server.base, "escape.safetensors"))
+    assert not os.path.exists("/tmp/ctq_escape.safetensors")
+
+
+def test_save_refuses_to_overwrite_unless_asked(server, converted):
+    path = server.models("diffusion_models", *INT8.split("/"))
+    before = os.stat(path).st_mtime_ns
+    entry = server.run(convert_prompt(INT8, quality_threshold=29.0))
+    err = execution_error(entry)
+    assert err is not None and "already exists" in err["exception_message"]
+    assert os.stat(path).st_mtime_ns == before
+    ok(server.run(convert_prompt(INT8, overwrite=True, quality_threshold=29.0)))
+
+
+def test_cancel_mid_conversion_leaves_no_file(server):
+    """/interrupt during a slow (learned-rounding) conversion: the prompt stops at the next layer boundary,
+    no partial or temporary file remains and nothing is saved."""
+    tmp_dir = server.output(".convert_to_quant_tmp")
+    before = set(os.listdir(tmp_dir)) if os.path.isdir(tmp_dir) else set()
+    target = server.models("diffusion_models", "ctq", "cancelled.safetensors")
+    pid = server.queue(convert_prompt("ctq/cancelled", optimizer="original", num_iter=40))
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        now = set(os.listdir(tmp_dir)) if os.path.isdir(tmp_dir) else set()
+        if any(n.endswith(".partial") for n in now - before):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the conversion never started writing")
+    time.sleep(0.5)  # inside the conversion (20 layers of learned rounding)
+    t_int = time.time()
+    server.interrupt()
+    entry = server.wait(pid, timeout=120)
+    stop_seconds = time.time() - t_int
+    kinds = [k for k, _ in status_messages(entry)]
+    assert "execution_interrupted" in kinds, kinds
+    assert not os.path.exists(target)
+    leftovers = set(os.listdir(tmp_dir)) - before
+    assert not leftovers, leftovers
+    assert stop_seconds < 30, stop_seconds
+
+
+def test_inspect_route(server):
+    status, info = server.request("GET", f"/convert_to_quant/inspect?weights=diffusion_models/{MODEL}")
+    assert status == 200, info
+    assert info["family"] == "wan" and info["linear_layers"] == 26 and info["layers_to_quantize"] == 20
+    assert info["size_bytes"] == os.path.getsize(server.models("diffusion_models", MODEL))
+    status, info = server.request("GET", "/convert_to_quant/inspect?weights=diffusion_models/../../etc/passwd")
+    assert status == 400 and "no such file" in info["error"]
+
+
+def test_quantize_errors_are_clear(server):
+    bad = convert_prompt("ctq/never", layer_config="{not json")
+    entry = server.run(bad)
+    err = execution_error(entry)
+    assert err["node_type"] == "QuantQuantize" and "layer_config is not valid JSON" in err["exception_message"]
+    with pytest.raises(PromptRejected):
+        server.queue({"1": {"class_type": "QuantLoadWeights", "inputs": {"weights": "diffusion_models/nope"}}})
+    assert not os.path.exists(server.models("diffusion_models", "ctq", "never.safetensors"))
