@@ -30,7 +30,7 @@ from convert_to_quant.quant_core.loading import load_quantized_file  # noqa: E40
 from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file  # noqa: E402
 from convert_to_quant.quant_core.safetensors_io import SafetensorsReader, save_file  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize="FUZZ_SEED" not in os.environ,
                 suppress_health_check=list(HealthCheck), database=None)
 
