@@ -653,6 +653,13 @@ def _(d):
                  cli=["--calibration-data", p], options={"calibration_data": p}, watch=[p])
 
 
+@hostile("calibration_lora_pickle", E.UnsupportedInputError, r"dirs\.ckpt: pickle checkpoints .* Convert it to \.safetensors")
+def _(d):
+    p = evil_pickle(d / "dirs.ckpt")
+    return Setup(input=small_model(d / "m.safetensors"), output=str(d / "out.safetensors"),
+                 cli=["--calibration-lora", p], options={"optimizer_options": {"calibration_lora": p}}, watch=[p])
+
+
 # ------------------------------------------------------------------------------------------------
 # unusual but valid inputs: they must convert, and the result is checked
 # ------------------------------------------------------------------------------------------------
