@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from .errors import ConversionCancelled, ConvertError, PlanError
+from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError
 from .formats import FORMATS, make_spec
 from .presets import all_presets
 
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("smoothquant-alpha"), type=float, default=0.5)
     g.add_argument(*_both("calibration-data"), metavar="FILE",
                    help="calibration statistics (.safetensors) captured from real forward passes")
-    g.add_argument(*_both("calibration-lora"), metavar="FILE")
+    g.add_argument(*_both("calibration-lora"), metavar="FILE",
+                   help="weight the optimizer objective by this LoRA's input directions (see docs/OPTIMIZERS.md)")
+    g.add_argument(*_both("calibration-lora-weight"), type=float, default=1.0,
+                   help="weight of the LoRA term relative to the activation (or weight-only) objective")
     g.add_argument(*_both("static-activations"), action="store_true")
     g.add_argument(*_both("bias-correction"), action="store_true",
                    help="correct biases with the calibration activation mean")
@@ -135,15 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("memory")
     g.add_argument(*_both("low-memory"), action="store_true",
-                   help="stream one tensor at a time with minimal buffering (peak RAM ~ largest layer)")
+                   help="one tensor at a time, no read-ahead / write-behind (peak RAM ~ largest layer + its "
+                        "optimizer state; docs/SCALE.md)")
     g.add_argument(*_both("streaming-mode"), choices=["off", "minimal", "balanced", "aggressive", "auto"],
-                   default="balanced")
-    g.add_argument(*_both("no-memory-limits"), action="store_true")
-    g.add_argument(*_both("bf16-compute"), choices=["auto", "on", "off"], default="auto")
-    g.add_argument(*_both("bf16-threshold"), type=int, default=None)
+                   default="auto",
+                   help="VRAM budget per layer: off (none, 24 GB+ cards), minimal (10 GiB), balanced (6 GiB), "
+                        "aggressive (3 GiB); over budget the Hessian factorization, then row segments, then the "
+                        "layer move to the CPU. auto: from the free VRAM at start")
+    g.add_argument(*_both("no-memory-limits"), action="store_true",
+                   help="no VRAM budget and no out-of-memory retry (an OOM ends the run)")
+    g.add_argument(*_both("bf16-compute"), choices=["auto", "on", "off"], default="auto",
+                   help="Hadamard rotations of weight and Hessian in bf16: auto = on a bf16 GPU when the "
+                        "streaming mode is not off; rounding, scales and factorizations stay float32/64")
+    g.add_argument(*_both("bf16-threshold"), type=int, default=None,
+                   help="elements from which bf16 is used (default 1000000; the two below override it)")
     g.add_argument(*_both("bf16-hadamard-threshold"), type=int, default=None)
     g.add_argument(*_both("bf16-hessian-threshold"), type=int, default=None)
-    g.add_argument("--devices", default=None, help="several GPUs, e.g. 0,1 (launches torchrun)")
+    g.add_argument("--devices", default=None,
+                   help="convert on several devices, e.g. 0,1 (GPUs) or cpu,cpu: one process per device "
+                        "(as torchrun --nproc_per_node N -m convert_to_quant); output identical to one device")
 
     g = p.add_argument_group("quality")
     g.add_argument(*_both("report-quality"), nargs="?", const="auto", default=None, metavar="PATH",
@@ -155,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE")
     g.add_argument(*_both("merge-lora-scale"), nargs="+", type=float, default=None)
     g.add_argument(*_both("merge-lora-dampen"), action="store_true",
-                   help="scale each of N merged LoRAs by 1/sqrt(N) (applied once; off by default)")
+                   help="rows of a weight that k>1 of the LoRA files change get the sum of their changes "
+                        "scaled by 1/sqrt(k) (applied once; off by default; docs/LORA.md)")
     g.add_argument(*_both("merge-lora-strict"), action="store_true",
                    help="LoRA keys that match no layer are an error instead of a warning")
     return p
@@ -198,11 +212,64 @@ def validate_args(args, parser: argparse.ArgumentParser):
     for name in ("block_size", "convrot_group_size"):
         if getattr(args, name) <= 0:
             bad(f"--{name} must be positive")
+    validate_optimizer_args(args, bad)
+
+
+def validate_optimizer_args(args, bad):
+    """Calibrated-optimizer flags that contradict each other or the format."""
+    from .optimizers import OPTIMIZERS
+    opt = "rtn" if args.simple or args.optimizer is None else args.optimizer
+    if opt not in OPTIMIZERS:
+        bad(f"unknown --optimizer {opt!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    if args.quip_store_transformed and opt != "quip":
+        bad("--quip-store-transformed stores QuIP's own format; it needs --optimizer quip")
+    if args.quip_store_transformed and (args.convrot or args.scaling_mode != "axis" or args.quip_requant_scheme):
+        bad("--quip-store-transformed stores int8_quip (per-row scales, its own rotation); drop "
+            "--convrot/--scaling_mode/--quip-requant-scheme")
+    if args.smoothquant:
+        if args.fp16:
+            bad("--smoothquant quantizes activations to int8; it cannot be combined with --fp16")
+        if args.convrot or opt == "quip":
+            bad("--smoothquant cannot be combined with rotated formats (--convrot, --optimizer quip): the "
+                "rotation already spreads activation outliers, and the two need different runtime transforms")
+        if args.scaling_mode == "block":
+            bad("--smoothquant stores int8_smoothquant with per-row or tensor scales; use --scaling_mode axis or tensor")
+        if not 0.0 <= args.smoothquant_alpha <= 1.0:
+            bad(f"--smoothquant-alpha must be in [0, 1], got {args.smoothquant_alpha}")
+    if args.num_iter < 1:
+        bad("--num_iter must be at least 1")
+    if not args.lr > 0:
+        bad("--lr must be positive")
+    if not 0.0 < args.top_p <= 1.0:
+        bad("--top_p must be in (0, 1]")
+    if args.min_k < 1 or args.max_k < args.min_k:
+        bad("--min_k must be >= 1 and --max_k >= --min_k")
+    if args.quip_checkpoint_segments < 1:
+        bad("--quip-checkpoint-segments must be at least 1")
+    if (args.calibration_data or "") and not os.path.isfile(args.calibration_data):
+        bad(f"calibration file {args.calibration_data} does not exist")
+    if args.calibration_lora and not os.path.isfile(args.calibration_lora):
+        bad(f"--calibration-lora file {args.calibration_lora} does not exist")
+    if args.calibration_lora_weight < 0:
+        bad("--calibration-lora-weight must be >= 0")
+    if not args.example and not args.calibration_data and (args.smoothquant or args.bias_correction):
+        bad(("--smoothquant" if args.smoothquant else "--bias-correction") + " needs --calibration-data "
+            "(real activation statistics; see docs/OPTIMIZERS.md for capturing them)")
 
 
 def format_spec_from_args(args):
     if args.fp16:
         return make_spec(format="fp16")
+    if getattr(args, "optimizer", None) == "quip":
+        # QuIP keeps its incoherence in the file: core convrot by default, our int8_quip on request;
+        # an explicit tensor/block scheme is honoured (LDLQ without rotation, noted per layer)
+        if args.quip_store_transformed:
+            return make_spec(format="int8_quip")
+        scheme = args.quip_requant_scheme or {"axis": None}.get(args.scaling_mode, args.scaling_mode)
+        if scheme is None:
+            return make_spec(format="int8", scaling_mode="axis", convrot=True,
+                             convrot_groupsize=args.convrot_group_size)
+        return make_spec(format="int8", scaling_mode=scheme, block_size=args.block_size)
     return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
                      convrot=args.convrot, convrot_groupsize=args.convrot_group_size)
 
@@ -212,7 +279,8 @@ OPTIMIZER_KNOBS = (
     "lr_min", "lr_cooldown", "lr_threshold", "early_stop_loss", "early_stop_lr", "early_stop_stall",
     "gptq_actorder", "quip_actorder", "quip_hadamard", "quip_seed", "quip_store_transformed",
     "quip_requant_scheme", "quip_checkpointed", "quip_checkpoint_threshold", "quip_checkpoint_segments",
-    "smoothquant", "smoothquant_alpha", "calibration_lora", "static_activations", "bias_correction",
+    "smoothquant", "smoothquant_alpha", "calibration_lora", "calibration_lora_weight", "static_activations",
+    "bias_correction",
     "input_scale", "full_precision_matrix_mult", "streaming_mode", "no_memory_limits", "bf16_compute",
     "bf16_threshold", "bf16_hadamard_threshold", "bf16_hessian_threshold", "calib_samples", "manual_seed",
 )
@@ -247,7 +315,8 @@ def options_from_args(args):
         plan=plan, optimizer=optimizer,
         optimizer_options={k: getattr(args, k) for k in OPTIMIZER_KNOBS},
         calibration_data=args.calibration_data, loras=loras, lora_strengths=scales,
-        lora_dampen=args.merge_lora_dampen, device=args.device, low_memory=args.low_memory,
+        lora_dampen=args.merge_lora_dampen, lora_strict=args.merge_lora_strict,
+        device=args.device, low_memory=args.low_memory,
         quality_threshold=args.quality_threshold, nan_policy=args.nan_policy, overwrite=args.overwrite,
         verify=args.verify)
 
@@ -289,7 +358,10 @@ def run(args, console: Console) -> int:
             if os.path.exists(path) and not args.overwrite:
                 raise ConvertError(f"{path} already exists (use --overwrite)")
             from .metrics import _atomic_write_text
-            _atomic_write_text(path, json.dumps(layer_config_template(plan), indent=1) + "\n")
+            try:
+                _atomic_write_text(path, json.dumps(layer_config_template(plan), indent=1) + "\n")
+            except OSError as e:
+                raise OutputPathError(f"cannot write the layer-config template {path}: {e.strerror or e}") from None
             console(f"wrote layer-config template for {len(plan.layers)} layers: {path}")
             return 0
         console(plan.table())
@@ -300,10 +372,24 @@ def run(args, console: Console) -> int:
         return 0
 
     opts.report_path = report_path_for(args, output)
+    from .distributed import distributed_env
+    rank_info = distributed_env()
+    if args.devices and rank_info is None:  # launch one process per device; they meet again below
+        from .distributed import launch, parse_devices
+        return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
+    if rank_info is not None and rank_info.rank != 0:
+        console.level = min(console.level, 0)  # rank 0 reports for all ranks
     bar = _progress_bar(console)
     try:
-        res = convert_file(args.input, output, opts, progress=bar.update if bar else None,
-                           log=lambda m: console(m, 1))
+        if rank_info is not None:
+            from .distributed import convert_distributed
+            res = convert_distributed(args.input, output, opts, rank_info, progress=bar.update if bar else None,
+                                      log=lambda m: console(m, 1))
+            if res is None:
+                return 0
+        else:
+            res = convert_file(args.input, output, opts, progress=bar.update if bar else None,
+                               log=lambda m: console(m, 1))
     finally:
         if bar:
             bar.close()
@@ -343,6 +429,7 @@ def _raise_interrupt(signum, frame):
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these
     console = Console(VERBOSITY[args.verbose])
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

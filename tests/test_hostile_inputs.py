@@ -343,3 +343,15 @@ def test_runner_finish_verifies_and_removes_a_bad_file(tmp_path):
     finally:
         job.close()
     assert not out.exists()
+
+
+def test_template_into_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
+    inp = corpus.small_model(tmp_path / "m.safetensors")
+    target = "/proc/template.json" if os.geteuid() == 0 else str(tmp_path / "ro" / "t.json")
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+    assert cli.main(["-i", inp, "--dry-run", "create-template", "-o", target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the layer-config template {target}") and "Traceback" not in err
+    assert not partial_files(str(tmp_path))
