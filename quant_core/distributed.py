@@ -1,0 +1,519 @@
+"""Multi-GPU (and multi-process CPU) conversion on ``torch.distributed``.
+
+    torchrun --nproc_per_node 2 -m convert_to_quant -i model.safetensors --optimizer gptq ...
+    convert_to_quant -i model.safetensors --optimizer gptq --devices 0,1      (launches the same)
+    convert_to_quant -i model.safetensors --devices cpu,cpu                   (CPU processes, gloo)
+
+Every rank opens the input, builds the same plan and the same assignment (``assign_work``): quantized
+layers are spread over the ranks by estimated cost (largest first, to the least loaded rank), layers
+that read one calibration group stay on one rank (so each rank loads only its share of the calibration
+statistics, once), and everything that is only copied (biases, norms, kept layers) stays on rank 0.
+Each rank quantizes its layers on its own device, in file order, with the same per-layer math and
+seeds as a one-process run (``memory.layer_rng``), and sends the finished tensors to rank 0, which
+writes them into the one output file through the same ``StreamingWriter`` at the offsets the plan
+fixed. The file is byte-identical to the one-process run on the same kind of device (tested on CPU
+with gloo; ``benchmarks/scale.py`` compares SHA-256 on GPUs).
+
+Results travel over a gloo process group as CPU tensors (the GPUs never talk to each other):
+per item a header ``int64[3] = (kind, meta bytes, payload bytes)``, a JSON meta (key, tensor names,
+quality entry) and one payload with the tensors' bytes back to back, in the plan's dtypes and shapes.
+A rank that fails sends its error to rank 0, which aborts (no output file) and re-raises it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import errors as _errors
+from .errors import ConvertError, PlanError
+from .memory import (CALIBRATED_OPTIMIZERS, GiB, Prefetcher, WriteBehind, free_vram, policy_from_options)
+from .metrics import LayerQuality
+
+ITEM, DONE, ERROR = 0, 1, 2
+# a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
+# GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
+SWEEP_STEP_COST = 8192
+
+
+# ------------------------------------------------------------------------------------------------
+# environment
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def distributed_env() -> Optional[RankInfo]:
+    """The torchrun environment of this process, if it is one rank of several."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    return RankInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def parse_devices(spec: str) -> List[str]:
+    """``--devices``: ``0,1`` / ``cuda:0,cuda:1`` (GPUs) or ``cpu,cpu`` (CPU processes)."""
+    items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if len(items) < 2:
+        raise PlanError(f"--devices needs at least two devices, e.g. 0,1 (got {spec!r}); for one GPU use --device")
+    out = []
+    for it in items:
+        if it == "cpu":
+            out.append("cpu")
+            continue
+        idx = it[5:] if it.startswith("cuda:") else it
+        if not idx.isdigit():
+            raise PlanError(f"--devices: {it!r} is not a GPU index (0, 1, cuda:2) or cpu")
+        out.append(f"cuda:{int(idx)}")
+    if len({d for d in out if d != "cpu"}) != len([d for d in out if d != "cpu"]):
+        raise PlanError(f"--devices lists a GPU twice: {spec}")
+    if any(d != "cpu" for d in out) and any(d == "cpu" for d in out):
+        raise PlanError("--devices mixes GPUs and cpu: every rank must compute on the same kind of device "
+                        "for the output to be identical to a one-device run")
+    return out
+
+
+def rank_device(option: str, info: RankInfo) -> str:
+    """The device of one rank: ``auto``/``cuda`` -> ``cuda:<local rank>`` when CUDA is available."""
+    if option in (None, "", "auto"):
+        return f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    if option == "cuda":
+        return f"cuda:{info.local_rank}"
+    return option
+
+
+# ------------------------------------------------------------------------------------------------
+# work assignment
+# ------------------------------------------------------------------------------------------------
+def layer_cost(shape: Sequence[int], optimizer: str) -> float:
+    out = int(shape[0]) if shape else 1
+    inn = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+    if optimizer in CALIBRATED_OPTIMIZERS:
+        return float(inn) * (out + SWEEP_STEP_COST) + float(inn) ** 3 / 4096.0
+    return float(out) * inn
+
+
+def assign_work(job, world: int) -> List[List[str]]:
+    """Keys per rank, each list in file order. Deterministic: a function of the plan only."""
+    plan = job.plan
+    units: Dict[str, List[str]] = {}
+    costs: Dict[str, float] = {}
+    first_pos: Dict[str, int] = {}
+    rank0: List[str] = []
+    load = [0.0] * world
+    for pos, key in enumerate(job.order):
+        lp = plan.layer_for_key(key)
+        if lp is None or lp.spec is None:
+            rank0.append(key)
+            load[0] += job.reader.info(key).numel * 1e-3  # copying is cheap next to quantizing
+            continue
+        unit = lp.base
+        if job.calibration is not None:
+            name = job.calibration.resolve(lp.base)
+            if name is not None:
+                unit = "calibration group " + job.calibration.layers[name]
+        units.setdefault(unit, []).append(key)
+        costs[unit] = costs.get(unit, 0.0) + layer_cost(lp.shape, job.opts.optimizer)
+        first_pos.setdefault(unit, pos)
+    owner: Dict[str, int] = {k: 0 for k in rank0}
+    for unit in sorted(units, key=lambda u: (-costs[u], first_pos[u])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += costs[unit]
+        for k in units[unit]:
+            owner[k] = r
+    return [[k for k in job.order if owner[k] == r] for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------------
+# the wire format
+# ------------------------------------------------------------------------------------------------
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _send_item(kind: int, meta: dict, tensors: Optional[Dict[str, torch.Tensor]] = None, dst: int = 0):
+    import torch.distributed as dist
+    raw = json.dumps(meta).encode("utf-8")
+    parts = [_as_bytes(t) for t in (tensors or {}).values() if t.numel()]
+    payload = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+    dist.send(torch.tensor([kind, len(raw), 0 if payload is None else payload.numel()], dtype=torch.int64), dst=dst)
+    dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), dst=dst)
+    if payload is not None:
+        dist.send(payload, dst=dst)
+
+
+def _recv_item(src: int, entries) -> Tuple[int, dict, Dict[str, torch.Tensor]]:
+    import torch.distributed as dist
+    hdr = torch.empty(3, dtype=torch.int64)
+    dist.recv(hdr, src=src)
+    kind, n_meta, n_payload = (int(x) for x in hdr)
+    raw = torch.empty(n_meta, dtype=torch.uint8)
+    dist.recv(raw, src=src)
+    meta = json.loads(bytes(raw.numpy()).decode("utf-8"))
+    tensors: Dict[str, torch.Tensor] = {}
+    if kind != ITEM:
+        return kind, meta, tensors
+    payload = torch.empty(n_payload, dtype=torch.uint8)
+    if n_payload:
+        dist.recv(payload, src=src)
+    pos = 0
+    for name in meta["tensors"]:
+        e = entries.get(name)
+        if e is None:
+            raise ConvertError(f"internal error: rank {src} sent {name!r}, which is not in the output plan")
+        nb = e.nbytes
+        chunk = payload[pos:pos + nb]
+        tensors[name] = chunk.view(e.dtype).reshape(e.shape) if nb else torch.empty(e.shape, dtype=e.dtype)
+        pos += nb
+    if pos != n_payload:
+        raise ConvertError(f"internal error: rank {src} sent {n_payload} bytes for {meta.get('key')}, "
+                           f"the plan needs {pos}")
+    return kind, meta, tensors
+
+
+def _layer_to_json(layer) -> Optional[list]:
+    if layer is None:
+        return None
+    base, lq = layer
+    return [base, dataclasses.asdict(lq)]
+
+
+def _layer_from_json(obj) -> Optional[Tuple[str, LayerQuality]]:
+    if obj is None:
+        return None
+    return obj[0], LayerQuality(**obj[1])
+
+
+def _error_to_json(e: BaseException, rank: int) -> dict:
+    return {"rank": rank, "type": type(e).__name__, "message": str(e) or type(e).__name__}
+
+
+def _error_from_json(d: dict) -> BaseException:
+    cls = getattr(_errors, d.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, ConvertError)):
+        cls = ConvertError
+    return cls(f"rank {d.get('rank')}: {d.get('message')}")
+
+
+class _Sender:
+    """Sends finished items to rank 0 on a thread, at most ``depth`` items queued (back-pressure)."""
+
+    def __init__(self, depth: int = 2):
+        self.q: "queue.Queue" = queue.Queue(maxsize=max(depth, 1))
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="ctq-send", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                _send_item(*item)
+            except BaseException as e:  # the connection is gone: rank 0 died
+                self.error = e
+                return
+
+    def put(self, kind: int, meta: dict, tensors=None):
+        if self.error is not None:
+            raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+        while True:
+            try:
+                self.q.put((kind, meta, tensors), timeout=1.0)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def init_process_group(info: RankInfo, timeout_minutes: int = 120):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=info.rank, world_size=info.world,
+                                timeout=timedelta(minutes=timeout_minutes))
+
+
+def agreed_free_vram(device: torch.device) -> Optional[int]:
+    """The smallest free VRAM over all ranks (``--streaming-mode auto`` must resolve the same everywhere)."""
+    import torch.distributed as dist
+    free = free_vram(device)
+    t = torch.tensor([-1 if free is None else free], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    v = int(t.item())
+    return None if v < 0 else v
+
+
+def convert_distributed(input_path: str, output_path: Optional[str], options, info: Optional[RankInfo] = None,
+                        progress: Optional[Callable[[int, int, str], None]] = None,
+                        log: Callable[[str], None] = lambda m: None):
+    """Run this process's share of a multi-rank conversion. Rank 0 returns the ``ConversionResult``;
+    the other ranks return ``None``. All ranks must call it with the same arguments."""
+    import torch.distributed as dist
+
+    from .pipeline import ConversionJob
+    info = info or distributed_env()
+    if info is None:
+        raise ConvertError("convert_distributed needs the torchrun environment (RANK, WORLD_SIZE, ...)")
+    options = dataclasses.replace(options, device=rank_device(options.device, info))
+    if options.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(options.device))
+    init_process_group(info)
+    job = ConversionJob(input_path, output_path, options, log if info.rank == 0 else (lambda m: None))
+    try:
+        # every rank must place layers identically: resolve --streaming-mode auto from the smallest free VRAM
+        free = agreed_free_vram(job.device)
+        job.memory = policy_from_options(options.optimizer_options, job.device, options.low_memory,
+                                         free_vram_bytes=free)
+        shares = assign_work(job, info.world)
+        if info.rank == 0:
+            return _run_rank0(job, shares, info, progress, log)
+        _run_worker(job, shares[info.rank], info)
+        return None
+    finally:
+        job.close()
+
+
+def _run_worker(job, keys: List[str], info: RankInfo):
+    import torch.distributed as dist
+    sender = _Sender()
+    sizes = {k: job.reader.info(k).nbytes for k in keys}
+    try:
+        with Prefetcher(job.reader.get, keys, sizes, job.memory.prefetch_bytes) as inputs:
+            for key, t in inputs:
+                job.prefetched = {key: t}
+                del t
+                tensors, layer = job.process(key)
+                job.prefetched = {}
+                sender.put(ITEM, {"key": key, "tensors": list(tensors), "layer": _layer_to_json(layer)}, tensors)
+                del tensors
+    except ConvertError as e:
+        sender.put(ERROR, _error_to_json(e, info.rank))
+        sender.close()
+        e.reported_by_rank0 = True  # rank 0 prints it (and exits with its code); this rank stays quiet
+        raise
+    sender.put(DONE, {"rank": info.rank})
+    sender.close()
+    status = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(status, src=0)  # rank 0's verdict: the file was written and verified
+    if int(status.item()) != 0:
+        raise ConvertError(f"rank {info.rank}: rank 0 did not complete the output file")
+
+
+def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
+    import torch.distributed as dist
+    mine = shares[0]
+    n_layers = len(job.plan.quantized_layers())
+    entries = {e.key: e for e in job.entries}
+    layers: Dict[str, Tuple[str, LayerQuality]] = {}
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+    counts = {"done": 0}
+    log(f"{info.world} ranks: " + ", ".join(
+        f"rank {r}: {sum(1 for k in s if job.plan.layer_for_key(k) is not None and job.plan.layer_for_key(k).spec is not None)} layers"
+        for r, s in enumerate(shares)))
+
+    def on_layer(key: str, layer):
+        if layer is None:
+            return
+        with lock:
+            layers[key] = layer
+            if layer[1].quantized:
+                counts["done"] += 1
+                if progress is not None:
+                    progress(counts["done"], n_layers, layer[0])
+
+    def receive(peer: int, out: WriteBehind):
+        try:
+            while True:
+                kind, meta, tensors = _recv_item(peer, entries)
+                if kind == DONE:
+                    return
+                if kind == ERROR:
+                    with lock:
+                        errors.append(_error_from_json(meta))
+                    return
+                out.put(tensors)
+                on_layer(meta["key"], _layer_from_json(meta.get("layer")))
+        except BaseException as e:
+            with lock:
+                errors.append(e if isinstance(e, ConvertError) else
+                              ConvertError(f"receiving results from rank {peer} failed: {e}"))
+
+    def check():
+        with lock:
+            if errors:
+                raise errors[0]
+
+    bound = job.memory.prefetch_bytes
+    with job.open_writer() as writer:
+        with WriteBehind(writer, max(bound, 256 << 20)) as out:
+            threads = [threading.Thread(target=receive, args=(p, out), name=f"ctq-recv-{p}", daemon=True)
+                       for p in range(1, info.world)]
+            for th in threads:
+                th.start()
+            sizes = {k: job.reader.info(k).nbytes for k in mine}
+            with Prefetcher(job.reader.get, mine, sizes, bound) as inputs:
+                for key, t in inputs:
+                    check()
+                    job.prefetched = {key: t}
+                    del t
+                    tensors, layer = job.process(key)
+                    job.prefetched = {}
+                    out.put(tensors)
+                    del tensors
+                    on_layer(key, layer)
+            for th in threads:
+                while th.is_alive():
+                    th.join(0.2)
+                    check()
+            check()
+        for key in job.order:  # the report lists layers in file order, as a one-process run does
+            if key in layers:
+                job.report.add(*layers[key])
+        writer.finish(verify=lambda tmp: job.verify(tmp, writer.checksums))
+    # every peer has sent DONE and waits for this verdict. On a failure rank 0 raises instead: the peers
+    # see their connection close (or the launcher stops them) -- a collective here could wait forever
+    # on a peer still blocked sending.
+    dist.broadcast(torch.tensor([0], dtype=torch.int64), src=0)
+    return job.finish(writer.checksums, verified=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# --devices: launch one process per device (what torchrun does, with a clean exit code)
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def strip_devices_flag(argv: Sequence[str]) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--devices":
+            skip = True
+            continue
+        if a.startswith("--devices="):
+            continue
+        out.append(a)
+    return out
+
+
+def launch(devices: Sequence[str], argv: Sequence[str], threads_per_rank: Optional[int] = None,
+           python: Optional[str] = None) -> int:
+    """Run ``python -m convert_to_quant <argv>`` once per device as ranks of one gloo group; each GPU
+    rank sees only its GPU. If any rank fails the others are stopped; returns rank 0's exit code (or
+    the first failure's)."""
+    n = len(devices)
+    port = _free_port()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible_list = [v.strip() for v in visible.split(",")] if visible else None
+    base_argv = strip_devices_flag(argv)
+    if threads_per_rank is None and all(d == "cpu" for d in devices):
+        threads_per_rank = max(1, (os.cpu_count() or 1) // n)
+    procs: List[subprocess.Popen] = []
+    for r, dev in enumerate(devices):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if dev.startswith("cuda:"):
+            idx = int(dev[5:])
+            if visible_list is not None:
+                if idx >= len(visible_list):
+                    raise PlanError(f"--devices: GPU {idx} is not among CUDA_VISIBLE_DEVICES={visible}")
+                env["CUDA_VISIBLE_DEVICES"] = visible_list[idx]
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = str(idx)
+            rank_dev = "cuda:0"
+        else:
+            rank_dev = "cpu"
+        if threads_per_rank:
+            env["OMP_NUM_THREADS"] = str(threads_per_rank)
+        cmd = [python or sys.executable, "-m", "convert_to_quant"] + list(base_argv) + ["--device", rank_dev]
+        if r != 0 and "--verbose" not in base_argv:
+            cmd += ["--verbose", "MINIMAL"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    return _supervise(procs)
+
+
+def _supervise(procs: List[subprocess.Popen], grace_s: float = 60.0) -> int:
+    """Wait for the ranks. Rank 0 reports every failure (a peer's error is sent to it), so when a peer
+    fails rank 0 gets ``grace_s`` to say so and exit; when rank 0 fails the peers are killed (they hold
+    no files). Returns rank 0's exit code, or a failed peer's if rank 0 had to be stopped."""
+    n = len(procs)
+    codes: Dict[int, int] = {}
+    peer_failed_at = None
+    try:
+        while 0 not in codes or len(codes) < n:
+            for r, p in enumerate(procs):
+                if r not in codes and p.poll() is not None:
+                    codes[r] = p.returncode
+                    if r != 0 and p.returncode != 0 and peer_failed_at is None:
+                        peer_failed_at = time.monotonic()
+            if 0 in codes and codes[0] != 0:
+                break
+            if 0 in codes and len(codes) < n and peer_failed_at is None:
+                peer_failed_at = time.monotonic()  # rank 0 done: the peers only wait for its verdict
+            if peer_failed_at is not None and time.monotonic() - peer_failed_at > grace_s:
+                if procs[0].poll() is None:
+                    procs[0].terminate()  # SIGTERM: rank 0 removes its .partial file
+                    try:
+                        procs[0].wait(30)
+                    except subprocess.TimeoutExpired:
+                        procs[0].kill()
+                    codes[0] = procs[0].wait()
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for q in procs:
+            if q.poll() is None:
+                q.send_signal(2)
+        for q in procs:
+            try:
+                q.wait(30)
+            except subprocess.TimeoutExpired:
+                q.kill()
+        return 130
+    finally:
+        for q in procs[1:]:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        if procs[0].poll() is None:
+            procs[0].terminate()
+            procs[0].wait()
+    rc0 = codes.get(0, procs[0].returncode)
+    if rc0 not in (0, None) and rc0 > 0:
+        return rc0
+    bad = [c for r, c in sorted(codes.items()) if r != 0 and c not in (0, None) and c > 0]
+    return bad[0] if bad else (1 if rc0 else 0)
