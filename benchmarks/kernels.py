@@ -48,6 +48,18 @@ class Bench:
     def __init__(self, dry: bool, rep: int):
         self.dry, self.rep = dry, rep
 
+    def graph(self, fn) -> float:
+        """GPU time without launch overhead (CUDA-graph replay); NaN where capture fails."""
+        if self.dry:
+            return float("nan")
+        from triton.testing import do_bench_cudagraph
+        try:
+            fn()  # tuned and compiled before capture
+            return do_bench_cudagraph(fn, rep=self.rep, return_mode="median")
+        except Exception as e:
+            log(f"cuda graph timing failed: {type(e).__name__}: {e}")
+            return float("nan")
+
     def __call__(self, fn) -> float:
         if self.dry:  # wall clock of one call, just to exercise the script
             t = time.perf_counter()
@@ -225,6 +237,21 @@ def run_shape(name, m, k, n, dev, bench, K, L, ck, Int8Tensorwise, Int8Blockwise
             times["raw_int_mm"] = bench(lambda: torch._int_mm(qa_full, qw_t))
         except Exception as ex:
             log(f"torch._int_mm failed: {ex}")
+    if dev.type == "cuda" and k >= 3072 and name != "proj_1024":  # the three convrot implementations
+        saved = L.ROT_IMPL
+        for impl in (0, 1, 2):
+            L.ROT_IMPL = impl
+            L._ACT_META.clear()
+            try:
+                times[f"quant_rot_impl{impl}"] = bench(lambda: K.quantize_activations(x, 256))
+            except Exception as ex:
+                log(f"rot impl {impl}: {type(ex).__name__}: {ex}")
+        L.ROT_IMPL = saved
+        L._ACT_META.clear()
+    if m <= 1024:  # launch overhead matters here: also the GPU-only time
+        times["bf16_graph"] = bench.graph(variants["bf16"])
+        if "auto" in variants:
+            times["auto_graph"] = bench.graph(variants["auto"])
     log(f"{name}: " + ", ".join(f"{v}={t:.4f}ms" for v, t in times.items()))
     return name, m, k, n, times, errs
 
@@ -245,6 +272,8 @@ def run_sweep(dev, bench, K, ck, Int8Tensorwise, Int8Blockwise, dry):
             t["blk_" + p] = bench(lambda: K.int8_blockwise_linear(x, qblk.qdata, qblk.scale, bias, path=p))
         t["row_auto"] = bench(lambda: K.int8_linear(x, qrow.qdata, qrow.scale, bias))
         t["blk_auto"] = bench(lambda: K.int8_blockwise_linear(x, qblk.qdata, qblk.scale, bias))
+        t["bf16_graph"] = bench.graph(lambda: F.linear(x, wb, bias))
+        t["row_auto_graph"] = bench.graph(lambda: K.int8_linear(x, qrow.qdata, qrow.scale, bias))
         if ck is not None:
             ck_s = qrow.scale.reshape(-1)
             t["ck"] = bench(lambda: ck.int8_linear(x, qrow.qdata, ck_s, bias, out_dtype=torch.bfloat16))
@@ -298,6 +327,8 @@ def print_tables(header, rows, sweep, ceil, wall):
             msg.append(f"convrot +{(times['w8a8_convrot'] / times['w8a8'] - 1) * 100:.1f}% over w8a8 (<=10%)")
         if m <= 1024:
             msg.append(f"auto {r('auto'):.2f}x (>=0.9)")
+        if "auto_graph" in times:
+            msg.append(f"CUDA-graph replay: bf16 {times['bf16_graph'] * 1e3:.1f}us, auto {times['auto_graph'] * 1e3:.1f}us")
         log(f"{name}: " + "; ".join(msg))
     for m, t in sweep:
         log(f"sweep M={m}: auto row {t['bf16'] / t['row_auto']:.2f}x, block {t['bf16'] / t['blk_auto']:.2f}x (>=0.9)")

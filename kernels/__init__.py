@@ -76,9 +76,12 @@ def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype], what: str) -> 
 
 
 def _same_device(t: Optional[torch.Tensor], device: torch.device, dtype=None) -> Optional[torch.Tensor]:
+    """``t`` on ``device`` (and ``dtype``), contiguous; no-op calls skipped (they cost microseconds)."""
     if t is None:
         return None
-    return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+    if t.device != device or (dtype is not None and t.dtype != dtype):
+        t = t.to(device=device, dtype=dtype or t.dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0, *,
@@ -130,7 +133,8 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor
     out_dtype = _out_dtype(x, out_dtype, what)
     dev = x.device
     qdata = _same_device(qdata, dev)
-    ws = _same_device(weight_scale, dev, torch.float32).reshape(-1)
+    ws = _same_device(weight_scale, dev, torch.float32)
+    ws = ws if ws.dim() == 1 else ws.reshape(-1)
     bias = _same_device(bias, dev)
     x2 = _as_rows(x, k)
     if _compiling():

@@ -56,9 +56,10 @@ def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device) -
 # implementations on 2-D activations (what the custom ops run)
 # ------------------------------------------------------------------------------------------------
 def quantize_activations_2d(x: torch.Tensor, convrot_groupsize: int, block_k: int, backend: Optional[str] = None,
-                            scale_k_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                            scale_k_major: bool = False, resolved: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[1]
-    if resolve_backend(x.device, backend) == "triton" and act_kernel_supports(k, convrot_groupsize, block_k):
+    be = backend if resolved else resolve_backend(x.device, backend)
+    if be == "triton" and act_kernel_supports(k, convrot_groupsize, block_k):
         return launch_act_quant(x, convrot_groupsize, block_k, scale_k_major)
     return ref.quantize_activations(x, convrot_groupsize, block_k)
 
@@ -94,7 +95,7 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
         if be == "triton":
             return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype)
         return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
-    q, s = quantize_activations_2d(x, convrot_groupsize, 0, be)
+    q, s = quantize_activations_2d(x, convrot_groupsize, 0, be, resolved=True)
     if be == "triton":
         return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype)
     return ref.scaled_int8_mm(q, s, qdata, w_scale, bias, out_dtype)

@@ -5,10 +5,13 @@ kernel on 2-D operands and pick its tile config from a per-architecture candidat
 candidates once per (kernel, M bucket, N, K, dtypes) on the first call (our own small autotuner:
 a candidate that fails to compile on this card is skipped instead of failing the call, and the
 choice is cached for the process). ``CONVERT_TO_QUANT_AUTOTUNE=0`` uses the first candidate.
+
+Everything on the per-call path is kept lean (cached device facts, candidate lists built only on a
+tuning miss): at a few thousand tokens a linear's GPU time is tens of microseconds, so Python time
+per call decides whether eager ComfyUI sees the kernel's speed.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -35,10 +38,33 @@ from ..quant_core.hadamard import regular_hadamard
 BACKEND_ENV = "CONVERT_TO_QUANT_KERNEL_BACKEND"
 AUTOTUNE_ENV = "CONVERT_TO_QUANT_AUTOTUNE"
 MAX_ROW_P = 32768  # the activation kernel keeps a (padded) row in registers; longer rows use torch
+# How the second Hadamard factor is applied for g = 256/1024 (see triton_kernels._rotate_row):
+# 2 = tensor cores on an exact 3-way bf16 split (the interpreter, which has no exact bf16 dot, uses 0).
+ROT_IMPL = int(os.environ.get("CONVERT_TO_QUANT_ROT_IMPL", "2"))
 
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_CAP: Dict[int, Tuple[int, int]] = {}
+_SMS: Dict[int, int] = {}
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAP.get(idx)
+    if cap is None:
+        cap = _CAP[idx] = torch.cuda.get_device_capability(idx)
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return cap
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small "machine" so persistent loops really loop in tests
+    _capability(device)
+    return _SMS[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -46,10 +72,8 @@ def triton_usable(device: torch.device) -> bool:
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
-        if interpreter_active():
-            return False
         # int8 tensor-core tl.dot needs sm80+ in Triton
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        return not interpreter_active() and _capability(device) >= (8, 0)
     return device.type == "cpu" and interpreter_active()
 
 
@@ -57,26 +81,28 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     """"triton" or "torch". ``backend`` (or env CONVERT_TO_QUANT_KERNEL_BACKEND) may force one;
     "auto" uses Triton on CUDA (sm80+) and torch elsewhere -- also on CPU with the interpreter on,
     which is for tests only and must be asked for explicitly."""
-    choice = (backend or os.environ.get(BACKEND_ENV) or "auto").lower()
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernel backend must be 'auto', 'triton' or 'torch', got {choice!r}")
+    choice = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    choice = choice.lower()
     if choice == "torch":
         return "torch"
-    usable = triton_usable(device)
     if choice == "triton":
-        if not usable:
+        if not triton_usable(device):
             raise RuntimeError(
                 f"the Triton backend cannot run on {device} here (needs CUDA sm80+ with triton, or "
                 "TRITON_INTERPRET=1 on CPU); use backend='torch'")
         return "triton"
-    return "triton" if usable and device.type == "cuda" else "torch"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    raise ValueError(f"kernel backend must be 'auto', 'triton' or 'torch', got {choice!r}")
 
 
 def arch_of(device: torch.device) -> str:
     """'sm90' (Hopper and newer), 'sm89' (Ada), 'sm80' (Ampere) or 'interp'/'cpu'."""
     if device.type != "cuda":
         return "interp" if interpreter_active() else "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device)
     if major >= 9:
         return "sm90"
     if (major, minor) >= (8, 9):
@@ -108,19 +134,21 @@ class GemmConfig:
 
 
 C = GemmConfig
-# W8A8 with int32 accumulation (tensor-wise / per-row weight scales)
+# W8A8 with int32 accumulation (tensor-wise / per-row weight scales).
+# Triton keeps int32-accumulator wgmma synchronous (a wait after every K step: "accumulator is not
+# fp32"), so what pays on Hopper is two warpgroups per CTA (8 warps) or two CTAs per SM, whose MMAs
+# fill each other's waits, and TMA loads. Measured on an H200 (docs/KERNELS.md): 128x256x128 and
+# 256x128x128 persistent win at large M; BK=256 with 2 stages loses.
 _W8A8_CONFIGS = {
-    # Triton keeps int32-accumulator wgmma synchronous (a wait after every K step), so large BK
-    # (fewer waits) and two warpgroups per CTA (one computes while the other waits) matter most.
     "sm90": [
         C(128, 256, 128, 8, 3, persistent=True, tma=True),
         C(256, 128, 128, 8, 3, persistent=True, tma=True),
-        C(128, 256, 256, 8, 2, persistent=True, tma=True),
-        C(256, 128, 256, 8, 2, persistent=True, tma=True),
         C(128, 128, 256, 8, 3, persistent=True, tma=True),
         C(128, 256, 128, 8, 3, tma=True),
-        C(128, 128, 128, 4, 4, tma=True),
-        C(64, 128, 256, 4, 2, persistent=True, tma=True, ctas_per_sm=2),
+        C(128, 128, 128, 4, 3, persistent=True, tma=True, ctas_per_sm=2),
+        C(128, 128, 128, 4, 3, tma=True),
+        C(128, 128, 64, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
+        C(64, 128, 128, 4, 3, tma=True),
         C(64, 64, 128, 4, 4, tma=True),
     ],
     "sm89": [
@@ -133,15 +161,18 @@ _W8A8_CONFIGS = {
     ],
     "interp": [C(32, 32, 32, 4, 1, GROUP_M=2)],
 }
-# block-wise W8A8 (fp32 accumulator + an int32 partial product live at once: 128x128 tiles max)
+# block-wise W8A8: an fp32 accumulator and an int32 partial product live at once (128x128 max per
+# CTA); the per-K-block scaling runs between synchronous MMAs, so several CTAs per SM pay most.
 _BLOCKWISE_CONFIGS = {
     "sm90": [
-        C(128, 128, 128, 8, 4, persistent=True, tma=True),
-        C(128, 128, 128, 8, 4, persistent=True, tma=True, magic_cvt=False),
-        C(128, 128, 128, 8, 3, tma=True),
-        C(64, 128, 128, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
-        C(128, 64, 128, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
         C(64, 128, 128, 4, 4, tma=True),
+        C(64, 128, 128, 4, 3, tma=True),
+        C(64, 128, 128, 4, 2, tma=True),
+        C(64, 128, 128, 4, 3, tma=True, magic_cvt=False),
+        C(64, 128, 128, 4, 3, persistent=True, tma=True, ctas_per_sm=3),
+        C(128, 128, 128, 8, 4, persistent=True, tma=True, magic_cvt=False),
+        C(128, 128, 128, 8, 3, tma=True, magic_cvt=False),
+        C(64, 64, 128, 4, 3, tma=True),
     ],
     "sm89": [C(128, 128, 64, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4), C(128, 128, 64, 8, 3, magic_cvt=False)],
     "sm80": [C(128, 128, 64, 8, 3), C(128, 128, 128, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4)],
@@ -153,13 +184,17 @@ def _w8a16_configs(arch: str, m: int) -> List[GemmConfig]:
     if arch == "interp":
         return [C(16, 32, 32, 4, 1, GROUP_M=2)]
     stages = 4 if arch == "sm90" else 3
-    # small M streams the weight: enough programs in flight matter more than tile efficiency
+    # small M streams the weight: enough bytes in flight (many programs, long K tiles) matter more
+    # than tile efficiency (the MMA rows beyond M are wasted anyway)
     if m <= 16:
-        return [C(16, 64, 128, 4, stages, split_k=4), C(16, 32, 128, 4, stages, split_k=2),
-                C(16, 64, 128, 4, stages), C(16, 128, 128, 4, stages, split_k=8), C(16, 32, 256, 4, 3)]
+        return [C(16, 32, 256, 4, stages), C(16, 16, 512, 4, 3), C(16, 32, 512, 4, 3), C(16, 64, 128, 4, stages),
+                C(16, 16, 128, 4, 6), C(16, 32, 128, 4, 6)]
     if m <= 64:
-        return [C(32, 64, 128, 4, stages, split_k=2), C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages),
-                C(32, 128, 128, 4, stages, split_k=4)]
+        return [C(64, 64, 128, 4, stages), C(64, 32, 256, 4, 3), C(32, 32, 256, 4, stages),
+                C(64, 32, 128, 4, 6), C(32, 64, 128, 4, stages)]
+    if m <= 256:
+        return [C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages), C(128, 64, 128, 4, 3),
+                C(64, 64, 256, 4, 3)]
     # large M is W8A8's ground (the path table never picks W8A16 there): two sane tiles suffice
     return [C(128, 128, 64, 8, stages), C(64, 128, 64, 4, stages)]
 
@@ -179,6 +214,13 @@ def _fits_gemm(cfg: GemmConfig, m: int, n: int, k: int) -> bool:
     return True
 
 
+def _largest_pow2_divisor(group: int, cap: int) -> int:
+    bk = cap
+    while bk > 16 and group % bk:
+        bk //= 2
+    return bk
+
+
 # ------------------------------------------------------------------------------------------------
 # the tuner
 # ------------------------------------------------------------------------------------------------
@@ -188,23 +230,29 @@ class _Tuner:
         self.log: List[str] = []  # human-readable tuning results (printed by benchmarks/kernels.py)
         self.lock = threading.Lock()
 
-    def run(self, key: tuple, candidates: List[GemmConfig], launch: Callable[[GemmConfig], None]) -> None:
-        cfg = self.choice.get(key)
+    def pick(self, key: tuple, candidates: Callable[[], List[GemmConfig]],
+             launch: Callable[[GemmConfig], None]) -> GemmConfig:
+        """The config for ``key`` (tuning on a miss, by running ``launch``; the caller launches)."""
+        cfg = self.choice.get(key)  # lock-free hit (dict reads are atomic under the GIL)
         if cfg is not None:
-            launch(cfg)
-            return
+            return cfg
         with self.lock:
             cfg = self.choice.get(key)
             if cfg is None:
-                cfg = self._tune(key, candidates, launch)
-                self.choice[key] = cfg
-        launch(cfg)
+                cfg = self.choice[key] = self._tune(key, candidates(), launch)
+        return cfg
 
     def _tune(self, key, candidates, launch) -> GemmConfig:
         tune = (len(candidates) > 1 and os.environ.get(AUTOTUNE_ENV, "1") != "0"
                 and not interpreter_active() and torch.cuda.is_available())
-        if not tune:
-            return candidates[0]
+        if not tune:  # the first candidate this card can run (e.g. enough shared memory)
+            for cfg in candidates[:-1]:
+                try:
+                    launch(cfg)
+                    return cfg
+                except Exception:
+                    continue
+            return candidates[-1]
         from triton.testing import do_bench
         results = []
         errors = []
@@ -215,33 +263,19 @@ class _Tuner:
                 t = do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median")
                 results.append((t, cfg))
             except Exception as e:  # a config this card/compiler refuses: skip it
-                errors.append(f"{cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+                msg = str(e).splitlines()[0][:100] if str(e) else ""
+                errors.append(f"{cfg.short()}: {type(e).__name__}: {msg}")
         if not results:
             raise RuntimeError(f"no kernel config runs for {key}: " + "; ".join(errors))
         results.sort(key=lambda r: r[0])
         best = results[0][1]
-        self.log.append(f"{key}: best {best.short()} {results[0][0]*1e3:.1f}us; "
-                        + ", ".join(f"{c.short()}={t*1e3:.1f}" for t, c in results[1:])
+        self.log.append(f"{key}: best {best.short()} {results[0][0] * 1e3:.1f}us; "
+                        + ", ".join(f"{c.short()}={t * 1e3:.1f}" for t, c in results[1:])
                         + (f"; failed: {'; '.join(errors)}" if errors else ""))
         return best
 
 
 TUNER = _Tuner()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_SM_CACHE: Dict[int, int] = {}
-
-
-def _sm_count(index: int) -> int:
-    if index not in _SM_CACHE:
-        _SM_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_CACHE[index]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,11 +286,10 @@ _FACTORS = {16: (1, 16), 64: (1, 64), 256: (16, 16), 1024: (16, 64)}
 
 
 def _hadamard(size: int, device, dtype) -> torch.Tensor:
-    key = (size, str(device), dtype)
+    key = (size, device, dtype)
     h = _HAD_CACHE.get(key)
     if h is None:
-        h = regular_hadamard(size, device=device, dtype=dtype).contiguous()
-        _HAD_CACHE[key] = h
+        h = _HAD_CACHE[key] = regular_hadamard(size, device=device, dtype=dtype).contiguous()
     return h
 
 
@@ -269,34 +302,44 @@ def act_kernel_supports(k: int, convrot_groupsize: int, block_k: int) -> bool:
         return False
     if block_k and (block_k & (block_k - 1) or k % block_k):
         return False  # the kernel reshapes the row into power-of-two blocks
+    if block_k and convrot_groupsize:
+        # no format uses both, and Triton 3.6 mis-orders the block reshape of a rotated row on
+        # sm90 (seen on an H200: scales of the wrong columns); the torch path computes it
+        return False
     g1, g2 = _FACTORS.get(convrot_groupsize, (1, 0))
     return _row_p(k, g1, g2) <= MAX_ROW_P
 
 
-def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], stride_sm: int, stride_sb: int,
-                convrot_groupsize: int, block_k: int, mode: int, rowscale: Optional[torch.Tensor]) -> None:
+_ACT_META: Dict[tuple, tuple] = {}
+
+
+def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], convrot_groupsize: int,
+                block_k: int, k_major: bool, mode: int, rowscale: Optional[torch.Tensor]) -> None:
     m, k = x.shape
-    g1, g2 = _FACTORS.get(convrot_groupsize, (1, 0))
-    p = _row_p(k, g1, g2)
-    interp = interpreter_active()
-    if x.dtype in (torch.bfloat16, torch.float16) and not interp:
-        stage1 = tk.tl.bfloat16 if x.dtype == torch.bfloat16 else tk.tl.float16
-        h_dtype, ieee = x.dtype, False
-    elif x.dtype == torch.int8 and not interp:
-        stage1, h_dtype, ieee = tk.tl.bfloat16, torch.bfloat16, False  # |q| <= 127 is exact in bf16
-    else:  # fp32 input, or the interpreter (whose bf16 dot is not exact): fp32 "ieee" dot
-        stage1, h_dtype, ieee = tk.tl.float32, torch.float32, True
-    h2 = _hadamard(g2, x.device, h_dtype) if g2 else x
-    h1 = _hadamard(g1, x.device, torch.float32) if g1 > 1 else x
-    num_warps = 4 if p <= 2048 else (8 if p <= 8192 else 16)
-    if interp:
-        num_warps = 1
-    dummy = out
+    mkey = (k, convrot_groupsize, block_k, x.dtype, x.device)
+    meta = _ACT_META.get(mkey)
+    if meta is None:
+        g1, g2 = _FACTORS.get(convrot_groupsize, (1, 0))
+        p = _row_p(k, g1, g2)
+        interp = interpreter_active()
+        if x.dtype in (torch.bfloat16, torch.float16) and not interp:
+            stage1 = tk.tl.bfloat16 if x.dtype == torch.bfloat16 else tk.tl.float16
+            h_dtype, ieee = x.dtype, False
+        elif x.dtype == torch.int8 and not interp:
+            stage1, h_dtype, ieee = tk.tl.bfloat16, torch.bfloat16, False  # |q| <= 127 is exact in bf16
+        else:  # fp32 input, or the interpreter (whose bf16 dot is not exact): fp32 "ieee" dot
+            stage1, h_dtype, ieee = tk.tl.float32, torch.float32, True
+        h2 = _hadamard(g2, x.device, h_dtype) if g2 else None
+        h1 = _hadamard(g1, x.device, torch.float32) if g1 > 1 else None
+        num_warps = 1 if interp else (4 if p <= 2048 else (8 if p <= 8192 else 16))
+        rot_impl = ROT_IMPL if not (interp and ROT_IMPL == 2) else 0  # interpreter: no bf16 dots
+        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, num_warps, rot_impl)
+    p, g1, g2, stage1, ieee, h1, h2, num_warps, rot_impl = meta
     tk.act_quant_kernel[(m,)](
-        x, out, scale if scale is not None else dummy, h1, h2, rowscale if rowscale is not None else dummy,
-        k, x.stride(0), out.stride(0), stride_sm, stride_sb,
-        P=p, G1=g1, G2=g2, BLOCK_Q=block_k, MODE=mode, STAGE1_DTYPE=stage1, STAGE1_IEEE=ieee,
-        HAS_ROWSCALE=rowscale is not None, num_warps=num_warps)
+        x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
+        out if rowscale is None else rowscale, k, x.stride(0), m,
+        P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
+        STAGE1_IEEE=ieee, ROT_IMPL=rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=num_warps)
 
 
 def launch_act_quant(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0,
@@ -308,16 +351,13 @@ def launch_act_quant(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int =
     if block_k:
         nb = k // block_k
         if scale_k_major:
-            s_store = torch.empty((nb, m), dtype=torch.float32, device=x.device)
-            scale, ssm, ssb = s_store.t(), 1, m
+            scale = torch.empty((nb, m), dtype=torch.float32, device=x.device).t()
         else:
             scale = torch.empty((m, nb), dtype=torch.float32, device=x.device)
-            ssm, ssb = nb, 1
     else:
         scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-        ssm, ssb = 1, 0
     if m:
-        _act_launch(x, q, scale, ssm, ssb, convrot_groupsize, block_k, 0, None)
+        _act_launch(x, q, scale, convrot_groupsize, block_k, scale_k_major, 0, None)
     return q, scale
 
 
@@ -327,111 +367,105 @@ def launch_rotate(x: torch.Tensor, group_size: int, out_dtype: torch.dtype,
     m, k = x.shape
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
     if m:
-        _act_launch(x, out, None, 0, 0, group_size, 0, 1, rowscale)
+        _act_launch(x, out, None, group_size, 0, False, 1, rowscale)
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # GEMMs
 # ------------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # host side: triton.cdiv is a constexpr_function, microseconds per call
+
+
 def gemm_supports(n: int, k: int) -> bool:
     return n % 16 == 0 and k % 16 == 0 and n > 0 and k > 0
-
-
-def _tma_ok(*tensors) -> bool:
-    return TensorDescriptor is not None and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
 
 
 def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_size: int = 0,
                      configs: Optional[List[GemmConfig]] = None) -> torch.Tensor:
-    """C = scaled int8 GEMM. ``group_size`` 0: a_scale [M], w_scale scalar or [N,1] (int32 accumulation).
-    ``group_size`` g: block-wise, a_scale [M, K/g] (any strides), w_scale [ceil(N/g), K/g]."""
+    """C = scaled int8 GEMM of row-contiguous ``qa`` [M,K] and ``qw`` [N,K].
+
+    ``group_size`` 0: a_scale [M], w_scale scalar or [N] (int32 accumulation). ``group_size`` g:
+    block-wise, a_scale [M, K/g] (best K-block-major, i.e. a transposed [K/g, M] buffer, as
+    ``launch_act_quant(..., scale_k_major=True)`` makes), w_scale [ceil(N/g), K/g].
+    ``configs`` bypasses the tuner (tests, experiments).
+    """
     m, k = qa.shape
     n = qw.shape[0]
-    c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    dev = qa.device
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0:
         return c
-    arch = arch_of(qa.device)
     blockwise = group_size > 0
-    table = _BLOCKWISE_CONFIGS if blockwise else _W8A8_CONFIGS
-    cands = configs or [cfg for cfg in table.get(arch, table["sm80"]) if _fits_gemm(cfg, m, n, k)] \
-        or table.get(arch, table["sm80"])[-1:]
     if blockwise:
-        # BK must divide the scale block; shrink it (never grow) when the group is smaller
-        cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
-    if not _tma_ok(qa, qw):
-        cands = [replace(cfg, tma=False) for cfg in cands]
-    ws = w_scale.reshape(-1) if not blockwise else w_scale
-    if blockwise:
-        s_am, s_ak = a_scale.stride(0), a_scale.stride(1)
-        s_wn, s_wk = ws.stride(0), ws.stride(1)
+        if a_scale.stride(0) != 1 or a_scale.stride(1) != m:
+            a_scale = a_scale.t().contiguous().t()
         ws_per_row = False
     else:
-        s_am, s_ak = a_scale.stride(0), 0
-        ws_per_row = ws.numel() > 1
-        s_wn, s_wk = (ws.stride(0) if ws_per_row else 0), 0
-    nsm = _num_sms(qa.device)
+        ws_per_row = w_scale.numel() > 1
+    use_tma_ok = (TensorDescriptor is not None and dev.type == "cuda" and qa.data_ptr() % 16 == 0
+                  and qw.data_ptr() % 16 == 0)
 
     def launch(cfg: GemmConfig) -> None:
-        tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
-        grid = min(tiles, nsm * cfg.ctas_per_sm) if cfg.persistent else tiles
-        if cfg.tma:
-            a_arg = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg.BM, cfg.BK])
-            b_arg = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg.BN, cfg.BK])
+        grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
+        if cfg.persistent:
+            grid = min(grid, _num_sms(dev) * cfg.ctas_per_sm)
+        tma = cfg.tma and use_tma_ok
+        if tma:
+            a_arg = TensorDescriptor(qa, [m, k], [k, 1], [cfg.BM, cfg.BK])
+            b_arg = TensorDescriptor(qw, [n, k], [k, 1], [cfg.BN, cfg.BK])
         else:
             a_arg, b_arg = qa, qw
         tk.int8_gemm_kernel[(grid,)](
-            a_arg, b_arg, c, a_scale, ws, bias if bias is not None else ws,
-            m, n, k, grid, qa.stride(0), qw.stride(0), c.stride(0), s_am, s_ak, s_wn, s_wk,
+            a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, m, n, k, grid,
             WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
             GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
             WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
-            USE_TMA=cfg.tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
+            USE_TMA=tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    key = ("blockwise" if blockwise else "w8a8", arch, m_bucket(m), n, k, group_size, out_dtype,
-           bias is not None, ws_per_row, str(qa.device))
-    TUNER.run(key, cands, launch)
+    if configs is not None:
+        launch(configs[0])
+        return c
+    key = (group_size, m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev)
+
+    def candidates() -> List[GemmConfig]:
+        arch = arch_of(dev)
+        table = _BLOCKWISE_CONFIGS if blockwise else _W8A8_CONFIGS
+        allc = table.get(arch, table["sm80"])
+        cands = [cfg for cfg in allc if _fits_gemm(cfg, m, n, k)] or allc[-1:]
+        if blockwise:  # BK must divide the scale block: shrink it (never grow) for smaller groups
+            cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
+        return cands
+
+    launch(TUNER.pick(key, candidates, launch))
     return c
-
-
-def _largest_pow2_divisor(group: int, cap: int) -> int:
-    bk = cap
-    while bk > 16 and group % bk:
-        bk //= 2
-    return bk
 
 
 def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                  group_size: int, out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None) -> torch.Tensor:
+    """C = x [M,K] (rows with unit last stride) · dequant(qw [N,K] row-contiguous)ᵀ (+ bias).
+    w_scale: scalar or [N] (``group_size`` 0), or [ceil(N/g), K/g] contiguous."""
     m, k = x.shape
     n = qw.shape[0]
-    c = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    dev = x.device
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0:
         return c
-    arch = arch_of(x.device)
-    cands = configs or _w8a16_configs(arch, m)
-    if group_size:
-        cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
-        ws, mode = w_scale, 2
-        s_wn, s_wk = ws.stride(0), ws.stride(1)
-    else:
-        ws = w_scale.reshape(-1)
-        mode = 1 if ws.numel() > 1 else 0
-        s_wn, s_wk = (ws.stride(0) if mode == 1 else 0), 0
-    ieee = x.dtype == torch.float32 or interpreter_active()
+    mode = 2 if group_size else (1 if w_scale.numel() > 1 else 0)
+    ieee = x.dtype == torch.float32 or dev.type == "cpu"  # the interpreter's bf16 dot is not exact
 
     def launch(cfg: GemmConfig) -> None:
         out = c
         if cfg.split_k > 1:
-            out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=x.device)
+            out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
-        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN), cfg.split_k)
+        grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)
         tk.w8a16_gemm_kernel[grid](
-            x, qw, out, ws, bias if bias is not None else ws, m, n, k,
-            x.stride(0), qw.stride(0), out.stride(0), s_wn, s_wk,
+            x, qw, out, w_scale, w_scale if bias is None else bias, m, n, k, x.stride(0),
             WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
             EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k,
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
@@ -439,9 +473,18 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
         if out is not c:
             c.copy_(out)
 
-    key = ("w8a16", arch, m_bucket(m), n, k, group_size, x.dtype, out_dtype, bias is not None, mode,
-           str(x.device))
-    TUNER.run(key, cands, launch)
+    if configs is not None:
+        launch(configs[0])
+        return c
+    key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev)
+
+    def candidates() -> List[GemmConfig]:
+        cands = _w8a16_configs(arch_of(dev), m)
+        if group_size:
+            cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
+        return list(dict.fromkeys(cands))
+
+    launch(TUNER.pick(key, candidates, launch))
     return c
 
 
@@ -456,7 +499,7 @@ def launch_dequant(qw: torch.Tensor, w_scale: torch.Tensor, group_size: int, dty
         mode = 1 if ws.numel() > 1 else 0
         s_n, s_k = (ws.stride(0) if mode == 1 else 0), 0
     bn, bk = (16, 32) if interpreter_active() else (32, 256)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    grid = (_cdiv(n, bn), _cdiv(k, bk))
     tk.dequant_kernel[grid](qw, ws, out, n, k, qw.stride(0), out.stride(0), s_n, s_k,
                             WS_MODE=mode, GROUP=max(group_size, 1), BN=bn, BK=bk,
                             num_warps=1 if interpreter_active() else 4)

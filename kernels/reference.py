@@ -32,7 +32,8 @@ def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: i
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 quantization of a 2-D ``x`` [M, K] (optionally rotated first).
 
-    scale = max(absmax / 127, 1e-30) in fp32, q = round_half_even(clamp(y / scale, ±127)).
+    scale = max(absmax / 127, 1e-30) in fp32, q = round_half_even(clamp(y * (1 / scale), ±127)) with the
+    reciprocal and the product each rounded once (a multiply per element in the kernel, not a divide).
     ``block_k`` > 0: one scale per token per ``block_k`` columns, scale shape [M, K / block_k].
     """
     y = rotate(x, convrot_groupsize) if convrot_groupsize else x.float()
@@ -40,10 +41,10 @@ def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: i
     if block_k:
         yb = y.reshape(m, k // block_k, block_k)
         s = (yb.abs().amax(dim=2) / QMAX).clamp(min=SCALE_MIN)
-        q = _round_int8(yb / s[:, :, None]).reshape(m, k)
+        q = _round_int8(yb * (1.0 / s)[:, :, None]).reshape(m, k)
         return q, s
     s = (y.abs().amax(dim=1) / QMAX).clamp(min=SCALE_MIN)
-    return _round_int8(y / s[:, None]), s
+    return _round_int8(y * (1.0 / s)[:, None]), s
 
 
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

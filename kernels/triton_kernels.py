@@ -8,7 +8,8 @@ Conventions shared by every kernel:
 * int8 values are symmetric in [-127, 127]; scales are float32.
 * Rounding is round-to-nearest, ties to even (like ``torch.round``), done with the 1.5·2^23 trick on
   values already clamped to ±127, so it is exact and identical on every backend.
-* Divisions use ``div_rn`` (IEEE round-to-nearest) so scales and quotients equal torch's bit for bit.
+* Divisions use ``div_rn`` (IEEE round-to-nearest) and quantization multiplies by the IEEE reciprocal
+  of the scale, so scales and integers equal the torch reference's bit for bit.
 """
 from __future__ import annotations
 
@@ -27,13 +28,29 @@ I2F_MAGIC_BITS = 0x4B400000
 # activation quantization / rotation: one program per row, the whole row in registers
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _dot_bf16x3(y, h):
+    """fp32 y · h (h exact in bf16) on the tensor cores: y = hi + mid + lo exactly (3 bf16 pieces
+    of 8 significant bits each), every partial product is exact in fp32."""
+    hi = y.to(tl.bfloat16)
+    r = y - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.dot(hi, h)
+    acc = tl.dot(mid, h, acc)
+    return tl.dot(lo, h, acc)
+
+
+@triton.jit
 def _rotate_row(x, h1_ptr, h2_ptr, P: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr,
-                STAGE1_DTYPE: tl.constexpr, STAGE1_IEEE: tl.constexpr):
+                STAGE1_DTYPE: tl.constexpr, STAGE1_IEEE: tl.constexpr, ROT_IMPL: tl.constexpr):
     """x · blockdiag(H_g)ᵀ for one padded row of length P, g = G1·G2, H_g = kron(H_G1, H_G2).
 
     Seeing a group as a G1×G2 matrix X (row-major), X·kron(A, B) = Aᵀ·X·B, so the rotation is one
     tensor-core matmul by H_G2 on the right (exact products: the Hadamard entries ±2^-k are exact
-    in bf16/fp16) and, when G1 > 1, one fp32 matmul by H_G1 on the transposed groups.
+    in bf16/fp16) and, when G1 > 1, a matmul by H_G1 (symmetric) from the left of every group:
+      ROT_IMPL 0: transpose the groups and multiply in fp32 ("ieee", CUDA cores);
+      ROT_IMPL 1: a batched [groups, G1, G1] x [groups, G1, G2] fp32 dot, no transposes;
+      ROT_IMPL 2: as 0 but on the tensor cores, y split exactly into three bf16 pieces.
     """
     xs = tl.reshape(x.to(STAGE1_DTYPE), (P // G2, G2))
     r2 = tl.arange(0, G2)
@@ -43,14 +60,22 @@ def _rotate_row(x, h1_ptr, h2_ptr, P: tl.constexpr, G1: tl.constexpr, G2: tl.con
     else:
         y = tl.dot(xs, h2)
     if G1 > 1:
-        y = tl.reshape(y, (P // (G1 * G2), G1, G2))
-        y = tl.permute(y, (0, 2, 1))
-        y = tl.reshape(y, (P // G1, G1))
         r1 = tl.arange(0, G1)
         h1 = tl.load(h1_ptr + r1[:, None] * G1 + r1[None, :])
-        y = tl.dot(y, h1, input_precision="ieee")
-        y = tl.reshape(y, (P // (G1 * G2), G2, G1))
-        y = tl.permute(y, (0, 2, 1))
+        if ROT_IMPL == 1:
+            y = tl.reshape(y, (P // (G1 * G2), G1, G2))
+            hb = tl.broadcast_to(h1[None, :, :], (P // (G1 * G2), G1, G1))
+            y = tl.dot(hb, y, input_precision="ieee")
+        else:
+            y = tl.reshape(y, (P // (G1 * G2), G1, G2))
+            y = tl.permute(y, (0, 2, 1))
+            y = tl.reshape(y, (P // G1, G1))
+            if ROT_IMPL == 2:
+                y = _dot_bf16x3(y, h1.to(tl.bfloat16))
+            else:
+                y = tl.dot(y, h1, input_precision="ieee")
+            y = tl.reshape(y, (P // (G1 * G2), G2, G1))
+            y = tl.permute(y, (0, 2, 1))
     return tl.reshape(y, (P,))
 
 
@@ -60,41 +85,50 @@ def _round_clamp_int8(v):
     return ((v + 12582912.0) - 12582912.0).to(tl.int8)
 
 
-@triton.jit
-def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr,
-                     K, stride_xm, stride_om, stride_sm, stride_sb,
+@triton.jit(do_not_specialize=["M"])
+def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr, K, stride_xm, M,
                      P: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr, BLOCK_Q: tl.constexpr,
-                     MODE: tl.constexpr, STAGE1_DTYPE: tl.constexpr, STAGE1_IEEE: tl.constexpr,
-                     HAS_ROWSCALE: tl.constexpr):
+                     SCALE_K_MAJOR: tl.constexpr, MODE: tl.constexpr, STAGE1_DTYPE: tl.constexpr,
+                     STAGE1_IEEE: tl.constexpr, ROT_IMPL: tl.constexpr, HAS_ROWSCALE: tl.constexpr):
     """MODE 0: quantize a row to int8 with one fp32 scale per row (BLOCK_Q == 0) or per BLOCK_Q
-    columns; G2 > 0 rotates first (convrot). MODE 1: write the rotated row (times an optional
-    per-row scale, used to dequantize convrot weights) in ``out_ptr``'s dtype."""
+    columns (scales [M, K/BLOCK_Q], or [K/BLOCK_Q, M] if SCALE_K_MAJOR); G2 > 0 rotates first
+    (convrot). MODE 1: write the rotated row (times an optional per-row scale, used to dequantize
+    convrot weights) in ``out_ptr``'s dtype. Output rows are contiguous (stride K).
+
+    scale = max(absmax / 127, 1e-30); q = round_half_even(clamp(y * (1 / scale), ±127)), with the
+    reciprocal and the product each rounded once (IEEE), as the torch reference computes them.
+    """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, P)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0)
     if G2 > 0:
-        y = _rotate_row(x, h1_ptr, h2_ptr, P, G1, G2, STAGE1_DTYPE, STAGE1_IEEE)
+        y = _rotate_row(x, h1_ptr, h2_ptr, P, G1, G2, STAGE1_DTYPE, STAGE1_IEEE, ROT_IMPL)
     else:
         y = x.to(tl.float32)
     if MODE == 1:
         if HAS_ROWSCALE:
             y = y * tl.load(rowscale_ptr + row)
-        tl.store(out_ptr + row * stride_om + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * K + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if BLOCK_Q == 0:
             amax = tl.max(tl.abs(y), axis=0)
             s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
-            q = _round_clamp_int8(tl.math.div_rn(y, s))
-            tl.store(s_ptr + row * stride_sm, s)
+            q = _round_clamp_int8(y * tl.math.div_rn(tl.full((), 1.0, tl.float32), s))
+            tl.store(s_ptr + row, s)
         else:
             yb = tl.reshape(y, (P // BLOCK_Q, BLOCK_Q))
             amax = tl.max(tl.abs(yb), axis=1)
             s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
-            q = tl.reshape(_round_clamp_int8(tl.math.div_rn(yb, s[:, None])), (P,))
+            inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+            q = tl.reshape(_round_clamp_int8(yb * inv[:, None]), (P,))
             nb = tl.arange(0, P // BLOCK_Q)
-            tl.store(s_ptr + row * stride_sm + nb * stride_sb, s, mask=nb < K // BLOCK_Q)
-        tl.store(out_ptr + row * stride_om + offs, q, mask=mask)
+            if SCALE_K_MAJOR:
+                s_ptrs = s_ptr + nb * M + row
+            else:
+                s_ptrs = s_ptr + row * (K // BLOCK_Q) + nb
+            tl.store(s_ptrs, s, mask=nb < K // BLOCK_Q)
+        tl.store(out_ptr + row * K + offs, q, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,20 +159,19 @@ def _int32_to_f32_exact(blk, MAGIC_CVT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])  # one compile serves every token count
-def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr,
-                     M, N, K, num_programs,
-                     stride_am, stride_bn, stride_cm,
-                     stride_asm, stride_ask, stride_wsn, stride_wsk,
+def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num_programs,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCKWISE: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr,
                      WS_TILE_SCALAR: tl.constexpr, MAGIC_CVT: tl.constexpr,
                      USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN_K: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """C[M,N] = epilogue(A[M,K] int8 · B[N,K]ᵀ int8).
+    """C[M,N] = epilogue(A[M,K] int8 · B[N,K]ᵀ int8); A, B, C row-contiguous (few arguments: the
+    launch overhead of a Triton kernel grows with its argument count).
 
     Tensor-wise/per-row: acc int32 over all K, then C = (acc·a_s[m])·w_s[n] (+ bias) in fp32.
     Block-wise: for each BK slice in K block kb = k // GROUP_K,
-        acc += f32(slice int32) · (a_s[m, kb] · w_s[n // GROUP_N, kb]),  C = acc (+ bias).
+        acc += f32(slice int32) · (a_s[kb, m] · w_s[n // GROUP_N, kb]),  C = acc (+ bias),
+    with a_s stored K-block-major [K/G, M] (contiguous loads along M) and w_s [ceil(N/G), K/G].
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -156,8 +189,8 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr,
         rm_safe = tl.where(rm < M, rm, 0)
         rn_safe = tl.where(rn < N, rn, 0)
         if not USE_TMA:
-            a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
-            b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+            a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * K + rk[None, :]
+            b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
         if BLOCKWISE:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         else:
@@ -179,33 +212,33 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr,
             if BLOCKWISE:
                 blk = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
                 kb = (ki * BK) // GROUP_K
-                a_s = tl.load(as_ptr + rm_safe * stride_asm + kb * stride_ask)
+                a_s = tl.load(as_ptr + kb * M + rm_safe)
                 if WS_TILE_SCALAR:
-                    w_s = tl.load(ws_ptr + (off_n // GROUP_N) * stride_wsn + kb * stride_wsk)
+                    w_s = tl.load(ws_ptr + (off_n // GROUP_N) * (K // GROUP_K) + kb)
                     acc += _int32_to_f32_exact(blk, MAGIC_CVT) * (a_s * w_s)[:, None]
                 else:
-                    w_s = tl.load(ws_ptr + (rn_safe // GROUP_N) * stride_wsn + kb * stride_wsk)
+                    w_s = tl.load(ws_ptr + (rn_safe // GROUP_N) * (K // GROUP_K) + kb)
                     acc += _int32_to_f32_exact(blk, MAGIC_CVT) * (a_s[:, None] * w_s[None, :])
             else:
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         if BLOCKWISE:
             out = acc
         else:
-            a_s = tl.load(as_ptr + rm_safe * stride_asm)
+            a_s = tl.load(as_ptr + rm_safe)
             out = acc.to(tl.float32) * a_s[:, None]
             if WS_PER_ROW:
-                out = out * tl.load(ws_ptr + rn_safe * stride_wsn)[None, :]
+                out = out * tl.load(ws_ptr + rn_safe)[None, :]
             else:
                 out = out * tl.load(ws_ptr)
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit(do_not_specialize=["M"])
 def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
-                      M, N, K, stride_am, stride_bn, stride_cm, stride_wsn, stride_wsk,
+                      M, N, K, stride_am,
                       WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -228,7 +261,7 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
     k_steps = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)
     k_start = pid_k * k_steps * BK
     a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + (k_start + rk)[None, :]
-    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * stride_bn + (k_start + rk)[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for ki in range(k_steps):
         k0 = k_start + ki * BK
@@ -250,7 +283,7 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
             else:
                 part = tl.dot(a, bt)
             kb = tl.minimum(k0, K - 1) // GROUP
-            w_s = tl.load(ws_ptr + (rn_safe // GROUP) * stride_wsn + kb * stride_wsk)
+            w_s = tl.load(ws_ptr + (rn_safe // GROUP) * (K // GROUP) + kb)
             acc += part * w_s[None, :]
         else:
             if DOT_IEEE:
@@ -260,13 +293,13 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
         a_ptrs += BK
         b_ptrs += BK
     if WS_MODE == 1:
-        acc = acc * tl.load(ws_ptr + rn_safe * stride_wsn)[None, :]
+        acc = acc * tl.load(ws_ptr + rn_safe)[None, :]
     elif WS_MODE == 0:
         acc = acc * tl.load(ws_ptr)
     if HAS_BIAS:
         if pid_k == 0:
             acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     cmask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
