@@ -549,6 +549,7 @@ class _Contribution:
     target: Target
     strength: float
     bias: bool  # this contribution changes the bias (bias_key) rather than the weight
+    shared: bool = False  # the module's delta also serves other targets (an original fused LoRA split)
 
 
 def _normalize_strengths(n: int, strengths) -> List[float]:
@@ -673,7 +674,8 @@ class LoraMerger:
                 fr.alpha_sources[mod.alpha_source] = fr.alpha_sources.get(mod.alpha_source, 0) + 1
                 for tgt in res.targets:
                     if mod.kind != "bias-only":
-                        by_key.setdefault(tgt.key, []).append(_Contribution(fi, mod, tgt, lf.strength, False))
+                        by_key.setdefault(tgt.key, []).append(
+                            _Contribution(fi, mod, tgt, lf.strength, False, shared=len(res.targets) > 1))
                     if mod.bias_delta() is not None:
                         by_key.setdefault(tgt.bias_key, []).append(_Contribution(fi, mod, tgt, lf.strength, True))
             if fr.matched == 0 and not lf.problems:
@@ -813,8 +815,11 @@ class LoraMerger:
             if c.bias:
                 d = c.module.bias_delta().to(torch.float32)
                 s = c.strength * c.module.bias_scale
-            else:
+            elif c.shared:
                 d = self._delta(c.module)
+                s = c.strength * c.module.scale
+            else:
+                d = c.module.weight_delta()
                 s = c.strength * c.module.scale
             if tgt.swap_halves:
                 half = d.shape[0] // 2
@@ -829,7 +834,10 @@ class LoraMerger:
                 self._apply_dora(view, d, c.module.scale, c.strength, c.module.dora, c.module.dora_mode,
                                  factor)
                 continue
-            upd = d * s
+            # a product computed just for this target is scaled in place; anything that may alias the
+            # LoRA's own tensors (diffs) or serve other targets is copied. Same values either way.
+            fresh = not c.bias and not c.shared and c.module.kind in ("lora", "loha", "lokr")
+            upd = d.mul_(s) if fresh else d * s
             if factor is not None:
                 f = factor if tgt.rows is None else factor.narrow(0, tgt.rows[0], tgt.rows[1])
                 upd = upd * f.reshape((-1,) + (1,) * (upd.dim() - 1))
