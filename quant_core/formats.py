@@ -242,8 +242,10 @@ class Int8Blockwise(QuantFormat):
         group_size: int = 128
 
         def __post_init__(self):
-            if self.group_size < 16 or self.group_size % 16:
-                raise PlanError(f"int8_blockwise group_size must be a multiple of 16, got {self.group_size}")
+            if not isinstance(self.group_size, int) or self.group_size < 16 or self.group_size % 16 \
+                    or self.group_size > 4096:
+                raise PlanError("int8_blockwise group_size must be a multiple of 16 between 16 and 4096, "
+                                f"got {self.group_size}")
 
     @classmethod
     def check_fits(cls, shape, params):

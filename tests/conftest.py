@@ -4,6 +4,13 @@ Triton kernels run under the interpreter on machines without a CUDA GPU (CI): th
 before triton is first imported, hence here at collection time.
 """
 import os
+import sys
+
+# `python -m pytest` puts the repository root on sys.path. The root is the package itself (installed
+# as `convert_to_quant`), so its sub-folders must not be importable as top-level modules: our `kernels/`
+# would be taken for Hugging Face's `kernels` package by transformers, our `nodes/` for ComfyUI's.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
 try:
     import torch
