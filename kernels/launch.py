@@ -122,14 +122,14 @@ class GemmConfig:
     num_stages: int
     GROUP_M: int = 8
     persistent: bool = False
-    tma: bool = False
+    tma: int = 0  # 0: pointer loads, 1: host TMA descriptors, 2: device-built TMA descriptors (Hopper)
     magic_cvt: bool = True  # block-wise only: int32->fp32 by an integer add (see triton_kernels)
     ctas_per_sm: int = 1  # persistent grid = SMs x this (small tiles: two CTAs interleave on one SM)
     split_k: int = 1  # W8A16 only: programs per output tile along K (fp32 atomics)
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
-        s += ("/tma" if self.tma else "") + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
+        s += ("", "/tmah", "/tma")[self.tma] + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
         return s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
 
 
@@ -141,15 +141,16 @@ C = GemmConfig
 # 256x128x128 persistent win at large M; BK=256 with 2 stages loses.
 _W8A8_CONFIGS = {
     "sm90": [
-        C(128, 256, 128, 8, 3, persistent=True, tma=True),
-        C(256, 128, 128, 8, 3, persistent=True, tma=True),
-        C(128, 128, 256, 8, 3, persistent=True, tma=True),
-        C(128, 256, 128, 8, 3, tma=True),
-        C(128, 128, 128, 4, 3, persistent=True, tma=True, ctas_per_sm=2),
-        C(128, 128, 128, 4, 3, tma=True),
-        C(128, 128, 64, 4, 4, persistent=True, tma=True, ctas_per_sm=2),
-        C(64, 128, 128, 4, 3, tma=True),
-        C(64, 64, 128, 4, 4, tma=True),
+        C(128, 256, 128, 8, 3, persistent=True, tma=2),
+        C(256, 128, 128, 8, 3, persistent=True, tma=2),
+        C(128, 128, 256, 8, 3, persistent=True, tma=2),
+        C(128, 256, 128, 8, 3, tma=2),
+        C(128, 128, 128, 4, 3, tma=2),
+        C(64, 128, 128, 4, 3, tma=2),
+        C(64, 64, 128, 4, 4, tma=2),
+        # host-descriptor twins: the fallback should device-built descriptors not compile here
+        C(128, 256, 128, 8, 3, persistent=True, tma=1),
+        C(64, 64, 128, 4, 4, tma=1),
     ],
     "sm89": [
         C(128, 128, 64, 4, 4), C(128, 256, 64, 8, 3), C(256, 128, 64, 8, 3),
@@ -165,14 +166,13 @@ _W8A8_CONFIGS = {
 # CTA); the per-K-block scaling runs between synchronous MMAs, so several CTAs per SM pay most.
 _BLOCKWISE_CONFIGS = {
     "sm90": [
-        C(64, 128, 128, 4, 4, tma=True),
-        C(64, 128, 128, 4, 3, tma=True),
-        C(64, 128, 128, 4, 2, tma=True),
-        C(64, 128, 128, 4, 3, tma=True, magic_cvt=False),
-        C(64, 128, 128, 4, 3, persistent=True, tma=True, ctas_per_sm=3),
-        C(128, 128, 128, 8, 4, persistent=True, tma=True, magic_cvt=False),
-        C(128, 128, 128, 8, 3, tma=True, magic_cvt=False),
-        C(64, 64, 128, 4, 3, tma=True),
+        C(64, 128, 128, 4, 4, tma=2),
+        C(64, 128, 128, 4, 3, tma=2),
+        C(128, 128, 128, 8, 3, tma=2, magic_cvt=False),
+        C(128, 128, 128, 8, 4, persistent=True, tma=2, magic_cvt=False),
+        C(64, 64, 128, 4, 3, tma=2),
+        C(64, 128, 128, 4, 4, tma=1),
+        C(64, 64, 128, 4, 3, tma=1),
     ],
     "sm89": [C(128, 128, 64, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4), C(128, 128, 64, 8, 3, magic_cvt=False)],
     "sm80": [C(128, 128, 64, 8, 3), C(128, 128, 128, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4)],
@@ -214,9 +214,9 @@ def _fits_gemm(cfg: GemmConfig, m: int, n: int, k: int) -> bool:
     return True
 
 
-def _largest_pow2_divisor(group: int, cap: int) -> int:
+def _largest_pow2_divisor(group: int, cap: int, floor: int = 32) -> int:
     bk = cap
-    while bk > 16 and group % bk:
+    while bk > floor and group % bk:
         bk //= 2
     return bk
 
@@ -331,15 +331,22 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             stage1, h_dtype, ieee = tk.tl.float32, torch.float32, True
         h2 = _hadamard(g2, x.device, h_dtype) if g2 else None
         h1 = _hadamard(g1, x.device, torch.float32) if g1 > 1 else None
-        num_warps = 1 if interp else (4 if p <= 2048 else (8 if p <= 8192 else 16))
+        # warps per row program: tuned among three around the size heuristic
+        base = 4 if p <= 2048 else (8 if p <= 8192 else 16)
+        warps = [1] if interp else [base, base // 2, base * 2]
         rot_impl = ROT_IMPL if not (interp and ROT_IMPL == 2) else 0  # interpreter: no bf16 dots
-        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, num_warps, rot_impl)
-    p, g1, g2, stage1, ieee, h1, h2, num_warps, rot_impl = meta
-    tk.act_quant_kernel[(m,)](
-        x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
-        out if rowscale is None else rowscale, k, x.stride(0), m,
-        P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
-        STAGE1_IEEE=ieee, ROT_IMPL=rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=num_warps)
+        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, warps, rot_impl)
+    p, g1, g2, stage1, ieee, h1, h2, warps, rot_impl = meta
+
+    def launch(cfg: GemmConfig) -> None:
+        tk.act_quant_kernel[(m,)](
+            x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
+            out if rowscale is None else rowscale, k, x.stride(0), m,
+            P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
+            STAGE1_IEEE=ieee, ROT_IMPL=rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=cfg.num_warps)
+
+    key = ("act", mkey, mode, k_major, rot_impl, m_bucket(m), rowscale is not None, out.dtype)
+    launch(TUNER.pick(key, lambda: [C(0, 0, 0, w, 1) for w in warps], launch))
 
 
 def launch_act_quant(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0,
@@ -374,12 +381,30 @@ def launch_rotate(x: torch.Tensor, group_size: int, out_dtype: torch.dtype,
 # ------------------------------------------------------------------------------------------------
 # GEMMs
 # ------------------------------------------------------------------------------------------------
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-built TMA descriptors need Triton's scratch allocator. It is a context variable (per
+    thread): install a torch-backed one where none is set, never replacing someone else's."""
+    try:
+        from triton.runtime import _allocation as alloc
+        if alloc._allocator.get() is not alloc._NULL_ALLOCATOR:
+            return
+    except Exception:  # pragma: no cover - a triton without that module layout
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # host side: triton.cdiv is a constexpr_function, microseconds per call
 
 
-def gemm_supports(n: int, k: int) -> bool:
-    return n % 16 == 0 and k % 16 == 0 and n > 0 and k > 0
+def gemm_supports(n: int, k: int, group_size: int = 0) -> bool:
+    """Shapes the Triton GEMMs take: N, K multiples of 16; block-wise groups multiples of 32
+    (an int8 tensor-core dot needs K >= 32 per step)."""
+    return n % 16 == 0 and k % 16 == 0 and n > 0 and k > 0 and group_size % 32 == 0
 
 
 def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
@@ -405,19 +430,22 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
         ws_per_row = False
     else:
         ws_per_row = w_scale.numel() > 1
-    use_tma_ok = (TensorDescriptor is not None and dev.type == "cuda" and qa.data_ptr() % 16 == 0
-                  and qw.data_ptr() % 16 == 0)
+    use_tma_ok = dev.type == "cuda" and qa.data_ptr() % 16 == 0 and qw.data_ptr() % 16 == 0
 
     def launch(cfg: GemmConfig) -> None:
         grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
         if cfg.persistent:
             grid = min(grid, _num_sms(dev) * cfg.ctas_per_sm)
-        tma = cfg.tma and use_tma_ok
-        if tma:
+        tma = cfg.tma if use_tma_ok else 0
+        if tma == 1:
+            if TensorDescriptor is None:
+                raise RuntimeError("host TMA descriptors need triton.tools.tensor_descriptor")
             a_arg = TensorDescriptor(qa, [m, k], [k, 1], [cfg.BM, cfg.BK])
             b_arg = TensorDescriptor(qw, [n, k], [k, 1], [cfg.BN, cfg.BK])
         else:
             a_arg, b_arg = qa, qw
+            if tma == 2:
+                _ensure_allocator()
         tk.int8_gemm_kernel[(grid,)](
             a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, m, n, k, grid,
             WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
@@ -481,7 +509,7 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     def candidates() -> List[GemmConfig]:
         cands = _w8a16_configs(arch_of(dev), m)
         if group_size:
-            cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
+            cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK, 16)) for cfg in cands]
         return list(dict.fromkeys(cands))
 
     launch(TUNER.pick(key, candidates, launch))

@@ -38,13 +38,17 @@ def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: i
     """
     y = rotate(x, convrot_groupsize) if convrot_groupsize else x.float()
     m, k = y.shape
+    # divide by a tensor, not the Python scalar 127: for "tensor / scalar" CUDA torch multiplies by
+    # the scalar's reciprocal, which is not the IEEE quotient the kernels compute
     if block_k:
         yb = y.reshape(m, k // block_k, block_k)
-        s = (yb.abs().amax(dim=2) / QMAX).clamp(min=SCALE_MIN)
-        q = _round_int8(yb * (1.0 / s)[:, :, None]).reshape(m, k)
+        amax = yb.abs().amax(dim=2)
+        s = (amax / torch.full_like(amax, QMAX)).clamp(min=SCALE_MIN)
+        q = _round_int8(yb * torch.reciprocal(s)[:, :, None]).reshape(m, k)
         return q, s
-    s = (y.abs().amax(dim=1) / QMAX).clamp(min=SCALE_MIN)
-    return _round_int8(y * (1.0 / s)[:, None]), s
+    amax = y.abs().amax(dim=1)
+    s = (amax / torch.full_like(amax, QMAX)).clamp(min=SCALE_MIN)
+    return _round_int8(y * torch.reciprocal(s)[:, None]), s
 
 
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

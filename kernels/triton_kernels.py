@@ -133,7 +133,9 @@ def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr, K, str
 
 # ------------------------------------------------------------------------------------------------
 # int8 GEMMs. One kernel body, specialized by constexprs:
-#   USE_TMA    - A and B come as host TensorDescriptors (Hopper); else raw pointers.
+#   USE_TMA    - 0: raw pointer loads; 1: A and B come as host TensorDescriptors; 2: descriptors built
+#                on the device from the raw pointers (Hopper; no per-launch host encoding, which
+#                costs tens of microseconds in Triton 3.6 and dominates at a few thousand tokens).
 #   BLOCKWISE  - per-K-block scales applied in the main loop (fp32 accumulation) instead of an
 #                int32 accumulator scaled once in the epilogue.
 #   persistent - the grid may be smaller than the tile count; programs stride over tiles in grouped
@@ -179,6 +181,12 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BK)
     rk = tl.arange(0, BK)
+    if USE_TMA == 2:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+    elif USE_TMA == 1:
+        a_desc = a_ptr
+        b_desc = b_ptr
     for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BM
@@ -188,7 +196,7 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num
         # clamp instead of masking rows: out-of-range rows read row 0 and are dropped at the store
         rm_safe = tl.where(rm < M, rm, 0)
         rn_safe = tl.where(rn < N, rn, 0)
-        if not USE_TMA:
+        if USE_TMA == 0:
             a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * K + rk[None, :]
             b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
         if BLOCKWISE:
@@ -196,9 +204,9 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num
         else:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
         for ki in range(k_tiles):
-            if USE_TMA:
-                a = a_ptr.load([off_m, ki * BK])
-                b = b_ptr.load([off_n, ki * BK])
+            if USE_TMA > 0:
+                a = a_desc.load([off_m, ki * BK])
+                b = b_desc.load([off_n, ki * BK])
             else:
                 if EVEN_K:
                     a = tl.load(a_ptrs)
