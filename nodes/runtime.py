@@ -19,7 +19,6 @@ import comfy.utils
 import folder_paths
 import nodes as comfy_nodes
 
-from ..quant_core.calibration import capture_calibration
 from ..quant_core.errors import ConvertError
 from ..quant_core.formats import make_spec
 from ..quant_core.plan import PlanOptions
@@ -121,7 +120,7 @@ def _to_cpu(v):
 
 def _to_device(v, device):
     if torch.is_tensor(v):
-        return v.to(device)
+        return v.to(device, copy=True)  # a normal tensor even if recorded under inference mode
     if isinstance(v, (list, tuple)):
         return type(v)(_to_device(x, device) for x in v)
     if isinstance(v, dict):
@@ -183,16 +182,21 @@ class QuantCalibrationCapture:
         def forward(_, batch):
             comfy.model_management.throw_exception_if_processing_interrupted()
             c = _to_device(batch["c"], device)
-            base.apply_model(batch["x"].to(device), batch["t"].to(device), **c)
+            base.apply_model(_to_device(batch["x"], device), _to_device(batch["t"], device), **c)
 
+        from ..quant_core.calibration import capture_calibration
         path = os.path.join(temp_dir(folder_paths.get_output_directory()),
                             f"{os.getpid()}-{uuid.uuid4().hex}.calibration.safetensors")
         lines: List[str] = []
         try:
-            summary = capture_calibration(base.diffusion_model, recorded, path, forward=forward,
-                                          budget_bytes=int(budget_mb) << 20, max_tokens_per_call=max_tokens_per_call,
-                                          metadata={"source": "ComfyUI sampling", "steps": str(steps)},
-                                          log=lines.append)
+            # ComfyUI runs nodes under inference_mode; the collector tracks tensor versions, which
+            # inference tensors do not have
+            with torch.inference_mode(False):
+                summary = capture_calibration(base.diffusion_model, recorded, path, forward=forward,
+                                              budget_bytes=int(budget_mb) << 20,
+                                              max_tokens_per_call=max_tokens_per_call,
+                                              metadata={"source": "ComfyUI sampling", "steps": str(steps)},
+                                              log=lines.append)
         except BaseException:
             if os.path.exists(path):
                 os.unlink(path)

@@ -236,3 +236,27 @@ def test_quantize_errors_are_clear(server):
     with pytest.raises(PromptRejected):
         server.queue({"1": {"class_type": "QuantLoadWeights", "inputs": {"weights": "diffusion_models/nope"}}})
     assert not os.path.exists(server.models("diffusion_models", "ctq", "never.safetensors"))
+
+
+def test_calibration_capture_feeds_quantize(server):
+    """Capture statistics from a real sampling run (the user's conditioning), then quantize with GPTQ and
+    with RTN on them: the calibrated optimizer must give the better layer outputs on those activations."""
+    prompt = sample_nodes(["10", 0], "calib", start=100)
+    del prompt["103"], prompt["104"]  # keep conditioning + latent, sampling happens in the capture node
+    prompt["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}}
+    prompt["30"] = {"class_type": "QuantCalibrationCapture", "inputs": {
+        "model": ["10", 0], "positive": ["100", 0], "negative": ["101", 0], "latent_image": ["102", 0], "seed": 1,
+        "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "max_tokens_per_call": 4096,
+        "budget_mb": 64}}
+    prompt["1"] = {"class_type": "QuantLoadWeights", "inputs": {"weights": f"diffusion_models/{MODEL}"}}
+    for nid, opt in (("2", "gptq"), ("5", "rtn")):
+        prompt[nid] = quantize_node(["1", 0], optimizer=opt, calibration=["30", 0])
+        prompt[nid + "1"] = {"class_type": "QuantQualityReport", "inputs": {"quantized": [nid, 0]}}
+    entry = ok(server.run(prompt))
+    cap = ui_outputs(entry, "30")["text"][0]
+    assert "26 layers" in cap and "model calls" in cap, cap
+    s_gptq = ui_outputs(entry, "21")["quant_report"][0]["summary"]
+    s_rtn = ui_outputs(entry, "51")["quant_report"][0]["summary"]
+    assert s_gptq["mean_output_sqnr_db"] > s_rtn["mean_output_sqnr_db"] + 1.0, (s_gptq, s_rtn)
+    # the statistics file lives in the hidden temporary folder, not among the user's outputs
+    assert not [n for n in os.listdir(server.output()) if n.endswith(".safetensors")]
