@@ -9,9 +9,11 @@ that moment), so a conversion gives the same bytes every time and on every rank 
   estimates the working set of the layer's optimizer (``estimate_layer_bytes``) and, while it exceeds the
   budget, moves work off the GPU in this order: the Hessian factorization (float64 Cholesky, ``~52·in²``
   bytes) to the CPU, the LDLQ/GPTQ sweep into more row segments, and finally the whole layer to the CPU.
-* **bf16 compute** (``--bf16-compute``): the Hadamard rotation of the weight and of the Hessian in bf16
-  (float32 accumulation) above ``--bf16-hadamard-threshold`` / ``--bf16-hessian-threshold`` elements.
-  Everything that accumulates error (rounding sweep, factorization, scales) stays float32/float64.
+* **bf16 compute** (``--bf16-compute``): the Hadamard rotation of the weight and of the Hessian with
+  bf16 operands above ``--bf16-hadamard-threshold`` / ``--bf16-hessian-threshold`` elements. ``auto``
+  (CUDA only) takes the cases measured harmless: the Hessian's rotation, and the weight's when lossless
+  (a bf16 weight on a GEMM that returns float32); ``on`` also rounds rotated weights to bf16 (-0.2 dB). Everything that
+  accumulates error (rounding sweep, factorization, scales) stays float32/float64.
 * **OOM guard**: a layer that still raises ``torch.OutOfMemoryError`` is retried with its Hessian on the
   CPU and more row segments, then on the CPU; the layer's report says so. ``--no-memory-limits``
   turns budgets and guard off (an OOM then ends the run with a clear error and no output file).
@@ -90,17 +92,25 @@ class MemoryPolicy:
             parts.append(f"bf16 compute {self.bf16}")
         return ", ".join(parts)
 
-    def use_bf16(self, kind: str, numel: int, device: Optional[torch.device] = None) -> bool:
-        """bf16 for ``kind`` ("hadamard": weight rotation, "hessian": Hessian rotation) of ``numel``
-        elements? ``auto``: only where memory is scarce (a streaming mode other than ``off``) on a CUDA
-        card with bf16 support; ``on``: on any device (on the CPU it is slower than float32)."""
+    def use_bf16(self, kind: str, numel: int, device: Optional[torch.device] = None,
+                 exact_input: bool = False) -> bool:
+        """bf16 for ``kind`` ("hadamard": the weight's rotation, "hessian": the Hessian's) of ``numel``
+        elements? ``on``: above the threshold, on any device. ``auto``: on a bf16 CUDA card, only where it
+        was measured harmless (tests/test_memory_modes.py): the Hessian's rotation (GPTQ output SQNR
+        43.789 -> 43.792 dB: the 1% damping dwarfs bf16 rounding), and the weight's rotation only when
+        lossless -- a bf16 weight (``exact_input``; the Hadamard entries ±2^-k are bf16 too) on a GEMM that
+        returns float32 (``torch.mm(out_dtype=)``). Rounding the rotated weight to bf16 costs 0.2-0.3 dB."""
         if self.bf16 == "off":
             return False
-        dev = device or self.device
-        if self.bf16 == "auto" and (self.mode == "off" or dev.type != "cuda" or not _cuda_bf16_supported(dev)):
-            return False
         threshold = self.bf16_hadamard_threshold if kind == "hadamard" else self.bf16_hessian_threshold
-        return numel >= threshold
+        if numel < threshold:
+            return False
+        if self.bf16 == "on":
+            return True
+        dev = device or self.device
+        if dev.type != "cuda" or not _cuda_bf16_supported(dev):
+            return False
+        return kind == "hessian" or (exact_input and mm_out_dtype_supported(dev))
 
 
 def _cuda_bf16_supported(dev: torch.device) -> bool:
@@ -108,6 +118,21 @@ def _cuda_bf16_supported(dev: torch.device) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] >= 8)
     except Exception:  # pragma: no cover - no driver
         return False
+
+
+_MM_OUT_DTYPE: Dict[str, bool] = {}
+
+
+def mm_out_dtype_supported(dev: torch.device) -> bool:
+    """Does ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` run on ``dev`` (CUDA in recent torch)?"""
+    key = str(dev)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=dev)
+            _MM_OUT_DTYPE[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except Exception:
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
 
 
 def resolve_streaming_mode(mode: str, free_vram_bytes: Optional[int]) -> str:
@@ -251,15 +276,16 @@ def place_layer(shape: Sequence[int], optimizer: str, policy: MemoryPolicy, rota
 
 
 def fallback_placements(first: Placement, optimizer: str) -> List[Placement]:
-    """What the OOM guard tries after ``first`` failed: Hessian on the CPU with 4x the row segments
-    (calibrated optimizers), then the whole layer on the CPU."""
+    """What the OOM guard tries after ``first`` ran out of memory: for calibrated optimizers 4x the row
+    segments with the Hessian factored on the CPU, then (from a GPU) the whole layer on the CPU."""
     out: List[Placement] = []
-    if first.device.type == "cuda":
-        if optimizer in CALIBRATED_OPTIMIZERS:
-            seg = min(max(first.row_segments, 1) * 4, MAX_ROW_SEGMENTS)
-            if seg != first.row_segments or first.hessian_device is None:
-                out.append(Placement(first.device, seg, CPU, "retry after out of GPU memory"))
-        out.append(Placement(CPU, 1, None, "retry on the CPU after out of GPU memory"))
+    on_gpu = first.device.type != "cpu"
+    if optimizer in CALIBRATED_OPTIMIZERS and (first.row_segments < MAX_ROW_SEGMENTS
+                                               or (on_gpu and first.hessian_device is None)):
+        seg = min(max(first.row_segments, 1) * 4, MAX_ROW_SEGMENTS)
+        out.append(Placement(first.device, seg, CPU if on_gpu else None, "retry after running out of memory"))
+    if on_gpu:
+        out.append(Placement(CPU, 1, None, "retry on the CPU after running out of GPU memory"))
     return out
 
 
@@ -292,13 +318,13 @@ def run_guarded(attempt: Callable[[Placement], Any], first: Placement, optimizer
         # outside the except block: the traceback's frames (and their GPU tensors) are gone now
         release_cuda_memory()
         if not policy.oom_guard:
-            raise ConvertError(f"{what}: out of GPU memory on {pl.device} ({failed}); --no-memory-limits "
+            raise ConvertError(f"{what}: out of memory on {pl.device} ({failed}); --no-memory-limits "
                                "turns the retry off -- drop it, or choose --streaming-mode balanced/aggressive")
         if i + 1 == len(plans):
-            raise ConvertError(f"{what}: out of GPU memory on {pl.describe()} and no smaller placement is left "
+            raise ConvertError(f"{what}: out of memory on {pl.describe()} and no smaller placement is left "
                                f"({failed})")
-        msg = f"out of GPU memory on {pl.describe()}; retried on {plans[i + 1].describe()}"
-        if plans[i + 1].device.type == "cpu":
+        msg = f"out of memory on {pl.describe()}; retried on {plans[i + 1].describe()}"
+        if plans[i + 1].device.type == "cpu" and pl.device.type != "cpu":
             msg += " (CPU arithmetic: bytes can differ from a GPU run)"
         notes.append(msg)
         log(f"warning: {what}: {msg}")
@@ -340,16 +366,34 @@ def enable_deterministic_gpu_math():
 # bf16 compute
 # ------------------------------------------------------------------------------------------------
 def rotate_bf16(x: torch.Tensor, rotate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``rotate(x)`` computed in bf16 (float32 accumulation inside the GEMM), returned as float32."""
+    """``rotate(x)`` computed in bf16 (float32 accumulation inside the GEMM, bf16 result), as float32."""
     return rotate(x.to(torch.bfloat16)).float()
 
 
+def rotate_groups_bf16(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``hadamard.rotate_groups`` with bf16 operands and a float32 result where the GEMM can return one
+    (CUDA: exact products, float32 sums -- lossless for a bf16 weight); elsewhere the result is rounded
+    to bf16."""
+    from .hadamard import regular_hadamard, rotate_groups
+    n = x.shape[-1]
+    if n % group_size:
+        return rotate_groups(x, group_size)  # raises the format's error
+    h = regular_hadamard(group_size, device=x.device, dtype=torch.bfloat16)
+    xb = x.to(torch.bfloat16).reshape(-1, group_size)
+    if x.device.type == "cuda" and mm_out_dtype_supported(x.device):
+        out = torch.mm(xb, h.T, out_dtype=torch.float32)
+    else:
+        out = torch.mm(xb, h.T).float()
+    return out.reshape(x.shape)
+
+
 def storage_weight(w: torch.Tensor, spec, options: Optional[Dict[str, Any]]) -> torch.Tensor:
-    """``spec``'s storage-space weight (the convrot rotation), in bf16 when the pipeline set
+    """``spec``'s storage-space weight (the convrot rotation), with bf16 operands when the pipeline set
     ``bf16_hadamard`` for this layer."""
-    if (options or {}).get("bf16_hadamard"):
-        return rotate_bf16(w, lambda x: spec.cls.to_storage(x, spec.params))
-    return spec.cls.to_storage(w, spec.params)
+    p = spec.params
+    if (options or {}).get("bf16_hadamard") and getattr(p, "convrot", False):
+        return rotate_groups_bf16(w, p.convrot_groupsize)
+    return spec.cls.to_storage(w, p)
 
 
 def quantize_rtn(w: torch.Tensor, spec, options: Optional[Dict[str, Any]], orig_dtype: torch.dtype):
