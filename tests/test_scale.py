@@ -1,0 +1,189 @@
+"""Multi-process conversion (quant_core/distributed.py) on CPU with gloo: byte-identical to the
+one-process run (GPTQ with calibration statistics through --devices; RTN convrot through torchrun),
+work assignment (balanced, calibration groups kept together, copies on rank 0), and failures (one error
+line naming the rank, exit 2, no file left)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convert_to_quant.quant_core import distributed
+from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
+from convert_to_quant.quant_core.distributed import assign_work, layer_cost, parse_devices, strip_devices_flag
+from convert_to_quant.quant_core.errors import PlanError
+from convert_to_quant.quant_core.formats import make_spec
+from convert_to_quant.quant_core.pipeline import ConversionJob, ConvertOptions, convert_file
+from convert_to_quant.quant_core.plan import PlanOptions
+
+from helpers import file_sha256, tiny_dit, write_model
+
+RANK_TIMEOUT = 240
+
+
+def _env(threads=1):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "convert_to_quant"] + args, capture_output=True, text=True,
+                          env=_env(), timeout=RANK_TIMEOUT, **kw)
+
+
+def one_thread_convert(src, out, opts):
+    """The one-process reference with the thread count each CPU rank uses (CPU GEMMs split differently
+    with more threads: bytes on the CPU depend on the thread count, on a GPU they do not)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return convert_file(src, out, opts)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scale")
+    sd = tiny_dit(width=128, blocks=2)
+    return write_model(d / "dit.safetensors", sd), sd
+
+
+def _calibration(sd, path):
+    """Statistics for every block layer; q/k/v and the first MLP layer read one input (one group)."""
+    g = torch.Generator().manual_seed(7)
+    layers, groups = {}, {}
+
+    def stats(name, inn):
+        x = torch.randn(256, inn, generator=g) * (1 + 3 * (torch.rand(inn, generator=g) > 0.95))
+        return LayerStats(name, x.T @ x, x.abs().amax(0), x.mean(0), 256, 256)
+
+    for k, t in sd.items():
+        if not k.endswith(".weight") or t.dim() != 2 or not k.startswith(("double_blocks", "single_blocks")):
+            continue
+        base = k[:-len(".weight")]
+        grp = base.replace("img_mlp.0", "img_attn.qkv")  # shares the attention input
+        layers[base] = grp
+        if grp not in groups:
+            groups[grp] = stats(grp, t.shape[1])
+    CalibrationData(layers, groups).save(str(path))
+    return str(path), layers
+
+
+# ------------------------------------------------------------------------------------------------
+# units
+# ------------------------------------------------------------------------------------------------
+def test_parse_devices():
+    assert parse_devices("0,1") == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:2, cuda:3") == ["cuda:2", "cuda:3"]
+    assert parse_devices("cpu,cpu,cpu") == ["cpu"] * 3
+    for bad, msg in (("0", "at least two"), ("0,0", "twice"), ("0,cpu", "mixes"), ("0,gpu1", "not a GPU")):
+        with pytest.raises(PlanError, match=msg):
+            parse_devices(bad)
+    assert strip_devices_flag(["-i", "a", "--devices", "0,1", "--x"]) == ["-i", "a", "--x"]
+    assert strip_devices_flag(["--devices=0,1", "-i", "a"]) == ["-i", "a"]
+
+
+def test_assignment_is_balanced_and_keeps_groups_and_copies_together(model, tmp_path):
+    src, sd = model
+    calib, layers = _calibration(sd, tmp_path / "calib.safetensors")
+    opts = ConvertOptions(plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu")
+    job = ConversionJob(src, str(tmp_path / "o.safetensors"), opts)
+    try:
+        for world in (2, 3):
+            shares = assign_work(job, world)
+            assert shares == assign_work(job, world)  # deterministic
+            assert sorted(k for s in shares for k in s) == sorted(job.order)  # every key exactly once
+            for s in shares:  # file order within a rank (sequential reads)
+                assert s == [k for k in job.order if k in s]
+            owner = {k: r for r, s in enumerate(shares) for k in s}
+            for k in job.order:
+                lp = job.plan.layer_for_key(k)
+                if lp is None or lp.spec is None:
+                    assert owner[k] == 0, k  # biases, norms, kept layers: copied by the writer's rank
+            for base, grp in layers.items():  # one calibration group -> one rank (loaded once)
+                assert owner[base + ".weight"] == owner[grp + ".weight"], base
+            loads = [sum(layer_cost(job.reader.info(k).shape, "gptq") for k in s
+                         if job.plan.layer_for_key(k) is not None and job.plan.layer_for_key(k).spec is not None)
+                     for s in shares]
+            biggest = max(layer_cost(job.reader.info(k).shape, "gptq") * 2 for k in job.order
+                          if job.plan.layer_for_key(k) is not None)
+            assert max(loads) - min(loads) <= biggest, loads  # greedy LPT: within one unit
+    finally:
+        job.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# byte identity
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_devices_cpu_gptq_with_calibration_is_byte_identical(model, tmp_path):
+    src, sd = model
+    calib, _ = _calibration(sd, tmp_path / "calib.safetensors")
+    ref = str(tmp_path / "one.safetensors")
+    res = one_thread_convert(src, ref, ConvertOptions(
+        plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu",
+        report_path=str(tmp_path / "one_report.json")))
+    assert res.report.summary["layers_quantized"] > 10
+    out = str(tmp_path / "two.safetensors")
+    r = cli(["-i", src, "-o", out, "--optimizer", "gptq", "--calibration-data", calib, "--devices", "cpu,cpu",
+             "--report-quality", str(tmp_path / "two_report.json")])
+    assert r.returncode == 0, r.stderr
+    assert "2 ranks: rank 0:" in r.stdout
+    assert file_sha256(out) == file_sha256(ref)
+    one = json.load(open(tmp_path / "one_report.json"))
+    two = json.load(open(tmp_path / "two_report.json"))
+    assert list(two["layers"]) == list(one["layers"])  # same order: file order
+    assert two["layers"] == one["layers"]  # same numbers, computed from the same bytes
+    assert any("output_sqnr_db" in l for l in two["layers"].values())
+
+
+@pytest.mark.slow
+def test_torchrun_three_ranks_convrot_is_byte_identical(model, tmp_path):
+    src, _ = model
+    ref = str(tmp_path / "one.safetensors")
+    one_thread_convert(src, ref, ConvertOptions(plan=PlanOptions(spec=make_spec(convrot=True, convrot_groupsize=64)),
+                                                device="cpu"))
+    out = str(tmp_path / "three.safetensors")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+                        "-m", "convert_to_quant", "-i", src, "-o", out, "--convrot", "--convrot-group-size", "64",
+                        "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=RANK_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert file_sha256(out) == file_sha256(ref)
+    assert r.stdout.count("wrote ") == 1  # only rank 0 reports
+
+
+# ------------------------------------------------------------------------------------------------
+# failures
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_run_cleanly(model, tmp_path):
+    src, sd = model
+    bad = dict(sd)
+    key = "single_blocks.1.linear2.weight"
+    bad[key] = bad[key].clone()
+    bad[key][3, 5] = float("nan")
+    path = write_model(tmp_path / "nan.safetensors", bad)
+    opts = ConvertOptions(plan=PlanOptions(spec=make_spec()), device="cpu")
+    job = ConversionJob(path, str(tmp_path / "x.safetensors"), opts)
+    owner = next(r for r, s in enumerate(assign_work(job, 2)) if key in s)
+    job.close()
+    out = str(tmp_path / "out.safetensors")
+    r = cli(["-i", path, "-o", out, "--devices", "cpu,cpu"])
+    assert r.returncode == 2
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    assert key in errors[0] and "NaN" in errors[0]
+    assert ("rank 1:" in errors[0]) == (owner == 1)
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_devices_flag_errors_are_one_line(model, tmp_path):
+    src, _ = model
+    r = cli(["-i", src, "-o", str(tmp_path / "o.safetensors"), "--devices", "0"])
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --devices needs at least two devices")
