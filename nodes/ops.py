@@ -188,18 +188,23 @@ class QuantLinearMixin:
         return "dense"
 
     def _add_side_paths(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # y is a fresh GEMM output: accumulate into it in place (one read + one write of y per LoRA
+        # group, the up-projection's epilogue does the add) -- at video token counts the side path is
+        # memory-bound, and a separate "y + h" would double its traffic
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])  # a view of the contiguous kernel output (a copy otherwise: still right)
         for i, rows in enumerate(self.lora_groups):
             down = getattr(self, f"lora_down_{i}").to(device=x.device, dtype=x.dtype)
             up = getattr(self, f"lora_up_{i}").to(device=x.device, dtype=x.dtype)
-            h = F.linear(F.linear(x, down), up)
+            h = torch.mm(x2, down.t())
             if rows is None:
-                y = y + h
+                y2.addmm_(h, up.t())
             else:
                 start, length = rows
-                y = torch.cat([y[..., :start], y[..., start:start + length] + h, y[..., start + length:]], -1)
+                y2[:, start:start + length].addmm_(h, up.t())
         if self.has_dense_delta:
-            y = y + F.linear(x, self.lora_dense.to(device=x.device, dtype=x.dtype))
-        return y
+            y2.addmm_(x2, self.lora_dense.to(device=x.device, dtype=x.dtype).t())
+        return y2.reshape(y.shape)
 
     # --- forward --------------------------------------------------------------------------------
     def _cast_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:

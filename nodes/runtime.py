@@ -17,7 +17,6 @@ import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
-import nodes as comfy_nodes
 
 from ..quant_core.errors import ConvertError
 from ..quant_core.formats import make_spec
@@ -59,6 +58,7 @@ class QuantCLIPLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        import nodes as comfy_nodes  # ComfyUI's nodes.py (pulls in the samplers): only when the UI asks
         types = comfy_nodes.CLIPLoader.INPUT_TYPES()["required"]["type"]
         return {"required": {"clip_name": (_safetensors("text_encoders"),), "type": types,
                              "compute_dtype": (list(DTYPE_CHOICES), {"default": "default"})}}
@@ -139,6 +139,7 @@ class QuantCalibrationCapture:
 
     @classmethod
     def INPUT_TYPES(cls):
+        import nodes as comfy_nodes
         ks = comfy_nodes.KSampler.INPUT_TYPES()["required"]
         return {"required": {
             "model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
@@ -170,6 +171,7 @@ class QuantCalibrationCapture:
             raise ConvertError("the MODEL already has a model function wrapper; capture calibration before "
                                "nodes that install one")
         m.set_model_unet_function_wrapper(record)
+        import nodes as comfy_nodes
         (latent,) = comfy_nodes.common_ksampler(m, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                                 latent_image)
         if not recorded:

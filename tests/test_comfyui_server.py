@@ -260,3 +260,83 @@ def test_calibration_capture_feeds_quantize(server):
     assert s_gptq["mean_output_sqnr_db"] > s_rtn["mean_output_sqnr_db"] + 1.0, (s_gptq, s_rtn)
     # the statistics file lives in the hidden temporary folder, not among the user's outputs
     assert not [n for n in os.listdir(server.output()) if n.endswith(".safetensors")]
+
+
+def _example(name):
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows", "api",
+                           name + ".json")) as f:
+        return json.load(f)
+
+
+def _runnable(wf, model_name):
+    """The example with what this test machine lacks swapped out, structure kept: the text encoder
+    (CLIPLoader + CLIPTextEncode) becomes test conditioning, the VAE decode + video save a SaveLatent;
+    model/LoRA files are the small generated ones, the latent 64x64x1 and 2 steps."""
+    wf = json.loads(json.dumps(wf))
+    prefix = None
+    for nid, node in list(wf.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "CLIPLoader" or ct == "VAELoader" or ct == "VAEDecode":
+            del wf[nid]
+        elif ct == "CLIPTextEncode":
+            wf[nid] = {"class_type": "CTQTestConditioning", "inputs": {"seed": int(nid), "tokens": 8, "dim": 4096}}
+        elif ct == "SaveAnimatedWEBP":
+            prefix = "example_" + inp["filename_prefix"]
+            sampler = next(k for k, v in wf.items() if v["class_type"] == "KSampler")
+            wf[nid] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": f"latents/{prefix}"}}
+        elif ct in ("UNETLoader", "QuantDiffusionModelLoader"):
+            inp["unet_name"] = model_name if ct == "UNETLoader" else INT8
+        elif ct == "LoraLoaderModelOnly":
+            inp["lora_name"] = LORA
+        elif ct == "EmptyHunyuanLatentVideo":
+            inp.update(width=64, height=64, length=1)
+        elif ct == "KSampler":
+            inp["steps"] = 2
+    return wf, prefix
+
+
+@pytest.mark.parametrize("name", ["load_and_sample_with_lora", "quantize_on_the_fly"])
+def test_example_workflow_runs(server, converted, name):
+    wf, prefix = _runnable(_example(name), MODEL)
+    ok(server.run(wf))
+    out = _latent(server, prefix)
+    assert out.shape == (1, 16, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_example_convert_and_save_runs(server):
+    wf = _example("convert_and_save")
+    wf["1"]["inputs"]["weights"] = f"diffusion_models/{MODEL}"
+    wf["5"]["inputs"]["filename"] = "ctq/example_int8.safetensors"
+    entry = ok(server.run(wf))
+    assert os.path.isfile(server.models("diffusion_models", "ctq", "example_int8.safetensors"))
+    assert ui_outputs(entry, "4")["images"]  # the SQNR chart IMAGE went to PreviewImage
+
+
+def test_core_int8_convrot_file_from_comfy_kitchen_loads_and_samples(server):
+    """A file quantized by comfy-kitchen (the library stock ComfyUI uses) in the core int8_tensorwise +
+    convrot format, described only by the header's _quantization_metadata (no per-layer comfy_quant
+    tensors), loads in our loader and samples close to the float model."""
+    layout = pytest.importorskip("comfy_kitchen.tensor.int8").TensorWiseINT8Layout
+    from convert_to_quant.quant_core.plan import PlanOptions, build_plan
+    from convert_to_quant.quant_core.model_quant import tensor_infos
+    sd = wan21_state_dict()
+    plan = build_plan(tensor_infos(sd), PlanOptions(presets=("auto",)))
+    out, layers = {}, {}
+    for key, t in sd.items():
+        lp = plan.layer_for_key(key)
+        if lp is None or lp.spec is None:
+            out[key] = t
+            continue
+        q, params = layout.quantize(t, is_weight=True, per_channel=True, convrot=True, convrot_groupsize=256)
+        out[key], out[lp.base + ".weight_scale"] = q, params.scale.float()
+        layers[lp.base] = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_tensors(server.models("diffusion_models", "ctq", "wan_core_convrot.safetensors"), out, metadata=meta)
+    prompt = {"10": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+              "20": {"class_type": "QuantDiffusionModelLoader",
+                     "inputs": {"unet_name": "ctq/wan_core_convrot.safetensors", "compute_dtype": "default"}}}
+    prompt.update(sample_nodes(["10", 0], "core_ref", start=100))
+    prompt.update(sample_nodes(["20", 0], "core_int8", start=200))
+    ok(server.run(prompt))
+    assert len(layers) == 20
+    assert rel_err(_latent(server, "core_int8"), _latent(server, "core_ref")) < 0.05
