@@ -38,9 +38,12 @@ from ..quant_core.hadamard import regular_hadamard
 BACKEND_ENV = "CONVERT_TO_QUANT_KERNEL_BACKEND"
 AUTOTUNE_ENV = "CONVERT_TO_QUANT_AUTOTUNE"
 MAX_ROW_P = 32768  # the activation kernel keeps a (padded) row in registers; longer rows use torch
-# How the second Hadamard factor is applied for g = 256/1024 (see triton_kernels._rotate_row):
-# 2 = tensor cores on an exact 3-way bf16 split (the interpreter, which has no exact bf16 dot, uses 0).
-ROT_IMPL = int(os.environ.get("CONVERT_TO_QUANT_ROT_IMPL", "2"))
+# How the second Hadamard factor is applied for g = 256/1024 (see triton_kernels._rotate_row).
+# None: tuned per shape between 2 (tensor cores on an exact 3-way bf16 split; measured fastest on an
+# H200 for rows up to 8192) and 0 (fp32 on the CUDA cores; fastest for 16384-long rows). The
+# interpreter, which has no exact bf16 dot, always uses 0. Env CONVERT_TO_QUANT_ROT_IMPL forces one.
+ROT_IMPL: Optional[int] = (int(os.environ["CONVERT_TO_QUANT_ROT_IMPL"])
+                           if os.environ.get("CONVERT_TO_QUANT_ROT_IMPL") else None)
 
 
 def interpreter_active() -> bool:
@@ -126,25 +129,30 @@ class GemmConfig:
     magic_cvt: bool = True  # block-wise only: int32->fp32 by an integer add (see triton_kernels)
     ctas_per_sm: int = 1  # persistent grid = SMs x this (small tiles: two CTAs interleave on one SM)
     split_k: int = 1  # W8A16 only: programs per output tile along K (fp32 atomics)
+    rot_impl: int = 0  # activation kernel only: convrot implementation (triton_kernels._rotate_row)
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
         s += ("", "/tmah", "/tma")[self.tma] + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
-        return s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
+        return (s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
+                + (f"/rot{self.rot_impl}" if self.rot_impl else ""))
 
 
 C = GemmConfig
 # W8A8 with int32 accumulation (tensor-wise / per-row weight scales).
 # Triton keeps int32-accumulator wgmma synchronous (a wait after every K step: "accumulator is not
 # fp32"), so what pays on Hopper is two warpgroups per CTA (8 warps) or two CTAs per SM, whose MMAs
-# fill each other's waits, and TMA loads. Measured on an H200 (docs/KERNELS.md): 128x256x128 and
-# 256x128x128 persistent win at large M; BK=256 with 2 stages loses.
+# fill each other's waits, and TMA loads. Measured on an H200 (docs/KERNELS.md): BK=256 with 2
+# stages and 128x128x64 lose everywhere and were dropped.
 _W8A8_CONFIGS = {
     "sm90": [
+        # the best at every large shape in run 2 (docs/KERNELS.md): two 128x128 CTAs per SM, each one
+        # warpgroup, whose synchronous MMAs interleave; 748 us = 1470 TOPS GEMM-only at 8192^3
+        C(128, 128, 128, 4, 3, persistent=True, tma=1, ctas_per_sm=2),
+        C(128, 128, 128, 4, 3, persistent=True, tma=2, ctas_per_sm=2),
         C(128, 256, 128, 8, 3, persistent=True, tma=2),
         C(256, 128, 128, 8, 3, persistent=True, tma=2),
         C(128, 128, 256, 8, 3, persistent=True, tma=2),
-        C(128, 256, 128, 8, 3, tma=2),
         C(128, 128, 128, 4, 3, tma=2),
         C(64, 128, 128, 4, 3, tma=2),
         C(64, 64, 128, 4, 4, tma=2),
@@ -331,22 +339,27 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             stage1, h_dtype, ieee = tk.tl.float32, torch.float32, True
         h2 = _hadamard(g2, x.device, h_dtype) if g2 else None
         h1 = _hadamard(g1, x.device, torch.float32) if g1 > 1 else None
-        # warps per row program: tuned among three around the size heuristic
+        # warps per row program (three around the size heuristic) and, for two-factor Hadamards,
+        # the rotation implementation: tuned per shape
         base = 4 if p <= 2048 else (8 if p <= 8192 else 16)
         warps = [1] if interp else [base, base // 2, base * 2]
-        rot_impl = ROT_IMPL if not (interp and ROT_IMPL == 2) else 0  # interpreter: no bf16 dots
-        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, warps, rot_impl)
-    p, g1, g2, stage1, ieee, h1, h2, warps, rot_impl = meta
+        if interp or g1 == 1:
+            impls = [0]
+        else:
+            impls = [ROT_IMPL] if ROT_IMPL is not None else [2, 0]
+        cands = [C(0, 0, 0, w, 1, rot_impl=i) for i in impls for w in warps]
+        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands)
+    p, g1, g2, stage1, ieee, h1, h2, cands = meta
 
     def launch(cfg: GemmConfig) -> None:
         tk.act_quant_kernel[(m,)](
             x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
             out if rowscale is None else rowscale, k, x.stride(0), m,
             P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
-            STAGE1_IEEE=ieee, ROT_IMPL=rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=cfg.num_warps)
+            STAGE1_IEEE=ieee, ROT_IMPL=cfg.rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=cfg.num_warps)
 
-    key = ("act", mkey, mode, k_major, rot_impl, m_bucket(m), rowscale is not None, out.dtype)
-    launch(TUNER.pick(key, lambda: [C(0, 0, 0, w, 1) for w in warps], launch))
+    key = ("act", mkey, mode, k_major, ROT_IMPL, m_bucket(m), rowscale is not None, out.dtype)
+    launch(TUNER.pick(key, lambda: cands, launch))
 
 
 def launch_act_quant(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0,
