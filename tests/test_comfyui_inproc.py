@@ -20,7 +20,7 @@ RESULT = "CTQ_RESULT "
 
 CHECKS = ("int8_model_matches_float", "memory_accounting_and_to", "lora_side_path", "lora_lowvram",
           "dense_delta_fallback", "fused_offset_patch", "blockwise_and_convrot_files", "on_the_fly_quantize",
-          "text_encoder_loader", "torch_compile")
+          "text_encoder_loader", "temp_files_and_chart", "torch_compile")
 
 if __name__ != "__main__":
     import pytest
@@ -83,6 +83,9 @@ if __name__ != "__main__":
 
     def test_text_encoder_loader(results):
         _assert_check(results, "text_encoder_loader")
+
+    def test_temp_files_and_chart(results):
+        _assert_check(results, "temp_files_and_chart")
 
     def test_torch_compile(results):
         _assert_check(results, "torch_compile")
@@ -376,6 +379,40 @@ def check_text_encoder_loader(c: Ctx):
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
     assert cos > 0.99, cos
     return {"int8_layers": n, "cosine": cos, "rel_err": rel(out, ref)}
+
+
+def check_temp_files_and_chart(c: Ctx):
+    """Quantize's temporary file lives exactly as long as ComfyUI holds the node output; files of a dead
+    process are swept at the next start; the SQNR chart marks layers below the threshold in red."""
+    import gc
+    import subprocess
+    import tempfile
+    torch = c.torch
+    from convert_to_quant.nodes.chart import BAD, GOOD, render_sqnr_chart
+    from convert_to_quant.nodes.handles import (QuantizedFile, WeightsSource, new_temp_path,
+                                                remove_stale_temp_files, temp_dir)
+    out = tempfile.mkdtemp(prefix="ctq-out-")
+    path = new_temp_path(out)
+    open(path, "wb").write(b"x")
+    qf = QuantizedFile(path, WeightsSource("src", "diffusion_models/src", None), report=None, settings={})
+    assert qf.exists()
+    del qf
+    gc.collect()
+    assert not os.path.exists(path), "temporary conversion not removed with its handle"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = os.path.join(temp_dir(out), f"{dead.pid}-0123.safetensors")
+    mine = new_temp_path(out)
+    for p in (stale, mine):
+        open(p, "wb").write(b"x")
+    assert remove_stale_temp_files(out) == 1
+    assert not os.path.exists(stale) and os.path.exists(mine)
+    img = render_sqnr_chart([("a", 45.0), ("b", 20.0), ("c", 38.0)], threshold=30.0)
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    px = (img[0] * 255).round().to(torch.int32)
+    count = lambda rgb: int((px == torch.tensor(rgb, dtype=torch.int32)).all(-1).sum())
+    assert count(GOOD) > 2 * count(BAD) > 0, (count(GOOD), count(BAD))
+    return {}
 
 
 def check_torch_compile(c: Ctx):
