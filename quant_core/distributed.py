@@ -38,7 +38,7 @@ import torch
 
 from . import errors as _errors
 from .errors import ConvertError, PlanError
-from .memory import (CALIBRATED_OPTIMIZERS, GiB, Prefetcher, WriteBehind, free_vram, policy_from_options)
+from .memory import CALIBRATED_OPTIMIZERS, Prefetcher, WriteBehind, free_vram, policy_from_options
 from .metrics import LayerQuality
 
 ITEM, DONE, ERROR = 0, 1, 2
@@ -276,8 +276,6 @@ def convert_distributed(input_path: str, output_path: Optional[str], options, in
                         log: Callable[[str], None] = lambda m: None):
     """Run this process's share of a multi-rank conversion. Rank 0 returns the ``ConversionResult``;
     the other ranks return ``None``. All ranks must call it with the same arguments."""
-    import torch.distributed as dist
-
     from .pipeline import ConversionJob
     info = info or distributed_env()
     if info is None:
@@ -374,7 +372,7 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
 
     bound = job.memory.prefetch_bytes
     with job.open_writer() as writer:
-        with WriteBehind(writer, max(bound, 256 << 20)) as out:
+        with WriteBehind(writer, max(bound, 256 << 20)) as out:  # peers' results queue here too
             threads = [threading.Thread(target=receive, args=(p, out), name=f"ctq-recv-{p}", daemon=True)
                        for p in range(1, info.world)]
             for th in threads:
@@ -440,8 +438,8 @@ def launch(devices: Sequence[str], argv: Sequence[str], threads_per_rank: Option
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible_list = [v.strip() for v in visible.split(",")] if visible else None
     base_argv = strip_devices_flag(argv)
-    if threads_per_rank is None and all(d == "cpu" for d in devices):
-        threads_per_rank = max(1, (os.cpu_count() or 1) // n)
+    if threads_per_rank is None and all(d == "cpu" for d in devices) and not os.environ.get("OMP_NUM_THREADS"):
+        threads_per_rank = max(1, (os.cpu_count() or 1) // n)  # CPU ranks share the cores
     procs: List[subprocess.Popen] = []
     for r, dev in enumerate(devices):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),

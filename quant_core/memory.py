@@ -34,7 +34,7 @@ import os
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,9 @@ STREAMING_BUDGETS: Dict[str, Optional[int]] = {
 AUTO_MODE_MIN_FREE: Tuple[Tuple[str, int], ...] = (
     ("off", 22 * GiB), ("minimal", 12 * GiB), ("balanced", 8 * GiB), ("aggressive", 0))
 MAX_ROW_SEGMENTS = 16
+# read-ahead and write-behind each hold at most this much (and always one tensor): a few Flux-sized
+# tensors, enough to keep reading, GPU work and writing busy at once
+STREAMING_BUFFER_BYTES = 512 << 20
 
 BF16_MODES = ("auto", "on", "off")
 DEFAULT_BF16_THRESHOLD = 1_000_000  # elements; default of the two specific thresholds below
@@ -75,7 +78,7 @@ class MemoryPolicy:
     bf16: str = "off"  # auto | on | off
     bf16_hadamard_threshold: int = DEFAULT_BF16_THRESHOLD
     bf16_hessian_threshold: int = DEFAULT_BF16_THRESHOLD
-    prefetch_bytes: int = 2 * GiB  # read-ahead / write-behind bound (0 with --low-memory)
+    prefetch_bytes: int = 512 << 20  # read-ahead and write-behind bounds (0 with --low-memory)
     free_vram_bytes: Optional[int] = None  # what ``auto`` saw
 
     def describe(self) -> str:
@@ -185,7 +188,7 @@ def policy_from_options(options: Optional[Dict[str, Any]], device: torch.device,
         oom_guard=not no_limits, low_memory=bool(low_memory), bf16=bf16,
         bf16_hadamard_threshold=general if had is None else int(had),
         bf16_hessian_threshold=general if hes is None else int(hes),
-        prefetch_bytes=0 if low_memory else 2 * GiB, free_vram_bytes=free)
+        prefetch_bytes=0 if low_memory else STREAMING_BUFFER_BYTES, free_vram_bytes=free)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from convert_to_quant.quant_core.metrics import error_stats
 from convert_to_quant.quant_core.optimizers import LayerContext, get_optimizer
 from convert_to_quant.quant_core.pipeline import ConversionJob, ConvertOptions, convert_file
 from convert_to_quant.quant_core.plan import PlanOptions
-from convert_to_quant.quant_core.safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter, load_file
+from convert_to_quant.quant_core.safetensors_io import OutputEntry, StreamingWriter, load_file
 
 from helpers import file_sha256, heavy_tailed, tiny_dit, write_model
 
@@ -339,6 +339,21 @@ def test_bf16_hessian_rotation_effect_on_gptq():
     assert res["fp32"] > rtn + 1.0
     assert abs(res["hessian"] - res["fp32"]) < 0.05
     assert 0.1 < res["fp32"] - res["weight"] < 0.5
+
+
+def test_quip_checkpointed_gives_the_same_integers():
+    """LDLQ in 4 row segments (``--quip-checkpointed``) = one segment, bit for bit: rows are independent
+    given the Hessian, only the working memory shrinks."""
+    spec = make_spec(convrot=True, convrot_groupsize=256)
+    w = heavy_tailed((1024, 512), seed=1).to(torch.bfloat16).float()
+    out = {}
+    for name, o in (("plain", {}), ("ckpt", {"quip_checkpointed": True, "quip_checkpoint_threshold": 512,
+                                              "quip_checkpoint_segments": 4})):
+        with layer_rng("x", CPU):
+            out[name] = get_optimizer("quip")(w.clone(), spec, LayerContext(base="x", options=o))
+    assert out["ckpt"].info["row_segments"] == 4 and out["plain"].info["row_segments"] == 1
+    assert torch.equal(out["plain"].qw.qdata, out["ckpt"].qw.qdata)
+    assert torch.equal(out["plain"].qw.scale, out["ckpt"].qw.scale)
 
 
 # ------------------------------------------------------------------------------------------------
