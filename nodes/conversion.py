@@ -113,6 +113,15 @@ class QuantLoadWeights:
     CATEGORY = CATEGORY
     DESCRIPTION = "Choose a model file to quantize; shows its detected family, layer count and size."
 
+    @classmethod
+    def IS_CHANGED(cls, weights: str):
+        # a file replaced under the same name must be re-read (ComfyUI caches by inputs otherwise)
+        try:
+            st = os.stat(resolve_choice(weights))
+        except (ConvertError, OSError):
+            return float("nan")  # never equal: re-run and report the problem
+        return f"{st.st_mtime_ns}-{st.st_size}"
+
     def load(self, weights: str):
         path = resolve_choice(weights)
         info = inspect_weights(path)

@@ -93,6 +93,8 @@ def quantize_loaded_model(source: comfy.model_patcher.ModelPatcher, plan_opts: P
     modified). Patches already on ``source`` (e.g. a LoRA loaded before) are merged into the weights
     first; its model options (sampler wrappers, transformer options) and object patches carry over."""
     prefix = "diffusion_model."
+    if quant_linears(source.model):
+        raise ConvertError("this MODEL is already quantized (it has int8 layers)")
     key_patches = source.get_key_patches(prefix)
     if not key_patches:
         raise ConvertError("the MODEL has no diffusion_model weights to quantize")
@@ -104,8 +106,6 @@ def quantize_loaded_model(source: comfy.model_patcher.ModelPatcher, plan_opts: P
         if len(plist) > 1:
             w = source.calculate_weight(plist[1:], w.to(torch.float32, copy=True), key).to(w.dtype)
         weights[key[len(prefix):]] = w
-    if any(getattr(m, "is_quantized", False) for m in source.model.modules()):
-        raise ConvertError("this MODEL is already quantized (it has int8 layers)")
 
     plan = plan_for_tensors(weights, plan_opts)
     sd = quantize_tensors(weights, plan, progress=progress, check_cancel=check_cancel)
