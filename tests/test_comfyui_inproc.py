@@ -123,6 +123,7 @@ class Ctx:
         from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
         from convert_to_quant.quant_core.plan import PlanOptions
         self.torch = torch
+        self.tmp_dirs = []
         self.float_sd = wan21_state_dict()
         self.lora_sd = wan21_lora()
         self.plan_opts = lambda spec=None: PlanOptions(spec=spec or make_spec(), presets=("auto",))
@@ -140,7 +141,13 @@ class Ctx:
         import tempfile
         from comfy_helpers import save_tensors
         d = tempfile.mkdtemp(prefix="ctq-inproc-")
+        self.tmp_dirs.append(d)
         return save_tensors(os.path.join(d, name), tensors)
+
+    def cleanup(self):
+        import shutil
+        for d in self.tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def float_patcher(self):
         import comfy.sd
@@ -392,6 +399,7 @@ def check_temp_files_and_chart(c: Ctx):
     from convert_to_quant.nodes.handles import (QuantizedFile, WeightsSource, new_temp_path,
                                                 remove_stale_temp_files, temp_dir)
     out = tempfile.mkdtemp(prefix="ctq-out-")
+    c.tmp_dirs.append(out)
     path = new_temp_path(out)
     open(path, "wb").write(b"x")
     qf = QuantizedFile(path, WeightsSource("src", "diffusion_models/src", None), report=None, settings={})
@@ -457,6 +465,13 @@ def main(names):
     import logging
     logging.basicConfig(level=logging.WARNING)
     c = Ctx()
+    try:
+        run_checks(c, names)
+    finally:
+        c.cleanup()
+
+
+def run_checks(c, names):
     for name in names:
         t0 = time.time()
         try:
