@@ -66,7 +66,7 @@ def _load_all() -> Tuple[Tuple[str, ...], Dict[str, Preset]]:
         with open(os.path.join(PRESET_DIR, fname), encoding="utf-8") as f:
             d = json.load(f)
         if d["name"] == "default":
-            default_skip = tuple(d["skip"])
+            default_skip = tuple(d["skip"]) + tuple(d.get("embedding_tables", ()))
             continue
         presets[d["name"]] = Preset(
             name=d["name"], description=d.get("description", ""), skip=tuple(d.get("skip", ())),

@@ -1,6 +1,7 @@
 """Plan and presets: every seed preset's skip list on a key list of its family, detection, layer-config,
 regex options, fallback, dry-run."""
 import json
+import os
 
 import pytest
 
@@ -155,7 +156,13 @@ def test_all_seed_presets_exist_as_data():
     assert seed <= set(presets)
     assert {n for n, p in presets.items() if p.seed_preset} == seed
     assert "mm_input_projection_weight" in P.default_skip() and "norm" in P.default_skip()
-    assert len(P.default_skip()) == 31
+    seed_avoid = json.load(open(os.path.join(P.PRESET_DIR, "default.json")))["skip"]
+    assert len(seed_avoid) == 31 and set(seed_avoid) <= set(P.default_skip())
+    # embedding tables are never quantized as linear layers (CLIP, BERT, GPT-style names)
+    plan = build_plan(infos({"text_model.embeddings.token_embedding.weight": (49408, 768),
+                             "text_model.embeddings.position_embedding.weight": (77, 768),
+                             "text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768)}), PlanOptions())
+    assert [b for b, lp in plan.layers.items() if lp.spec is not None] == ["text_model.encoder.layers.0.mlp.fc1"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
