@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("no-memory-limits"), action="store_true",
                    help="no VRAM budget and no out-of-memory retry (an OOM ends the run)")
     g.add_argument(*_both("bf16-compute"), choices=["auto", "on", "off"], default="auto",
-                   help="Hadamard rotations of weight and Hessian in bf16: auto = on a bf16 GPU when the "
-                        "streaming mode is not off; rounding, scales and factorizations stay float32/64")
+                   help="Hadamard rotations with bf16 operands: auto = on a bf16 GPU where measured harmless "
+                        "(Hessian rotations; weight rotations only when lossless); on = everywhere, also "
+                        "rounding rotated weights to bf16 (-0.2 dB); rounding sweeps, scales and factorizations "
+                        "stay float32/64")
     g.add_argument(*_both("bf16-threshold"), type=int, default=None,
                    help="elements from which bf16 is used (default 1000000; the two below override it)")
     g.add_argument(*_both("bf16-hadamard-threshold"), type=int, default=None)
@@ -179,7 +181,7 @@ class Console:
     def __init__(self, level: int):
         self.level = level
 
-    def __call__(self, msg: str, level: int = 1):
+    def __call__(self, msg: str, level: int = 0):
         if self.level >= level:
             print(msg, file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout, flush=True)
 
@@ -427,6 +429,17 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    rc = _main(argv)
+    if rc != 0 and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        # a failed rank of a multi-process run: threads of the process group may be blocked in a receive
+        # from a peer that is still working; leave at once instead of tearing the group down
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these
@@ -442,7 +455,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 130
     except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_by_rank0", False):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -41,8 +41,22 @@ def model_file() -> str:
     return os.path.join(model_dir(), "model.safetensors")
 
 
+def _hide_package_root():
+    """``python -m convert_to_quant`` run from the repository root puts the root on sys.path; its
+    ``kernels/`` folder would then be taken for Hugging Face's ``kernels`` package by transformers."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+
+
 def load_model(state_dict: Dict[str, torch.Tensor] = None):
     """The MiniLM BERT encoder (transformers), optionally with replaced weights."""
+    _hide_package_root()
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -54,6 +68,7 @@ def load_model(state_dict: Dict[str, torch.Tensor] = None):
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         real_missing = [k for k in missing if "position_ids" not in k]
+        unexpected = [k for k in unexpected if "position_ids" not in k]
         if real_missing or unexpected:
             raise ConvertError(f"quantized MiniLM does not fit the model: missing {real_missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
@@ -91,11 +106,111 @@ def evaluate_file(quantized_path: str, sentences: Sequence[str] = EVAL_SENTENCES
             "w8a8_mean_cosine": sum(c8) / len(c8), "w8a8_min_cosine": min(c8)}
 
 
-def prepare_calibration(args, opts, console):
-    """Calibrated optimizers on the example use statistics captured on real sentences."""
-    if opts.optimizer == "rtn" or opts.calibration_data:
+# Sentences calibration statistics are captured on (disjoint from EVAL_SENTENCES): varied topics,
+# lengths and registers, so every layer sees realistic activations including its outlier channels.
+CALIBRATION_SENTENCES = [
+    "A cat sleeps on the warm windowsill while the rain taps against the glass.",
+    "The committee postponed its decision until the financial report is published next month.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "He forgot his umbrella at the train station again.",
+    "What time does the pharmacy on Main Street close on Sundays?",
+    "The orchestra rehearsed the second movement of the symphony for three hours.",
+    "Our new smartphone app lets you track deliveries in real time.",
+    "The glacier has retreated nearly two kilometres since the nineteenth century.",
+    "Please remember to water the tomatoes before you leave for the weekend.",
+    "The defendant's lawyer argued that the evidence had been obtained illegally.",
+    "Fresh bread, olives and a bowl of soup made a simple but perfect lunch.",
+    "The spacecraft entered orbit around Jupiter after a five-year journey.",
+    "Can you recommend a good book about the history of mathematics?",
+    "Traffic on the motorway was backed up for miles after the accident.",
+    "The startup raised forty million dollars in its latest funding round.",
+    "My grandmother taught me how to knit when I was seven years old.",
+    "Vaccines train the immune system to recognise specific pathogens.",
+    "The referee blew the whistle and the crowd erupted in cheers.",
+    "Compile the project with optimisations enabled before running the benchmark.",
+    "A narrow path winds through the forest down to a quiet lake.",
+    "The museum's new exhibition features paintings from the Dutch golden age.",
+    "Interest in electric bicycles has grown rapidly in European cities.",
+    "She whispered the answer so that only her brother could hear it.",
+    "The recipe calls for two eggs, a cup of flour and a pinch of salt.",
+    "Researchers found that sleep deprivation impairs short-term memory.",
+    "The ferry to the island leaves every hour from the northern pier.",
+    "I would like to cancel my subscription and request a refund.",
+    "Volcanic eruptions can cool the global climate for several years.",
+    "The puppy chased its tail until it fell over, exhausted and happy.",
+    "Negotiations between the two companies broke down over pricing.",
+    "The ancient library contained thousands of handwritten scrolls.",
+    "Turn left at the second roundabout and the hotel is on your right.",
+    "The algorithm sorts the list in logarithmic time on average.",
+    "Thunderstorms are expected across the region later this afternoon.",
+    "He practised the piano every evening for the upcoming competition.",
+    "The city council approved a plan to plant ten thousand new trees.",
+    "Why do leaves change colour in the autumn?",
+    "The detective noticed a faint scratch on the edge of the safe.",
+    "Solar panels on the roof now supply most of the building's electricity.",
+    "The children laughed at the clown who juggled five oranges at once.",
+    "Inflation slowed slightly in the last quarter according to official data.",
+    "A gentle breeze carried the scent of lavender across the garden.",
+    "The software update fixes a bug that caused the app to crash on startup.",
+    "Mountaineers must acclimatise slowly to avoid altitude sickness.",
+    "The bakery around the corner sells the best croissants in town.",
+    "Scientists sequenced the genome of a rare deep-sea octopus.",
+    "The students presented their robotics project to the judges.",
+    "Where can I find the nearest charging station for my car?",
+    "The painter mixed blue and yellow to create a vivid shade of green.",
+    "Heavy snowfall closed the mountain pass for the rest of the week.",
+    "The novel tells the story of two sisters separated during the war.",
+    "Regular exercise lowers the risk of heart disease and diabetes.",
+    "The airline apologised for the delay and offered meal vouchers.",
+    "Bees play an essential role in pollinating many food crops.",
+    "The old lighthouse has guided ships along this coast for a century.",
+    "Our team will review the proposal and respond by Friday.",
+    "The chess grandmaster sacrificed her queen to win the game.",
+    "Wind turbines were installed along the ridge above the village.",
+    "A sudden power outage left the entire neighbourhood in darkness.",
+    "The translation preserves the humour of the original poem.",
+    "Dolphins communicate with each other using clicks and whistles.",
+    "The conference will be held online because of the travel restrictions.",
+    "He carefully folded the map and put it back in his backpack.",
+    "The new bridge reduces the commute across the river by twenty minutes.",
+]
+
+
+def calibration_path(output: str) -> str:
+    return os.path.splitext(output)[0] + "_calibration.safetensors"
+
+
+def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION_SENTENCES,
+                               log=lambda m: None) -> Dict[str, object]:
+    """Run MiniLM on ``sentences`` (one at a time: no padding tokens in the statistics) and write the
+    calibration statistics of every nn.Linear input to ``path``."""
+    from .calibration import capture_calibration
+    overlap = set(sentences) & set(EVAL_SENTENCES)
+    if overlap:
+        raise ConvertError(f"calibration sentences must not include evaluation sentences ({sorted(overlap)[:1]})")
+    model, tok = load_model()
+    batches = [tok([s], return_tensors="pt", truncation=True, max_length=128) for s in sentences]
+    return capture_calibration(model, batches, path, forward=lambda m, b: m(**b), dtype=torch.float64,
+                               metadata={"source": "all-MiniLM-L6-v2", "sentences": str(len(sentences))},
+                               log=log)
+
+
+def prepare_calibration(args, opts, console, output: str = None):
+    """Calibrated steps on the example use statistics captured on real sentences (CALIBRATION_SENTENCES,
+    disjoint from the evaluation sentences), unless --calibration-data names a file."""
+    oo = opts.optimizer_options or {}
+    wants = opts.optimizer != "rtn" or oo.get("smoothquant") or oo.get("bias_correction")
+    if not wants or opts.calibration_data:
         return
-    raise ConvertError(f"--example --optimizer {opts.optimizer}: calibration capture is not available yet")
+    n = getattr(args, "calib_samples", None) or len(CALIBRATION_SENTENCES)
+    if n < 1:
+        raise ConvertError("--calib_samples must be at least 1")
+    sentences = CALIBRATION_SENTENCES[:n]
+    path = calibration_path(output or default_output())
+    summary = capture_minilm_calibration(path, sentences, log=lambda m: console(m, 2))
+    console(f"example: captured calibration statistics of {summary['layers']} layers on {len(sentences)} "
+            f"sentences -> {path}")
+    opts.calibration_data = path
 
 
 def default_output() -> str:
@@ -117,8 +232,8 @@ def run_example(args, console) -> int:
     if not args.output:
         opts.overwrite = True  # our own scratch file
     opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
-    prepare_calibration(args, opts, console)
-    console(f"example: quantizing {src}")
+    prepare_calibration(args, opts, console, out)
+    console(f"example: quantizing {src}", 1)
     res = convert_file(src, out, opts, log=lambda m: console(m, 1))
     for line in res.report.summary_lines():
         console(line)

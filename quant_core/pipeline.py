@@ -18,7 +18,9 @@ import torch
 from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
-from .optimizers import LayerContext, get_optimizer
+from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
+                     policy_from_options, run_guarded)
+from .optimizers import LayerContext, get_optimizer, run_optimizer
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
@@ -35,6 +37,7 @@ class ConvertOptions:
     loras: List[str] = field(default_factory=list)
     lora_strengths: List[float] = field(default_factory=list)
     lora_dampen: bool = False
+    lora_strict: bool = False  # LoRA keys that match no layer are an error (else listed in the report)
     device: str = "auto"
     low_memory: bool = False
     report_path: Optional[str] = None
@@ -165,6 +168,22 @@ def _nonfinite(t: torch.Tensor) -> Optional[str]:
     return None
 
 
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation above ``threshold`` with its own mmap, returned to the OS on
+    free. Without this, glibc raises its mmap threshold after the first large free and later layer-sized
+    buffers land in the heap, which fragments and keeps RSS at ~2x what one layer needs (measured in
+    benchmarks/memory.py: 439 -> 204 MB above baseline for 4096x4096 block-wise layers)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1
+        libc.mallopt(M_TRIM_THRESHOLD, threshold)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 class ConversionJob:
     """Everything decided before the first tensor is written: reader, plan, LoRA merger, calibration,
     output header. ``process(key)`` turns one input tensor into its output tensors; ``run()`` streams
@@ -176,6 +195,9 @@ class ConversionJob:
         self.opts = opts = options or ConvertOptions()
         self.log = log
         self.input_path = input_path
+        self.prefetched: Dict[str, torch.Tensor] = {}  # key -> tensor already read (run's read-ahead)
+        if opts.low_memory:
+            limit_heap_growth()
         self.reader = SafetensorsReader(input_path)
         try:
             self._prepare(output_path or default_output_path(input_path))
@@ -194,12 +216,17 @@ class ConversionJob:
             log(note)
         self.optimizer = get_optimizer(opts.optimizer)
         self.device = resolve_device(opts.device)
+        if self.device.type == "cuda":
+            enable_deterministic_gpu_math()
+        self.memory = policy_from_options(opts.optimizer_options, self.device, opts.low_memory)
+        if self.memory.device.type == "cuda" or self.memory.bf16 == "on":
+            log(f"memory: {self.memory.describe()}")
 
         self.merger, self.lora_report = None, None
         if opts.loras:
             from .lora import LoraMerger
             self.merger = LoraMerger.from_files(opts.loras, opts.lora_strengths or [1.0] * len(opts.loras),
-                                                dampen=opts.lora_dampen)
+                                                dampen=opts.lora_dampen, strict=opts.lora_strict)
             self.lora_report = self.merger.bind(
                 {k: (i.dtype, i.shape) for k, i in reader.infos.items()},
                 kept={lp.weight_key for lp in plan.layers.values() if lp.spec is None})
@@ -216,7 +243,8 @@ class ConversionJob:
         elif opts.nan_policy != "error":
             raise ConvertError(f"unknown NaN policy {opts.nan_policy!r} (error, keep)")
 
-        self.entries = plan.output_entries()
+        self._prepare_calibrated_steps(plan, log)
+        self.entries = plan.output_entries(extra=self.bias_correction["extra"] if self.bias_correction else None)
         self.metadata = dict(reader.metadata)
         qmeta = quantization_metadata(plan)
         if qmeta:
@@ -231,61 +259,135 @@ class ConversionJob:
         dropped = set(plan.dropped)
         self.order = [k for k in sorted(reader.keys(), key=lambda k: reader.info(k).begin) if k not in dropped]
 
+    def _prepare_calibrated_steps(self, plan, log):
+        """SmoothQuant (changes layer formats), bias correction (may add bias tensors) and the
+        --calibration-lora weighting: all decided before the header is computed."""
+        oo = self.opts.optimizer_options or {}
+        notes = []
+        if oo.get("smoothquant"):
+            from .optimizers.smoothquant import apply_to_plan
+            notes += apply_to_plan(plan, self.calibration, oo)
+        self.bias_correction = None
+        if oo.get("bias_correction"):
+            from .optimizers.bias_correction import plan_bias_correction
+            self.bias_correction = plan_bias_correction(plan, self.calibration)
+            notes += self.bias_correction["notes"]
+        self.lora_directions = None
+        if oo.get("calibration_lora"):
+            from .optimizers.objective import LoraDirections
+            self.lora_directions = LoraDirections(
+                oo["calibration_lora"], {k: (i.dtype, i.shape) for k, i in self.reader.infos.items()})
+        for n in notes:
+            log(n)
+        plan.notes.extend(notes)
+
     def process(self, key: str, device: Optional[torch.device] = None
                 ) -> Tuple[Dict[str, torch.Tensor], Optional[Tuple[str, LayerQuality]]]:
-        """Output tensors (on the CPU) for input tensor ``key``, and the layer's quality entry if it is a
-        layer. Raises BadWeightsError for non-finite weights of a layer to quantize."""
+        """Output tensors (on the CPU) for input tensor ``key`` (read by ``run``'s read-ahead thread when
+        it is in ``self.prefetched``), and the layer's quality entry if it is a layer. Raises
+        BadWeightsError for non-finite weights of a layer to quantize. The layer runs where the memory
+        policy places it (``memory.place_layer``) and is retried smaller or on the CPU when the GPU runs
+        out of memory (``memory.run_guarded``)."""
         info = self.reader.info(key)
-        t = self.reader.get(key)
+        t = self.prefetched.pop(key, None)
+        if t is None:
+            t = self.reader.get(key)
         if self.merger is not None:
             t = self.merger.apply(key, t)
         lp = self.plan.layer_for_key(key)
+        if (self.bias_correction and key.endswith(".bias")
+                and key[: -len(".bias")] in self.bias_correction["layers"]):
+            return {}, None  # written, corrected, together with its layer's weight
         if lp is None or lp.spec is None:
             out = {key: t.to(info.dtype) if t.dtype != info.dtype else t}
             if lp is None:
                 return out, None
             return out, (lp.base, LayerQuality(format=f"keep {info.dtype_name}", shape=list(info.shape),
                                                quantized=False, reason=lp.reason))
-        bad = _nonfinite(t)
-        if bad:
-            raise BadWeightsError(f"{key}: weight has {bad}; refusing to quantize it "
-                                  "(use --nan-policy keep to keep such layers unquantized)")
-        device = device or self.device
-        w = t.to(device=device, dtype=torch.float32)
-        del t
-        ctx = LayerContext(base=lp.base, device=device, options=self.opts.optimizer_options,
-                           orig_dtype=info.dtype, log=self.log,
-                           stats=self.calibration.for_layer(lp.base) if self.calibration is not None else None)
-        res = self.optimizer(w, lp.spec, ctx)
-        qw = res.qw
-        if qw.format != lp.spec.format or qw.params != lp.spec.params:
-            raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
-                               f"{qw.format} {qw.params} for {lp.base}, planned {lp.spec.describe()}")
-        tensors = {k: v.detach().cpu() for k, v in lp.spec.cls.tensors(lp.base, qw).items()}
-        lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
+        policy = self.memory
+        if device is not None and torch.device(device) != policy.device:
+            policy = dataclasses.replace(policy, device=torch.device(device))
+        rotated = bool(getattr(lp.spec.params, "convrot", False)) or lp.spec.format == "int8_quip"
+        placement = place_layer(info.shape, self.opts.optimizer, policy, rotated)
+        lora_delta = self.lora_directions.delta(key, t) if self.lora_directions is not None else None
+        stats = self.calibration.for_layer(lp.base) if self.calibration is not None else None
+        seed = (self.opts.optimizer_options or {}).get("manual_seed")
+
+        def attempt(pl):
+            # the non-finite check runs on the device: on a GPU it costs nothing, on the host it would
+            # be a full pass over every weight in the main thread
+            w = t.to(pl.device, non_blocking=False).to(torch.float32)
+            bad = _nonfinite(w)
+            if bad:
+                raise BadWeightsError(f"{key}: weight has {bad}; refusing to quantize it "
+                                      "(use --nan-policy keep to keep such layers unquantized)")
+            options = dict(self.opts.optimizer_options or {})
+            options.update(pl.option_overrides())
+            options["bf16_hadamard"] = rotated and policy.use_bf16(
+                "hadamard", w.numel(), pl.device, exact_input=info.dtype == torch.bfloat16)
+            options["bf16_hessian"] = rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device)
+            ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
+                               log=self.log, lora_delta=lora_delta, stats=stats)
+            with layer_rng(lp.base, pl.device, seed):
+                res = run_optimizer(self.optimizer, w, lp.spec, ctx)
+            qw = res.qw
+            if qw.format != lp.spec.format or qw.params != lp.spec.params:
+                raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
+                                   f"{qw.format} {qw.params} for {lp.base}, planned {lp.spec.describe()}")
+            # quality from the tensors as written, dequantized on the device (the host copy is bitwise equal)
+            tensors = dict(lp.spec.cls.tensors(lp.base, qw))
+            if self.bias_correction and lp.base in self.bias_correction["layers"]:
+                tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
+                res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
+            lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
+            return {k: v.detach().cpu() for k, v in tensors.items()}, lq
+
+        (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, lp.base, self.log)
+        if placement.reason:
+            lq.notes.append(f"placed on {placement.describe()}: {placement.reason}")
+        lq.notes.extend(notes)
         return tensors, (lp.base, lq)
+
+    def _corrected_bias(self, lp, w, qw, ctx, weight_dtype) -> Dict[str, torch.Tensor]:
+        from .optimizers.bias_correction import corrected_bias
+        bkey = lp.base + ".bias"
+        b, dtype = None, weight_dtype
+        if bkey in self.reader.infos:
+            b, dtype = self.reader.get(bkey), self.reader.info(bkey).dtype
+            if self.merger is not None:
+                b = self.merger.apply(bkey, b)
+        nb = corrected_bias(b, w, qw.dequantize().to(w.device), ctx.stats.mean)
+        return {bkey: nb.to(dtype).cpu()}
 
     def open_writer(self) -> StreamingWriter:
         return StreamingWriter(self.output_path, self.entries, self.metadata, overwrite=self.opts.overwrite)
 
     def run(self, progress: Optional[ProgressFn] = None,
             check_cancel: Optional[Callable[[], None]] = None) -> "ConversionResult":
+        """Stream every tensor through one writer. Reading the next tensors (a bounded read-ahead thread)
+        and writing finished ones (a bounded write-behind thread) overlap the quantization of the current
+        one; ``--low-memory`` does all three in turn, one tensor at a time."""
         n_layers = len(self.plan.quantized_layers())
         done = 0
+        bound = self.memory.prefetch_bytes
+        sizes = {k: self.reader.info(k).nbytes for k in self.order}
         with self.open_writer() as writer:
-            for key in self.order:
-                if check_cancel is not None:
-                    check_cancel()
-                tensors, layer = self.process(key)
-                for k, v in tensors.items():
-                    writer.write(k, v)
-                del tensors
-                if layer is not None:
-                    self.report.add(*layer)
-                    if layer[1].quantized:
-                        done += 1
-                        if progress is not None:
-                            progress(done, n_layers, layer[0])
+            with WriteBehind(writer, bound) as out, Prefetcher(self.reader.get, self.order, sizes, bound) as inputs:
+                for key, t in inputs:
+                    if check_cancel is not None:
+                        check_cancel()
+                    self.prefetched = {key: t}
+                    del t
+                    tensors, layer = self.process(key)
+                    self.prefetched = {}
+                    out.put(tensors)
+                    del tensors
+                    if layer is not None:
+                        self.report.add(*layer)
+                        if layer[1].quantized:
+                            done += 1
+                            if progress is not None:
+                                progress(done, n_layers, layer[0])
             writer.finish(verify=lambda tmp: self.verify(tmp, writer.checksums))
         return self.finish(writer.checksums, verified=True)
 
@@ -328,6 +430,8 @@ class ConversionJob:
 
     def close(self):
         self.reader.close()
+        if self.calibration is not None:
+            self.calibration.close()
 
 
 def convert_file(input_path: str, output_path: Optional[str] = None, options: Optional[ConvertOptions] = None,

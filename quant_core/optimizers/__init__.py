@@ -30,6 +30,7 @@ class LayerContext:
     options: Dict[str, Any] = field(default_factory=dict)  # optimizer knobs from the CLI / node
     orig_dtype: torch.dtype = torch.bfloat16
     log: Callable[[str], None] = lambda msg: None
+    lora_delta: Optional[torch.Tensor] = None  # --calibration-lora: this layer's LoRA weight delta, if any
 
 
 @dataclass
@@ -62,5 +63,25 @@ def get_optimizer(name: str) -> OptimizerFn:
 def rtn(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     """Round to nearest (ties to even) with the format's abs-max scales: the baseline."""
     t0 = time.perf_counter()
-    qw = spec.cls.quantize(w, spec.params, orig_dtype=ctx.orig_dtype)
+    from ..memory import quantize_rtn  # bf16 weight rotation when the memory policy asks for it
+    qw = quantize_rtn(w, spec, ctx.options, ctx.orig_dtype)
     return OptimizerResult(qw, {"seconds": time.perf_counter() - t0})
+
+
+def run_optimizer(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
+    """Run optimizer ``fn`` on one layer as the pipeline does: formats that transform the weight before
+    quantizing it (SmoothQuant) wrap the optimizer, and every result reports its output SQNR on the
+    calibration activations when there are any (round-to-nearest included, for comparison)."""
+    from .smoothquant import SMOOTHQUANT_FORMAT, quantize_smoothed
+    if spec.format == SMOOTHQUANT_FORMAT:
+        return quantize_smoothed(fn, w, spec, ctx)
+    res = fn(w, spec, ctx)
+    if ctx.stats is not None and res.info.get("output_sqnr_db") is None and res.qw.scale is not None:
+        from .objective import output_sqnr_db
+        h = ctx.stats.hessian_mean(device=w.device)
+        res.info["output_sqnr_db"] = output_sqnr_db(w.float(), res.qw.dequantize().to(w.device), h)
+    return res
+
+
+# the optimizers, one module each, registered on import
+from . import gptq, learned_rounding, quip  # noqa: E402,F401

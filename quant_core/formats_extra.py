@@ -1,0 +1,295 @@
+"""Formats that need extra per-layer tensors at runtime: only our loader and kernels run them.
+
+Both carry their own format name, so stock ComfyUI refuses them with "Unsupported quantization format"
+instead of computing a wrong result (FORMATS.md: never label such weights ``int8_tensorwise``).
+
+``int8_smoothquant`` (SmoothQuant, ``--smoothquant``)
+    ``W ≈ (q · S) · diag(1/f)``: the stored integers are those of the smoothed weight ``W · diag(f)``;
+    the runtime divides the activations by ``f`` (``x' = x / f``), which moves activation outliers into
+    the weight, then runs the int8 W8A8 GEMM. Keys: ``weight`` int8 ``[out, in]``, ``weight_scale``
+    float32 ``[out, 1]`` (per row) or ``[]`` (tensor), ``smooth_scale`` float32 ``[in]`` (``f > 0``),
+    ``comfy_quant`` ``{"format": "int8_smoothquant"}``.
+
+``int8_quip`` (QuIP with the full randomized Hadamard, ``--quip-store-transformed``)
+    ``W ≈ T_outᵀ (q · S) T_in`` with ``T = B · diag(signs)``: ``signs`` are random ±1 per channel and
+    ``B`` is the block-diagonal normalized Sylvester Hadamard whose block is the largest power of two
+    dividing the dimension, at most 4096 (``quip_block_size``). The runtime computes
+    ``y = signs_out ⊙ B(W̃ · (B(signs_in ⊙ x)))``: activations enter the int8 GEMM already incoherent.
+    Keys: ``weight`` int8 ``[out, in]`` (the transformed weight), ``weight_scale`` float32 ``[out, 1]``,
+    ``quip_sign_in`` int8 ``[in]``, ``quip_sign_out`` int8 ``[out]`` (values ±1), ``comfy_quant``
+    ``{"format": "int8_quip", "hadamard": "sylvester_blockdiag"}``. Both dimensions must be multiples of 16.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import PlanError, SafetensorsFormatError
+from .formats import (QuantFormat, QuantizedWeight, _absmax_scale, comfy_quant_bytes, register_format,
+                      round_to_int8)
+
+QUIP_MAX_BLOCK = 4096
+
+
+# ------------------------------------------------------------------------------------------------
+# runtime registration with our kernels
+# ------------------------------------------------------------------------------------------------
+_KERNELS_REGISTERED = False
+
+
+def ensure_kernels_registered():
+    """Register the linear implementations of these formats with ``kernels.register_linear``.
+
+    Called when a Params of these formats is created (planning, loading, optimizing), never at import:
+    ``kernels`` imports ``quant_core``, which imports this module, so importing ``kernels`` here at module
+    level would be circular."""
+    global _KERNELS_REGISTERED
+    if _KERNELS_REGISTERED:
+        return
+    from .. import kernels
+    kernels.register_linear(Int8SmoothQuant.name, smoothquant_linear, replace=True)
+    kernels.register_linear(Int8QuIP.name, quip_linear, replace=True)
+    _KERNELS_REGISTERED = True
+
+
+def _row_or_tensor_scale_shape(shape, scaling):
+    return (shape[0], 1) if scaling == "row" else ()
+
+
+# ------------------------------------------------------------------------------------------------
+# int8_smoothquant
+# ------------------------------------------------------------------------------------------------
+class Int8SmoothQuant(QuantFormat):
+    name = "int8_smoothquant"
+    core_loadable = False
+    description = ("SmoothQuant: int8 weights of W·diag(f) with per-row or tensor scale, plus the "
+                   "per-input-channel factors f the runtime divides activations by (our loader only)")
+
+    @dataclass(frozen=True)
+    class Params:
+        scaling: str = "row"
+
+        def __post_init__(self):
+            if self.scaling not in ("row", "tensor"):
+                raise PlanError(f"int8_smoothquant scaling must be 'row' or 'tensor', got {self.scaling!r}")
+            ensure_kernels_registered()
+
+    @classmethod
+    def output_spec(cls, base, shape, params, orig_dtype):
+        return [(f"{base}.weight", torch.int8, tuple(shape)),
+                (f"{base}.weight_scale", torch.float32, _row_or_tensor_scale_shape(shape, params.scaling)),
+                (f"{base}.smooth_scale", torch.float32, (shape[1],)),
+                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+
+    @classmethod
+    def comfy_quant(cls, params):
+        return {"format": cls.name}
+
+    @classmethod
+    def params_from_config(cls, cfg, tensors):
+        scale = tensors.get("weight_scale")
+        q = tensors.get("weight")
+        f = tensors.get("smooth_scale")
+        if f is None:
+            raise SafetensorsFormatError("int8_smoothquant layer without its smooth_scale tensor")
+        if q is not None and (f.dim() != 1 or f.shape[0] != q.shape[1]):
+            raise SafetensorsFormatError(f"smooth_scale has shape {list(f.shape)}, expected [{q.shape[1]}]")
+        if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+            raise SafetensorsFormatError("smooth_scale must be finite and positive")
+        scaling = "tensor" if scale is not None and scale.dim() == 0 else "row"
+        return cls.Params(scaling=scaling)
+
+    @classmethod
+    def compute_scale(cls, ws, params):
+        if params.scaling == "row":
+            return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
+        return _absmax_scale(ws.abs().amax())
+
+    @classmethod
+    def expand_scale(cls, scale, shape, params):
+        if params.scaling == "row":
+            return scale.float().reshape(-1, 1).expand(shape)
+        return scale.float().reshape(1, 1).expand(shape)
+
+    @classmethod
+    def quantize(cls, w, params, orig_dtype=None):
+        raise PlanError("int8_smoothquant needs smoothing factors from calibration data; "
+                        "use optimizers.smoothquant.quantize_smoothed")
+
+    @classmethod
+    def pack_smoothed(cls, q, scale, factors, params, orig_dtype) -> QuantizedWeight:
+        qw = QuantizedWeight(cls.name, params, q.to(torch.int8).contiguous(), scale.float().contiguous(),
+                             orig_dtype, {"smooth_scale": factors.float().contiguous()})
+        return qw
+
+    @classmethod
+    def dequantize(cls, qw):
+        f = qw.extra["smooth_scale"].float().to(qw.qdata.device)
+        return cls.dequantize_storage(qw) / f.reshape(1, -1)
+
+
+def smoothquant_linear(x, qw, bias, path=None, backend=None):
+    """x / f, then the int8_tensorwise W8A8 linear on the smoothed weight."""
+    from .. import kernels
+    f = qw.extra["smooth_scale"].to(device=x.device, dtype=torch.float32)
+    xs = (x.float() / f).to(x.dtype)
+    return kernels.int8_linear(xs, qw.qdata, qw.scale, bias, path=path, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8_quip: randomized block Hadamard on both sides
+# ------------------------------------------------------------------------------------------------
+def quip_block_size(n: int) -> int:
+    """Largest power of two dividing ``n``, at most ``QUIP_MAX_BLOCK``."""
+    return min(n & -n, QUIP_MAX_BLOCK)
+
+
+def sylvester_transform(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tensor:
+    """``x`` times the block-diagonal normalized Sylvester Hadamard along ``dim`` (fast Walsh-Hadamard,
+    O(n log block)); the matrix is symmetric and orthogonal, so the call is its own inverse."""
+    if dim != -1 and dim != x.dim() - 1:
+        return sylvester_transform(x.transpose(dim, -1), block).transpose(dim, -1)
+    n = x.shape[-1]
+    if n % block or block & (block - 1):
+        raise PlanError(f"Hadamard block {block} must be a power of two dividing {n}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(y.shape[0], y.shape[1], block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=3)
+        h *= 2
+    return (y.reshape(*lead, n) * (block ** -0.5)).to(x.dtype)
+
+
+def random_signs(n: int, seed: int, name: str, device=None) -> torch.Tensor:
+    """±1 (int8) per channel, reproducible from ``seed`` and the layer ``name``."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2 ** 63))
+    s = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1
+    return s.to(device) if device is not None else s
+
+
+class Int8QuIP(QuantFormat):
+    name = "int8_quip"
+    core_loadable = False
+    description = ("QuIP: int8 weights in the space of a randomized block Hadamard on both sides "
+                   "(random signs stored), per-row scale; our loader only")
+
+    @dataclass(frozen=True)
+    class Params:
+        hadamard: str = "sylvester_blockdiag"
+
+        def __post_init__(self):
+            if self.hadamard != "sylvester_blockdiag":
+                raise PlanError(f"int8_quip: unknown hadamard {self.hadamard!r}")
+            ensure_kernels_registered()
+
+    @classmethod
+    def check_fits(cls, shape, params) -> Optional[str]:
+        reason = super().check_fits(shape, params)
+        if reason is None and (shape[0] % 16 or shape[1] % 16):
+            reason = f"int8_quip needs both dimensions divisible by 16, got {list(shape)}"
+        return reason
+
+    @classmethod
+    def output_spec(cls, base, shape, params, orig_dtype):
+        return [(f"{base}.weight", torch.int8, tuple(shape)),
+                (f"{base}.weight_scale", torch.float32, (shape[0], 1)),
+                (f"{base}.quip_sign_in", torch.int8, (shape[1],)),
+                (f"{base}.quip_sign_out", torch.int8, (shape[0],)),
+                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+
+    @classmethod
+    def comfy_quant(cls, params):
+        return {"format": cls.name, "hadamard": params.hadamard}
+
+    @classmethod
+    def params_from_config(cls, cfg, tensors):
+        q = tensors.get("weight")
+        for key, dim in (("quip_sign_in", 1), ("quip_sign_out", 0)):
+            s = tensors.get(key)
+            if s is None:
+                raise SafetensorsFormatError(f"int8_quip layer without its {key} tensor")
+            if s.dtype != torch.int8 or s.dim() != 1 or (q is not None and s.shape[0] != q.shape[dim]):
+                raise SafetensorsFormatError(f"{key} must be int8 [{q.shape[dim] if q is not None else 'n'}], "
+                                             f"got {s.dtype} {list(s.shape)}")
+            if not bool((s.abs() == 1).all()):
+                raise SafetensorsFormatError(f"{key} must hold only +1 and -1")
+        return cls.Params(hadamard=str(cfg.get("hadamard", "sylvester_blockdiag")))
+
+    @classmethod
+    def transform(cls, w: torch.Tensor, sign_out: torch.Tensor, sign_in: torch.Tensor) -> torch.Tensor:
+        """``T_out W T_inᵀ`` (float32)."""
+        out, inn = w.shape
+        x = w.float() * sign_in.to(w.device, torch.float32).reshape(1, -1)
+        x = sylvester_transform(x, quip_block_size(inn), dim=1)
+        x = x * sign_out.to(w.device, torch.float32).reshape(-1, 1)
+        return sylvester_transform(x, quip_block_size(out), dim=0)
+
+    @classmethod
+    def untransform(cls, wt: torch.Tensor, sign_out: torch.Tensor, sign_in: torch.Tensor) -> torch.Tensor:
+        """``T_outᵀ W̃ T_in`` (float32): the inverse of ``transform``."""
+        out, inn = wt.shape
+        x = sylvester_transform(wt.float(), quip_block_size(out), dim=0)
+        x = x * sign_out.to(wt.device, torch.float32).reshape(-1, 1)
+        x = sylvester_transform(x, quip_block_size(inn), dim=1)
+        return x * sign_in.to(wt.device, torch.float32).reshape(1, -1)
+
+    @classmethod
+    def transform_hessian(cls, h: torch.Tensor, sign_in: torch.Tensor) -> torch.Tensor:
+        """``T_in H T_inᵀ``: the input second moment in the transformed space."""
+        b = quip_block_size(h.shape[0])
+        d = sign_in.to(h.device, h.dtype)
+        x = sylvester_transform(h * d.reshape(1, -1), b, dim=1)
+        return sylvester_transform(x * d.reshape(-1, 1), b, dim=0)
+
+    @classmethod
+    def compute_scale(cls, ws, params):
+        return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
+
+    @classmethod
+    def expand_scale(cls, scale, shape, params):
+        return scale.float().reshape(-1, 1).expand(shape)
+
+    @classmethod
+    def pack_transformed(cls, q, scale, sign_out, sign_in, params, orig_dtype) -> QuantizedWeight:
+        return QuantizedWeight(cls.name, params, q.to(torch.int8).contiguous(), scale.float().contiguous(),
+                               orig_dtype, {"quip_sign_in": sign_in.to("cpu", torch.int8).contiguous(),
+                                            "quip_sign_out": sign_out.to("cpu", torch.int8).contiguous()})
+
+    @classmethod
+    def quantize(cls, w, params, orig_dtype=None, seed: int = 0, name: str = ""):
+        """Round to nearest in the transformed space, with signs drawn from ``seed`` and ``name``."""
+        out, inn = w.shape
+        so, si = random_signs(out, seed, name + ":out"), random_signs(inn, seed, name + ":in")
+        wt = cls.transform(w.float(), so, si)
+        scale = cls.compute_scale(wt, params)
+        q = round_to_int8(wt / cls.expand_scale(scale, wt.shape, params))
+        return cls.pack_transformed(q, scale, so, si, params, orig_dtype or w.dtype)
+
+    @classmethod
+    def dequantize(cls, qw):
+        wt = cls.dequantize_storage(qw)
+        return cls.untransform(wt, qw.extra["quip_sign_out"], qw.extra["quip_sign_in"])
+
+
+def quip_linear(x, qw, bias, path=None, backend=None):
+    """Rotate activations into the weight's space, int8 GEMM, rotate the output back, add the bias."""
+    from .. import kernels
+    n_out, n_in = qw.qdata.shape
+    si = qw.extra["quip_sign_in"].to(device=x.device, dtype=torch.float32)
+    so = qw.extra["quip_sign_out"].to(device=x.device, dtype=torch.float32)
+    xt = sylvester_transform(x.float() * si, quip_block_size(n_in)).to(x.dtype)
+    yt = kernels.int8_linear(xt, qw.qdata, qw.scale, None, out_dtype=torch.float32, path=path, backend=backend)
+    y = sylvester_transform(yt, quip_block_size(n_out)) * so
+    if bias is not None:
+        y = y + bias.to(device=x.device, dtype=torch.float32)
+    return y.to(x.dtype)
+
+
+for _cls in (Int8SmoothQuant, Int8QuIP):
+    register_format(_cls)
