@@ -307,7 +307,8 @@ def main():
     mode_keys = flux_shapes(**dims, only_double=set(range(mode_sub[0])), only_single=set(range(mode_sub[1])))
     nbytes = lambda ks: sum(2 * math.prod(s) for _, s in ks)  # noqa: E731
     full_b, sub_b, mode_b = nbytes(full_keys), nbytes(sub_keys), nbytes(mode_keys)
-    work = pick_workdir(full_b * 2 + sub_b * 4, a.workdir)
+    # inputs + the largest output (RTN, removed after its row) + the two kept GPTQ outputs
+    work = pick_workdir(int(full_b * 1.6 + sub_b * 2.5 + mode_b), a.workdir)
     gen_dev = torch.device("cuda") if cuda else torch.device("cpu")
     n_gpu = torch.cuda.device_count() if cuda else 0
     n_multi = min(a.gpus or n_gpu, 2) if cuda else 2

@@ -187,3 +187,15 @@ def test_devices_flag_errors_are_one_line(model, tmp_path):
     src, _ = model
     r = cli(["-i", src, "-o", str(tmp_path / "o.safetensors"), "--devices", "0"])
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --devices needs at least two devices")
+
+
+@pytest.mark.gpu
+def test_two_gpus_gptq_is_byte_identical_to_one(model, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    src, _ = model
+    one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
+    r1 = cli(["-i", src, "-o", one, "--optimizer", "gptq", "--device", "cuda:0"])
+    r2 = cli(["-i", src, "-o", two, "--optimizer", "gptq", "--devices", "0,1"])
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    assert file_sha256(one) == file_sha256(two)
