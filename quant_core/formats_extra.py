@@ -151,7 +151,7 @@ def sylvester_transform(x: torch.Tensor, block: int, dim: int = -1) -> torch.Ten
     """``x`` times the block-diagonal normalized Sylvester Hadamard along ``dim`` (fast Walsh-Hadamard,
     O(n log block)); the matrix is symmetric and orthogonal, so the call is its own inverse."""
     if dim != -1 and dim != x.dim() - 1:
-        return sylvester_transform(x.transpose(dim, -1), block).transpose(dim, -1)
+        return sylvester_transform(x.transpose(dim, -1), block).transpose(dim, -1).contiguous()
     n = x.shape[-1]
     if n % block or block & (block - 1):
         raise PlanError(f"Hadamard block {block} must be a power of two dividing {n}")

@@ -89,7 +89,7 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
     seg = (out + n_seg - 1) // n_seg
     for r0 in range(0, out, seg):
         r1 = min(out, r0 + seg)
-        wt = ws[r0:r1].to(torch.float32).T  # [n, rows]
+        wt = ws[r0:r1].to(torch.float32, copy=True).T  # [n, rows]; a copy: never modify the caller's weight
         st = full_scale[r0:r1].to(ws.device, torch.float32).expand(r1 - r0, n).T
         if perm is not None:
             wt, st = wt[perm], st[perm]
