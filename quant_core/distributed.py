@@ -213,6 +213,11 @@ def _error_from_json(d: dict) -> BaseException:
     return cls(f"rank {d.get('rank')}: {d.get('message')}")
 
 
+class LostRank0(ConvertError):
+    """A peer lost its connection to rank 0: rank 0 failed and reports why; this rank stays quiet."""
+    reported_by_rank0 = True
+
+
 class _Sender:
     """Sends finished items to rank 0 on a thread, at most ``depth`` items queued (back-pressure)."""
 
@@ -233,22 +238,26 @@ class _Sender:
                 self.error = e
                 return
 
+    def _lost(self) -> LostRank0:
+        return LostRank0(f"sending results to rank 0 failed: {self.error}")
+
     def put(self, kind: int, meta: dict, tensors=None):
         if self.error is not None:
-            raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+            raise self._lost()
         while True:
             try:
                 self.q.put((kind, meta, tensors), timeout=1.0)
                 return
             except queue.Full:
                 if not self.thread.is_alive():
-                    raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+                    raise self._lost()
 
     def close(self):
-        self.q.put(None)
+        if self.thread.is_alive():
+            self.q.put(None)
         self.thread.join()
         if self.error is not None:
-            raise ConvertError(f"sending results to rank 0 failed: {self.error}")
+            raise self._lost()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,11 +301,17 @@ def convert_distributed(input_path: str, output_path: Optional[str], options, in
                                          free_vram_bytes=free)
         shares = assign_work(job, info.world)
         if info.rank == 0:
-            return _run_rank0(job, shares, info, progress, log)
-        _run_worker(job, shares[info.rank], info)
-        return None
+            result = _run_rank0(job, shares, info, progress, log)
+        else:
+            _run_worker(job, shares[info.rank], info)
+            result = None
     finally:
         job.close()
+    # every rank is past the final broadcast: tear the group down now, not in the interpreter's exit
+    # (gloo's threads destroyed at exit abort the process). After a failure the CLI leaves with os._exit.
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    return result
 
 
 def _run_worker(job, keys: List[str], info: RankInfo):
@@ -312,17 +327,32 @@ def _run_worker(job, keys: List[str], info: RankInfo):
                 job.prefetched = {}
                 sender.put(ITEM, {"key": key, "tensors": list(tensors), "layer": _layer_to_json(layer)}, tensors)
                 del tensors
+    except LostRank0:
+        raise
     except ConvertError as e:
-        sender.put(ERROR, _error_to_json(e, info.rank))
-        sender.close()
+        _forward_error(sender, e, info)
         e.reported_by_rank0 = True  # rank 0 prints it (and exits with its code); this rank stays quiet
+        raise
+    except Exception as e:  # a bug: rank 0 reports the run as failed, the traceback stays here
+        _forward_error(sender, ConvertError(f"internal error: {type(e).__name__}: {e}"), info)
         raise
     sender.put(DONE, {"rank": info.rank})
     sender.close()
     status = torch.zeros(1, dtype=torch.int64)
-    dist.broadcast(status, src=0)  # rank 0's verdict: the file was written and verified
+    try:
+        dist.broadcast(status, src=0)  # rank 0's verdict: the file was written and verified
+    except RuntimeError as e:
+        raise LostRank0(f"rank 0 stopped before the end: {e}") from None
     if int(status.item()) != 0:
-        raise ConvertError(f"rank {info.rank}: rank 0 did not complete the output file")
+        raise LostRank0(f"rank {info.rank}: rank 0 did not complete the output file")
+
+
+def _forward_error(sender: _Sender, e: ConvertError, info: RankInfo):
+    try:
+        sender.put(ERROR, _error_to_json(e, info.rank))
+        sender.close()
+    except LostRank0:
+        pass  # rank 0 is gone already; it reported its own failure
 
 
 def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
