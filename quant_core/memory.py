@@ -216,8 +216,8 @@ def estimate_layer_bytes(shape: Sequence[int], optimizer: str, rotated: bool = F
     rot = 4 * n if rotated else 0
     if optimizer in CALIBRATED_OPTIMIZERS:
         # w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt per segment
-        return LayerEstimate(weight=24 * n + rot, sweep=12 * n, hessian=12 * inn * inn + (4 * inn * inn if rotated else 0),
-                             factor=52 * inn * inn)
+        return LayerEstimate(weight=24 * n + rot, sweep=12 * n,
+                             hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=52 * inn * inn)
     if optimizer in LEARNED_ROUNDING_OPTIMIZERS:
         # w, floors, h, grad, two Adam moments, scale matrix, hard rounding, D and D·H
         return LayerEstimate(weight=40 * n + rot, sweep=0, hessian=12 * inn * inn, factor=0)
