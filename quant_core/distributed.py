@@ -42,6 +42,7 @@ from .memory import CALIBRATED_OPTIMIZERS, Prefetcher, WriteBehind, free_vram, p
 from .metrics import LayerQuality
 
 ITEM, DONE, ERROR = 0, 1, 2
+_NO_LAYER = type("NoLayer", (), {"spec": None})()
 # a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
 # GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
 SWEEP_STEP_COST = 8192
@@ -364,9 +365,10 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
     errors: List[BaseException] = []
     lock = threading.Lock()
     counts = {"done": 0}
-    log(f"{info.world} ranks: " + ", ".join(
-        f"rank {r}: {sum(1 for k in s if job.plan.layer_for_key(k) is not None and job.plan.layer_for_key(k).spec is not None)} layers"
-        for r, s in enumerate(shares)))
+    def n_quantized(keys):
+        return sum(1 for k in keys if (job.plan.layer_for_key(k) or _NO_LAYER).spec is not None)
+
+    log(f"{info.world} ranks: " + ", ".join(f"rank {r}: {n_quantized(s)} layers" for r, s in enumerate(shares)))
 
     def on_layer(key: str, layer):
         if layer is None:

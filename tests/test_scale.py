@@ -150,8 +150,8 @@ def test_torchrun_three_ranks_convrot_is_byte_identical(model, tmp_path):
                                                 device="cpu"))
     out = str(tmp_path / "three.safetensors")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-                        "--master_port", str(distributed._free_port()), "-m", "convert_to_quant", "-i", src, "-o", out, "--convrot", "--convrot-group-size", "64",
-                        "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=RANK_TIMEOUT)
+                        "--master_port", str(distributed._free_port()), "-m", "convert_to_quant", "-i", src,
+                        "-o", out, "--convrot", "--convrot-group-size", "64", "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=RANK_TIMEOUT)
     assert r.returncode == 0, r.stderr[:2500]
     assert file_sha256(out) == file_sha256(ref)
     assert r.stdout.count("wrote ") == 1  # only rank 0 reports
