@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("early-stop-lr"), type=float, default=None)
     g.add_argument(*_both("early-stop-stall"), type=int, default=None)
     g.add_argument(*_both("gptq-actorder"), action="store_true")
+    g.add_argument(*_both("gptq-damp"), type=float, default=None,
+                   help="GPTQ/QuIP/learned-rounding Hessian damping, fraction of mean(diag H) (default 0.03)")
+    g.add_argument(*_both("gptq-block-size"), type=int, default=None, help="GPTQ lazy-batch block (default 128)")
+    g.add_argument(*_both("rounding-init"), choices=["gptq", "nearest"], default=None,
+                   help="learned rounding starts from GPTQ's error-compensated weights (default) or the weights")
     g.add_argument(*_both("quip-actorder"), action="store_true")
     g.add_argument(*_both("quip-hadamard"), action="store_true", default=True)
     g.add_argument(*_both("quip-seed"), type=int, default=0)
@@ -246,6 +251,10 @@ def validate_optimizer_args(args, bad):
         bad("--top_p must be in (0, 1]")
     if args.min_k < 1 or args.max_k < args.min_k:
         bad("--min_k must be >= 1 and --max_k >= --min_k")
+    if args.gptq_damp is not None and not args.gptq_damp > 0:
+        bad("--gptq-damp must be positive")
+    if args.gptq_block_size is not None and args.gptq_block_size < 1:
+        bad("--gptq-block-size must be at least 1")
     if args.quip_checkpoint_segments < 1:
         bad("--quip-checkpoint-segments must be at least 1")
     if (args.calibration_data or "") and not os.path.isfile(args.calibration_data):
@@ -279,7 +288,7 @@ def format_spec_from_args(args):
 OPTIMIZER_KNOBS = (
     "num_iter", "lr", "top_p", "min_k", "max_k", "lr_schedule", "lr_gamma", "lr_patience", "lr_factor",
     "lr_min", "lr_cooldown", "lr_threshold", "early_stop_loss", "early_stop_lr", "early_stop_stall",
-    "gptq_actorder", "quip_actorder", "quip_hadamard", "quip_seed", "quip_store_transformed",
+    "gptq_actorder", "gptq_damp", "gptq_block_size", "rounding_init", "quip_actorder", "quip_hadamard", "quip_seed", "quip_store_transformed",
     "quip_requant_scheme", "quip_checkpointed", "quip_checkpoint_threshold", "quip_checkpoint_segments",
     "smoothquant", "smoothquant_alpha", "calibration_lora", "calibration_lora_weight", "static_activations",
     "bias_correction",

@@ -42,7 +42,7 @@ from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
 from ..memory import storage_weight
-from .objective import layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
+from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
 WARMUP = 0.2
@@ -212,7 +212,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     q_rtn = rtn_integers(ws, base_full)
     e_rtn = quad_error(q_rtn * base_full - ws, obj.H)
 
-    scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0))
+    scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
     e_ref = max(e_rtn, 1e-30)
     init = str(opt(ctx.options, "rounding_init", "gptq"))

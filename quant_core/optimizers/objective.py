@@ -202,3 +202,8 @@ class LoraDirections:
             return None
         w = weight.detach().to("cpu", torch.float32)
         return self.merger.apply(key, w) - w
+
+
+def clip_grid(options) -> Sequence[float]:
+    """The clipping factors the scale search tries (``scale_search`` false: abs-max scales only)."""
+    return DEFAULT_CLIP_GRID if opt(options, "scale_search", True) else (1.0,)
