@@ -316,7 +316,7 @@ class ConversionJob:
         def attempt(pl):
             # the non-finite check runs on the device: on a GPU it costs nothing, on the host it would
             # be a full pass over every weight in the main thread
-            w = t.to(pl.device, non_blocking=False).to(torch.float32)
+            w = t.to(pl.device, non_blocking=t.is_pinned()).to(torch.float32)
             bad = _nonfinite(w)
             if bad:
                 raise BadWeightsError(f"{key}: weight has {bad}; refusing to quantize it "
@@ -340,7 +340,7 @@ class ConversionJob:
                 tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
                 res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
             lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
-            return {k: v.detach().cpu() for k, v in tensors.items()}, lq
+            return {k: self.to_host(v) for k, v in tensors.items()}, lq
 
         (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, lp.base, self.log)
         if placement.reason:
@@ -360,7 +360,25 @@ class ConversionJob:
         return {bkey: nb.to(dtype).cpu()}
 
     def open_writer(self) -> StreamingWriter:
-        return StreamingWriter(self.output_path, self.entries, self.metadata, overwrite=self.opts.overwrite)
+        return StreamingWriter(self.output_path, self.entries, self.metadata, overwrite=self.opts.overwrite,
+                               checksums=self.opts.verify)
+
+    @property
+    def pin_host_memory(self) -> bool:
+        """Stage GPU transfers through page-locked host buffers (reused by CUDA's caching host allocator):
+        pageable copies run at a fraction of the bus speed. Not with --low-memory (locked RAM)."""
+        return self.memory.device.type == "cuda" and not self.opts.low_memory
+
+    def read_input(self, key: str) -> torch.Tensor:
+        return self.reader.get(key, pin=self.pin_host_memory)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type != "cuda" or not self.pin_host_memory:
+            return t.cpu()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t)
+        return out
 
     def run(self, progress: Optional[ProgressFn] = None,
             check_cancel: Optional[Callable[[], None]] = None) -> "ConversionResult":
@@ -372,7 +390,7 @@ class ConversionJob:
         bound = self.memory.prefetch_bytes
         sizes = {k: self.reader.info(k).nbytes for k in self.order}
         with self.open_writer() as writer:
-            with WriteBehind(writer, bound) as out, Prefetcher(self.reader.get, self.order, sizes, bound) as inputs:
+            with WriteBehind(writer, bound) as out, Prefetcher(self.read_input, self.order, sizes, bound) as inputs:
                 for key, t in inputs:
                     if check_cancel is not None:
                         check_cancel()
