@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError
-from .formats import FORMATS, make_spec
+from .formats import make_spec
 from .presets import all_presets
 
 VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
@@ -31,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a safetensors model to INT8 (per-row, tensor, block-wise, convrot) or FP16 "
                     "for ComfyUI, with optional calibrated optimizers, LoRA merging and a quality report.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
 
     g = p.add_argument_group("input / output")
     g.add_argument("-i", "--input", help="input .safetensors file")

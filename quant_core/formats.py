@@ -70,6 +70,18 @@ def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
     return (absmax.float() / QMAX).clamp(min=SCALE_MIN)
 
 
+def row_or_tensor_scale(ws: torch.Tensor, scaling: str) -> torch.Tensor:
+    """Abs-max scale per output row (``[out, 1]``) or for the whole tensor (0-dim)."""
+    if scaling == "row":
+        return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
+    return _absmax_scale(ws.abs().amax())
+
+
+def expand_row_or_tensor_scale(scale: torch.Tensor, shape, scaling: str) -> torch.Tensor:
+    """The per-element scale matrix of a row or tensor scale (a broadcast view, no copy)."""
+    return scale.float().reshape(-1 if scaling == "row" else 1, 1).expand(shape)
+
+
 class QuantFormat:
     """Base class; see the module docstring for the contract."""
 
@@ -217,15 +229,11 @@ class Int8Tensorwise(QuantFormat):
 
     @classmethod
     def compute_scale(cls, ws, params):
-        if params.scaling == "row":
-            return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
-        return _absmax_scale(ws.abs().amax())
+        return row_or_tensor_scale(ws, params.scaling)
 
     @classmethod
     def expand_scale(cls, scale, shape, params):
-        if params.scaling == "row":
-            return scale.float().reshape(-1, 1).expand(shape)
-        return scale.float().reshape(1, 1).expand(shape)
+        return expand_row_or_tensor_scale(scale, shape, params.scaling)
 
 
 # ----------------------------------------------------------------------------------------------

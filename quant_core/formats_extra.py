@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from .errors import PlanError, SafetensorsFormatError
-from .formats import (QuantFormat, QuantizedWeight, _absmax_scale, comfy_quant_bytes, register_format,
-                      round_to_int8)
+from .formats import (QuantFormat, QuantizedWeight, comfy_quant_bytes,
+                      expand_row_or_tensor_scale, register_format, round_to_int8, row_or_tensor_scale)
 
 QUIP_MAX_BLOCK = 4096
 
@@ -104,15 +104,11 @@ class Int8SmoothQuant(QuantFormat):
 
     @classmethod
     def compute_scale(cls, ws, params):
-        if params.scaling == "row":
-            return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
-        return _absmax_scale(ws.abs().amax())
+        return row_or_tensor_scale(ws, params.scaling)
 
     @classmethod
     def expand_scale(cls, scale, shape, params):
-        if params.scaling == "row":
-            return scale.float().reshape(-1, 1).expand(shape)
-        return scale.float().reshape(1, 1).expand(shape)
+        return expand_row_or_tensor_scale(scale, shape, params.scaling)
 
     @classmethod
     def quantize(cls, w, params, orig_dtype=None):
@@ -249,11 +245,11 @@ class Int8QuIP(QuantFormat):
 
     @classmethod
     def compute_scale(cls, ws, params):
-        return _absmax_scale(ws.abs().amax(dim=1, keepdim=True))
+        return row_or_tensor_scale(ws, "row")
 
     @classmethod
     def expand_scale(cls, scale, shape, params):
-        return scale.float().reshape(-1, 1).expand(shape)
+        return expand_row_or_tensor_scale(scale, shape, "row")
 
     @classmethod
     def pack_transformed(cls, q, scale, sign_out, sign_in, params, orig_dtype) -> QuantizedWeight:

@@ -17,18 +17,15 @@ A layer whose shape does not fit its format falls back along ``formats.fallback_
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import presets as presets_mod
 from .errors import PlanError, UnsupportedInputError
-from .formats import FP16, FormatSpec, get_format, make_spec, resolve_fit
-from .safetensors_io import DTYPES, FLOAT_DTYPES, OutputEntry, TensorInfo, itemsize
+from .formats import FP16, FormatSpec, make_spec, resolve_fit
+from .safetensors_io import FLOAT_DTYPES, OutputEntry, TensorInfo
 
 MAX_REGEX_LEN = 1000
 
