@@ -297,9 +297,21 @@ class _Accumulator:
         self.n_tokens += xh.shape[0]
 
     def stats(self) -> LayerStats:
-        h = 0.5 * (self.hessian + self.hessian.T)  # exact symmetry despite summation order
-        return LayerStats(self.name, h.float(), self.absmax.clone(),
+        """The finished statistics; the Hessian is symmetrized in place (no second full copy)."""
+        _symmetrize_(self.hessian)
+        return LayerStats(self.name, self.hessian.float(), self.absmax.clone(),
                           (self.sum / max(self.n_seen, 1)).float(), self.n_tokens, self.n_seen)
+
+
+def _symmetrize_(h: torch.Tensor, chunk: int = 1024):
+    """``h ← (h + hᵀ)/2`` in place, ``chunk`` rows at a time: exact symmetry despite the summation order
+    of the GEMMs, with ``chunk x in`` temporaries instead of two full copies."""
+    n = h.shape[0]
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        avg = 0.5 * (h[i0:i1, i0:] + h[i0:, i0:i1].T)
+        h[i0:i1, i0:] = avg
+        h[i0:, i0:i1] = avg.T
 
 
 def hessian_bytes(in_features: int, dtype=torch.float32) -> int:

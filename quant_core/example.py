@@ -141,6 +141,10 @@ def prepare_calibration(args, opts, console, output: str = None):
         raise ConvertError("--calib_samples must be at least 1")
     sentences = CALIBRATION_SENTENCES[:n]
     path = calibration_path(output or default_output())
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        from .errors import OutputPathError
+        raise OutputPathError(f"output folder {folder} does not exist")
     summary = capture_minilm_calibration(path, sentences, log=lambda m: console(m, 2))
     console(f"example: captured calibration statistics of {summary['layers']} layers on {len(sentences)} "
             f"sentences -> {path}")
