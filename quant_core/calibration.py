@@ -63,7 +63,8 @@ class LayerStats:
 
     def hessian_mean(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """``E[x xᵀ] = H / n``: the layer-output error of a weight error ``D`` is ``tr(D E[xxᵀ] Dᵀ)``."""
-        return (self.hessian.to(device=device, dtype=torch.float64) / max(self.n_tokens, 1)).to(dtype)
+        # in the requested dtype directly: a float64 detour would double a 15360² Hessian on the GPU
+        return self.hessian.to(device=device, dtype=dtype) / max(self.n_tokens, 1)
 
     def to(self, device) -> "LayerStats":
         return LayerStats(self.name, self.hessian.to(device), self.absmax.to(device), self.mean.to(device),

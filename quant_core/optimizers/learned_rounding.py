@@ -200,7 +200,8 @@ def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tens
                 stop_reason = "early_stop_lr"
                 break
     return best_q, best_e, {"iterations": it, "stop": stop_reason, "final_lr": sched.lr,
-                            "final_loss": last_loss, "method": method, "schedule": sched.kind}
+                            "final_loss": last_loss, "method": method, "schedule": sched.kind,
+                            "last_q": hard_q()}
 
 
 def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch.Tensor, sweeps: int,
@@ -273,11 +274,20 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     # normalize by the starting point's error: the regularizer weight is relative to what is left to gain
     q, e, info = learn_rounding(ws, h_fit, full, method, ctx.options, max(e_init, 1e-30) if e_init else e_ref, target)
     del target
+    last_q = info.pop("last_q")
     sweeps = int(opt(ctx.options, "polish_sweeps", DEFAULT_POLISH))
     if sweeps > 0:
+        # polish both the best rounding seen and where the learning ended (binarized by the
+        # regularizer): they are different local optima, either may win
         info["objective_learned"] = e
-        q = polish(q, ws, full, h_fit, sweeps)
-        e = quad_error(q * full - ws, h_fit)
+        candidates = [polish(q, ws, full, h_fit, sweeps)]
+        if not torch.equal(last_q, q):
+            candidates.append(polish(last_q, ws, full, h_fit, sweeps))
+        errs = [quad_error(c * full - ws, h_fit) for c in candidates]
+        k = min(range(len(errs)), key=errs.__getitem__)
+        q, e = candidates[k], errs[k]
+        info["polished"] = ["best rounding seen", "final learned rounding"][k]
+    del last_q
     info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps})
     if e_init is not None:
         info["objective_init"] = e_init
