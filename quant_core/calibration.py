@@ -355,6 +355,9 @@ class CalibrationCollector:
         self._handles = []
         self.calls = 0
         self.peak_bytes = 0
+        # tokens to keep for the batch being run (e.g. an attention mask: padding is no real input);
+        # applied to every input whose leading dimensions have the mask's shape
+        self.mask: Optional[torch.Tensor] = None
 
     # -- hooks -----------------------------------------------------------------------------------
     def __enter__(self):
@@ -414,6 +417,8 @@ class CalibrationCollector:
         if acc.hessian.shape[0] != in_features:
             raise CalibrationError(f"layer {name}: input width changed from {acc.hessian.shape[0]} to {in_features}")
         x2d = x.reshape(-1, in_features)
+        if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
+            x2d = x2d[self.mask.reshape(-1).to(device=x2d.device, dtype=torch.bool)]
         rows = None
         if self.max_tokens is not None and x2d.shape[0] > self.max_tokens:
             rows = torch.randperm(x2d.shape[0], generator=self.gen)[: self.max_tokens]
@@ -461,9 +466,11 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
                         budget_bytes: Optional[int] = None, max_tokens_per_call: Optional[int] = None,
                         select: Optional[Callable[[str], bool]] = None, share_inputs: bool = True,
                         metadata: Optional[Dict[str, str]] = None, overwrite: bool = True,
+                        mask: Optional[Callable[[object], torch.Tensor]] = None,
                         log: Callable[[str], None] = lambda m: None) -> Dict[str, object]:
     """Run ``forward(model, batch)`` over ``batches`` and write the statistics of every hooked Linear's
     input to ``path``, within ``budget_bytes`` of accumulator memory (see the module docstring).
+    ``mask(batch)``: a boolean [batch, tokens] tensor of the tokens to count (padding excluded).
 
     Returns a summary: passes, groups, layers, tokens, peak accumulator bytes, total Hessian bytes.
     """
@@ -494,6 +501,7 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
                                        select=select, share_inputs=share_inputs, only=members, groups=groups)
             with torch.no_grad(), col:
                 for b in batches:
+                    col.mask = mask(b) if mask is not None else None
                     forward(model, b)
             peak = max(peak, col.peak_bytes)
             for g in members:
@@ -509,11 +517,13 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
             "total_statistics_bytes": total, "max_tokens_per_layer": tokens}
 
 
-def collect(model: torch.nn.Module, batches: Iterable, forward: Callable = None, **kw) -> CalibrationData:
+def collect(model: torch.nn.Module, batches: Iterable, forward: Callable = None,
+            mask: Optional[Callable[[object], torch.Tensor]] = None, **kw) -> CalibrationData:
     """In-memory capture (small models, tests): run every batch once and return the statistics."""
     forward = forward or (lambda m, b: m(b))
     col = CalibrationCollector(model, **kw)
     with torch.no_grad(), col:
         for b in batches:
+            col.mask = mask(b) if mask is not None else None
             forward(model, b)
     return col.data()

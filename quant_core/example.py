@@ -116,15 +116,17 @@ def calibration_path(output: str) -> str:
 
 def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION_SENTENCES,
                                log=lambda m: None) -> Dict[str, object]:
-    """Run MiniLM on ``sentences`` (one at a time: no padding tokens in the statistics) and write the
-    calibration statistics of every nn.Linear input to ``path``."""
+    """Run MiniLM on ``sentences`` (batches of 16; padding tokens are masked out of the statistics) and
+    write the calibration statistics of every nn.Linear input to ``path``."""
     from .calibration import capture_calibration
     overlap = set(sentences) & set(EVAL_SENTENCES)
     if overlap:
         raise ConvertError(f"calibration sentences must not include evaluation sentences ({sorted(overlap)[:1]})")
     model, tok = load_model()
-    batches = [tok([s], return_tensors="pt", truncation=True, max_length=128) for s in sentences]
+    batches = [tok(list(sentences[i:i + 16]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+               for i in range(0, len(sentences), 16)]
     return capture_calibration(model, batches, path, forward=lambda m, b: m(**b), dtype=torch.float64,
+                               mask=lambda b: b["attention_mask"].bool(),  # padding is no real input
                                metadata={"source": "all-MiniLM-L6-v2", "sentences": str(len(sentences))},
                                log=log)
 

