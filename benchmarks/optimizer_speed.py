@@ -184,7 +184,7 @@ def make_block(div, device, tokens_img, tokens_txt, samples, seed=0):
     return weights, stats_cal, h_held
 
 
-def part2(device, div, num_iter, tokens_img, tokens_txt, samples):
+def part2(device, div, num_iter, tokens_img, tokens_txt, samples, optimizers=None):
     from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
     from convert_to_quant.quant_core.formats import make_spec
     from convert_to_quant.quant_core.loading import load_quantized_file
@@ -211,6 +211,8 @@ def part2(device, div, num_iter, tokens_img, tokens_txt, samples):
                 ("quip", "convrot 256", make_spec(convrot=True), True),
                 ("quip", "int8_quip", make_spec(format="int8_quip"), True)]
         for opt, fmt, spec, with_cal in runs:
+            if optimizers and opt not in optimizers:
+                continue
             out = os.path.join(d, f"out_{opt}.safetensors")
             opts = ConvertOptions(plan=PlanOptions(spec=spec, default_skip=False), optimizer=opt,
                                   optimizer_options={"num_iter": num_iter}, overwrite=True,
@@ -249,6 +251,10 @@ def main(argv=None):
                    help="all 7 distinct Flux-dev shapes (for the projection) or only the 3 of the issue")
     p.add_argument("--skip-part1", action="store_true")
     p.add_argument("--skip-part2", action="store_true")
+    p.add_argument("--part2-optimizers", default=None, help="comma-separated subset for part 2 (e.g. rtn,gptq,quip)")
+    p.add_argument("--tokens-img", type=int, default=None, help="part 2 image tokens per sample (default 4096)")
+    p.add_argument("--tokens-txt", type=int, default=None, help="part 2 text tokens per sample (default 512)")
+    p.add_argument("--samples", type=int, default=4, help="part 2 calibration samples (held out: half)")
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     div = 8 if a.small else 1
@@ -274,8 +280,11 @@ def main(argv=None):
         lines.append("")
     if not a.skip_part2:
         print("part 2: one Flux double block through convert_file", flush=True)
-        tok_img, tok_txt, samples = (4096 // div, 512 // div, 4) if not a.small else (512, 64, 4)
-        rows2 = part2(device, div, num_iter, tok_img, tok_txt, samples)
+        tok_img = a.tokens_img or (512 if a.small else 4096)
+        tok_txt = a.tokens_txt or (64 if a.small else 512)
+        samples = a.samples
+        rows2 = part2(device, div, num_iter, tok_img, tok_txt, samples,
+                      a.part2_optimizers.split(",") if a.part2_optimizers else None)
         lines += [f"### One Flux double block, 8 layers ({card}, dims / {div}); activations generated "
                   f"({samples} x {tok_img} img + {tok_txt} txt tokens calibration, half as many held out)", "",
                   "| optimizer | format | objective | stored weight SQNR (dB) | held-out output SQNR (dB) | "

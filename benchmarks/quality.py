@@ -1,6 +1,6 @@
 """Quality of every optimizer x format on a real model (all-MiniLM-L6-v2), measured from the written files.
 
-    python benchmarks/quality.py [--num-iter 300] [--quick] [--json results.json] [--markdown table.md]
+    python benchmarks/quality.py [--num-iter 100] [--quick] [--json results.json] [--markdown table.md]
 
 1. Captures calibration statistics on the built-in calibration sentences (417 real English sentences,
    ``quant_core/calibration_sentences.py``), with the same hooks the CLI uses.
@@ -59,10 +59,10 @@ def configs(quick: bool):
         return [("rtn", "row", {}), ("gptq", "row", {})]
     out = []
     for fmt in ("row", "tensor", "block", "convrot"):
-        for opt in ("rtn", "gptq", "original", "adamw", "radam"):
+        # every learned-rounding variant on the two core-loadable per-row formats, adamw elsewhere
+        lr = ("original", "adamw", "radam") if fmt in ("row", "convrot") else ("adamw",)
+        for opt in ("rtn", "gptq") + (("quip",) if fmt == "convrot" else ()) + lr:
             out.append((opt, fmt, {}))
-        if fmt == "convrot":
-            out.append(("quip", fmt, {}))
     out += [("rtn", "int8_quip", {}), ("quip", "int8_quip", {})]
     for opt in ("rtn", "gptq", "adamw"):
         out.append((opt, "row", {"smoothquant": True, "smoothquant_alpha": 0.5}))
@@ -125,7 +125,7 @@ def markdown(rows, header_note):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-iter", type=int, default=300, help="learned-rounding iterations")
+    p.add_argument("--num-iter", type=int, default=100, help="learned-rounding iterations")
     p.add_argument("--quick", action="store_true", help="two configurations, 32 calibration sentences")
     p.add_argument("--only", default=None, help="comma-separated optimizer names to run")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
