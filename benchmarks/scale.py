@@ -290,7 +290,13 @@ def main():
     ap.add_argument("--subset", default=None, help="double,single blocks for GPTQ/QuIP (default 4,8; --small 1,2)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the multi-GPU rows (default: all, max 2)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--phases", default="rtn,gptq,multi,quip,bf16,modes",
+                    help="comma-separated subset of rtn,gptq,multi,quip,bf16,modes (default: all)")
     a = ap.parse_args()
+    phases = set(a.phases.split(","))
+    unknown = phases - {"rtn", "gptq", "multi", "quip", "bf16", "modes"}
+    if unknown:
+        ap.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     cuda = torch.cuda.is_available() and not a.small
     a.budget_s = a.budget_s or (45.0 if a.small else 500.0)
     b = Bench(a)
@@ -323,7 +329,8 @@ def main():
         src = os.path.join(work, "flux_bf16.safetensors")
         sub_src = os.path.join(work, "flux_subset_bf16.safetensors")
         mode_src = os.path.join(work, "flux_modes_bf16.safetensors")
-        write_model(src, full_keys, gen_dev)
+        if "rtn" in phases:
+            write_model(src, full_keys, gen_dev)
         write_model(sub_src, sub_keys, gen_dev)
         write_model(mode_src, mode_keys, gen_dev)
         b.facts["generate_s"] = time.perf_counter() - t0
@@ -333,48 +340,49 @@ def main():
 
         # 1. RTN, whole model
         rtn = None
-        if b.fits("rtn full", 60 if cuda else 10):
+        if "rtn" in phases and b.fits("rtn full", 60 if cuda else 10):
             rtn = b.child("RTN full, default", src, out("rtn"), base_flags, full_b, threads=threads, model="full")
-        if b.fits("rtn full --low-memory", 1.5 * rtn["wall"] if rtn else 90):
+        if "rtn" in phases and b.fits("rtn full --low-memory", 1.5 * rtn["wall"] if rtn else 90):
             b.child("RTN full, --low-memory", src, out("rtn_low"), base_flags + ["--low-memory"], full_b,
                     threads=threads, model="full")
         # 2. GPTQ subset: one device vs several (identity + speed-up)
         g1 = None
-        if b.fits("gptq subset 1 device", 120 if cuda else 15):
+        if "gptq" in phases and b.fits("gptq subset 1 device", 120 if cuda else 15):
             g1 = b.child("GPTQ subset, 1 " + ("GPU" if cuda else "proc"), sub_src, out("gptq1"),
                          base_flags + ["--optimizer", "gptq"], sub_b, threads=threads, keep=True, model="subset",
                          projected_s=None)
             if g1:
                 g1["projected_s"] = g1["seconds"] * ratio
         g2 = None
-        if g1 and b.fits("gptq subset multi", 0.8 * g1["wall"]):
+        if g1 and "multi" in phases and b.fits("gptq subset multi", 0.8 * g1["wall"]):
             g2 = b.multi(f"GPTQ subset, {n_multi} " + ("GPUs" if cuda else "procs"), sub_src, out("gptq2"),
                          ["--optimizer", "gptq"] + base_flags, devices, sub_b, threads=threads, model="subset")
             if g2:
                 g2["projected_s"] = g2["seconds"] * ratio
+        # without the GPTQ row: its wall time measured on an H200 (70 s) / a 2-core CPU (--small, 3 s)
+        gptq_guess = 70.0 if cuda else 3.0
         # 3. QuIP subset (+ checkpointed LDLQ)
         q1 = None
-        if b.fits("quip subset", 1.3 * g1["wall"] if g1 else 150):
+        if "quip" in phases and b.fits("quip subset", 1.3 * (g1["wall"] if g1 else gptq_guess)):
             q1 = b.child("QuIP subset, 1 " + ("GPU" if cuda else "proc"), sub_src, out("quip"),
                          base_flags + ["--optimizer", "quip"], sub_b, threads=threads, model="subset")
             if q1:
                 q1["projected_s"] = q1["seconds"] * ratio
+            if q1 and b.fits("quip checkpointed", 1.2 * q1["wall"]):
+                b.child("QuIP subset, --quip-checkpointed", sub_src, out("quip_ckpt"),
+                        base_flags + ["--optimizer", "quip", "--quip-checkpointed"]
+                        + ([] if cuda else ["--quip-checkpoint-threshold", "1024"]), sub_b, threads=threads,
+                        model="subset")
         # 4. bf16 compute, convrot RTN on the subset (threshold 0: every layer, also the small ones)
-        for bf in ("off", "auto", "on"):
+        for bf in ("off", "auto", "on") if "bf16" in phases else ():
             if b.fits(f"bf16 {bf}", 30 if cuda else 8):
                 b.child(f"RTN convrot subset, bf16 {bf}", sub_src, out("bf16_" + bf),
                         base_flags + ["--convrot", "--bf16-compute", bf, "--bf16-threshold", "0",
                                       "--streaming-mode", "off"], sub_b, threads=threads, model="subset")
         # 5. streaming modes, GPTQ on the small subset; QuIP's checkpointed LDLQ before the slowest mode
-        for mode in ("off", "balanced", "aggressive") if cuda else ("off",):
-            if mode == "aggressive" or not cuda:
-                if q1 and b.fits("quip checkpointed", 1.2 * q1["wall"]):
-                    b.child("QuIP subset, --quip-checkpointed", sub_src, out("quip_ckpt"),
-                            base_flags + ["--optimizer", "quip", "--quip-checkpointed"]
-                            + ([] if cuda else ["--quip-checkpoint-threshold", "1024"]), sub_b, threads=threads,
-                            model="subset")
+        for mode in (("off", "balanced", "aggressive") if cuda else ("off",)) if "modes" in phases else ():
             est = placement_estimate(mode_keys, "gptq", mode) if cuda else None
-            guess = {"off": 0.25, "balanced": 0.6, "aggressive": 1.5}[mode] * (g1["wall"] if g1 else 100)
+            guess = {"off": 0.25, "balanced": 0.6, "aggressive": 1.5}[mode] * (g1["wall"] if g1 else gptq_guess)
             if b.fits(f"gptq modes {mode}", guess):
                 b.child(f"GPTQ modes-subset, {mode}", mode_src, out("mode_" + mode),
                         base_flags + ["--optimizer", "gptq", "--streaming-mode", mode], mode_b, threads=threads,
