@@ -1,6 +1,6 @@
 """Quality of every optimizer x format on a real model (all-MiniLM-L6-v2), measured from the written files.
 
-    python benchmarks/quality.py [--num-iter 100] [--quick] [--json results.json] [--markdown table.md]
+    python benchmarks/quality.py [--num-iter 300] [--quick] [--json results.json] [--markdown table.md]
 
 1. Captures calibration statistics on the built-in calibration sentences (417 real English sentences,
    ``quant_core/calibration_sentences.py``), with the same hooks the CLI uses.
@@ -125,7 +125,7 @@ def markdown(rows, header_note):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-iter", type=int, default=100, help="learned-rounding iterations")
+    p.add_argument("--num-iter", type=int, default=300, help="learned-rounding iterations")
     p.add_argument("--quick", action="store_true", help="two configurations, 32 calibration sentences")
     p.add_argument("--only", default=None, help="comma-separated optimizer names to run")
     p.add_argument("--json", default=None, help="also write the rows as JSON")

@@ -77,11 +77,56 @@ def test_learned_rounding_itself_lowers_the_objective(minilm_cal, name):
     data, weights = minilm_cal
     w, stats = weights[QUERY], data.for_layer(QUERY)
     spec = make_spec()
-    res = _run(name, w, spec, stats, {"num_iter": 120, "eval_every": 5, "rounding_init": "nearest", "lr": 0.01})
+    res = _run(name, w, spec, stats, {"num_iter": 120, "eval_every": 5, "rounding_init": "nearest", "lr": 0.01,
+                                      "polish_sweeps": 0})
     info = res.info
     assert info["rounding_init"] == "nearest"
     assert info["objective_after"] < 0.9 * info["objective_rtn"]
     assert info["changed_fraction"] > 0.001
+
+
+def test_lr_schedules_follow_their_documented_rules():
+    from convert_to_quant.quant_core.optimizers.learned_rounding import _Schedule
+    e = _Schedule("exponential", 0.1, {"lr_gamma": 0.9})
+    for _ in range(5):
+        e.after_step(1.0)
+    assert math.isclose(e.lr, 0.1 * 0.9 ** 5)
+    a = _Schedule("adaptive", 0.1, {"lr_gamma": 0.5, "lr_factor": 0.25})
+    for loss in (4.0, 3.0, 2.0, 1.0):  # falling loss: x2 per step, capped at 10x the initial rate
+        a.after_step(loss)
+    assert math.isclose(a.lr, 1.0)
+    a.after_step(5.0)  # a rise: x0.25
+    assert math.isclose(a.lr, 0.25)
+    p = _Schedule("plateau", 0.1, {"lr_patience": 2, "lr_factor": 0.5, "lr_min": 0.03})
+    for hard in (1.0, 1.0, 1.0):  # best, then two evaluations without improvement: within patience
+        p.after_eval(hard)
+    assert p.lr == 0.1
+    p.after_eval(1.0)
+    assert math.isclose(p.lr, 0.05)
+    for _ in range(3):
+        p.after_eval(1.0)
+    assert p.lr == 0.03  # never below lr_min
+    with pytest.raises(PlanError, match="lr_schedule"):
+        _Schedule("cosine", 0.1, {})
+
+
+@pytest.mark.parametrize("stop,options", [
+    ("early_stop_stall", {"early_stop_stall": 10, "lr": 1e-6}),  # a rate too small to change anything
+    ("early_stop_lr", {"lr_schedule": "exponential", "lr_gamma": 0.5, "early_stop_lr": 1e-4}),
+    ("early_stop_loss", {"early_stop_loss": 2.0}),  # round-to-nearest itself already meets it
+])
+def test_learned_rounding_early_stopping(minilm_cal, stop, options):
+    from convert_to_quant.quant_core.optimizers.learned_rounding import learn_rounding
+    data, weights = minilm_cal
+    w, stats = weights[QUERY], data.for_layer(QUERY)
+    h = stats.hessian_mean()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    e_ref = quad_error(torch.round(w / scale) * scale - w, h)
+    q, e, info = learn_rounding(w, h, scale, "adamw", {"num_iter": 500, "eval_every": 5, **options}, e_ref)
+    assert info["stop"] == stop
+    assert info["iterations"] < 500
+    assert e <= e_ref * (1 + 1e-6)  # never worse than where it started
+    assert math.isclose(e, quad_error(q * scale - w, h), rel_tol=1e-5)
 
 
 def test_weight_only_objective_without_calibration(minilm_cal):

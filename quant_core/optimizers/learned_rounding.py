@@ -216,25 +216,24 @@ def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch
     gt = ((q * full_scale - ws) @ h).T.contiguous()  # [n, out]: gradient / 2 of every row's error
     hd = h.diagonal().clamp(min=1e-30)
     for _ in range(sweeps):
-        changed = 0
+        # no host sync inside the sweep (a zero change adds exact zeros): one check per sweep
+        changed = torch.zeros((), dtype=torch.int64, device=qt.device)
         for j0 in range(0, n, block):
             j1 = min(j0 + block, n)
-            upd = torch.zeros(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
+            upd = torch.empty(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
             for j in range(j0, j1):
                 new = (qt[j] - torch.round(gt[j] / (st[j] * hd[j]))).clamp_(-QMAX, QMAX)
                 dq = new - qt[j]
-                nz = int(torch.count_nonzero(dq))
-                if nz:
-                    changed += nz
-                    qt[j] = new
-                    d = dq * st[j]
-                    upd[j - j0] = d
-                    gt[j0:j1].addr_(h[j, j0:j1], d)
+                changed += torch.count_nonzero(dq)
+                qt[j] = new
+                d = upd[j - j0]
+                torch.mul(dq, st[j], out=d)
+                gt[j0:j1].addr_(h[j, j0:j1], d)
             if j0 > 0:
                 gt[:j0].addmm_(h[j0:j1, :j0].T, upd)
             if j1 < n:
                 gt[j1:].addmm_(h[j0:j1, j1:].T, upd)
-        if not changed:
+        if not int(changed):
             break
     return qt.T.contiguous()
 
