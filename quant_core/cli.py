@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=False)
     g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false")
     g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None)
-    g.add_argument(*_both("quip-checkpointed"), action="store_true")
+    g.add_argument(*_both("quip-checkpointed"), action="store_true",
+                   help="save GPU memory on big layers: tall ones (out >= threshold) in row segments, wide ones "
+                        "(in >= threshold) with the Hessian factored on the CPU; same integers, slower")
     g.add_argument(*_both("quip-checkpoint-threshold"), type=int, default=8192)
     g.add_argument(*_both("quip-checkpoint-segments"), type=int, default=4)
 

@@ -7,7 +7,7 @@ that moment), so a conversion gives the same bytes every time and on every rank 
 * **Streaming mode** (``--streaming-mode``) = a VRAM budget for one layer's working set
   (``STREAMING_BUDGETS``; ``auto`` picks a mode once, from the free VRAM at start). ``place_layer``
   estimates the working set of the layer's optimizer (``estimate_layer_bytes``) and, while it exceeds the
-  budget, moves work off the GPU in this order: the Hessian factorization (float64 Cholesky, ``~52·in²``
+  budget, moves work off the GPU in this order: the Hessian factorization (float64 Cholesky, ``~20·in²``
   bytes) to the CPU, the LDLQ/GPTQ sweep into more row segments, and finally the whole layer to the CPU.
 * **bf16 compute** (``--bf16-compute``): the Hadamard rotation of the weight and of the Hessian with
   bf16 operands above ``--bf16-hadamard-threshold`` / ``--bf16-hessian-threshold`` elements. ``auto``
@@ -217,7 +217,7 @@ def estimate_layer_bytes(shape: Sequence[int], optimizer: str, rotated: bool = F
     if optimizer in CALIBRATED_OPTIMIZERS:
         # w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt per segment
         return LayerEstimate(weight=24 * n + rot, sweep=12 * n,
-                             hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=52 * inn * inn)
+                             hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=20 * inn * inn)
     if optimizer in LEARNED_ROUNDING_OPTIMIZERS:
         # w, floors, h, grad, two Adam moments, scale matrix, hard rounding, D and D·H
         return LayerEstimate(weight=40 * n + rot, sweep=0, hessian=12 * inn * inn, factor=0)

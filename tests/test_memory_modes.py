@@ -91,13 +91,15 @@ def test_placements_fit_their_budget(mode):
 def test_flux_decisions_per_mode():
     """The decisions docs/SCALE.md lists for Flux's widest layers (GPTQ, weight-only objective)."""
     lin2, mlp2, qkv = FLUX["linear2"], FLUX["mlp.2"], FLUX["qkv"]
-    assert place_layer(lin2, "gptq", gpu_policy("off")) == Placement(GPU0)
-    for mode in ("minimal", "balanced"):
-        for shape in (lin2, mlp2):
-            pl = place_layer(shape, "gptq", gpu_policy(mode))
-            assert pl.device == GPU0 and pl.hessian_device == CPU and pl.row_segments == 1
-        assert place_layer(qkv, "gptq", gpu_policy(mode)) == Placement(GPU0)
+    for mode in ("off", "minimal"):
+        for shape in (lin2, mlp2, qkv):
+            assert place_layer(shape, "gptq", gpu_policy(mode)) == Placement(GPU0)
+    pl = place_layer(lin2, "gptq", gpu_policy("balanced"))
+    assert pl.device == GPU0 and pl.hessian_device == CPU and pl.row_segments == 1
+    assert place_layer(mlp2, "gptq", gpu_policy("balanced")) == Placement(GPU0)
+    assert place_layer(qkv, "gptq", gpu_policy("balanced")) == Placement(GPU0)
     assert place_layer(lin2, "gptq", gpu_policy("aggressive")).device == CPU
+    assert place_layer(mlp2, "gptq", gpu_policy("aggressive")).device == CPU
     assert place_layer(qkv, "gptq", gpu_policy("aggressive")) == Placement(GPU0)
     # round-to-nearest of the largest Flux layer fits every budget
     for mode in ("minimal", "balanced", "aggressive"):

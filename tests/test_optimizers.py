@@ -216,10 +216,22 @@ def test_quip_checkpointed_is_identical_on_wide_layers(minilm_cal):
     w, stats = weights[FFN_DOWN], data.for_layer(FFN_DOWN)
     spec = make_spec(convrot=True, convrot_groupsize=256)
     a = _run("quip", w, spec, stats, base=FFN_DOWN)
-    b = _run("quip", w, spec, stats, {"quip_checkpointed": True, "quip_checkpoint_threshold": 1024,
+    b = _run("quip", w, spec, stats, {"quip_checkpointed": True, "quip_checkpoint_threshold": 384,
                                       "quip_checkpoint_segments": 3}, base=FFN_DOWN)
     assert b.info["row_segments"] == 3
     assert torch.equal(a.qw.qdata, b.qw.qdata) and torch.equal(a.qw.scale, b.qw.scale)
+
+
+def test_quip_checkpoint_plan_splits_tall_layers_and_factors_wide_hessians_on_the_cpu():
+    from convert_to_quant.quant_core.optimizers.quip import _checkpoint_plan
+    o = {"quip_checkpointed": True, "quip_checkpoint_threshold": 8192, "quip_checkpoint_segments": 4}
+    gpu_like = "meta"  # any non-CPU device: where the weight lives decides whether moving H saves anything
+    assert _checkpoint_plan(torch.empty(3072, 15360, device=gpu_like), o) == (1, torch.device("cpu"))
+    assert _checkpoint_plan(torch.empty(21504, 3072, device=gpu_like), o) == (4, None)
+    assert _checkpoint_plan(torch.empty(16384, 16384, device=gpu_like), o) == (4, torch.device("cpu"))
+    assert _checkpoint_plan(torch.empty(3072, 3072, device=gpu_like), o) == (1, None)
+    assert _checkpoint_plan(torch.empty(3072, 15360), o) == (1, None)  # on the CPU already
+    assert _checkpoint_plan(torch.empty(3072, 15360, device=gpu_like), {}) == (1, None)  # flag off
 
 
 # ------------------------------------------------------------------------------------------------

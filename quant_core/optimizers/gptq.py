@@ -35,23 +35,37 @@ DEFAULT_DAMP = 0.03  # chosen on MiniLM held-out sentences from {1%, 3%, 10%, 30
 
 def inverse_cholesky(h: torch.Tensor, damp: float = DEFAULT_DAMP, max_tries: int = 6
                      ) -> Tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` (float32) and the ``λ`` used."""
-    h64 = h.to(torch.float64)
-    mean_diag = float(h64.diagonal().mean())
+    """Upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` (float32) and the ``λ`` used.
+
+    Float64 throughout, holding at most two ``in × in`` float64 matrices at a time (~16·in² bytes, plus
+    the float32 result): at DiT widths (in = 15360: 1.9 GB per matrix) this factorization is the largest
+    working set of GPTQ/QuIP, so every temporary is released as soon as the next one exists."""
+    n = h.shape[0]
+    mean_diag = float(h.diagonal().to(torch.float64).mean())
     if not mean_diag > 0:
         mean_diag = 1.0
     lam = damp
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
     for _ in range(max_tries):
-        hd = h64.clone()
+        hd = h.to(torch.float64, copy=True)
         hd.diagonal().add_(lam * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
-            hinv = torch.cholesky_solve(eye, chol)  # much faster than cholesky_inverse on CPU
-            hinv = 0.5 * (hinv + hinv.T)
-            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if chol.device.type == "cpu":  # much faster than cholesky_inverse on the CPU
+                hinv = torch.cholesky_solve(torch.eye(n, dtype=torch.float64), chol)
+            else:
+                hinv = torch.cholesky_inverse(chol)
+            del chol
+            sym = hinv + hinv.T
+            del hinv
+            sym.mul_(0.5)
+            u, info2 = torch.linalg.cholesky_ex(sym, upper=True)
+            del sym
             if int(info2) == 0:
                 return u.to(torch.float32), lam
+            del u
+        else:
+            del chol
         lam *= 10.0
     raise RuntimeError(f"GPTQ: Hessian is not positive definite even with damping {lam / 10:g}")
 
@@ -79,7 +93,7 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
     if actorder:
         perm = torch.argsort(h.diagonal(), descending=True)
         h = h[perm][:, perm]
-    # the float64 factorization needs ~52·in² bytes: the memory policy may put it on the CPU
+    # the float64 factorization needs ~20·in² bytes: the memory policy may put it on the CPU
     u, lam = inverse_cholesky(h if factor_device is None else h.to(factor_device), damp)
     u = u.to(ws.device)
     del h
@@ -124,13 +138,15 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
             x_all[r0:r1] = xt.T
         del wt, st, qt, xt
     info = {"damp": lam, "actorder": actorder, "block_size": block_size, "row_segments": (out + seg - 1) // seg}
+    if factor_device is not None:
+        info["hessian_factored_on"] = str(factor_device)
     if return_target:
         info["target"] = x_all
     return q_all, info
 
 
 def quantize_with_objective(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext, ws: torch.Tensor, obj,
-                            actorder: bool, row_segments: int = 1, label: str = "gptq"):
+                            actorder: bool, row_segments: int = 1, label: str = "gptq", factor_device=None):
     """GPTQ/LDLQ of storage-space ``ws`` under ``obj``; returns (integers, scale, info). Keeps the
     round-to-nearest result if GPTQ does not lower the objective (it practically always does)."""
     opts = ctx.options or {}
@@ -141,7 +157,7 @@ def quantize_with_objective(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext
     # the memory policy (quant_core.memory.place_layer) may ask for more row segments / a CPU factorization
     row_segments = max(int(row_segments), int(opt(opts, "row_segments", 1)))
     q, info = gptq_quantize(ws, obj.H, full, block, actorder, damp, row_segments,
-                            factor_device=opt(opts, "hessian_device", None))
+                            factor_device=factor_device or opt(opts, "hessian_device", None))
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
     q_rtn = rtn_integers(ws, base_full)

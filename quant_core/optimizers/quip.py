@@ -18,9 +18,9 @@ Storage (chosen by the plan, see ``cli.py``):
 * any other format asked for explicitly (``--scaling_mode tensor|block``, ``--quip-requant-scheme``):
   LDLQ in that format, without rotation, and the report says so.
 
-``--quip-actorder``: LDLQ visits columns by decreasing ``diag(H)``. ``--quip-checkpointed``: layers with a
-dimension ≥ ``--quip-checkpoint-threshold`` are processed in ``--quip-checkpoint-segments`` row segments
-(same result, less working memory).
+``--quip-actorder``: LDLQ visits columns by decreasing ``diag(H)``. ``--quip-checkpointed``: layers with
+``out`` ≥ ``--quip-checkpoint-threshold`` are processed in ``--quip-checkpoint-segments`` row segments, layers
+with ``in`` ≥ it factor their Hessian on the CPU (same integers, less GPU memory; ``_checkpoint_plan``).
 """
 from __future__ import annotations
 
@@ -36,12 +36,19 @@ from ..memory import storage_weight
 from .objective import layer_objective, opt
 
 
-def _row_segments(w: torch.Tensor, options) -> int:
+def _checkpoint_plan(w: torch.Tensor, options):
+    """``--quip-checkpointed``: (row segments, Hessian factorization device) for this layer.
+
+    Tall layers (``out`` ≥ threshold) run LDLQ in row segments: the sweep's working rows shrink, the
+    integers do not change. Wide layers (``in`` ≥ threshold) factor their ``in × in`` Hessian -- float64,
+    the largest working set at DiT widths (~10 GiB for in = 15360, docs/SCALE.md) -- on the CPU; only
+    ``H⁻¹``'s float32 factor comes back to the GPU."""
     if not opt(options, "quip_checkpointed", False):
-        return 1
-    if max(w.shape) < int(opt(options, "quip_checkpoint_threshold", 8192)):
-        return 1
-    return max(1, int(opt(options, "quip_checkpoint_segments", 4)))
+        return 1, None
+    threshold = int(opt(options, "quip_checkpoint_threshold", 8192))
+    segments = max(1, int(opt(options, "quip_checkpoint_segments", 4))) if w.shape[0] >= threshold else 1
+    factor_device = torch.device("cpu") if w.shape[1] >= threshold and w.device.type != "cpu" else None
+    return segments, factor_device
 
 
 @register_optimizer("quip")
@@ -50,14 +57,15 @@ def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
     o = ctx.options or {}
     w = w.float()
     actorder = bool(opt(o, "quip_actorder", False))
-    segments = _row_segments(w, o)
+    segments, factor_device = _checkpoint_plan(w, o)
     if spec.format == Int8QuIP.name:
         seed = int(opt(o, "quip_seed", 0))
         sign_out = random_signs(w.shape[0], seed, ctx.base + ":out", device=w.device)
         sign_in = random_signs(w.shape[1], seed, ctx.base + ":in", device=w.device)
         wt = Int8QuIP.transform(w, sign_out, sign_in)
         obj = layer_objective(w, spec, ctx, transform=lambda h: Int8QuIP.transform_hessian(h, sign_in))
-        q, scale, info = quantize_with_objective(w, spec, ctx, wt, obj, actorder, segments, label="quip")
+        q, scale, info = quantize_with_objective(w, spec, ctx, wt, obj, actorder, segments, label="quip",
+                                                 factor_device=factor_device)
         qw = Int8QuIP.pack_transformed(q.to(torch.int8), scale, sign_out, sign_in, spec.params, ctx.orig_dtype)
         info["incoherence"] = "randomized block Hadamard, both sides"
     else:
@@ -68,7 +76,8 @@ def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
         else:
             info_inc = None
             obj.notes.append(f"format {spec.describe()} holds no rotation: LDLQ without incoherence processing")
-        q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, actorder, segments, label="quip")
+        q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, actorder, segments, label="quip",
+                                                 factor_device=factor_device)
         qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
         info["incoherence"] = info_inc
     return OptimizerResult(qw, finish_info(info, obj, t0))
