@@ -225,7 +225,8 @@ class Bench:
         s = json.load(open(report))["summary"]
         d = {"run": name, "wall": wall, "seconds": s["seconds"], "gbps": input_bytes / 1e9 / s["seconds"],
              "mean_sqnr_db": s.get("mean_sqnr_db"), "layers": s.get("layers_quantized"),
-             "sha256": file_sha256(out), "flags": " ".join(flags) + f" --devices {devices}", **row}
+             "sha256": file_sha256(out), "flags": " ".join(flags) + f" --devices {devices}",
+             "ranks": s.get("ranks"), **row}
         self.rows.append(d)
         return d
 
@@ -427,6 +428,10 @@ def report(b: Bench, full_b, sub_b, sub, mode_sub, n_multi, cuda):
         notes = r.get("notes") or []
         if notes:
             print(f"  {r['run']}: {len(notes)} layers placed/retried, e.g. {notes[0]}")
+        for t in r.get("ranks") or []:  # multi-rank rows: where each rank's time went
+            print(f"  {r['run']}: rank {t['rank']}: {t['tensors']} tensors, busy {t['busy_s']:.1f} s, "
+                  f"done at {t['done_s']:.1f} s" + (f", received by rank 0 at {t['received_s']:.1f} s"
+                                                    if "received_s" in t else ""))
     rtn = next((r for r in b.rows if r["run"] == "RTN full, default" and "skipped" not in r), None)
     if rtn:
         print(f"RTN throughput: {rtn['gbps']:.2f} GB/s of bf16 input ({rtn['gbps'] / 1.0:.2f}x the 1 GB/s target)")

@@ -319,12 +319,16 @@ def _run_worker(job, keys: List[str], info: RankInfo):
     import torch.distributed as dist
     sender = _Sender()
     sizes = {k: job.reader.info(k).nbytes for k in keys}
+    t0, busy, n = time.perf_counter(), 0.0, 0
     try:
         with Prefetcher(job.reader.get, keys, sizes, job.memory.prefetch_bytes) as inputs:
             for key, t in inputs:
                 job.prefetched = {key: t}
                 del t
+                t1 = time.perf_counter()
                 tensors, layer = job.process(key)
+                busy += time.perf_counter() - t1
+                n += 1
                 job.prefetched = {}
                 sender.put(ITEM, {"key": key, "tensors": list(tensors), "layer": _layer_to_json(layer)}, tensors)
                 del tensors
@@ -337,7 +341,7 @@ def _run_worker(job, keys: List[str], info: RankInfo):
     except Exception as e:  # a bug: rank 0 reports the run as failed, the traceback stays here
         _forward_error(sender, ConvertError(f"internal error: {type(e).__name__}: {e}"), info)
         raise
-    sender.put(DONE, {"rank": info.rank})
+    sender.put(DONE, _rank_timing(info.rank, n, busy, time.perf_counter() - t0))
     sender.close()
     status = torch.zeros(1, dtype=torch.int64)
     try:
@@ -346,6 +350,12 @@ def _run_worker(job, keys: List[str], info: RankInfo):
         raise LostRank0(f"rank 0 stopped before the end: {e}") from None
     if int(status.item()) != 0:
         raise LostRank0(f"rank {info.rank}: rank 0 did not complete the output file")
+
+
+def _rank_timing(rank: int, tensors: int, busy: float, done: float) -> dict:
+    """One rank's timing for the report's ``summary["ranks"]``: tensors processed, seconds inside
+    ``job.process`` (reading excluded), and seconds from the start of its share to its last result."""
+    return {"rank": rank, "tensors": tensors, "busy_s": round(busy, 3), "done_s": round(done, 3)}
 
 
 def _forward_error(sender: _Sender, e: ConvertError, info: RankInfo):
@@ -365,6 +375,8 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
     errors: List[BaseException] = []
     lock = threading.Lock()
     counts = {"done": 0}
+    timings: Dict[int, dict] = {}
+    t0, busy = time.perf_counter(), 0.0
     def n_quantized(keys):
         return sum(1 for k in keys if (job.plan.layer_for_key(k) or _NO_LAYER).spec is not None)
 
@@ -385,6 +397,8 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
             while True:
                 kind, meta, tensors = _recv_item(peer, entries)
                 if kind == DONE:
+                    with lock:
+                        timings[peer] = dict(meta, received_s=round(time.perf_counter() - t0, 3))
                     return
                 if kind == ERROR:
                     with lock:
@@ -415,11 +429,14 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
                     check()
                     job.prefetched = {key: t}
                     del t
+                    t1 = time.perf_counter()
                     tensors, layer = job.process(key)
+                    busy += time.perf_counter() - t1
                     job.prefetched = {}
                     out.put(tensors)
                     del tensors
                     on_layer(key, layer)
+            timings[0] = _rank_timing(0, len(mine), busy, time.perf_counter() - t0)
             for th in threads:
                 while th.is_alive():
                     th.join(0.2)
@@ -428,6 +445,10 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
         for key in job.order:  # the report lists layers in file order, as a one-process run does
             if key in layers:
                 job.report.add(*layers[key])
+        # where the time went per rank (rank 0 also receives and writes everyone's results)
+        job.summary_extra["ranks"] = [timings[r] for r in sorted(timings)]
+        log("ranks: " + "; ".join(f"rank {t['rank']}: {t['tensors']} tensors, busy {t['busy_s']:.1f} s, "
+                                  f"done at {t['done_s']:.1f} s" for t in job.summary_extra["ranks"]))
         writer.finish(verify=lambda tmp: job.verify(tmp, writer.checksums))
     # every peer has sent DONE and waits for this verdict. On a failure rank 0 raises instead: the peers
     # see their connection close (or the launcher stops them) -- a collective here could wait forever

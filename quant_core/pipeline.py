@@ -196,6 +196,7 @@ class ConversionJob:
         self.log = log
         self.input_path = input_path
         self.prefetched: Dict[str, torch.Tensor] = {}  # key -> tensor already read (run's read-ahead)
+        self.summary_extra: Dict[str, object] = {}  # extra report-summary entries (multi-rank timing)
         if opts.low_memory:
             limit_heap_growth()
         self.reader = SafetensorsReader(input_path)
@@ -436,7 +437,7 @@ class ConversionJob:
         self.report.finalize(bytes_in=os.path.getsize(self.input_path), bytes_out=os.path.getsize(out),
                              seconds=round(seconds, 3), optimizer=self.opts.optimizer, presets=plan.presets,
                              family=plan.family, input=os.path.basename(self.input_path),
-                             output=os.path.basename(out))
+                             output=os.path.basename(out), **self.summary_extra)
         for w_ in self.report.warnings:
             self.log("warning: " + w_)
         try:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from convert_to_quant.quant_core import distributed
 from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
@@ -140,6 +141,14 @@ def test_devices_cpu_gptq_with_calibration_is_byte_identical(model, tmp_path):
     assert list(two["layers"]) == list(one["layers"])  # same order: file order
     assert two["layers"] == one["layers"]  # same numbers, computed from the same bytes
     assert any("output_sqnr_db" in l for l in two["layers"].values())
+    # per-rank timing: both ranks, every planned tensor counted once, busy never longer than the run
+    ranks = two["summary"]["ranks"]
+    assert [t["rank"] for t in ranks] == [0, 1]
+    with safe_open(src, "pt") as f:
+        assert sum(t["tensors"] for t in ranks) == len(list(f.keys()))
+    for t in ranks:
+        assert 0 < t["busy_s"] <= t["done_s"] + 1e-3
+    assert "ranks: rank 0:" in r.stdout and "ranks" not in one["summary"]
 
 
 @pytest.mark.slow
