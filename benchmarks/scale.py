@@ -184,20 +184,28 @@ class Bench:
             return False
         return True
 
-    def child(self, name: str, src: str, out: str, flags: List[str], input_bytes: int, threads=None,
-              keep=False, **row) -> Optional[Dict]:
-        argv = ["-i", src, "-o", out, "--overwrite"] + flags
+    def run(self, name: str, cmd: List[str], threads=None):
+        """Run one row's process inside the remaining budget: (completed process, wall seconds), or None
+        after recording the row as skipped (budget hit, or the process failed: its last stderr line)."""
         t0 = time.perf_counter()
         try:
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], capture_output=True, text=True,
-                               env=self.env(threads), timeout=max(self.left(), 10))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=self.env(threads),
+                               timeout=max(self.left(), 10))
         except subprocess.TimeoutExpired:
             self.rows.append({"run": name, "skipped": "hit the time budget while running"})
             return None
-        wall = time.perf_counter() - t0
         if r.returncode != 0:
             self.rows.append({"run": name, "skipped": "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:150]})
             return None
+        return r, time.perf_counter() - t0
+
+    def child(self, name: str, src: str, out: str, flags: List[str], input_bytes: int, threads=None,
+              keep=False, **row) -> Optional[Dict]:
+        argv = ["-i", src, "-o", out, "--overwrite"] + flags
+        ran = self.run(name, [sys.executable, "-c", CHILD, json.dumps(argv)], threads)
+        if ran is None:
+            return None
+        r, wall = ran
         d = json.loads(r.stdout.strip().splitlines()[-1])
         d.update(run=name, wall=wall, gbps=input_bytes / 1e9 / d["seconds"], flags=" ".join(flags), **row)
         if keep:
@@ -212,16 +220,10 @@ class Bench:
         report = out[:-len(".safetensors")] + "_report.json"
         cmd = [sys.executable, "-m", "convert_to_quant", "-i", src, "-o", out, "--overwrite", "--devices", devices,
                "--report-quality", report, "--verbose", "MINIMAL"] + flags
-        t0 = time.perf_counter()
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=self.env(threads), timeout=max(self.left(), 10))
-        except subprocess.TimeoutExpired:
-            self.rows.append({"run": name, "skipped": "hit the time budget while running"})
+        ran = self.run(name, cmd, threads)
+        if ran is None:
             return None
-        wall = time.perf_counter() - t0
-        if r.returncode != 0:
-            self.rows.append({"run": name, "skipped": "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:150]})
-            return None
+        _, wall = ran
         s = json.load(open(report))["summary"]
         d = {"run": name, "wall": wall, "seconds": s["seconds"], "gbps": input_bytes / 1e9 / s["seconds"],
              "mean_sqnr_db": s.get("mean_sqnr_db"), "layers": s.get("layers_quantized"),
