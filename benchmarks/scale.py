@@ -356,12 +356,15 @@ def main():
                          projected_s=None)
             if g1:
                 g1["projected_s"] = g1["seconds"] * ratio
-        g2 = None
-        if g1 and "multi" in phases and b.fits("gptq subset multi", 0.8 * g1["wall"]):
-            g2 = b.multi(f"GPTQ subset, {n_multi} " + ("GPUs" if cuda else "procs"), sub_src, out("gptq2"),
-                         ["--optimizer", "gptq"] + base_flags, devices, sub_b, threads=threads, model="subset")
-            if g2:
-                g2["projected_s"] = g2["seconds"] * ratio
+        g2 = {}  # per schedule: the default dynamic work queue, and the static assignment for comparison
+        for schedule in ("dynamic", "static") if g1 and "multi" in phases else ():
+            if b.fits(f"gptq subset multi {schedule}", 0.8 * g1["wall"]):
+                r = b.multi(f"GPTQ subset, {n_multi} " + ("GPUs" if cuda else "procs") + f", {schedule}", sub_src,
+                            out("gptq2_" + schedule), ["--optimizer", "gptq", "--schedule", schedule] + base_flags,
+                            devices, sub_b, threads=threads, model="subset")
+                if r:
+                    r["projected_s"] = r["seconds"] * ratio
+                    g2[schedule] = r
         # without the GPTQ row: its wall time measured on an H200 (70 s) / a 2-core CPU (--small, 3 s)
         gptq_guess = 70.0 if cuda else 3.0
         # 3. QuIP subset (+ checkpointed LDLQ)
@@ -390,10 +393,10 @@ def main():
                 b.child(f"GPTQ modes-subset, {mode}", mode_src, out("mode_" + mode),
                         base_flags + ["--optimizer", "gptq", "--streaming-mode", mode], mode_b, threads=threads,
                         model="modes", estimate_gib=est)
-        if g1 and g2:
-            b.facts["identical"] = g1["sha256"] == g2["sha256"]
-            b.facts["speedup_conv"] = g1["seconds"] / g2["seconds"]
-            b.facts["speedup_wall"] = g1["wall"] / g2["wall"]
+        for schedule, r in g2.items():
+            b.facts.setdefault("multi", {})[schedule] = dict(
+                identical=g1["sha256"] == r["sha256"], speedup_conv=g1["seconds"] / r["seconds"],
+                speedup_wall=g1["wall"] / r["wall"])
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -431,16 +434,17 @@ def report(b: Bench, full_b, sub_b, sub, mode_sub, n_multi, cuda):
         if notes:
             print(f"  {r['run']}: {len(notes)} layers placed/retried, e.g. {notes[0]}")
         for t in r.get("ranks") or []:  # multi-rank rows: where each rank's time went
-            print(f"  {r['run']}: rank {t['rank']}: {t['tensors']} tensors, busy {t['busy_s']:.1f} s, "
+            print(f"  {r['run']}: rank {t['rank']}: {t['tensors']} tensors"
+                  + (f" ({t['units']} units)" if "units" in t else "") + f", busy {t['busy_s']:.1f} s, "
                   f"done at {t['done_s']:.1f} s" + (f", received by rank 0 at {t['received_s']:.1f} s"
                                                     if "received_s" in t else ""))
     rtn = next((r for r in b.rows if r["run"] == "RTN full, default" and "skipped" not in r), None)
     if rtn:
         print(f"RTN throughput: {rtn['gbps']:.2f} GB/s of bf16 input ({rtn['gbps'] / 1.0:.2f}x the 1 GB/s target)")
-    if "identical" in f:
-        print(f"multi-device GPTQ ({n_multi} {'GPUs' if cuda else 'CPU processes'}): output "
-              f"{'BYTE-IDENTICAL' if f['identical'] else 'DIFFERENT'} to the one-device run (sha256); speed-up "
-              f"{f['speedup_conv']:.2f}x conversion time, {f['speedup_wall']:.2f}x wall incl. process start"
+    for schedule, m in (f.get("multi") or {}).items():
+        print(f"multi-device GPTQ ({n_multi} {'GPUs' if cuda else 'CPU processes'}, {schedule} schedule): output "
+              f"{'BYTE-IDENTICAL' if m['identical'] else 'DIFFERENT'} to the one-device run (sha256); speed-up "
+              f"{m['speedup_conv']:.2f}x conversion time, {m['speedup_wall']:.2f}x wall incl. process start"
               + (" (target 1.7x)" if cuda else " (CPU smoke run: processes share 2 cores, no speed-up expected)"))
     print(f"total {time.perf_counter() - b.t_start:.0f} s (budget {b.args.budget_s:.0f} s)")
 

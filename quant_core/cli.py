@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--devices", default=None,
                    help="convert on several devices, e.g. 0,1 (GPUs) or cpu,cpu: one process per device "
                         "(as torchrun --nproc_per_node N -m convert_to_quant); output identical to one device")
+    g.add_argument("--schedule", choices=("dynamic", "static"), default="dynamic",
+                   help="with several devices: dynamic = each rank takes the next layer (largest first) when "
+                        "it is free (default); static = layers fixed per rank in advance by estimated cost")
 
     g = p.add_argument_group("quality")
     g.add_argument(*_both("report-quality"), nargs="?", const="auto", default=None, metavar="PATH",
@@ -346,7 +349,7 @@ def options_from_args(args):
         lora_dampen=args.merge_lora_dampen, lora_strict=args.merge_lora_strict,
         device=args.device, low_memory=args.low_memory,
         quality_threshold=args.quality_threshold, nan_policy=args.nan_policy, overwrite=args.overwrite,
-        verify=args.verify)
+        verify=args.verify, schedule=args.schedule)
 
 
 def report_path_for(args, output: str) -> Optional[str]:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,19 +112,26 @@ def layer_cost(shape: Sequence[int], optimizer: str) -> float:
     return float(out) * inn
 
 
-def assign_work(job, world: int) -> List[List[str]]:
-    """Keys per rank, each list in file order. Deterministic: a function of the plan only."""
+@dataclasses.dataclass
+class WorkUnits:
+    """What the ranks share out: ``copies`` (keys only copied: biases, norms, kept layers; rank 0's, in
+    file order) and ``units`` (keys quantized together: one layer, or all layers reading one calibration
+    group; each list in file order), largest estimated cost first. A function of the plan only."""
+    copies: List[str]
+    units: List[List[str]]
+    costs: List[float]
+
+
+def work_units(job) -> WorkUnits:
     plan = job.plan
     units: Dict[str, List[str]] = {}
     costs: Dict[str, float] = {}
     first_pos: Dict[str, int] = {}
-    rank0: List[str] = []
-    load = [0.0] * world
+    copies: List[str] = []
     for pos, key in enumerate(job.order):
         lp = plan.layer_for_key(key)
         if lp is None or lp.spec is None:
-            rank0.append(key)
-            load[0] += job.reader.info(key).numel * 1e-3  # copying is cheap next to quantizing
+            copies.append(key)
             continue
         unit = lp.base
         if job.calibration is not None:
@@ -134,13 +141,57 @@ def assign_work(job, world: int) -> List[List[str]]:
         units.setdefault(unit, []).append(key)
         costs[unit] = costs.get(unit, 0.0) + layer_cost(lp.shape, job.opts.optimizer)
         first_pos.setdefault(unit, pos)
-    owner: Dict[str, int] = {k: 0 for k in rank0}
-    for unit in sorted(units, key=lambda u: (-costs[u], first_pos[u])):
+    order = sorted(units, key=lambda u: (-costs[u], first_pos[u]))
+    return WorkUnits(copies, [units[u] for u in order], [costs[u] for u in order])
+
+
+def assign_work(job, world: int) -> List[List[str]]:
+    """The static schedule (``--schedule static``): keys per rank, each list in file order. Units go
+    largest first to the least-loaded rank by estimated cost; copies stay on rank 0. Deterministic."""
+    w = work_units(job)
+    load = [0.0] * world
+    load[0] += sum(job.reader.info(k).numel for k in w.copies) * 1e-3  # copying is cheap next to quantizing
+    owner: Dict[str, int] = {k: 0 for k in w.copies}
+    for keys, cost in zip(w.units, w.costs):
         r = min(range(world), key=lambda i: (load[i], i))
-        load[r] += costs[unit]
-        for k in units[unit]:
+        load[r] += cost
+        for k in keys:
             owner[k] = r
     return [[k for k in job.order if owner[k] == r] for r in range(world)]
+
+
+class WorkQueue:
+    """The dynamic schedule (default): every rank takes the next unit, largest first, when it is ready
+    for one -- from a counter in the process group's key-value store (``store.add`` is atomic and served
+    by the store's own thread on rank 0, so it never waits for rank 0's Python). A rank that is slower
+    (rank 0 also receives and writes everyone's results) or has layers costlier than estimated simply
+    takes fewer units; which rank computes a layer does not change its bytes (per-layer seeds, same
+    math on every rank). Rank 0 takes the copies first."""
+
+    def __init__(self, store, name: str, work: WorkUnits, rank: int):
+        self.store, self.name, self.work, self.rank = store, name, work, rank
+        self.taken: List[int] = []
+
+    def claim(self) -> Optional[int]:
+        try:
+            i = int(self.store.add(self.name, 1)) - 1
+        except Exception as e:  # the store lives in rank 0's process: rank 0 is gone and reports why
+            raise LostRank0(f"rank {self.rank}: taking the next layer from rank 0 failed: {e}") from None
+        if i >= len(self.work.units):
+            return None
+        self.taken.append(i)
+        return i
+
+    def keys(self) -> Iterator[str]:
+        """This rank's keys, deciding the next unit only when asked (give it to a ``Prefetcher`` with
+        ``max_items=1`` so that a rank claims at most one unit ahead of the one it computes)."""
+        if self.rank == 0:
+            yield from self.work.copies
+        while True:
+            i = self.claim()
+            if i is None:
+                return
+            yield from self.work.units[i]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,10 +316,22 @@ class _Sender:
 # the run
 # ------------------------------------------------------------------------------------------------
 def init_process_group(info: RankInfo, timeout_minutes: int = 120):
+    """Join the gloo group (env:// rendezvous, as torchrun sets it up); returns the group's key-value
+    store, which also holds the dynamic schedule's counter."""
     import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=info.rank, world_size=info.world,
-                                timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    if dist.is_initialized():
+        from torch.distributed import distributed_c10d
+        return distributed_c10d._get_default_store()
+    store, _, _ = next(dist.rendezvous("env://", info.rank, info.world, timeout=timeout))
+    dist.init_process_group("gloo", store=store, rank=info.rank, world_size=info.world, timeout=timeout)
+    return store
+
+
+def _queue_name() -> str:
+    """The counter's name, new for every run of one store (torchrun's agent keeps its store over restarts)."""
+    return "ctq/next_unit/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "-"),
+                                         os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def agreed_free_vram(device: torch.device) -> Optional[int]:
@@ -293,18 +356,30 @@ def convert_distributed(input_path: str, output_path: Optional[str], options, in
     options = dataclasses.replace(options, device=rank_device(options.device, info))
     if options.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(options.device))
-    init_process_group(info)
+    store = init_process_group(info)
     job = ConversionJob(input_path, output_path, options, log if info.rank == 0 else (lambda m: None))
     try:
         # every rank must place layers identically: resolve --streaming-mode auto from the smallest free VRAM
         free = agreed_free_vram(job.device)
         job.memory = policy_from_options(options.optimizer_options, job.device, options.low_memory,
                                          free_vram_bytes=free)
-        shares = assign_work(job, info.world)
-        if info.rank == 0:
-            result = _run_rank0(job, shares, info, progress, log)
+        schedule = options.schedule
+        if schedule == "static":
+            shares = assign_work(job, info.world)
+            n_q = [sum(1 for k in sh if (job.plan.layer_for_key(k) or _NO_LAYER).spec is not None) for sh in shares]
+            log(f"{info.world} ranks, static schedule: " + ", ".join(f"rank {r}: {n} layers" for r, n in enumerate(n_q)))
+            source = _Source(shares[info.rank], None, None)
+        elif schedule == "dynamic":
+            work = work_units(job)
+            log(f"{info.world} ranks, dynamic schedule: {len(work.units)} units of work, largest first")
+            q = WorkQueue(store, _queue_name(), work, info.rank)
+            source = _Source(q.keys(), 1, q)
         else:
-            _run_worker(job, shares[info.rank], info)
+            raise PlanError(f"unknown schedule {schedule!r} (dynamic or static)")
+        if info.rank == 0:
+            result = _run_rank0(job, source, info, progress, log)
+        else:
+            _run_worker(job, source, info)
             result = None
     finally:
         job.close()
@@ -315,13 +390,27 @@ def convert_distributed(input_path: str, output_path: Optional[str], options, in
     return result
 
 
-def _run_worker(job, keys: List[str], info: RankInfo):
+@dataclasses.dataclass
+class _Source:
+    """This rank's keys: a list (static schedule) or the work queue's claiming iterator (dynamic)."""
+    keys: object
+    max_items: Optional[int]
+    queue: Optional[WorkQueue]
+
+    def prefetcher(self, job) -> Prefetcher:
+        sizes = {k: job.reader.info(k).nbytes for k in job.order}
+        return Prefetcher(job.reader.get, self.keys, sizes, job.memory.prefetch_bytes, max_items=self.max_items)
+
+    def units(self) -> Optional[int]:
+        return None if self.queue is None else len(self.queue.taken)
+
+
+def _run_worker(job, source: _Source, info: RankInfo):
     import torch.distributed as dist
     sender = _Sender()
-    sizes = {k: job.reader.info(k).nbytes for k in keys}
     t0, busy, n = time.perf_counter(), 0.0, 0
     try:
-        with Prefetcher(job.reader.get, keys, sizes, job.memory.prefetch_bytes) as inputs:
+        with source.prefetcher(job) as inputs:
             for key, t in inputs:
                 job.prefetched = {key: t}
                 del t
@@ -341,7 +430,7 @@ def _run_worker(job, keys: List[str], info: RankInfo):
     except Exception as e:  # a bug: rank 0 reports the run as failed, the traceback stays here
         _forward_error(sender, ConvertError(f"internal error: {type(e).__name__}: {e}"), info)
         raise
-    sender.put(DONE, _rank_timing(info.rank, n, busy, time.perf_counter() - t0))
+    sender.put(DONE, _rank_timing(info.rank, n, busy, time.perf_counter() - t0, source.units()))
     sender.close()
     status = torch.zeros(1, dtype=torch.int64)
     try:
@@ -352,10 +441,14 @@ def _run_worker(job, keys: List[str], info: RankInfo):
         raise LostRank0(f"rank {info.rank}: rank 0 did not complete the output file")
 
 
-def _rank_timing(rank: int, tensors: int, busy: float, done: float) -> dict:
-    """One rank's timing for the report's ``summary["ranks"]``: tensors processed, seconds inside
-    ``job.process`` (reading excluded), and seconds from the start of its share to its last result."""
-    return {"rank": rank, "tensors": tensors, "busy_s": round(busy, 3), "done_s": round(done, 3)}
+def _rank_timing(rank: int, tensors: int, busy: float, done: float, units: Optional[int] = None) -> dict:
+    """One rank's timing for the report's ``summary["ranks"]``: tensors processed (and, with the dynamic
+    schedule, units of work taken), seconds inside ``job.process`` (reading excluded), and seconds from
+    the start of its share to its last result."""
+    d = {"rank": rank, "tensors": tensors, "busy_s": round(busy, 3), "done_s": round(done, 3)}
+    if units is not None:
+        d["units"] = units
+    return d
 
 
 def _forward_error(sender: _Sender, e: ConvertError, info: RankInfo):
@@ -366,9 +459,8 @@ def _forward_error(sender: _Sender, e: ConvertError, info: RankInfo):
         pass  # rank 0 is gone already; it reported its own failure
 
 
-def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
+def _run_rank0(job, source: _Source, info: RankInfo, progress, log):
     import torch.distributed as dist
-    mine = shares[0]
     n_layers = len(job.plan.quantized_layers())
     entries = {e.key: e for e in job.entries}
     layers: Dict[str, Tuple[str, LayerQuality]] = {}
@@ -376,11 +468,7 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
     lock = threading.Lock()
     counts = {"done": 0}
     timings: Dict[int, dict] = {}
-    t0, busy = time.perf_counter(), 0.0
-    def n_quantized(keys):
-        return sum(1 for k in keys if (job.plan.layer_for_key(k) or _NO_LAYER).spec is not None)
-
-    log(f"{info.world} ranks: " + ", ".join(f"rank {r}: {n_quantized(s)} layers" for r, s in enumerate(shares)))
+    t0, busy, n_mine = time.perf_counter(), 0.0, 0
 
     def on_layer(key: str, layer):
         if layer is None:
@@ -423,8 +511,7 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
                        for p in range(1, info.world)]
             for th in threads:
                 th.start()
-            sizes = {k: job.reader.info(k).nbytes for k in mine}
-            with Prefetcher(job.reader.get, mine, sizes, bound) as inputs:
+            with source.prefetcher(job) as inputs:
                 for key, t in inputs:
                     check()
                     job.prefetched = {key: t}
@@ -432,11 +519,12 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
                     t1 = time.perf_counter()
                     tensors, layer = job.process(key)
                     busy += time.perf_counter() - t1
+                    n_mine += 1
                     job.prefetched = {}
                     out.put(tensors)
                     del tensors
                     on_layer(key, layer)
-            timings[0] = _rank_timing(0, len(mine), busy, time.perf_counter() - t0)
+            timings[0] = _rank_timing(0, n_mine, busy, time.perf_counter() - t0, source.units())
             for th in threads:
                 while th.is_alive():
                     th.join(0.2)
@@ -447,8 +535,10 @@ def _run_rank0(job, shares: List[List[str]], info: RankInfo, progress, log):
                 job.report.add(*layers[key])
         # where the time went per rank (rank 0 also receives and writes everyone's results)
         job.summary_extra["ranks"] = [timings[r] for r in sorted(timings)]
-        log("ranks: " + "; ".join(f"rank {t['rank']}: {t['tensors']} tensors, busy {t['busy_s']:.1f} s, "
-                                  f"done at {t['done_s']:.1f} s" for t in job.summary_extra["ranks"]))
+        log("ranks: " + "; ".join(f"rank {t['rank']}: {t['tensors']} tensors"
+                                  + (f" ({t['units']} units)" if "units" in t else "")
+                                  + f", busy {t['busy_s']:.1f} s, done at {t['done_s']:.1f} s"
+                                  for t in job.summary_extra["ranks"]))
         writer.finish(verify=lambda tmp: job.verify(tmp, writer.checksums))
     # every peer has sent DONE and waits for this verdict. On a failure rank 0 raises instead: the peers
     # see their connection close (or the launcher stops them) -- a collective here could wait forever

@@ -34,7 +34,7 @@ import os
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -420,24 +420,45 @@ class _Stop(Exception):
 
 class Prefetcher:
     """Yield ``(key, read(key))`` in order while a background thread reads ahead, holding at most
-    ``max_bytes`` of tensors not yet taken (always at least one). ``pread`` releases the GIL, so
-    reading overlaps the caller's GPU work. ``max_bytes=0``: no thread, read on demand."""
+    ``max_bytes`` of tensors not yet taken (always at least one) and, with ``max_items``, at most that
+    many tensors. ``pread`` releases the GIL, so reading overlaps the caller's GPU work.
+    ``max_bytes=0``: no thread, read on demand.
 
-    def __init__(self, read: Callable[[str], torch.Tensor], keys: Sequence[str], sizes: Dict[str, int],
-                 max_bytes: int):
-        self.read, self.keys, self.sizes, self.max_bytes = read, list(keys), sizes, max_bytes
+    ``keys`` may be any iterable, also one that decides the next key only when asked (the multi-rank
+    work queue claims a layer there): the thread asks for the next key only once it may read it."""
+
+    _END = object()
+
+    def __init__(self, read: Callable[[str], torch.Tensor], keys: Iterable[str], sizes: Dict[str, int],
+                 max_bytes: int, max_items: Optional[int] = None):
+        self.read, self.sizes, self.max_bytes = read, sizes, max_bytes
+        self.keys = keys if not isinstance(keys, (list, tuple)) else list(keys)
+        self.max_items = max_items if max_items is not None else 1 << 62
         self._cv = threading.Condition()
         self._ready: "collections.deque" = collections.deque()
         self._held = 0
         self._stop = False
         self._thread: Optional[threading.Thread] = None
-        if max_bytes > 0 and len(self.keys) > 1:
+        small = isinstance(self.keys, list) and len(self.keys) <= 1
+        if max_bytes > 0 and not small:
             self._thread = threading.Thread(target=self._loop, name="ctq-prefetch", daemon=True)
             self._thread.start()
 
+    def _room(self) -> bool:
+        return len(self._ready) < self.max_items and not (self._held > 0 and self._held >= self.max_bytes)
+
     def _loop(self):
         try:
-            for k in self.keys:
+            it = iter(self.keys)
+            while True:
+                with self._cv:  # wait for room before asking for the next key (it may claim work)
+                    while not self._stop and self._ready and not self._room():
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                k = next(it, self._END)
+                if k is self._END:
+                    break
                 size = self.sizes.get(k, 0)
                 with self._cv:
                     while not self._stop and self._held > 0 and self._held + size > self.max_bytes:
@@ -449,6 +470,9 @@ class Prefetcher:
                     self._ready.append((k, t, None))
                     self._held += size
                     self._cv.notify_all()
+            with self._cv:
+                self._ready.append((self._END, None, None))
+                self._cv.notify_all()
         except BaseException as e:  # handed to the consumer
             with self._cv:
                 self._ready.append((None, None, e))
@@ -459,13 +483,15 @@ class Prefetcher:
             for k in self.keys:
                 yield k, self.read(k)
             return
-        for k in self.keys:
+        while True:
             with self._cv:
                 while not self._ready:
                     self._cv.wait(0.5)
                 key, t, err = self._ready.popleft()
                 if err is not None:
                     raise err
+                if key is self._END:
+                    return
                 self._held -= self.sizes.get(key, 0)
                 self._cv.notify_all()
             yield key, t

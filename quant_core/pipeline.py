@@ -45,6 +45,7 @@ class ConvertOptions:
     nan_policy: str = "error"  # "error": refuse NaN/Inf weights; "keep": keep such layers unquantized
     overwrite: bool = False
     verify: bool = False
+    schedule: str = "dynamic"  # multi-rank runs: "dynamic" work queue or "static" assignment (distributed.py)
     extra_metadata: Dict[str, str] = field(default_factory=dict)
 
 

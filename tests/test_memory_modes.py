@@ -479,3 +479,24 @@ def test_low_memory_gptq_peak_rss_is_one_layer_plus_its_optimizer_state(tmp_path
           f"estimate (bf16 layer + optimizer state) {bound / 1e6:.0f} MB, {r['layers']} layers")
     assert r["layers"] == 3
     assert r["above_baseline_bytes"] < 1.25 * bound
+
+
+def test_prefetcher_asks_a_lazy_key_source_only_when_it_may_read():
+    """With ``max_items=1`` the reader asks for the next key only after the previous one was taken
+    (the multi-rank work queue claims a layer when asked): never more than one key ahead."""
+    asked = []
+    taken = []
+
+    def source():
+        for i in range(30):
+            asked.append(i)
+            yield str(i)
+
+    with Prefetcher(lambda k: torch.zeros(1), source(), {str(i): 4 for i in range(30)}, max_bytes=1 << 20,
+                    max_items=1) as pf:
+        for k, _ in pf:
+            time.sleep(0.003)
+            assert len(asked) <= len(taken) + 2  # the one being taken + at most one read ahead
+            taken.append(k)
+    assert taken == [str(i) for i in range(30)]
+    assert len(asked) == 30

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
 from convert_to_quant.quant_core.distributed import assign_work, layer_cost, parse_devices, strip_devices_flag
 from convert_to_quant.quant_core.errors import PlanError
 from convert_to_quant.quant_core.formats import make_spec
+from convert_to_quant.quant_core.memory import Prefetcher
 from convert_to_quant.quant_core.pipeline import ConversionJob, ConvertOptions, convert_file
 from convert_to_quant.quant_core.plan import PlanOptions
 
@@ -118,6 +121,71 @@ def test_assignment_is_balanced_and_keeps_groups_and_copies_together(model, tmp_
         job.close()
 
 
+def test_work_units_cover_every_key_largest_first(model, tmp_path):
+    src, sd = model
+    calib, layers = _calibration(sd, tmp_path / "calib.safetensors")
+    opts = ConvertOptions(plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu")
+    job = ConversionJob(src, str(tmp_path / "o.safetensors"), opts)
+    try:
+        w = distributed.work_units(job)
+        flat = w.copies + [k for u in w.units for k in u]
+        assert sorted(flat) == sorted(job.order) and len(flat) == len(set(flat))
+        assert w.costs == sorted(w.costs, reverse=True) and len(w.costs) == len(w.units)
+        for u in w.units:
+            assert u == [k for k in job.order if k in u]  # file order within a unit
+            assert all(job.plan.layer_for_key(k).spec is not None for k in u)
+        unit_of = {k: i for i, u in enumerate(w.units) for k in u}
+        for base, grp in layers.items():  # one calibration group -> one unit (loaded once)
+            assert unit_of[base + ".weight"] == unit_of[grp + ".weight"], base
+        assert any(len(u) > 1 for u in w.units)
+    finally:
+        job.close()
+
+
+class _CountingStore:
+    """Stands in for the process group's store: ``add`` is atomic (one lock), as the TCP store's is."""
+
+    def __init__(self):
+        self.lock, self.values = threading.Lock(), {}
+
+    def add(self, key, n):
+        with self.lock:
+            self.values[key] = self.values.get(key, 0) + n
+            return self.values[key]
+
+
+def test_work_queue_gives_every_unit_once_and_the_slow_rank_less():
+    """Two ranks share one counter; rank 0 is 3x slower per unit (as if it also wrote everyone's
+    results): every unit is computed exactly once, rank 0 does its copies first and takes fewer units,
+    and the two finish within one unit of each other."""
+    units = [[f"u{i}.a", f"u{i}.b"] for i in range(40)]
+    work = distributed.WorkUnits(copies=["c0", "c1"], units=units, costs=[1.0] * 40)
+    store = _CountingStore()
+    got = {0: [], 1: []}
+    finish = {}
+    t0 = time.perf_counter()
+
+    def rank(r, per_key_s):
+        q = distributed.WorkQueue(store, "q", work, r)
+        sizes = {k: 1 for u in units for k in u}
+        with Prefetcher(lambda k: torch.zeros(1), q.keys(), sizes, max_bytes=1 << 20, max_items=1) as pf:
+            for k, _ in pf:
+                got[r].append(k)
+                time.sleep(per_key_s)
+        finish[r] = time.perf_counter() - t0
+
+    th = [threading.Thread(target=rank, args=(0, 0.006)), threading.Thread(target=rank, args=(1, 0.002))]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    assert got[0][:2] == ["c0", "c1"]
+    assert sorted(got[0][2:] + got[1]) == sorted(k for u in units for k in u)  # each exactly once
+    assert 0 < len(got[0]) - 2 < len(got[1])  # the slow rank took fewer units
+    assert abs(finish[0] - finish[1]) < 2 * 2 * 0.006 + 0.05  # within ~one unit of each other
+    assert store.values["q"] == 40 + 2  # one failed claim per rank at the end
+
+
 # ------------------------------------------------------------------------------------------------
 # byte identity
 # ------------------------------------------------------------------------------------------------
@@ -130,25 +198,36 @@ def test_devices_cpu_gptq_with_calibration_is_byte_identical(model, tmp_path):
         plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu",
         report_path=str(tmp_path / "one_report.json")))
     assert res.report.summary["layers_quantized"] > 10
-    out = str(tmp_path / "two.safetensors")
-    r = cli(["-i", src, "-o", out, "--optimizer", "gptq", "--calibration-data", calib, "--devices", "cpu,cpu",
-             "--report-quality", str(tmp_path / "two_report.json")])
-    assert r.returncode == 0, r.stderr
-    assert "2 ranks: rank 0:" in r.stdout
-    assert file_sha256(out) == file_sha256(ref)
     one = json.load(open(tmp_path / "one_report.json"))
-    two = json.load(open(tmp_path / "two_report.json"))
-    assert list(two["layers"]) == list(one["layers"])  # same order: file order
-    assert two["layers"] == one["layers"]  # same numbers, computed from the same bytes
-    assert any("output_sqnr_db" in l for l in two["layers"].values())
-    # per-rank timing: both ranks, every planned tensor counted once, busy never longer than the run
-    ranks = two["summary"]["ranks"]
-    assert [t["rank"] for t in ranks] == [0, 1]
+    job = ConversionJob(src, str(tmp_path / "x.safetensors"), ConvertOptions(
+        plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu"))
+    n_units = len(distributed.work_units(job).units)
+    job.close()
     with safe_open(src, "pt") as f:
-        assert sum(t["tensors"] for t in ranks) == len(list(f.keys()))
-    for t in ranks:
-        assert 0 < t["busy_s"] <= t["done_s"] + 1e-3
-    assert "ranks: rank 0:" in r.stdout and "ranks" not in one["summary"]
+        n_keys = len(list(f.keys()))
+    for schedule in ("dynamic", "static"):
+        out = str(tmp_path / f"two_{schedule}.safetensors")
+        report = tmp_path / f"two_{schedule}_report.json"
+        r = cli(["-i", src, "-o", out, "--optimizer", "gptq", "--calibration-data", calib, "--devices", "cpu,cpu",
+                 "--schedule", schedule, "--report-quality", str(report)])
+        assert r.returncode == 0, r.stderr
+        assert f"2 ranks, {schedule} schedule" in r.stdout
+        assert file_sha256(out) == file_sha256(ref), schedule
+        two = json.load(open(report))
+        assert list(two["layers"]) == list(one["layers"])  # same order: file order
+        assert two["layers"] == one["layers"]  # same numbers, computed from the same bytes
+        assert any("output_sqnr_db" in l for l in two["layers"].values())
+        # per-rank timing: both ranks, every planned tensor counted once, busy never longer than the run
+        ranks = two["summary"]["ranks"]
+        assert [t["rank"] for t in ranks] == [0, 1]
+        assert sum(t["tensors"] for t in ranks) == n_keys
+        for t in ranks:
+            assert 0 < t["busy_s"] <= t["done_s"] + 1e-3
+        if schedule == "dynamic":  # every unit taken exactly once, by some rank
+            assert sum(t["units"] for t in ranks) == n_units
+        else:
+            assert all("units" not in t for t in ranks)
+        assert "ranks: rank 0:" in r.stdout and "ranks" not in one["summary"]
 
 
 @pytest.mark.slow
@@ -170,14 +249,15 @@ def test_torchrun_three_ranks_convrot_is_byte_identical(model, tmp_path):
 # failures
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("failing_rank", [0, 1])
-def test_a_failing_rank_fails_the_run_cleanly(model, tmp_path, failing_rank):
-    """A NaN weight on rank 0 (the writer) or on rank 1 (a sender): one error line, exit 2, no file;
-    the other rank stays quiet whichever notices first."""
+@pytest.mark.parametrize("schedule,failing_rank", [("static", 0), ("static", 1), ("dynamic", None)])
+def test_a_failing_rank_fails_the_run_cleanly(model, tmp_path, schedule, failing_rank):
+    """A NaN weight on rank 0 (the writer) or on rank 1 (a sender; the static schedule fixes which),
+    or on whichever rank takes it (dynamic): one error line, exit 2, no file; the other rank stays
+    quiet whichever notices first."""
     src, sd = model
     job = ConversionJob(src, str(tmp_path / "x.safetensors"), ConvertOptions(plan=PlanOptions(spec=make_spec()),
                                                                            device="cpu"))
-    share = assign_work(job, 2)[failing_rank]
+    share = assign_work(job, 2)[failing_rank or 0] if schedule == "static" else job.order
     key = next(k for k in reversed(share) if job.plan.layer_for_key(k) is not None
                and job.plan.layer_for_key(k).spec is not None)
     job.close()
@@ -186,12 +266,13 @@ def test_a_failing_rank_fails_the_run_cleanly(model, tmp_path, failing_rank):
     bad[key][3, 5] = float("nan")
     path = write_model(tmp_path / "nan.safetensors", bad)
     out = str(tmp_path / "out.safetensors")
-    r = cli(["-i", path, "-o", out, "--devices", "cpu,cpu"])
+    r = cli(["-i", path, "-o", out, "--devices", "cpu,cpu", "--schedule", schedule])
     assert r.returncode == 2
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1, r.stderr
     assert key in errors[0] and "NaN" in errors[0]
-    assert ("rank 1:" in errors[0]) == (failing_rank == 1)
+    if failing_rank is not None:
+        assert ("rank 1:" in errors[0]) == (failing_rank == 1)
     assert "Traceback" not in r.stderr
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
