@@ -169,8 +169,8 @@ class Bench:
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.t_start)
 
-    def env(self, threads: Optional[int] = None) -> Dict[str, str]:
-        e = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONUNBUFFERED="1")
+    def env(self, threads: Optional[int] = None, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        e = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONUNBUFFERED="1", **(extra or {}))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             e.pop(k, None)
         if threads:
@@ -184,12 +184,12 @@ class Bench:
             return False
         return True
 
-    def run(self, name: str, cmd: List[str], threads=None):
+    def run(self, name: str, cmd: List[str], threads=None, extra_env=None):
         """Run one row's process inside the remaining budget: (completed process, wall seconds), or None
         after recording the row as skipped (budget hit, or the process failed: its last stderr line)."""
         t0 = time.perf_counter()
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=self.env(threads),
+            r = subprocess.run(cmd, capture_output=True, text=True, env=self.env(threads, extra_env),
                                timeout=max(self.left(), 10))
         except subprocess.TimeoutExpired:
             self.rows.append({"run": name, "skipped": "hit the time budget while running"})
@@ -200,9 +200,9 @@ class Bench:
         return r, time.perf_counter() - t0
 
     def child(self, name: str, src: str, out: str, flags: List[str], input_bytes: int, threads=None,
-              keep=False, **row) -> Optional[Dict]:
+              keep=False, extra_env=None, **row) -> Optional[Dict]:
         argv = ["-i", src, "-o", out, "--overwrite"] + flags
-        ran = self.run(name, [sys.executable, "-c", CHILD, json.dumps(argv)], threads)
+        ran = self.run(name, [sys.executable, "-c", CHILD, json.dumps(argv)], threads, extra_env)
         if ran is None:
             return None
         r, wall = ran
@@ -316,8 +316,8 @@ def main():
     mode_keys = flux_shapes(**dims, only_double=set(range(mode_sub[0])), only_single=set(range(mode_sub[1])))
     nbytes = lambda ks: sum(2 * math.prod(s) for _, s in ks)  # noqa: E731
     full_b, sub_b, mode_b = nbytes(full_keys), nbytes(sub_keys), nbytes(mode_keys)
-    # inputs + the largest output (RTN, removed after its row) + the two kept GPTQ outputs
-    work = pick_workdir(int(full_b * 1.6 + sub_b * 2.5 + mode_b), a.workdir)
+    # inputs + the largest output (RTN, removed after its row) + the kept GPTQ outputs (1 GPU, eager, multi)
+    work = pick_workdir(int(full_b * 1.6 + sub_b * 3.5 + mode_b), a.workdir)
     gen_dev = torch.device("cuda") if cuda else torch.device("cpu")
     n_gpu = torch.cuda.device_count() if cuda else 0
     n_multi = min(a.gpus or n_gpu, 2) if cuda else 2
@@ -356,6 +356,14 @@ def main():
                          projected_s=None)
             if g1:
                 g1["projected_s"] = g1["seconds"] * ratio
+        g0 = None  # the same run with the column sweep launched op by op (before CUDA graphs)
+        if g1 and cuda and "gptq" in phases and b.fits("gptq subset eager", 2.5 * g1["wall"]):
+            g0 = b.child("GPTQ subset, 1 GPU, eager sweep", sub_src, out("gptq1_eager"),
+                         base_flags + ["--optimizer", "gptq"], sub_b, keep=True, model="subset",
+                         extra_env={"CTQ_CUDA_GRAPHS": "0"})
+            if g0:
+                g0["projected_s"] = g0["seconds"] * ratio
+                b.facts["graphs"] = dict(identical=g0["sha256"] == g1["sha256"], speedup=g0["seconds"] / g1["seconds"])
         g2 = {}  # per schedule: the default dynamic work queue, and the static assignment for comparison
         for schedule in ("dynamic", "static") if g1 and "multi" in phases else ():
             if b.fits(f"gptq subset multi {schedule}", 0.8 * g1["wall"]):
@@ -441,6 +449,10 @@ def report(b: Bench, full_b, sub_b, sub, mode_sub, n_multi, cuda):
     rtn = next((r for r in b.rows if r["run"] == "RTN full, default" and "skipped" not in r), None)
     if rtn:
         print(f"RTN throughput: {rtn['gbps']:.2f} GB/s of bf16 input ({rtn['gbps'] / 1.0:.2f}x the 1 GB/s target)")
+    if "graphs" in f:
+        print(f"GPTQ column sweep from CUDA graphs vs eager (1 GPU): output "
+              f"{'BYTE-IDENTICAL' if f['graphs']['identical'] else 'DIFFERENT'}; {f['graphs']['speedup']:.2f}x "
+              f"conversion time")
     for schedule, m in (f.get("multi") or {}).items():
         print(f"multi-device GPTQ ({n_multi} {'GPUs' if cuda else 'CPU processes'}, {schedule} schedule): output "
               f"{'BYTE-IDENTICAL' if m['identical'] else 'DIFFERENT'} to the one-device run (sha256); speed-up "

@@ -215,8 +215,9 @@ def estimate_layer_bytes(shape: Sequence[int], optimizer: str, rotated: bool = F
     n = out * inn
     rot = 4 * n if rotated else 0
     if optimizer in CALIBRATED_OPTIMIZERS:
-        # w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt per segment
-        return LayerEstimate(weight=24 * n + rot, sweep=12 * n,
+        # w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt per segment, and
+        # on a GPU the captured block sweep's static buffers (6 x 128 columns, gptq.GRAPH_CACHE_BYTES)
+        return LayerEstimate(weight=24 * n + rot + 3072 * out, sweep=12 * n,
                              hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=20 * inn * inn)
     if optimizer in LEARNED_ROUNDING_OPTIMIZERS:
         # w, floors, h, grad, two Adam moments, scale matrix, hard rounding, D and D·H
@@ -300,6 +301,8 @@ OOM_ERRORS: Tuple[type, ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutO
 
 
 def release_cuda_memory():
+    from .optimizers.gptq import clear_graphs  # captured GPTQ sweeps hold static buffers and a pool
+    clear_graphs()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -376,3 +376,54 @@ def test_hessian_rotation_matches_the_rotated_weight():
     # ‖D X‖ in the original space == ‖D_rot X_rot‖ in the convrot space
     assert math.isclose(quad_error(d, h), quad_error(rotate_groups(d, 16), rotate_hessian(h, 16)), rel_tol=1e-4)
     assert w.shape == (16, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ's block sweep from a CUDA graph: bit-identical to the eager loop
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("out,inn,actorder,target,segments", [
+    (96, 384, False, False, 1), (200, 300, True, True, 1), (64, 129, False, True, 2), (257, 256, True, False, 3)])
+def test_gptq_cuda_graph_sweep_is_bit_identical_to_eager(out, inn, actorder, target, segments):
+    """Full blocks, a partial last block (300, 129 columns), actorder, the targets learned rounding
+    starts from, row segments: the integers and targets are the same bits with and without graphs."""
+    from convert_to_quant.quant_core.optimizers import gptq as g
+    g.clear_graphs()
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(out + inn)
+    w = heavy_tailed((out, inn), seed=out + inn).to(dev)
+    x = torch.randn(4 * inn, inn, generator=gen).to(dev) * (1 + 4 * (torch.rand(inn, generator=gen) > 0.9).to(dev))
+    h = x.T @ x
+    full = (w.abs().amax(1, keepdim=True) / 127).expand(out, inn)
+    runs = [gptq_quantize(w, h, full, 128, actorder, row_segments=segments, return_target=target, cuda_graphs=cg)
+            for cg in (False, True, True)]  # the second graph run replays the cached graphs
+    (q0, i0), (q1, i1), (q2, i2) = runs
+    assert torch.equal(q0, q1) and torch.equal(q0, q2)
+    if target:
+        assert torch.equal(i0["target"], i1["target"]) and torch.equal(i0["target"], i2["target"])
+    assert len(g._graphs) >= 1 and all(v is not None for v in g._graphs.values())  # the graphs were used
+    assert q0.abs().max() <= 127 and not torch.equal(q0, torch.round(w / full))  # GPTQ, not RTN
+    g.clear_graphs()
+
+
+@pytest.mark.gpu
+def test_gptq_graph_cache_is_bounded_and_falls_back_when_capture_fails(monkeypatch):
+    from convert_to_quant.quant_core.optimizers import gptq as g
+    g.clear_graphs()
+    dev = torch.device("cuda")
+    monkeypatch.setattr(g, "GRAPH_CACHE_BYTES", 2 * 6 * 128 * 512 * 4)  # room for about two shapes
+    for rows in (512, 480, 448, 416):
+        assert g._graph_for(dev, 128, rows, True) is not None
+    assert 1 <= len(g._graphs) <= 2 and (str(dev), 128, 416, True) in g._graphs  # least recently used out
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("no room for the graph")
+
+    monkeypatch.setattr(g, "_SweepGraph", boom)
+    w = heavy_tailed((40, 200), seed=3).to(dev)
+    h = torch.eye(200, device=dev) + 0.1
+    full = (w.abs().amax(1, keepdim=True) / 127).expand(40, 200)
+    q_fallback, _ = gptq_quantize(w, h, full, 128, cuda_graphs=True)  # capture fails: the eager loop runs
+    q_eager, _ = gptq_quantize(w, h, full, 128, cuda_graphs=False)
+    assert torch.equal(q_fallback, q_eager)
+    g.clear_graphs()
