@@ -1,9 +1,30 @@
 """convert_to_quant's conversion library (plain torch; never imports ComfyUI).
 
-The names most callers need; see docs/API.md."""
-from .errors import ConvertError  # noqa: F401
-from .formats import FORMATS, FormatSpec, QuantizedWeight, get_format, make_spec, register_format  # noqa: F401
-from .optimizers import OPTIMIZERS, get_optimizer, register_optimizer  # noqa: F401
-from .pipeline import ConversionJob, ConvertOptions, convert_file  # noqa: F401
-from .plan import PlanOptions, build_plan  # noqa: F401
-from .presets import all_presets, detect_family  # noqa: F401
+The names most callers need; see docs/API.md. They load on first use (PEP 562), so that importing a
+light submodule -- ``quant_core.launcher``, which starts multi-GPU ranks -- does not import torch."""
+import importlib
+
+_EXPORTS = {
+    "ConvertError": ".errors",
+    "FORMATS": ".formats", "FormatSpec": ".formats", "QuantizedWeight": ".formats", "get_format": ".formats",
+    "make_spec": ".formats", "register_format": ".formats",
+    "OPTIMIZERS": ".optimizers", "get_optimizer": ".optimizers", "register_optimizer": ".optimizers",
+    "ConversionJob": ".pipeline", "ConvertOptions": ".pipeline", "convert_file": ".pipeline",
+    "PlanOptions": ".plan", "build_plan": ".plan",
+    "all_presets": ".presets", "detect_family": ".presets",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(".pipeline", __name__)  # the whole library, every format and optimizer registered
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

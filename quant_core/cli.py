@@ -406,7 +406,7 @@ def run(args, console: Console) -> int:
     from .distributed import distributed_env
     rank_info = distributed_env()
     if args.devices and rank_info is None:  # launch one process per device; they meet again below
-        from .distributed import launch, parse_devices
+        from .launcher import launch, parse_devices
         return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
     if rank_info is not None and rank_info.rank != 0:
         console.level = min(console.level, 0)  # rank 0 reports for all ranks
@@ -468,7 +468,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     return rc
 
 
+def check_args(argv: List[str]) -> Optional[int]:
+    """What ``--devices`` checks (in ``launcher.launch_checked``) while the ranks start: the arguments
+    parse, pass ``validate_args`` and make valid options. ``None`` when they do; else the error was
+    printed (once) and this is the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        validate_args(args, parser)
+        options_from_args(args)
+        if not args.output:
+            from .pipeline import default_output_path
+            default_output_path(args.input)
+        from .safetensors_io import SafetensorsReader
+        with SafetensorsReader(args.input):  # a missing or broken input: one error here, not one per rank
+            pass
+    except SystemExit as e:  # argparse printed the usage and the error
+        return e.code if isinstance(e.code, int) else 2
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
+    from .launcher import wait_gate
+    if not wait_gate():  # a rank whose launcher found the arguments wrong: it reports that, not us
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these

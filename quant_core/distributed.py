@@ -26,9 +26,6 @@ import json
 import math
 import os
 import queue
-import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -38,6 +35,7 @@ import torch
 
 from . import errors as _errors
 from .errors import ConvertError, PlanError
+from .launcher import _free_port, _supervise, launch, parse_devices, strip_devices_flag  # noqa: F401 (re-exported)
 from .memory import CALIBRATED_OPTIMIZERS, Prefetcher, WriteBehind, free_vram, policy_from_options
 from .metrics import LayerQuality
 
@@ -68,28 +66,6 @@ def distributed_env() -> Optional[RankInfo]:
         return None
     rank = int(os.environ["RANK"])
     return RankInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
-
-
-def parse_devices(spec: str) -> List[str]:
-    """``--devices``: ``0,1`` / ``cuda:0,cuda:1`` (GPUs) or ``cpu,cpu`` (CPU processes)."""
-    items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if len(items) < 2:
-        raise PlanError(f"--devices needs at least two devices, e.g. 0,1 (got {spec!r}); for one GPU use --device")
-    out = []
-    for it in items:
-        if it == "cpu":
-            out.append("cpu")
-            continue
-        idx = it[5:] if it.startswith("cuda:") else it
-        if not idx.isdigit():
-            raise PlanError(f"--devices: {it!r} is not a GPU index (0, 1, cuda:2) or cpu")
-        out.append(f"cuda:{int(idx)}")
-    if len({d for d in out if d != "cpu"}) != len([d for d in out if d != "cpu"]):
-        raise PlanError(f"--devices lists a GPU twice: {spec}")
-    if any(d != "cpu" for d in out) and any(d == "cpu" for d in out):
-        raise PlanError("--devices mixes GPUs and cpu: every rank must compute on the same kind of device "
-                        "for the output to be identical to a one-device run")
-    return out
 
 
 def rank_device(option: str, info: RankInfo) -> str:
@@ -545,116 +521,3 @@ def _run_rank0(job, source: _Source, info: RankInfo, progress, log):
     # on a peer still blocked sending.
     dist.broadcast(torch.tensor([0], dtype=torch.int64), src=0)
     return job.finish(writer.checksums, verified=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# --devices: launch one process per device (what torchrun does, with a clean exit code)
-# ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def strip_devices_flag(argv: Sequence[str]) -> List[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--devices":
-            skip = True
-            continue
-        if a.startswith("--devices="):
-            continue
-        out.append(a)
-    return out
-
-
-def launch(devices: Sequence[str], argv: Sequence[str], threads_per_rank: Optional[int] = None,
-           python: Optional[str] = None) -> int:
-    """Run ``python -m convert_to_quant <argv>`` once per device as ranks of one gloo group; each GPU
-    rank sees only its GPU. If any rank fails the others are stopped; returns rank 0's exit code (or
-    the first failure's)."""
-    n = len(devices)
-    port = _free_port()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible_list = [v.strip() for v in visible.split(",")] if visible else None
-    base_argv = strip_devices_flag(argv)
-    if threads_per_rank is None and all(d == "cpu" for d in devices) and not os.environ.get("OMP_NUM_THREADS"):
-        threads_per_rank = max(1, (os.cpu_count() or 1) // n)  # CPU ranks share the cores
-    procs: List[subprocess.Popen] = []
-    for r, dev in enumerate(devices):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if dev.startswith("cuda:"):
-            idx = int(dev[5:])
-            if visible_list is not None:
-                if idx >= len(visible_list):
-                    raise PlanError(f"--devices: GPU {idx} is not among CUDA_VISIBLE_DEVICES={visible}")
-                env["CUDA_VISIBLE_DEVICES"] = visible_list[idx]
-            else:
-                env["CUDA_VISIBLE_DEVICES"] = str(idx)
-            rank_dev = "cuda:0"
-        else:
-            rank_dev = "cpu"
-        if threads_per_rank:
-            env["OMP_NUM_THREADS"] = str(threads_per_rank)
-        cmd = [python or sys.executable, "-m", "convert_to_quant"] + list(base_argv) + ["--device", rank_dev]
-        if r != 0 and "--verbose" not in base_argv:
-            cmd += ["--verbose", "MINIMAL"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    return _supervise(procs)
-
-
-def _supervise(procs: List[subprocess.Popen], grace_s: float = 60.0) -> int:
-    """Wait for the ranks. Rank 0 reports every failure (a peer's error is sent to it), so when a peer
-    fails rank 0 gets ``grace_s`` to say so and exit; when rank 0 fails the peers are killed (they hold
-    no files). Returns rank 0's exit code, or a failed peer's if rank 0 had to be stopped."""
-    n = len(procs)
-    codes: Dict[int, int] = {}
-    peer_failed_at = None
-    try:
-        while 0 not in codes or len(codes) < n:
-            for r, p in enumerate(procs):
-                if r not in codes and p.poll() is not None:
-                    codes[r] = p.returncode
-                    if r != 0 and p.returncode != 0 and peer_failed_at is None:
-                        peer_failed_at = time.monotonic()
-            if 0 in codes and codes[0] != 0:
-                break
-            if 0 in codes and len(codes) < n and peer_failed_at is None:
-                peer_failed_at = time.monotonic()  # rank 0 done: the peers only wait for its verdict
-            if peer_failed_at is not None and time.monotonic() - peer_failed_at > grace_s:
-                if procs[0].poll() is None:
-                    procs[0].terminate()  # SIGTERM: rank 0 removes its .partial file
-                    try:
-                        procs[0].wait(30)
-                    except subprocess.TimeoutExpired:
-                        procs[0].kill()
-                    codes[0] = procs[0].wait()
-                break
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        for q in procs:
-            if q.poll() is None:
-                q.send_signal(2)
-        for q in procs:
-            try:
-                q.wait(30)
-            except subprocess.TimeoutExpired:
-                q.kill()
-        return 130
-    finally:
-        for q in procs[1:]:
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-        if procs[0].poll() is None:
-            procs[0].terminate()
-            procs[0].wait()
-    rc0 = codes.get(0, procs[0].returncode)
-    if rc0 not in (0, None) and rc0 > 0:
-        return rc0
-    bad = [c for r, c in sorted(codes.items()) if r != 0 and c not in (0, None) and c > 0]
-    return bad[0] if bad else (1 if rc0 else 0)

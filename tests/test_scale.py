@@ -281,6 +281,31 @@ def test_devices_flag_errors_are_one_line(model, tmp_path):
     src, _ = model
     r = cli(["-i", src, "-o", str(tmp_path / "o.safetensors"), "--devices", "0"])
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --devices needs at least two devices")
+    # the launcher checks the arguments and the input while the ranks start: one error, from it alone
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for args, msg in ((["-i", str(tmp_path / "missing.safetensors")], "no such file"),
+                      (["-i", str(bad)], "broken.safetensors"),
+                      (["-i", src, "--optimizer", "bogus"], "unknown --optimizer"),
+                      (["-i", src, "--gptq-damp", "-1"], "--gptq-damp must be positive")):
+        r = cli(args + ["-o", str(tmp_path / "o.safetensors"), "--devices", "cpu,cpu"])
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+        assert not os.path.exists(tmp_path / "o.safetensors")
+    r = cli(["-i", src, "--devices", "cpu,cpu", "--bogus-flag"])  # argparse: usage + one error line
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "--bogus-flag" in r.stderr
+
+
+def test_launcher_imports_no_torch_and_finds_devices():
+    """``python -m convert_to_quant --devices ...`` starts the ranks before it imports torch."""
+    code = ("import sys; import convert_to_quant.quant_core.launcher as L; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert L.devices_value(['-i', 'a', '--devices', '0,1']) == '0,1'; "
+            "assert L.devices_value(['--devices=cpu,cpu']) == 'cpu,cpu'; "
+            "assert L.devices_value(['-i', 'a', '--devices', '0,1', '--dry-run']) is None; "
+            "assert L.devices_value(['-i', 'a']) is None; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 @pytest.mark.gpu
