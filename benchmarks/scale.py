@@ -208,9 +208,9 @@ class Bench:
         r, wall = ran
         d = json.loads(r.stdout.strip().splitlines()[-1])
         d.update(run=name, wall=wall, gbps=input_bytes / 1e9 / d["seconds"], flags=" ".join(flags), **row)
-        if keep:
+        if keep:  # hashed for the identity checks; the file itself is not needed after that
             d["sha256"] = file_sha256(out)
-        if os.path.exists(out) and not keep:
+        if os.path.exists(out) and not self.args.keep:
             os.unlink(out)
         self.rows.append(d)
         return d
@@ -229,6 +229,8 @@ class Bench:
              "mean_sqnr_db": s.get("mean_sqnr_db"), "layers": s.get("layers_quantized"),
              "sha256": file_sha256(out), "flags": " ".join(flags) + f" --devices {devices}",
              "ranks": s.get("ranks"), **row}
+        if not self.args.keep:
+            os.unlink(out)
         self.rows.append(d)
         return d
 
@@ -293,6 +295,9 @@ def main():
     ap.add_argument("--subset", default=None, help="double,single blocks for GPTQ/QuIP (default 4,8; --small 1,2)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the multi-GPU rows (default: all, max 2)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--gptq-model", choices=("subset", "full"), default="subset",
+                    help="model for the GPTQ one- vs multi-GPU rows (full: the whole 12B model, measured, not "
+                         "projected; the eager-sweep row only if the budget allows)")
     ap.add_argument("--phases", default="rtn,gptq,multi,quip,bf16,modes",
                     help="comma-separated subset of rtn,gptq,multi,quip,bf16,modes (default: all)")
     a = ap.parse_args()
@@ -317,7 +322,8 @@ def main():
     nbytes = lambda ks: sum(2 * math.prod(s) for _, s in ks)  # noqa: E731
     full_b, sub_b, mode_b = nbytes(full_keys), nbytes(sub_keys), nbytes(mode_keys)
     # inputs + the largest output (RTN, removed after its row) + the kept GPTQ outputs (1 GPU, eager, multi)
-    work = pick_workdir(int(full_b * 1.6 + sub_b * 3.5 + mode_b), a.workdir)
+    gfull = a.gptq_model == "full"
+    work = pick_workdir(int(full_b * (2.2 if gfull else 1.6) + sub_b * 1.6 + mode_b), a.workdir)
     gen_dev = torch.device("cuda") if cuda else torch.device("cpu")
     n_gpu = torch.cuda.device_count() if cuda else 0
     n_multi = min(a.gpus or n_gpu, 2) if cuda else 2
@@ -332,7 +338,7 @@ def main():
         src = os.path.join(work, "flux_bf16.safetensors")
         sub_src = os.path.join(work, "flux_subset_bf16.safetensors")
         mode_src = os.path.join(work, "flux_modes_bf16.safetensors")
-        if "rtn" in phases:
+        if "rtn" in phases or gfull:
             write_model(src, full_keys, gen_dev)
         write_model(sub_src, sub_keys, gen_dev)
         write_model(mode_src, mode_keys, gen_dev)
@@ -348,30 +354,32 @@ def main():
         if "rtn" in phases and b.fits("rtn full --low-memory", 1.5 * rtn["wall"] if rtn else 90):
             b.child("RTN full, --low-memory", src, out("rtn_low"), base_flags + ["--low-memory"], full_b,
                     threads=threads, model="full")
-        # 2. GPTQ subset: one device vs several (identity + speed-up)
+        # 2. GPTQ (subset, or --gptq-model full): one device vs several (identity + speed-up)
+        g_src, g_b, g_name = (src, full_b, "full") if gfull else (sub_src, sub_b, "subset")
+        g_proj = lambda sec: None if gfull else sec * ratio  # noqa: E731 ("full s*": subset rows only)
         g1 = None
-        if "gptq" in phases and b.fits("gptq subset 1 device", 120 if cuda else 15):
-            g1 = b.child("GPTQ subset, 1 " + ("GPU" if cuda else "proc"), sub_src, out("gptq1"),
-                         base_flags + ["--optimizer", "gptq"], sub_b, threads=threads, keep=True, model="subset",
+        if "gptq" in phases and b.fits(f"gptq {g_name} 1 device", (150 if gfull else 60) if cuda else 15):
+            g1 = b.child(f"GPTQ {g_name}, 1 " + ("GPU" if cuda else "proc"), g_src, out("gptq1"),
+                         base_flags + ["--optimizer", "gptq"], g_b, threads=threads, keep=True, model=g_name,
                          projected_s=None)
             if g1:
-                g1["projected_s"] = g1["seconds"] * ratio
+                g1["projected_s"] = g_proj(g1["seconds"])
         g0 = None  # the same run with the column sweep launched op by op (before CUDA graphs)
-        if g1 and cuda and "gptq" in phases and b.fits("gptq subset eager", 2.5 * g1["wall"]):
-            g0 = b.child("GPTQ subset, 1 GPU, eager sweep", sub_src, out("gptq1_eager"),
-                         base_flags + ["--optimizer", "gptq"], sub_b, keep=True, model="subset",
+        if g1 and cuda and "gptq" in phases and b.fits(f"gptq {g_name} eager", 3.0 * g1["wall"]):
+            g0 = b.child(f"GPTQ {g_name}, 1 GPU, eager sweep", g_src, out("gptq1_eager"),
+                         base_flags + ["--optimizer", "gptq"], g_b, keep=True, model=g_name,
                          extra_env={"CTQ_CUDA_GRAPHS": "0"})
             if g0:
-                g0["projected_s"] = g0["seconds"] * ratio
+                g0["projected_s"] = g_proj(g0["seconds"])
                 b.facts["graphs"] = dict(identical=g0["sha256"] == g1["sha256"], speedup=g0["seconds"] / g1["seconds"])
         g2 = {}  # per schedule: the default dynamic work queue, and the static assignment for comparison
         for schedule in ("dynamic", "static") if g1 and "multi" in phases else ():
-            if b.fits(f"gptq subset multi {schedule}", 0.8 * g1["wall"]):
-                r = b.multi(f"GPTQ subset, {n_multi} " + ("GPUs" if cuda else "procs") + f", {schedule}", sub_src,
+            if b.fits(f"gptq {g_name} multi {schedule}", 0.8 * g1["wall"]):
+                r = b.multi(f"GPTQ {g_name}, {n_multi} " + ("GPUs" if cuda else "procs") + f", {schedule}", g_src,
                             out("gptq2_" + schedule), ["--optimizer", "gptq", "--schedule", schedule] + base_flags,
-                            devices, sub_b, threads=threads, model="subset")
+                            devices, g_b, threads=threads, model=g_name)
                 if r:
-                    r["projected_s"] = r["seconds"] * ratio
+                    r["projected_s"] = g_proj(r["seconds"])
                     g2[schedule] = r
         # without the GPTQ row: its wall time measured on an H200 (70 s) / a 2-core CPU (--small, 3 s)
         gptq_guess = 70.0 if cuda else 3.0
