@@ -242,6 +242,8 @@ def quantize_with_objective(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext
     factor_device = factor_device or opt(opts, "hessian_device", None)
     # placements that save memory (row segments, factorization on the CPU) keep no captured sweeps
     constrained = row_segments > 1 or factor_device is not None
+    if constrained:  # and hold none from earlier layers: this layer's estimate does not count them
+        clear_graphs()
     q, info = gptq_quantize(ws, obj.H, full, block, actorder, damp, row_segments, factor_device=factor_device,
                             cuda_graphs=False if constrained else None)
     base_scale = spec.cls.compute_scale(ws, spec.params)
