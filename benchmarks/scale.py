@@ -16,8 +16,10 @@ Rows (each a fresh child process, so peak RSS and VRAM belong to that run alone)
 * GPTQ and QuIP (weight-only objective) on a *subset* of whole blocks with the full model's ratio of
   double to single blocks (default 4 + 8 of 19 + 38), projected to the full model by the cost model of
   ``quant_core.distributed.layer_cost`` (the table says "projected"); QuIP also ``--quip-checkpointed``.
-* GPTQ on the same subset with ``--devices 0,1`` (CPU: ``--devices cpu,cpu``): SHA-256 of the output
-  equal to the one-device run, and the speed-up (target >= 1.7x on 2 GPUs).
+* GPTQ on the same subset (``--gptq-model full``: the whole model, measured) with ``--devices 0,1``
+  (CPU: ``--devices cpu,cpu``), once per ``--schedule`` (dynamic, static): SHA-256 of the output equal
+  to the one-device run, the speed-up (target >= 1.7x on 2 GPUs) and each rank's busy time; then the
+  one-GPU run again with the column sweep launched op by op (``CTQ_CUDA_GRAPHS=0``): same SHA-256?
 * Streaming modes (off / balanced / aggressive) for GPTQ on a smaller subset (1 + 2 blocks): where
   Hessians and layers go, peak VRAM against the policy's own estimate, and what it costs in time.
 * ``--bf16-compute`` off / auto / on for convrot RTN on the subset: time and weight SQNR.

@@ -4,12 +4,14 @@
     convert_to_quant -i model.safetensors --optimizer gptq --devices 0,1      (launches the same)
     convert_to_quant -i model.safetensors --devices cpu,cpu                   (CPU processes, gloo)
 
-Every rank opens the input, builds the same plan and the same assignment (``assign_work``): quantized
-layers are spread over the ranks by estimated cost (largest first, to the least loaded rank), layers
-that read one calibration group stay on one rank (so each rank loads only its share of the calibration
-statistics, once), and everything that is only copied (biases, norms, kept layers) stays on rank 0.
-Each rank quantizes its layers on its own device, in file order, with the same per-layer math and
-seeds as a one-process run (``memory.layer_rng``), and sends the finished tensors to rank 0, which
+Every rank opens the input and builds the same plan and the same units of work (``work_units``: one
+per quantized layer, or all layers reading one calibration group, so each group is loaded once, by one
+rank), largest estimated cost first; everything only copied (biases, norms, kept layers) is rank 0's.
+``--schedule dynamic`` (default): each rank takes the next unit when it is ready for one, from an atomic
+counter in the group's store (``WorkQueue``), so a slower rank simply takes fewer. ``--schedule static``:
+units fixed per rank in advance (``assign_work``). The processes are started by ``launcher.py``.
+Each rank quantizes its layers on its own device with the same per-layer math and seeds as a
+one-process run (``memory.layer_rng``), and sends the finished tensors to rank 0, which
 writes them into the one output file through the same ``StreamingWriter`` at the offsets the plan
 fixed. The file is byte-identical to the one-process run on the same kind of device (tested on CPU
 with gloo; ``benchmarks/scale.py`` compares SHA-256 on GPUs).
