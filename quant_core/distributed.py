@@ -377,7 +377,9 @@ class _Source:
 
     def prefetcher(self, job) -> Prefetcher:
         sizes = {k: job.reader.info(k).nbytes for k in job.order}
-        return Prefetcher(job.reader.get, self.keys, sizes, job.memory.prefetch_bytes, max_items=self.max_items)
+        # read_input: into page-locked memory on a GPU, as a one-process run reads (pageable host memory
+        # makes every host-to-GPU copy a slow synchronous one)
+        return Prefetcher(job.read_input, self.keys, sizes, job.memory.prefetch_bytes, max_items=self.max_items)
 
     def units(self) -> Optional[int]:
         return None if self.queue is None else len(self.queue.taken)
