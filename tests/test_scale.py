@@ -318,3 +318,25 @@ def test_two_gpus_gptq_is_byte_identical_to_one(model, tmp_path):
     r2 = cli(["-i", src, "-o", two, "--optimizer", "gptq", "--devices", "0,1"])
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert file_sha256(one) == file_sha256(two)
+
+
+def test_ranks_read_like_a_one_process_run(model, tmp_path, monkeypatch):
+    """A rank reads through ``job.read_input`` (page-locked buffers on a GPU), not the bare reader:
+    pageable reads made every host-to-GPU copy of a rank synchronous."""
+    src, _ = model
+    job = ConversionJob(src, str(tmp_path / "o.safetensors"), ConvertOptions(plan=PlanOptions(spec=make_spec()),
+                                                                           device="cpu"))
+    try:
+        seen = []
+        real = job.read_input
+        monkeypatch.setattr(job, "read_input", lambda k: seen.append(k) or real(k))
+        work = distributed.work_units(job)
+        keys = work.copies + [k for u in work.units for k in u]
+        for source in (distributed._Source(keys, None, None),
+                       distributed._Source(distributed.WorkQueue(_CountingStore(), "q", work, 0).keys(), 1, None)):
+            seen.clear()
+            with source.prefetcher(job) as pf:
+                got = [k for k, _ in pf]
+            assert sorted(got) == sorted(job.order) and sorted(seen) == sorted(job.order)
+    finally:
+        job.close()
