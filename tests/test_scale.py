@@ -92,54 +92,55 @@ def test_parse_devices():
     assert strip_devices_flag(["--devices=0,1", "-i", "a"]) == ["-i", "a"]
 
 
-def test_assignment_is_balanced_and_keeps_groups_and_copies_together(model, tmp_path):
+@pytest.fixture
+def gptq_job(model, tmp_path):
+    """A GPTQ job with calibration statistics (q/k/v + first MLP layer share a group) and its layer->group map."""
     src, sd = model
     calib, layers = _calibration(sd, tmp_path / "calib.safetensors")
     opts = ConvertOptions(plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu")
     job = ConversionJob(src, str(tmp_path / "o.safetensors"), opts)
     try:
-        for world in (2, 3):
-            shares = assign_work(job, world)
-            assert shares == assign_work(job, world)  # deterministic
-            assert sorted(k for s in shares for k in s) == sorted(job.order)  # every key exactly once
-            for s in shares:  # file order within a rank (sequential reads)
-                assert s == [k for k in job.order if k in s]
-            owner = {k: r for r, s in enumerate(shares) for k in s}
-            for k in job.order:
-                lp = job.plan.layer_for_key(k)
-                if lp is None or lp.spec is None:
-                    assert owner[k] == 0, k  # biases, norms, kept layers: copied by the writer's rank
-            for base, grp in layers.items():  # one calibration group -> one rank (loaded once)
-                assert owner[base + ".weight"] == owner[grp + ".weight"], base
-            loads = [sum(layer_cost(job.reader.info(k).shape, "gptq") for k in s
-                         if job.plan.layer_for_key(k) is not None and job.plan.layer_for_key(k).spec is not None)
-                     for s in shares]
-            biggest = max(layer_cost(job.reader.info(k).shape, "gptq") * 2 for k in job.order
-                          if job.plan.layer_for_key(k) is not None)
-            assert max(loads) - min(loads) <= biggest, loads  # greedy LPT: within one unit
+        yield job, layers
     finally:
         job.close()
 
 
-def test_work_units_cover_every_key_largest_first(model, tmp_path):
-    src, sd = model
-    calib, layers = _calibration(sd, tmp_path / "calib.safetensors")
-    opts = ConvertOptions(plan=PlanOptions(spec=make_spec()), optimizer="gptq", calibration_data=calib, device="cpu")
-    job = ConversionJob(src, str(tmp_path / "o.safetensors"), opts)
-    try:
-        w = distributed.work_units(job)
-        flat = w.copies + [k for u in w.units for k in u]
-        assert sorted(flat) == sorted(job.order) and len(flat) == len(set(flat))
-        assert w.costs == sorted(w.costs, reverse=True) and len(w.costs) == len(w.units)
-        for u in w.units:
-            assert u == [k for k in job.order if k in u]  # file order within a unit
-            assert all(job.plan.layer_for_key(k).spec is not None for k in u)
-        unit_of = {k: i for i, u in enumerate(w.units) for k in u}
-        for base, grp in layers.items():  # one calibration group -> one unit (loaded once)
-            assert unit_of[base + ".weight"] == unit_of[grp + ".weight"], base
-        assert any(len(u) > 1 for u in w.units)
-    finally:
-        job.close()
+def test_assignment_is_balanced_and_keeps_groups_and_copies_together(gptq_job):
+    job, layers = gptq_job
+    for world in (2, 3):
+        shares = assign_work(job, world)
+        assert shares == assign_work(job, world)  # deterministic
+        assert sorted(k for s in shares for k in s) == sorted(job.order)  # every key exactly once
+        for s in shares:  # file order within a rank (sequential reads)
+            assert s == [k for k in job.order if k in s]
+        owner = {k: r for r, s in enumerate(shares) for k in s}
+        for k in job.order:
+            lp = job.plan.layer_for_key(k)
+            if lp is None or lp.spec is None:
+                assert owner[k] == 0, k  # biases, norms, kept layers: copied by the writer's rank
+        for base, grp in layers.items():  # one calibration group -> one rank (loaded once)
+            assert owner[base + ".weight"] == owner[grp + ".weight"], base
+        loads = [sum(layer_cost(job.reader.info(k).shape, "gptq") for k in s
+                     if job.plan.layer_for_key(k) is not None and job.plan.layer_for_key(k).spec is not None)
+                 for s in shares]
+        biggest = max(layer_cost(job.reader.info(k).shape, "gptq") * 2 for k in job.order
+                      if job.plan.layer_for_key(k) is not None)
+        assert max(loads) - min(loads) <= biggest, loads  # greedy LPT: within one unit
+
+
+def test_work_units_cover_every_key_largest_first(gptq_job):
+    job, layers = gptq_job
+    w = distributed.work_units(job)
+    flat = w.copies + [k for u in w.units for k in u]
+    assert sorted(flat) == sorted(job.order) and len(flat) == len(set(flat))
+    assert w.costs == sorted(w.costs, reverse=True) and len(w.costs) == len(w.units)
+    for u in w.units:
+        assert u == [k for k in job.order if k in u]  # file order within a unit
+        assert all(job.plan.layer_for_key(k).spec is not None for k in u)
+    unit_of = {k: i for i, u in enumerate(w.units) for k in u}
+    for base, grp in layers.items():  # one calibration group -> one unit (loaded once)
+        assert unit_of[base + ".weight"] == unit_of[grp + ".weight"], base
+    assert any(len(u) > 1 for u in w.units)
 
 
 class _CountingStore:
