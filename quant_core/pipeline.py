@@ -452,6 +452,8 @@ class ConversionJob:
         self.reader.close()
         if self.calibration is not None:
             self.calibration.close()
+        from .optimizers.gptq import clear_graphs
+        clear_graphs()  # the captured GPTQ sweeps hold VRAM: give it back to the host (ComfyUI) when done
 
 
 def convert_file(input_path: str, output_path: Optional[str] = None, options: Optional[ConvertOptions] = None,

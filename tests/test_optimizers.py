@@ -427,3 +427,17 @@ def test_gptq_graph_cache_is_bounded_and_falls_back_when_capture_fails(monkeypat
     q_eager, _ = gptq_quantize(w, h, full, 128, cuda_graphs=False)
     assert torch.equal(q_fallback, q_eager)
     g.clear_graphs()
+
+
+def test_conversion_gives_back_captured_sweeps(tmp_path):
+    """A finished conversion empties the GPTQ graph cache (its buffers hold VRAM that ComfyUI's models
+    need next); on the CPU nothing is captured, so a stand-in entry shows the release."""
+    from convert_to_quant.quant_core.optimizers import gptq as g
+    from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
+    from convert_to_quant.quant_core.plan import PlanOptions
+    from helpers import tiny_dit, write_model
+    src = write_model(tmp_path / "m.safetensors", tiny_dit(width=64, blocks=1))
+    g._graphs[("stand-in", 128, 64, False)] = None
+    convert_file(src, str(tmp_path / "o.safetensors"), ConvertOptions(plan=PlanOptions(spec=make_spec()),
+                                                                     optimizer="gptq", device="cpu"))
+    assert not g._graphs
