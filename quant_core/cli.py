@@ -504,7 +504,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         validate_args(args, parser)
         return run(args, console)
     except KeyboardInterrupt:
-        print("error: interrupted; no output file was left behind", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # of several ranks, rank 0 says it for all
+            print("error: interrupted; no output file was left behind", file=sys.stderr)
         return 130
     except ConversionCancelled as e:
         print(f"error: {e}", file=sys.stderr)

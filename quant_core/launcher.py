@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 from .errors import PlanError
 
 GATE_ENV = "CTQ_LAUNCH_GATE"
+PARENT_ENV = "CTQ_LAUNCHER_PID"
 
 
 def parse_devices(spec: str) -> List[str]:
@@ -112,7 +113,11 @@ def spawn_ranks(devices: Sequence[str], argv: Sequence[str], threads_per_rank: O
             cmd += ["--verbose", "MINIMAL"]
         if gate_fd is not None:
             env[GATE_ENV] = str(gate_fd)
-        procs.append(subprocess.Popen(cmd, env=env, pass_fds=() if gate_fd is None else (gate_fd,)))
+        env[PARENT_ENV] = str(os.getpid())
+        # a session of their own: a Ctrl-C in the terminal reaches this process only, which stops the
+        # ranks in order (``_supervise``); they stop themselves if this process dies (``watch_parent``)
+        procs.append(subprocess.Popen(cmd, env=env, pass_fds=() if gate_fd is None else (gate_fd,),
+                                      start_new_session=True))
     return procs
 
 
@@ -172,6 +177,23 @@ def _supervise(procs: List[subprocess.Popen], grace_s: float = 60.0) -> int:
 # ------------------------------------------------------------------------------------------------
 # the gate, and the entry point of ``python -m convert_to_quant`` / ``convert_to_quant``
 # ------------------------------------------------------------------------------------------------
+def watch_parent() -> None:
+    """In a rank started by ``spawn_ranks``: receive SIGTERM when the launcher dies (Linux
+    ``PR_SET_PDEATHSIG``; the rank then stops as on an interrupt, removing its partial file), and leave
+    at once if it is already gone."""
+    pid = os.environ.pop(PARENT_ENV, None)
+    if pid is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(pid):
+        os._exit(2)
+
+
 def wait_gate() -> bool:
     """In a rank started with a gate: wait until the launcher has checked the arguments. ``False``: it
     found them wrong and reports that itself (this rank leaves without a word). No gate: ``True``."""
@@ -211,13 +233,20 @@ def _raise_interrupt(signum, frame):
 
 def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
     """Start the ranks behind a gate, check the arguments meanwhile, then open the gate (or close it
-    and report the error) and supervise."""
+    and report the error) and supervise.
+
+    While the check imports torch, an interrupt is only noted, not raised: raised inside a library's
+    import it can be swallowed there (numpy turns it into an ImportError that torch treats as "no
+    numpy"), and the run would go on. It is acted on before the gate opens: the ranks, which have read
+    nothing and hold no file yet, are killed."""
     try:
         devices = parse_devices(devices_spec)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    noted: List[int] = []
+    old_int = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
     r, w = os.pipe()
     procs: List[subprocess.Popen] = []
     try:
@@ -226,37 +255,36 @@ def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
         finally:
             os.close(r)
         from .cli import check_args  # imports torch: overlaps the ranks' own start
-        rc = check_args(list(argv))
-        if rc is not None:
-            os.close(w)
+        rc = None if noted else check_args(list(argv))
+        if noted or rc is not None:
+            os.close(w)  # the gate closes empty: ranks still waiting leave quietly
             w = -1
             for p in procs:
+                if noted and p.poll() is None:
+                    p.kill()
                 p.wait()
+            if noted:
+                print("error: interrupted; no output file was left behind", file=sys.stderr)
+                return 130
             return rc
+        # from here an interrupt raises again; _supervise forwards it to the ranks (rank 0 reports)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         os.write(w, b"1" * len(procs))
         os.close(w)
         w = -1
         return _supervise(procs)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        print("error: interrupted; no output file was left behind", file=sys.stderr)
-        return 130
     finally:
         if w >= 0:
             os.close(w)
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
 
 
 def console_main(argv: Optional[List[str]] = None) -> int:
     """``convert_to_quant`` / ``python -m convert_to_quant``: ranks for ``--devices``, else the CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    watch_parent()
     spec = devices_value(argv)
     if spec is not None:
         return launch_checked(spec, argv)

@@ -4,6 +4,7 @@ work assignment (balanced, calibration groups kept together, copies on rank 0), 
 line naming the rank, exit 2, no file left)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -341,3 +342,62 @@ def test_ranks_read_like_a_one_process_run(model, tmp_path, monkeypatch):
             assert sorted(got) == sorted(job.order) and sorted(seen) == sorted(job.order)
     finally:
         job.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# stopping a --devices run: Ctrl-C while the ranks start or convert, the launcher killed
+# ------------------------------------------------------------------------------------------------
+def _rank_processes(marker: str):
+    """PIDs of live processes whose command line mentions ``marker`` (read from /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+                with open(f"/proc/{d}/stat") as f:
+                    zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                continue
+            if marker in cmd and not zombie:
+                pids.append(int(d))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """Big enough that GPTQ on two one-thread CPU ranks takes seconds (16 x 768x768)."""
+    g = torch.Generator().manual_seed(1)
+    sd = {f"blocks.{i}.fc.weight": (torch.randn(768, 768, generator=g) * 0.02).bfloat16() for i in range(16)}
+    return write_model(tmp_path_factory.mktemp("slow") / "m.safetensors", sd)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("when,how", [("start", signal.SIGINT), ("converting", signal.SIGINT),
+                                      ("converting", signal.SIGTERM), ("converting", signal.SIGKILL)])
+def test_stopping_a_devices_run_leaves_nothing(slow_model, tmp_path, when, how):
+    """Ctrl-C (or SIGTERM) to the launcher while the ranks import torch, or once rank 0 is writing: one
+    error line, exit 130, no output, no ``.partial``, no rank left running. The launcher killed outright
+    (SIGKILL): the ranks notice (parent-death signal) and remove the ``.partial`` themselves."""
+    out = str(tmp_path / f"stopped_{when}_{int(how)}.safetensors")
+    p = subprocess.Popen([sys.executable, "-m", "convert_to_quant", "-i", slow_model, "-o", out, "--optimizer", "gptq",
+                          "--devices", "cpu,cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env())
+    if when == "start":
+        time.sleep(0.3)
+    else:
+        t0 = time.monotonic()
+        while not os.path.exists(out + ".partial"):
+            assert p.poll() is None and time.monotonic() - t0 < RANK_TIMEOUT, "rank 0 never opened its output"
+            time.sleep(0.01)
+    p.send_signal(how)
+    _, err = p.communicate(timeout=RANK_TIMEOUT)
+    if how != signal.SIGKILL:
+        lines = [l for l in err.splitlines() if l.strip() and "%|" not in l]
+        assert p.returncode == 130 and lines == ["error: interrupted; no output file was left behind"], err
+    t0 = time.monotonic()
+    while (_rank_processes(out) or os.path.exists(out + ".partial")) and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    assert not _rank_processes(out), "a rank outlived its launcher"
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
