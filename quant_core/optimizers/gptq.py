@@ -125,8 +125,8 @@ class _SweepGraph:
             x1.copy_(self.x)
 
 
-# the sweep of a block is ~10 kernel launches per column from Python: launch-bound on a GPU, and slower
-# still when several processes share the host's cores (multi-GPU runs). ``CTQ_CUDA_GRAPHS=0``: eager.
+# the sweep of a block is ~10 kernel launches per column from Python: launch-bound on a GPU (replayed
+# from a graph: 3.5-7.9x faster per Flux layer on an H200, benchmarks/gptq_sweep.py). ``CTQ_CUDA_GRAPHS=0``: eager.
 CUDA_GRAPHS = os.environ.get("CTQ_CUDA_GRAPHS", "1") != "0"
 GRAPH_CACHE_BYTES = 256 << 20  # static buffers of the graphs kept (one per block shape), least recently used out
 _graphs: "collections.OrderedDict[tuple, Optional[_SweepGraph]]" = collections.OrderedDict()
