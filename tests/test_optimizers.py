@@ -1,6 +1,7 @@
 """Calibrated optimizers on real MiniLM weights and activations: each lowers its own objective vs
 round-to-nearest, keeps the planned format, and the runtime computes the same function."""
 import math
+import threading
 
 import pytest
 import torch
@@ -414,7 +415,7 @@ def test_gptq_graph_cache_is_bounded_and_falls_back_when_capture_fails(monkeypat
     monkeypatch.setattr(g, "GRAPH_CACHE_BYTES", 2 * 6 * 128 * 512 * 4)  # room for about two shapes
     for rows in (512, 480, 448, 416):
         assert g._graph_for(dev, 128, rows, True) is not None
-    assert 1 <= len(g._graphs) <= 2 and (str(dev), 128, 416, True) in g._graphs  # least recently used out
+    assert 1 <= len(g._graphs) <= 2 and (str(dev), 128, 416, True, threading.get_ident()) in g._graphs  # LRU out
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("no room for the graph")
@@ -437,7 +438,7 @@ def test_conversion_gives_back_captured_sweeps(tmp_path):
     from convert_to_quant.quant_core.plan import PlanOptions
     from helpers import tiny_dit, write_model
     src = write_model(tmp_path / "m.safetensors", tiny_dit(width=64, blocks=1))
-    g._graphs[("stand-in", 128, 64, False)] = None
+    g._graphs[("stand-in", 128, 64, False, 0)] = None
     convert_file(src, str(tmp_path / "o.safetensors"), ConvertOptions(plan=PlanOptions(spec=make_spec()),
                                                                      optimizer="gptq", device="cpu"))
     assert not g._graphs

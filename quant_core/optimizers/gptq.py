@@ -136,7 +136,8 @@ _graphs_lock = threading.Lock()
 def _graph_for(device: torch.device, cols: int, rows: int, target: bool) -> Optional[_SweepGraph]:
     """The cached graph for this block shape, captured on first use; ``None`` (use the eager loop)
     where capturing failed, e.g. out of memory."""
-    key = (str(device), cols, rows, target)
+    # per thread: the static buffers must not be shared by two conversions running at once
+    key = (str(device), cols, rows, target, threading.get_ident())
     with _graphs_lock:
         if key in _graphs:
             _graphs.move_to_end(key)
