@@ -31,7 +31,6 @@ mean/abs-max). ``__metadata__`` holds ``calibration_format`` and a JSON ``layers
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass

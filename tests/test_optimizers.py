@@ -299,7 +299,6 @@ def test_smoothquant_computes_the_same_function_through_our_runtime(minilm_cal):
     f = qw.extra["smooth_scale"]
     assert torch.allclose(f, smoothing_factors(stats.absmax, w, 0.5))
     # real activations of this layer: sentences other than the calibration ones
-    from convert_to_quant.quant_core.calibration import collect
     from convert_to_quant.quant_core.example import EVAL_SENTENCES, load_model
     model, tok = load_model()
     got = {}
