@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError
+from .launcher import raise_interrupt, wait_gate
 from .formats import make_spec
 from .presets import all_presets
 
@@ -453,10 +454,6 @@ class _progress_bar:
             self.bar.close()
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     rc = _main(argv)
     if rc != 0 and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
@@ -492,14 +489,13 @@ def check_args(argv: List[str]) -> Optional[int]:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    from .launcher import wait_gate
     if not wait_gate():  # a rank whose launcher found the arguments wrong: it reports that, not us
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these
     console = Console(VERBOSITY[args.verbose])
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         validate_args(args, parser)
         return run(args, console)

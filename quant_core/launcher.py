@@ -227,7 +227,8 @@ def devices_value(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """SIGTERM handler: stop as on Ctrl-C (the conversion removes its partial file on the way out)."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -269,7 +270,7 @@ def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
             return rc
         # from here an interrupt raises again; _supervise forwards it to the ranks (rank 0 reports)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
         os.write(w, b"1" * len(procs))
         os.close(w)
         w = -1
