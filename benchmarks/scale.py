@@ -384,7 +384,7 @@ def main():
                 g0["projected_s"] = g_proj(g0["seconds"])
                 b.facts["graphs"] = dict(identical=g0["sha256"] == g1["sha256"], speedup=g0["seconds"] / g1["seconds"])
         # without the GPTQ subset row: its wall time measured on an H200 (25 s) / a 2-core CPU (--small, 3 s)
-        gptq_guess = 25.0 if cuda and not gfull else 3.0
+        gptq_guess = 25.0 if cuda else 3.0
         g_sub_wall = g1["wall"] if g1 and not gfull else gptq_guess
         # 3. QuIP subset (+ checkpointed LDLQ)
         q1 = None

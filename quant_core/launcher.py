@@ -152,7 +152,7 @@ def _supervise(procs: List[subprocess.Popen], grace_s: float = 60.0) -> int:
     except KeyboardInterrupt:
         for q in procs:
             if q.poll() is None:
-                q.send_signal(2)
+                q.send_signal(signal.SIGINT)
         for q in procs:
             try:
                 q.wait(30)
