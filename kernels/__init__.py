@@ -28,7 +28,7 @@ from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usab
 __all__ = [
     "quantize_activations", "int8_linear", "int8_blockwise_linear", "quantized_linear", "register_linear",
     "registered_formats", "dequantize", "choose_path", "resolve_backend", "triton_usable", "KernelInputError",
-    "KernelFormatError", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
+    "KernelFormatError", "PreparedLinear", "prepare_linear", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -224,6 +224,57 @@ def _fp16_linear(x, qw, bias, path=None, backend=None):
 register_linear("int8_tensorwise", _tensorwise_linear)
 register_linear("int8_blockwise", _blockwise_linear)
 register_linear("fp16", _fp16_linear)
+
+
+class PreparedLinear:
+    """A quantized weight checked once and placed on one device, called per token batch with only the
+    activations checked: the runtime ops of our loaders call this once per linear per step, where
+    ``quantized_linear``'s per-call operand checks and conversions are measurable against a
+    tens-of-microseconds GEMM. Anything unusual about ``x`` (another device, dtype, width, tracing
+    under torch.compile) takes ``quantized_linear``, which checks and handles it."""
+
+    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind")
+
+    def __init__(self, qw, device: torch.device):
+        self.qw, self.device = qw, device
+        self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
+        self.n = self.k = -1
+        if self.kind is None:
+            return
+        n, k = qw.qdata.shape
+        if qw.qdata.dtype != torch.int8:
+            raise KernelInputError(f"{qw.format} weight must be int8, got {qw.qdata.dtype}")
+        self.n, self.k = n, k
+        self.qdata = _same_device(qw.qdata, device)
+        self.device = self.qdata.device  # "cuda" -> "cuda:0": compared with x.device on every call
+        if self.kind == "int8_tensorwise":
+            if qw.scale.numel() not in (1, n):
+                raise KernelInputError(f"int8_linear: weight_scale must be a scalar or have {n} entries (per row), "
+                                       f"got shape {list(qw.scale.shape)}")
+            self.scale = _same_device(qw.scale, device, torch.float32).reshape(-1)
+            self.convrot = qw.params.convrot_groupsize if qw.params.convrot else 0
+            self.group = 0
+        else:
+            self.scale = _same_device(qw.scale, device, torch.float32)
+            self.convrot, self.group = 0, int(qw.params.group_size)
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
+                or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
+                or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
+                or _compiling()):
+            return quantized_linear(x, self.qw, bias)
+        x2 = _as_rows(x, self.k)
+        if self.group:
+            y = dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, x.dtype)
+        else:
+            y = dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, x.dtype)
+        return y.reshape(x.shape[:-1] + (self.n,))
+
+
+def prepare_linear(qw, device: Optional[torch.device] = None) -> PreparedLinear:
+    """``PreparedLinear`` for ``qw`` on ``device`` (default: where its integers are)."""
+    return PreparedLinear(qw, torch.device(device) if device is not None else qw.qdata.device)
 
 
 def dequantize(qw, dtype: Optional[torch.dtype] = None, *, backend: Optional[str] = None) -> torch.Tensor:

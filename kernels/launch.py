@@ -230,6 +230,108 @@ def _largest_pow2_divisor(group: int, cap: int, floor: int = 32) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# launching: Triton's generic launcher, or its compiled handle called directly
+# ------------------------------------------------------------------------------------------------
+# ``kernel[grid](...)`` re-binds every argument on each call (signature binding, one specialization
+# per argument, a cache key string): tens of microseconds for our 15-25 argument kernels, which is
+# the whole GPU time of a small linear. After the first launch of a specialization we keep Triton's
+# compiled kernel and call its C launcher directly. The key covers everything Triton specializes
+# on: the kernel, its constexprs and launch options, the device, each tensor's dtype and 16-byte
+# alignment, each integer's width and (unless not specialized) whether it is 1 or a multiple of 16,
+# and a host TMA descriptor's dtype/block/shape/stride divisibility. Anything else -- an unexpected
+# argument type, launch hooks (profilers), the interpreter -- takes Triton's own path.
+# ``LAUNCH_STATS`` counts which path launches took (benchmarks print it).
+FAST_LAUNCH_ENV = "CONVERT_TO_QUANT_FAST_LAUNCH"
+_FAST: Dict[tuple, tuple] = {}
+LAUNCH_STATS = {"direct": 0, "triton": 0}
+_DNS: Dict[int, frozenset] = {}
+_I32 = 1 << 31
+
+try:  # the hooks a profiler (proton) installs: with one set, launches go through Triton's path
+    from triton import knobs as _knobs
+    _RUNTIME_KNOBS = _knobs.runtime
+except Exception:  # pragma: no cover - older triton
+    _RUNTIME_KNOBS = None
+
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # pragma: no cover - CPU-only torch builds
+    _raw_stream = None
+
+
+def _idle(hook) -> bool:
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
+def _no_launch_hooks() -> bool:
+    """No launch hook installed (triton >= 3.4 keeps an empty ``HookChain`` there, older ones None)."""
+    return _RUNTIME_KNOBS is None or (_idle(_RUNTIME_KNOBS.launch_enter_hook)
+                                      and _idle(_RUNTIME_KNOBS.launch_exit_hook))
+
+
+def fast_launch_enabled() -> bool:
+    return (HAS_TRITON and _raw_stream is not None and not interpreter_active()
+            and os.environ.get(FAST_LAUNCH_ENV, "1") != "0")
+
+
+def _not_specialized(kernel) -> frozenset:
+    dns = _DNS.get(id(kernel))
+    if dns is None:
+        dns = _DNS[id(kernel)] = frozenset(i for i, p in enumerate(getattr(kernel, "params", ()))
+                                           if getattr(p, "do_not_specialize", False))
+    return dns
+
+
+def _spec(args: tuple, dns: frozenset) -> Optional[Tuple[tuple, list]]:
+    """(what Triton would specialize on, the arguments as the C launcher takes them: tensors as their
+    data pointers -- the launcher would otherwise call ``data_ptr()`` on each), or None."""
+    spec, cargs = [], []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            p = a.data_ptr()
+            spec.append((a.dtype, p & 15 == 0))
+            cargs.append(p)
+        elif type(a) is int:
+            wide = not -_I32 <= a < _I32
+            spec.append(wide if i in dns else (wide, a == 1, a & 15 == 0))
+            cargs.append(a)
+        elif TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+            spec.append((a.base.dtype, a.base.data_ptr() & 15 == 0, tuple(a.block_shape),
+                         tuple(v & 15 == 0 for v in a.shape), tuple(v & 15 == 0 for v in a.strides)))
+            cargs.append(a)
+        else:
+            return None
+    return tuple(spec), cargs
+
+
+def launch_kernel(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int = 3) -> None:
+    """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``, with the compiled kernel's
+    launcher called directly after the first launch of each specialization (see above). ``args`` are
+    the runtime arguments, in signature order, all before the constexprs given in ``consts``."""
+    if fast_launch_enabled():
+        sc = _spec(args, _not_specialized(kernel))
+        spec = sc[0] if sc is not None else None
+        dev = torch.cuda.current_device()
+        key = (id(kernel), tuple(consts.values()), num_warps, num_stages, dev, spec)
+        ent = _FAST.get(key) if spec is not None else None
+        if ent is not None and _no_launch_hooks():
+            run, fn, meta, tail = ent
+            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _raw_stream(dev),
+                fn, meta, None, None, None, *sc[1], *tail)
+            LAUNCH_STATS["direct"] += 1
+            return
+        LAUNCH_STATS["triton"] += 1
+        ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        if spec is not None and hasattr(ck, "function") and hasattr(ck, "packed_metadata"):
+            names = list(kernel.arg_names)
+            # the compiled launcher takes every parameter in signature order, constexprs included
+            if len(names) == len(args) + len(consts) and set(names[len(args):]) == set(consts):
+                _FAST[key] = (ck.run, ck.function, ck.packed_metadata, tuple(consts[n] for n in names[len(args):]))
+        return
+    kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+
+
+# ------------------------------------------------------------------------------------------------
 # the tuner
 # ------------------------------------------------------------------------------------------------
 class _Tuner:
@@ -352,11 +454,13 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
     p, g1, g2, stage1, ieee, h1, h2, cands = meta
 
     def launch(cfg: GemmConfig) -> None:
-        tk.act_quant_kernel[(m,)](
-            x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
-            out if rowscale is None else rowscale, k, x.stride(0), m,
-            P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
-            STAGE1_IEEE=ieee, ROT_IMPL=cfg.rot_impl, HAS_ROWSCALE=rowscale is not None, num_warps=cfg.num_warps)
+        launch_kernel(
+            tk.act_quant_kernel, (m,),
+            (x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,
+             out if rowscale is None else rowscale, k, x.stride(0), m),
+            dict(P=p, G1=g1, G2=g2, BLOCK_Q=block_k, SCALE_K_MAJOR=k_major, MODE=mode, STAGE1_DTYPE=stage1,
+                 STAGE1_IEEE=ieee, ROT_IMPL=cfg.rot_impl, HAS_ROWSCALE=rowscale is not None),
+            cfg.num_warps)
 
     key = ("act", mkey, mode, k_major, ROT_IMPL, m_bucket(m), rowscale is not None, out.dtype)
     launch(TUNER.pick(key, lambda: cands, launch))
@@ -459,14 +563,15 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
             a_arg, b_arg = qa, qw
             if tma == 2:
                 _ensure_allocator()
-        tk.int8_gemm_kernel[(grid,)](
-            a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, m, n, k, grid,
-            WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
-            GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
-            WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
-            USE_TMA=tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_kernel(
+            tk.int8_gemm_kernel, (grid,),
+            (a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, m, n, k, grid),
+            dict(WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
+                 GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
+                 WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
+                 USE_TMA=tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+            cfg.num_warps, cfg.num_stages)
 
     if configs is not None:
         launch(configs[0])
@@ -505,12 +610,13 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)
-        tk.w8a16_gemm_kernel[grid](
-            x, qw, out, w_scale, w_scale if bias is None else bias, m, n, k, x.stride(0),
-            WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
-            EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_kernel(
+            tk.w8a16_gemm_kernel, grid,
+            (x, qw, out, w_scale, w_scale if bias is None else bias, m, n, k, x.stride(0)),
+            dict(WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
+                 EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k,
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+            cfg.num_warps, cfg.num_stages)
         if out is not c:
             c.copy_(out)
 
@@ -541,7 +647,7 @@ def launch_dequant(qw: torch.Tensor, w_scale: torch.Tensor, group_size: int, dty
         s_n, s_k = (ws.stride(0) if mode == 1 else 0), 0
     bn, bk = (16, 32) if interpreter_active() else (32, 256)
     grid = (_cdiv(n, bn), _cdiv(k, bk))
-    tk.dequant_kernel[grid](qw, ws, out, n, k, qw.stride(0), out.stride(0), s_n, s_k,
-                            WS_MODE=mode, GROUP=max(group_size, 1), BN=bn, BK=bk,
-                            num_warps=1 if interpreter_active() else 4)
+    launch_kernel(tk.dequant_kernel, grid, (qw, ws, out, n, k, qw.stride(0), out.stride(0), s_n, s_k),
+                  dict(WS_MODE=mode, GROUP=max(group_size, 1), BN=bn, BK=bk),
+                  1 if interpreter_active() else 4)
     return out

@@ -26,7 +26,7 @@ import comfy.ops
 import comfy.weight_adapter
 
 from ..kernels import dequantize as kernel_dequantize
-from ..kernels import quantized_linear
+from ..kernels import prepare_linear, quantized_linear
 from ..quant_core.errors import ConvertError, SafetensorsFormatError
 from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
                                   parse_comfy_quant, quantized_weight_from_tensors)
@@ -215,19 +215,39 @@ class QuantLinearMixin:
             b = f(b)
         return b
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.cpu() (ComfyUI's load, unload and offload): the prepared kernel operands refer to
+        # the old storage, drop them so a moved-away weight frees its memory
+        self.__dict__.pop("_prepared_linear", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prepared(self, device: torch.device):
+        """The kernels' ``PreparedLinear`` for this layer's weight on ``device``, made once and kept while
+        the weight stays where it is (ComfyUI moves parameters by replacing their data: the cache key is
+        the storage). Weights that live elsewhere (lowvram offload) are moved per call and not kept."""
+        w, s = self.weight, self.weight_scale
+        if w.device != device:
+            return None
+        key = (w.data_ptr(), s.data_ptr(), device)
+        cached = self.__dict__.get("_prepared_linear")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_prepared_linear"] = (key, prepare_linear(self.quantized_weight(), device))
+        return cached[1]
+
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        qw = self.quantized_weight(x.device)
         bias = self._cast_bias(x)
         # LowVramPatch entries re-apply LoRA patches to a float weight; ours already live in the side
         # paths (QuantModelPatcher attaches them), so only other weight functions need a float weight
-        extra_fns = [f for f in self.weight_function if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+        wf = self.weight_function
+        extra_fns = [f for f in wf if not isinstance(f, comfy.model_patcher.LowVramPatch)] if wf else wf
         if extra_fns:
-            w = kernel_dequantize(qw, x.dtype)
+            w = kernel_dequantize(self.quantized_weight(x.device), x.dtype)
             for f in extra_fns:
                 w = f(w)
             y = F.linear(x, w, bias)
         else:
-            y = quantized_linear(x, qw, bias)
+            run = self._prepared(x.device)
+            y = run(x, bias) if run is not None else quantized_linear(x, self.quantized_weight(x.device), bias)
         if self.lora_groups or self.has_dense_delta:
             y = self._add_side_paths(x, y)
         return y

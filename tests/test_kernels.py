@@ -479,3 +479,75 @@ def test_w8a16_split_k_matches_float64(group):
                                     configs=[cfg])
             assert y.dtype == out_dtype
             assert rel(y, ref64) < (1e-5 if out_dtype == torch.float32 else 6e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader's per-layer call (PreparedLinear) and the direct launch of compiled kernels
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot", "block"])
+def test_prepared_linear_equals_quantized_linear(backend, kind, monkeypatch):
+    monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", backend)
+    w = weight()
+    qw = to_dev({"row": lambda: Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")),
+                 "tensor": lambda: Int8Tensorwise.quantize(w, Int8Tensorwise.Params("tensor")),
+                 "convrot": lambda: Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row", True, 64)),
+                 "block": lambda: Int8Blockwise.quantize(w, Int8Blockwise.Params(32))}[kind]())
+    bias = (torch.randn(N, generator=gen(5)) * 0.1).to(torch.bfloat16).to(DEV)
+    run = K.prepare_linear(qw, DEV)
+    x = act(dtype=torch.bfloat16).reshape(1, M, KD)
+    for path in ("w8a8", "w8a16", "dequant"):
+        monkeypatch.setenv(K.PATH_ENV, path)
+        want = K.quantized_linear(x, qw, bias)
+        got = run(x, bias)
+        assert got.shape == (1, M, N) and got.dtype == torch.bfloat16
+        assert torch.equal(got, want), path
+    monkeypatch.delenv(K.PATH_ENV)
+    ref = x.double().reshape(M, KD) @ qw.dequantize().double().cpu().to(DEV).T + bias.double()
+    assert rel(run(x, bias).reshape(M, N), ref) < 3e-2
+    # what PreparedLinear does not handle itself goes through quantized_linear's checks and moves
+    assert torch.equal(run(x[0].float(), None), K.quantized_linear(x[0].float(), qw, None))
+    with pytest.raises(K.KernelInputError, match="features"):
+        run(torch.zeros(3, KD + 16, device=DEV))
+
+
+def test_prepared_linear_passes_other_formats_through():
+    w = weight()
+    q16 = FP16.quantize(w, FP16.Params(), torch.float16)
+    run = K.prepare_linear(q16)
+    x = act(dtype=torch.float32)
+    assert torch.equal(run(x.cpu().to(q16.qdata.device), None), K.quantized_linear(x.cpu(), q16, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 37, 256, 4100])
+def test_fast_launch_equals_triton_launch(m, monkeypatch):
+    """The compiled-kernel launcher called directly must give the bits Triton's own launcher gives, for
+    every specialization it keys on: token counts, an unaligned activation view, output dtypes, bias."""
+    w = weight(n=384, k=512)
+    qrow = to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")))
+    qrot = to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row", True, 256)))
+    qblk = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(128)))
+    bias = torch.randn(384, device=DEV, dtype=torch.bfloat16)
+    base = torch.randn(m * 512 + 3, device=DEV, dtype=torch.bfloat16)
+    xs = {"aligned": base[:m * 512].view(m, 512), "unaligned": base[3:].view(m, 512)}
+    direct_before = launch.LAUNCH_STATS["direct"]
+    calls = []
+    for xname, x in xs.items():
+        for path in ("w8a8", "w8a16", "dequant"):
+            for q in (qrow, qrot, qblk):
+                for b in (bias, None):
+                    calls.append((xname, path, q, b))
+    for xname, path, q, b in calls:
+        x = xs[xname]
+        monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "0")
+        want = K.quantized_linear(x, q, b, path=path)
+        monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "1")
+        for _ in range(2):  # the first call may compile, the second surely takes the direct launch
+            got = K.quantized_linear(x, q, b, path=path)
+        torch.cuda.synchronize()
+        if path == "w8a16" and m <= 64:  # split-K accumulates with atomics: last bits may differ
+            assert rel(got, want) < 1e-5, (xname, path, q.params)
+        else:
+            assert torch.equal(got, want), (xname, path, q.params)
+    assert launch.LAUNCH_STATS["direct"] - direct_before >= len(calls), "the direct launch path was not taken"
