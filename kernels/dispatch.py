@@ -24,35 +24,32 @@ from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_qua
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
 PATHS = ("auto", "w8a8", "w8a16", "dequant")
 
-# (arch, weight kind) -> ((largest M, path), ...): the first row whose bound is >= M wins; larger M
-# use "w8a8". sm90 rows measured on an H200 with benchmarks/kernels.py (docs/KERNELS.md, "path
-# sweep", K = N = 3072): W8A16 is the fastest of our paths up to M = 64 (it streams half the bytes
-# of bf16 and skips the activation pass), W8A8 from there on. The Ampere/Ada rows copy Hopper's
-# crossover (not measured: no such card was available).
-PATH_TABLE = {
-    ("sm90", "row"): ((64, "w8a16"),),
-    ("sm90", "block"): ((64, "w8a16"),),
-    ("sm89", "row"): ((64, "w8a16"),),
-    ("sm89", "block"): ((64, "w8a16"),),
-    ("sm80", "row"): ((64, "w8a16"),),
-    ("sm80", "block"): ((64, "w8a16"),),
-}
+# (arch, weight kind) -> ((largest M, largest N*K or 0 for any, path), ...): the first row that fits
+# M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md):
+# * back to back (benchmarks/kernels.py "path sweep", K = N = 3072): W8A16 is the fastest GPU work up to
+#   M = 64 (it streams half the bytes of bf16 and skips the activation pass);
+# * per synchronised call (benchmarks/per_call.py), where host work counts: one launch (W8A16) beats two
+#   (activation quantization + W8A8 GEMM) up to M = 1024 at K = N = 3072 (N*K = 9.4M), but not at the
+#   T5-XXL ffn (512 x 4096 -> 10240, N*K = 42M), whose W8A16 GPU time is the larger cost.
+# The Ampere/Ada rows copy Hopper's crossover (not measured: no such card was available).
+_SMALL_M = ((64, 0, "w8a16"), (512, 16 << 20, "w8a16"))
+PATH_TABLE = {(arch, kind): _SMALL_M for arch in ("sm90", "sm89", "sm80") for kind in ("row", "block")}
 
 
-def choose_path(kind: str, m: int, device: torch.device) -> str:
+def choose_path(kind: str, m: int, device: torch.device, nk: int = 0) -> str:
     """The path ``auto`` takes for ``m`` tokens on ``device`` ("row": tensor-wise/per-row weights,
-    "block": block-wise weights)."""
-    for bound, path in PATH_TABLE.get((arch_of(device), kind), ()):
-        if m <= bound:
+    "block": block-wise weights; ``nk``: the weight's N*K, 0 if unknown)."""
+    for bound, max_nk, path in PATH_TABLE.get((arch_of(device), kind), ()):
+        if m <= bound and (not max_nk or 0 < nk <= max_nk):
             return path
     return "w8a8"
 
 
-def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device) -> str:
+def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, nk: int = 0) -> str:
     p = (path or os.environ.get(PATH_ENV) or "auto").lower()
     if p not in PATHS:
         raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {p!r}")
-    return choose_path(kind, m, device) if p == "auto" else p
+    return choose_path(kind, m, device, nk) if p == "auto" else p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +80,7 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
-    p = resolve_path(path, "row", m, x.device)
+    p = resolve_path(path, "row", m, x.device, n * k)
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
     if p == "dequant":
@@ -110,7 +107,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
-    p = resolve_path(path, "block", m, x.device)
+    p = resolve_path(path, "block", m, x.device, n * k)
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
     if p == "dequant":

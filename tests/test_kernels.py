@@ -551,3 +551,20 @@ def test_fast_launch_equals_triton_launch(m, monkeypatch):
         else:
             assert torch.equal(got, want), (xname, path, q.params)
     assert launch.LAUNCH_STATS["direct"] - direct_before >= len(calls), "the direct launch path was not taken"
+
+
+def test_path_table_rules(monkeypatch):
+    """The measured small-M rules (docs/KERNELS.md): one launch (W8A16) up to M = 64 always and up to
+    M = 512 for weights up to 16M entries; W8A8 beyond, and where nothing was measured."""
+    monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm90")
+    cpu = torch.device("cpu")
+    assert K.choose_path("row", 1, cpu) == "w8a16"
+    assert K.choose_path("row", 64, cpu, 4096 * 10240) == "w8a16"
+    assert K.choose_path("row", 512, cpu, 3072 * 3072) == "w8a16"
+    assert K.choose_path("block", 512, cpu, 3072 * 3072) == "w8a16"
+    assert K.choose_path("row", 512, cpu, 4096 * 10240) == "w8a8"
+    assert K.choose_path("row", 512, cpu) == "w8a8"  # N*K unknown: the large-M rule
+    assert K.choose_path("row", 513, cpu, 3072 * 3072) == "w8a8"
+    assert K.choose_path("row", 4096, cpu, 3072 * 3072) == "w8a8"
+    monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm75")
+    assert K.choose_path("row", 1, cpu) == "w8a8"
