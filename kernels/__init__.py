@@ -10,7 +10,8 @@ docs/KERNELS.md for numerics, paths and measurements.
     dequantize(qw, dtype=None)
 
 ``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
-sets the default. ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
+sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("dequant" where
+Triton doesn't run: CPU, MPS, ...; see docs/KERNELS.md, "CPU / non-Triton fallback"). ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
 CONVERT_TO_QUANT_KERNEL_BACKEND. All functions accept activations of any leading shape [..., K].
 """
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 
 from ..quant_core.errors import ConvertError
 from . import dispatch, reference
-from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path
+from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path, runtime_path
 from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usable
 
 __all__ = [
     "quantize_activations", "int8_linear", "int8_blockwise_linear", "quantized_linear", "register_linear",
-    "registered_formats", "dequantize", "choose_path", "resolve_backend", "triton_usable", "KernelInputError",
+    "registered_formats", "dequantize", "choose_path", "runtime_path", "resolve_backend", "triton_usable", "KernelInputError",
     "KernelFormatError", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
 ]
 

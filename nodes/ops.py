@@ -26,7 +26,7 @@ import comfy.ops
 import comfy.weight_adapter
 
 from ..kernels import dequantize as kernel_dequantize
-from ..kernels import quantized_linear
+from ..kernels import quantized_linear, runtime_path
 from ..quant_core.errors import ConvertError, SafetensorsFormatError
 from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
                                   parse_comfy_quant, quantized_weight_from_tensors)
@@ -227,7 +227,8 @@ class QuantLinearMixin:
                 w = f(w)
             y = F.linear(x, w, bias)
         else:
-            y = quantized_linear(x, qw, bias)
+            # without Triton (CPU, MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
+            y = quantized_linear(x, qw, bias, path=runtime_path(x.device))
         if self.lora_groups or self.has_dense_delta:
             y = self._add_side_paths(x, y)
         return y
