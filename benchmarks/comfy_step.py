@@ -18,6 +18,14 @@ Needs a ComfyUI source tree (not installed: its folder is put on ``sys.path``) a
 
 Prints ms/step (median over ``--steps`` after ``--warmup``), output errors against bf16, and the ratios the
 issue targets: bf16 / int8 >= 1.3 and int8+2 LoRAs / int8 <= 1.10.
+
+Without a ComfyUI source tree, ``--dry-run`` runs the CPU fallback benchmark instead (pure torch): the same
+Wan-shaped blocks (self-attention with q/k RMSNorm, cross-attention on text tokens, GELU FFN, adaLN
+modulation; no RoPE) with every Linear either float (``F.linear``, what ComfyUI's ops run for a float model)
+or int8, computed exactly as our loader's ops do it (``nodes/ops.py``: the stored tensors rebuilt with
+``quantized_weight_from_tensors``, then ``quantized_linear(x, qw, bias, path=runtime_path(x.device))``):
+
+    python benchmarks/comfy_step.py --dry-run [--dtype float32|bfloat16] [--format convrot] [--threads 2]
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ SHAPES = {
     "image_720p": (1, 45, 80),       # 1280x720, 1 frame -> 3,600 tokens
 }
 DRY_SHAPES = {"tiny": (1, 4, 4)}
+TORCH_DRY_SHAPES = {"tiny_273": (3, 7, 13)}  # 273 tokens per sample: the CPU report in issue 13
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
@@ -118,29 +127,173 @@ def wan_lora(dim, ffn, blocks, rank, seed, dtype):
     return out
 
 
+def load_repo_package():
+    """This repository as the package ``convert_to_quant`` without ComfyUI (quant_core and kernels only)."""
+    if "convert_to_quant" in sys.modules:
+        return sys.modules["convert_to_quant"]
+    spec = importlib.util.spec_from_file_location("convert_to_quant", os.path.join(REPO, "__init__.py"),
+                                                  submodule_search_locations=[REPO])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["convert_to_quant"] = pkg
+    spec.loader.exec_module(pkg)
+    return pkg
+
+
+def torch_fallback_bench(args) -> int:
+    """--dry-run without ComfyUI: tiny Wan blocks on CPU, int8 through our runtime linear vs float."""
+    load_repo_package()
+    import torch
+    import torch.nn.functional as F
+    from convert_to_quant.kernels import quantized_linear, resolve_backend, runtime_path
+    from convert_to_quant.quant_core.formats import make_spec, parse_comfy_quant, quantized_weight_from_tensors
+    from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
+    from convert_to_quant.quant_core.plan import PlanOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device("cpu")
+    dtype = getattr(torch, args.dtype)
+    sd = wan_state_dict(args.dim, args.ffn, args.blocks, 4096, "cpu", torch.float32)
+    sd = {k: v for k, v in sd.items() if k.startswith("blocks.")}
+    spec = {"int8_tensorwise": make_spec(), "convrot": make_spec(convrot=True, convrot_groupsize=256),
+            "int8_blockwise": make_spec(scaling_mode="block", block_size=128)}[args.format]
+    plan = plan_for_tensors(sd, PlanOptions(spec=spec, presets=("auto",)))
+    qsd = quantize_tensors(sd, plan, device=dev)
+    path = runtime_path(dev)
+    log(f"device: cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}; kernel backend "
+        f"{resolve_backend(dev)}, runtime path {path or 'auto'}")
+    log(f"model: Wan-2.1-shaped blocks (pure torch, no ComfyUI), dim {args.dim}, ffn {args.ffn}, "
+        f"{max(1, args.dim // 128)} heads, {args.blocks} blocks; {args.dtype}; format {args.format}; "
+        f"{len(plan.quantized_layers())} int8 layers")
+
+    class Lin(torch.nn.Module):
+        """nn.Linear's F.linear on a float weight, or what QuantLinearMixin.forward_quantized runs."""
+
+        def __init__(self, base, quant):
+            super().__init__()
+            self.bias = sd[base + ".bias"].to(dtype)
+            self.qw = None
+            if quant and base + ".comfy_quant" in qsd:
+                parts = {k[len(base) + 1:]: v for k, v in qsd.items()
+                         if k.startswith(base + ".") and k[len(base) + 1:] not in ("bias", "comfy_quant")}
+                self.qw = quantized_weight_from_tensors(base, parse_comfy_quant(qsd[base + ".comfy_quant"]), parts)
+            else:
+                self.weight = sd[base + ".weight"].to(dtype)
+
+        def forward(self, x):
+            if self.qw is None:
+                return F.linear(x, self.weight, self.bias)
+            return quantized_linear(x, self.qw, self.bias, path=runtime_path(x.device))
+
+    def rms(x, w):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+    class Block(torch.nn.Module):
+        def __init__(self, i, quant):
+            super().__init__()
+            p = f"blocks.{i}."
+            self.lin = torch.nn.ModuleDict({n.replace(".", "_"): Lin(p + n, quant) for n in LORA_TARGETS})
+            self.mod = sd[p + "modulation"].to(dtype)
+            self.nq = {a: sd[f"{p}{a}.norm_q.weight"].to(dtype) for a in ("self_attn", "cross_attn")}
+            self.nk = {a: sd[f"{p}{a}.norm_k.weight"].to(dtype) for a in ("self_attn", "cross_attn")}
+            self.n3 = (sd[p + "norm3.weight"].to(dtype), sd[p + "norm3.bias"].to(dtype))
+
+        def attn(self, a, x, ctx):
+            b, n, d = x.shape
+            h = max(1, d // 128)
+            lin = self.lin
+            q = rms(lin[a + "_q"](x), self.nq[a]).view(b, n, h, -1).transpose(1, 2)
+            k = rms(lin[a + "_k"](ctx), self.nk[a]).view(b, ctx.shape[1], h, -1).transpose(1, 2)
+            v = lin[a + "_v"](ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+            return lin[a + "_o"](o)
+
+        def forward(self, x, e, ctx):
+            e = (self.mod + e).chunk(6, dim=1)
+            d = x.shape[-1]
+            y = F.layer_norm(x, (d,)) * (1 + e[1]) + e[0]
+            x = x + self.attn("self_attn", y, y) * e[2]
+            x = x + self.attn("cross_attn", F.layer_norm(x, (d,), *self.n3), ctx)
+            y = F.layer_norm(x, (d,)) * (1 + e[4]) + e[3]
+            return x + self.lin["ffn_2"](F.gelu(self.lin["ffn_0"](y), approximate="tanh")) * e[5]
+
+    models = {name: [Block(i, name == "int8") for i in range(args.blocks)] for name in ("float", "int8")}
+    results = {}
+    for shape_name, (f, h, w) in TORCH_DRY_SHAPES.items():
+        tokens = f * h * w
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, tokens, args.dim, generator=g).to(dtype)
+        e = (torch.randn(2, 6, args.dim, generator=g) * 0.1).to(dtype)
+        ctx = torch.randn(2, args.text_tokens, args.dim, generator=g).to(dtype)
+
+        def step(blocks):
+            y = x
+            for blk in blocks:
+                y = blk(y, e, ctx)
+            return y
+
+        times = {n: [] for n in models}
+        outs = {}
+        with torch.inference_mode():
+            for i in range(args.warmup + args.steps):  # interleaved, so load on a shared machine hits both
+                for n, blocks in models.items():
+                    s = time.perf_counter()
+                    outs[n] = step(blocks)
+                    if i >= args.warmup:
+                        times[n].append((time.perf_counter() - s) * 1e3)
+        ms = {n: statistics.median(t) for n, t in times.items()}
+        a, b = outs["int8"].double().flatten(), outs["float"].double().flatten()
+        r = {"tokens": tokens, "ms": ms, "float_over_int8": ms["float"] / ms["int8"],
+             "rel_err_int8_vs_float": float((a - b).norm() / b.norm()),
+             "cosine_int8_vs_float": float(F.cosine_similarity(a, b, dim=0))}
+        results[shape_name] = r
+        log(f"\n== {shape_name}: {tokens} tokens per sample, batch 2 (cond + uncond) ==")
+        for n in models:
+            log(f"{n:>8}: {ms[n]:9.2f} ms/step (median of {args.steps})")
+        log(f"float / int8 step time: {r['float_over_int8']:.3f}x (target >= 0.9)")
+        log(f"int8 vs float output: rel error {r['rel_err_int8_vs_float']:.5f}, cosine {r['cosine_int8_vs_float']:.6f}")
+    log("\nRESULT " + json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "dtype": args.dtype,
+                                  "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks, "format": args.format,
+                                  "path": path or "auto", "shapes": results}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", required=True, help="ComfyUI source folder (the one with main.py and comfy/)")
-    ap.add_argument("--dim", type=int, default=5120)
-    ap.add_argument("--ffn", type=int, default=13824)
-    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--comfyui", help="ComfyUI source folder (the one with main.py and comfy/); without it "
+                                      "--dry-run runs the pure-torch CPU fallback benchmark")
+    ap.add_argument("--dim", type=int, default=None, help="default 5120 (dry run: 256)")
+    ap.add_argument("--ffn", type=int, default=None, help="default 13824 (dry run: 512)")
+    ap.add_argument("--blocks", type=int, default=None, help="default 4 (dry run: 2)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="compute dtype of the CPU fallback benchmark (--dry-run without --comfyui)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for the fallback benchmark")
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--shapes", default="image_720p,video_480p_33f",
                     help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--format", choices=["int8_tensorwise", "convrot", "int8_blockwise"], default="int8_tensorwise")
     ap.add_argument("--loras", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="default 10 (dry run: 2, fallback benchmark: 9)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 3 (dry run: 1)")
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks this script end to end")
     args = ap.parse_args(argv)
 
+    dry = (256, 512, 2, 2, 1) if args.dry_run else (5120, 13824, 4, 10, 3)
+    if args.dry_run and not args.comfyui:
+        dry = (256, 512, 2, 9, 1)
+    for name, v in zip(("dim", "ffn", "blocks", "steps", "warmup"), dry):
+        if getattr(args, name) is None:
+            setattr(args, name, v)
     if args.dry_run:
-        args.dim, args.ffn, args.blocks, args.text_tokens = 256, 512, 2, 8
-        args.steps, args.warmup, args.lora_rank = 2, 1, 8
+        args.text_tokens, args.lora_rank = 8, 8
+        if not args.comfyui:
+            return torch_fallback_bench(args)
         shapes = DRY_SHAPES
     else:
+        if not args.comfyui:
+            sys.exit("error: --comfyui is required (only --dry-run runs without ComfyUI)")
         shapes = {}
         for s in args.shapes.split(","):
             if s not in SHAPES:

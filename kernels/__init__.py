@@ -10,7 +10,8 @@ docs/KERNELS.md for numerics, paths and measurements.
     dequantize(qw, dtype=None)
 
 ``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
-sets the default. ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
+sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("dequant" where
+Triton doesn't run: CPU, MPS, ...; see docs/KERNELS.md, "CPU / non-Triton fallback"). ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
 CONVERT_TO_QUANT_KERNEL_BACKEND. All functions accept activations of any leading shape [..., K].
 """
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 
 from ..quant_core.errors import ConvertError
 from . import dispatch, reference
-from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path
+from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path, runtime_path
 from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usable
 
 __all__ = [
     "quantize_activations", "int8_linear", "int8_blockwise_linear", "quantized_linear", "register_linear",
-    "registered_formats", "dequantize", "choose_path", "resolve_backend", "triton_usable", "KernelInputError",
+    "registered_formats", "dequantize", "choose_path", "runtime_path", "resolve_backend", "triton_usable", "KernelInputError",
     "KernelFormatError", "PreparedLinear", "prepare_linear", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
 ]
 
@@ -258,17 +259,17 @@ class PreparedLinear:
             self.scale = _same_device(qw.scale, device, torch.float32)
             self.convrot, self.group = 0, int(qw.params.group_size)
 
-    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
         if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
                 or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
                 or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
                 or _compiling()):
-            return quantized_linear(x, self.qw, bias)
+            return quantized_linear(x, self.qw, bias, path)
         x2 = _as_rows(x, self.k)
         if self.group:
-            y = dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, x.dtype)
+            y = dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, x.dtype, path)
         else:
-            y = dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, x.dtype)
+            y = dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, x.dtype, path)
         return y.reshape(x.shape[:-1] + (self.n,))
 
 

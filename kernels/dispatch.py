@@ -52,6 +52,20 @@ def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, n
     return choose_path(kind, m, device, nk) if p == "auto" else p
 
 
+def runtime_path(device: torch.device, backend: Optional[str] = None) -> Optional[str]:
+    """The ``path`` a loaded model's layers pass (the ComfyUI loader's ops): None (``auto``, the measured
+    table) where the Triton kernels run; "dequant" on the torch backend (CPU, MPS, GPUs without our
+    kernels), where W8A8/W8A16 emulate integer GEMMs in float and run several times slower than the
+    float model -- the dequant path dequantizes weight rows to the activation dtype and runs the
+    platform's own GEMM. A path set in env ``CONVERT_TO_QUANT_KERNEL_PATH`` still wins.
+
+    Only the runtime asks for this: ``auto`` itself keeps W8A8 on the torch backend, whose numerics are
+    what ``quant_core`` measures as "what the GPU runtime computes" (example.evaluate_file)."""
+    if os.environ.get(PATH_ENV):
+        return None
+    return "dequant" if resolve_backend(device, backend) == "torch" else None
+
+
 # ------------------------------------------------------------------------------------------------
 # implementations on 2-D activations (what the custom ops run)
 # ------------------------------------------------------------------------------------------------
@@ -84,6 +98,8 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
     if p == "dequant":
+        if be == "torch":  # chunked over weight rows: never a whole float copy of the layer
+            return ref.dequant_linear(x, qdata, w_scale, bias, 0, convrot_groupsize, out_dtype)
         w = _dequant_weight(qdata, w_scale, 0, convrot_groupsize, x.dtype, be)
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None).to(out_dtype)
     if p == "w8a16":
@@ -111,6 +127,8 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
     if p == "dequant":
+        if be == "torch":
+            return ref.dequant_linear(x, qdata, w_scale, bias, group_size, 0, out_dtype)
         w = _dequant_weight(qdata, w_scale, group_size, 0, x.dtype, be)
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None).to(out_dtype)
     if p == "w8a16":

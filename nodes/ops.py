@@ -26,7 +26,7 @@ import comfy.ops
 import comfy.weight_adapter
 
 from ..kernels import dequantize as kernel_dequantize
-from ..kernels import prepare_linear, quantized_linear
+from ..kernels import prepare_linear, quantized_linear, runtime_path
 from ..quant_core.errors import ConvertError, SafetensorsFormatError
 from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
                                   parse_comfy_quant, quantized_weight_from_tensors)
@@ -246,8 +246,11 @@ class QuantLinearMixin:
                 w = f(w)
             y = F.linear(x, w, bias)
         else:
+            # without Triton (CPU, MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
+            path = runtime_path(x.device)
             run = self._prepared(x.device)
-            y = run(x, bias) if run is not None else quantized_linear(x, self.quantized_weight(x.device), bias)
+            y = (run(x, bias, path) if run is not None
+                 else quantized_linear(x, self.quantized_weight(x.device), bias, path=path))
         if self.lora_groups or self.has_dense_delta:
             y = self._add_side_paths(x, y)
         return y

@@ -568,3 +568,121 @@ def test_path_table_rules(monkeypatch):
     assert K.choose_path("row", 4096, cpu, 3072 * 3072) == "w8a8"
     monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm75")
     assert K.choose_path("row", 1, cpu) == "w8a8"
+
+
+# CPU / non-Triton fallback: the chunked dequant path (reference.dequant_linear) the runtime uses
+# ------------------------------------------------------------------------------------------------
+def _fallback_weight(kind, n=N, k=KD, seed=71):
+    w = weight(n=n, k=k, seed=seed)
+    if kind == "block":
+        return Int8Blockwise.quantize(w, Int8Blockwise.Params(32)), 32, 0
+    g = {"convrot64": 64, "convrot256": 256}.get(kind, 0)
+    params = Int8Tensorwise.Params("tensor" if kind == "tensor" else "row", bool(g), g or 64)
+    return Int8Tensorwise.quantize(w, params), 0, g
+
+
+def _fallback_linear(x, qw, bias, path="dequant"):
+    if qw.format == "int8_blockwise":
+        return K.int8_blockwise_linear(x, qw.qdata, qw.scale, bias, group_size=qw.params.group_size, path=path,
+                                       backend="torch")
+    g = qw.params.convrot_groupsize if qw.params.convrot else 0
+    return K.int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=g, path=path, backend="torch")
+
+
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot64", "convrot256", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_mb", [None, "0.02"])  # 0.02 MiB = 20 fp32 rows of K=256: 80 rows -> 4+ chunks
+def test_torch_dequant_path_matches_float64(monkeypatch, kind, dtype, chunk_mb):
+    if chunk_mb:
+        monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, chunk_mb)
+    qw, group, g = _fallback_weight(kind)
+    want_w = qw.dequantize().double()
+    bias = torch.randn(N, generator=gen(72)) * 0.1
+    for m in (M, 2 * N + 3):  # fewer tokens than rows (convrot: x is rotated) and more (each chunk un-rotated)
+        x = act(m=m, dtype=dtype, seed=73).cpu().reshape(1, m, KD)
+        y = _fallback_linear(x, qw, bias.to(dtype))
+        assert y.dtype == dtype and y.shape == (1, m, N)
+        y = y.reshape(m, N)
+        x64 = x.reshape(m, KD).double()
+        exact = x64 @ want_w.T + bias.to(dtype).double()
+        # the weight as the rule rounds it once to x's dtype: what F.linear in that dtype multiplies
+        w_rule = reference.dequantize_weight(qw.qdata, qw.scale, group, g, dtype).double()
+        rule = x64 @ w_rule.T + bias.to(dtype).double()
+        if dtype == torch.float32:
+            assert rel(y, exact) < 2e-6, m
+        else:
+            eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+            assert rel(y, rule) < 2 * eps, m  # output rounding (and, convrot with few tokens, rotated x)
+            assert rel(y, exact) < 3 * eps, m
+        # the explicit W8A16 path (float emulation of the integer GEMM) computes the same product
+        assert rel(_fallback_linear(x, qw, bias.to(dtype), "w8a16").reshape(m, N), exact) < 3 * 2.0 ** -8
+
+
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot64", "convrot256", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_rows_chunks_follow_the_dequant_rule(kind, dtype):
+    # N = 83: not a multiple of the 32-row tiles nor of the 10-row chunks (chunk edges inside tiles)
+    qw, group, g = _fallback_weight(kind, n=83)
+    ws = qw.scale.float()
+    want = reference.dequantize_weight(qw.qdata, ws, group, g, dtype)  # q.float()*scale, un-rotated, cast once
+    got = torch.empty_like(want)
+    work = torch.empty(10, KD)
+    for r0 in range(0, 83, 10):
+        r1 = min(83, r0 + 10)
+        reference.dequantize_rows_into(got[r0:r1], qw.qdata[r0:r1], ws, r0, group, g, work)
+    if g >= 256:  # un-rotated through H_16 ⊗ H_16: the same matrix, fp32 sums in another order
+        assert rel(got, want) < 1e-6 if dtype == torch.float32 else rel(got, want) < 2.0 ** -8
+        assert rel(reference.rotate_fast(want.float(), g), reference.rotate(want.float(), g)) < 1e-6
+    else:
+        assert torch.equal(got, want)
+
+
+def test_dequant_chunking_bounds_memory_and_keeps_the_result(monkeypatch):
+    qw, _, _ = _fallback_weight("row", n=N)
+    x = act(m=M, dtype=torch.float32, seed=74).cpu()
+    bias = torch.randn(N, generator=gen(75))
+    whole = _fallback_linear(x, qw, bias)  # default budget: one chunk of 80 rows
+    calls = []
+    real = reference.dequantize_rows_into
+
+    def counting(out, q, *args):
+        calls.append((out.shape[0], out.untyped_storage().nbytes()))
+        return real(out, q, *args)
+
+    monkeypatch.setattr(reference, "dequantize_rows_into", counting)
+    monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, str(7 * KD * 4 / 2 ** 20))  # exactly 7 fp32 rows
+    chunked = _fallback_linear(x, qw, bias)
+    assert [r for r, _ in calls] == [7] * 11 + [3]  # 80 = 11 x 7 + 3
+    assert max(b for _, b in calls) == 7 * KD * 4  # one reused buffer of one chunk, never the whole weight
+    assert rel(chunked, whole) < 1e-6  # the same sums (BLAS may order them differently for narrow blocks)
+    calls.clear()
+    assert torch.equal(reference.dequant_linear(x, qw.qdata, qw.scale, bias, 0, 0, torch.float32,
+                                                chunk_bytes=7 * KD * 4), chunked)
+    assert [r for r, _ in calls] == [7] * 11 + [3]
+    # one row per chunk still works (the budget is smaller than one row)
+    assert rel(reference.dequant_linear(x, qw.qdata, qw.scale, bias, 0, 0, torch.float32, chunk_bytes=1),
+               whole) < 1e-6
+    for bad in ("0", "-1", "lots", "inf"):
+        monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, bad)
+        with pytest.raises(ValueError, match=reference.DEQUANT_CHUNK_ENV):
+            _fallback_linear(x, qw, bias)
+
+
+def test_runtime_path_is_dequant_without_triton(monkeypatch):
+    monkeypatch.delenv(dispatch.PATH_ENV, raising=False)
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert K.runtime_path(cpu) == "dequant" and K.runtime_path(cpu, "torch") == "dequant"
+    # auto itself keeps the W8A8 numerics on the torch backend (what quant_core measures)
+    assert K.choose_path("row", 4096, cpu) == "w8a8"
+    if launch.triton_usable(cpu):  # the interpreter, asked for explicitly: the measured table
+        assert K.runtime_path(cpu, "triton") is None
+    monkeypatch.setenv(dispatch.PATH_ENV, "w8a16")  # a forced path still wins
+    assert K.runtime_path(cpu) is None
+    monkeypatch.delenv(dispatch.PATH_ENV)
+    qw, _, _ = _fallback_weight("convrot256")
+    x = act(dtype=torch.bfloat16, seed=76).cpu().reshape(37, 1, KD)
+    y = K.quantized_linear(x, qw, None, path=K.runtime_path(x.device))
+    assert torch.equal(y, _fallback_linear(x, qw, None))
+    # the Hadamard matrices are built once per (size, device, dtype)
+    assert reference.hadamard(256, cpu) is reference.hadamard(256, torch.device("cpu"))
