@@ -974,17 +974,44 @@ class LoraMerger:
         self._applied.add(key)
         return w
 
+    def cast(self, key: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``merged`` (from ``apply``) in the dtype it is written in (a layer kept in float16, a bias).
+        Values the merge pushed beyond that dtype's range would be written as Inf: a LoRAError naming
+        the LoRA(s) instead. Values that were already non-finite pass (``--nan-policy keep``)."""
+        if merged.dtype == dtype:
+            return merged
+        out = merged.to(dtype)
+        if key not in self._by_key or not dtype.is_floating_point or bool(torch.isfinite(out).all()):
+            return out
+        n_bad = int((~torch.isfinite(out) & torch.isfinite(merged)).sum())
+        if not n_bad:
+            return out
+        biggest = float(merged.abs().nan_to_num(posinf=0.0).max())
+        who = "; ".join(f"{self.files[c.file_index].name}: {c.module.label} ({self._factors(c)})"
+                        for c in self._by_key[key])
+        raise LoRAError(f"merging {who} into {key} gives values up to {biggest:g}; {n_bad} of them are beyond "
+                        f"the range of {str(dtype).replace('torch.', '')} ({torch.finfo(dtype).max:g}), the dtype "
+                        f"{key} is written in, and would be stored as Inf. Nothing was written; lower the "
+                        "strength or fix the LoRA's alpha.")
+
+    @staticmethod
+    def _factors(c: "_Contribution") -> str:
+        """"strength S x alpha A from <where> / rank R = S*A/R" (what multiplies the LoRA's delta)."""
+        mod = c.module
+        s = c.strength * (mod.bias_scale if c.bias else mod.scale)
+        parts = [f"strength {c.strength:g}"]
+        if mod.alpha is not None and (not c.bias or "up_bias" in mod.tensors):
+            parts.append(f"alpha {mod.alpha:g} from {mod.alpha_where or mod.alpha_source} / "
+                         f"{'sqrt(rank)' if mod.rslora else 'rank'} {mod.rank}")
+        return " x ".join(parts) + (f" = {s:g}" if len(parts) > 1 else "")
+
     def _nonfinite_message(self, key: str, c: "_Contribution", s: float, n_bad: int) -> str:
         """Why merging one LoRA module made ``n_bad`` values of ``key`` NaN/Inf: the strength, alpha, the
         LoRA's own product (finite factors can overflow in ``up @ down``), DoRA's renormalization, or the
         sum with the weight."""
         mod, lf = c.module, self.files[c.file_index]
         delta_ok = c.bias or bool(torch.isfinite(mod.weight_delta()).all())
-        alpha = ("" if mod.alpha is None else
-                 f"alpha {mod.alpha:g} from {mod.alpha_where or mod.alpha_source} / "
-                 f"{'sqrt(rank)' if mod.rslora else 'rank'} {mod.rank}")
-        parts = [f"strength {c.strength:g}"] + ([alpha] if alpha else [])
-        factors = " x ".join(parts) + (f" = {s:g}" if len(parts) > 1 else "")
+        factors = self._factors(c)
         if not math.isfinite(s):
             cause = f"{factors} is not finite"
         elif not delta_ok:
@@ -995,7 +1022,7 @@ class LoraMerger:
             cause = (f"the DoRA renormalization ({factors}) divides by a zero or overflowing row norm of the "
                      "merged weight")
         else:
-            cause = f"the delta times {factors} overflows float32 when added to the weight"
+            cause = f"the delta scaled by {factors} overflows float32"
         return (f"{lf.name}: merging {mod.label} into {key} makes {n_bad} value{'s' if n_bad > 1 else ''} NaN "
                 f"or Inf: {cause}. Nothing was written; lower the strength or fix the LoRA's alpha.")
 
@@ -1047,8 +1074,7 @@ def merge_state_dict(sd: Mapping[str, torch.Tensor], lora_paths: Sequence[str],
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if merger.has_delta(k):
-            merged = merger.apply(k, v)
-            out[k] = merged.to(out_dtype or v.dtype)
+            out[k] = merger.cast(k, merger.apply(k, v), out_dtype or v.dtype)
         else:
             out[k] = v
     return out, report

@@ -307,6 +307,8 @@ class ConversionJob:
                 and key[: -len(".bias")] in self.bias_correction["layers"]):
             return {}, None  # written, corrected, together with its layer's weight
         if lp is None or lp.spec is None:
+            if self.merger is not None:  # refuses a merge that overflows the dtype the tensor is written in
+                t = self.merger.cast(key, t, info.dtype)
             out = {key: t.to(info.dtype) if t.dtype != info.dtype else t}
             if lp is None:
                 return out, None
