@@ -483,15 +483,21 @@ def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[st
     return configs
 
 
+# A file's alpha_pattern keys are module names or short regexes that match in microseconds; a pattern
+# still running after this long (or after the user-regex limit, if lower) is refused.
+FILE_REGEX_TIME_LIMIT_S = 5.0
+
+
 def _pattern_alphas(cfg: _AdapterConfig, names_per_module: Dict[str, List[str]], lora_name: str) -> Dict[str, float]:
     """Module -> alpha from ``cfg.alpha_pattern``, as PEFT resolves it: the first pattern ``p`` (in the
     config's order) with ``re.match(rf"(.*\\.)?({p})$", name)`` for one of the module's candidate names.
     The patterns come from a file, so they are matched like user regexes (``plan.match_user_regexes``):
-    in a child process with a time limit, so a catastrophically backtracking pattern such as ``(a+)+b``
-    is an error naming it instead of an hour of CPU. A pattern that is no valid regex is compared
+    in a child process with a time limit (``FILE_REGEX_TIME_LIMIT_S``, or the user-regex limit if lower),
+    so a catastrophically backtracking pattern such as ``(a+)+b`` is an error naming it instead of an
+    hour of CPU. A pattern that is no valid regex is compared
     literally (the name, or its last dotted parts)."""
+    from . import plan as plan_mod
     from .errors import PlanError
-    from .plan import match_user_regexes
     all_names = sorted({n for names in names_per_module.values() for n in names})
     compiled, literal = [], {}
     for i, p in enumerate(cfg.alpha_pattern):
@@ -500,7 +506,8 @@ def _pattern_alphas(cfg: _AdapterConfig, names_per_module: Dict[str, List[str]],
         except (re.error, RecursionError, OverflowError):
             literal[i] = p
     try:
-        sets = match_user_regexes([(rx, where) for rx, where, _ in compiled], all_names, fullmatch=False)
+        sets = plan_mod.match_user_regexes([(rx, where) for rx, where, _ in compiled], all_names, fullmatch=False,
+                                           time_limit_s=min(plan_mod.REGEX_TIME_LIMIT_S, FILE_REGEX_TIME_LIMIT_S))
     except PlanError as e:  # the message names the file (cfg.source) and the pattern
         raise LoRAError(str(e)) from None
     matched = {i: s for (_, _, i), s in zip(compiled, sets)}
