@@ -35,6 +35,10 @@ alpha: the module's ``.alpha`` tensor, else the file's metadata (a PEFT/diffuser
 ``lora_alpha``, ``alpha_pattern``, ``use_rslora`` -- or kohya's ``ss_network_alpha``), else ``rank``
 (scale 1).
 
+Untrusted input (docs/RELIABILITY.md §9): strengths and every alpha must be finite, metadata JSON is
+parsed with bounded integers and nesting, ``alpha_pattern`` regexes run under a time limit, and ``apply``
+/ ``cast`` refuse any NaN/Inf the merge creates (``LoRAError`` naming the LoRA, layer and cause).
+
 Dampening (off by default): rows of a weight that ``k >= 2`` of the merged LoRA *files* change get the
 sum of those changes multiplied by ``1/sqrt(k)`` -- once, in ``apply``. Independent deltas add up in norm
 like ``sqrt(k)``; this keeps the combined change about as large as one LoRA's. Rows only one file
@@ -488,7 +492,7 @@ def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[st
 FILE_REGEX_TIME_LIMIT_S = 5.0
 
 
-def _pattern_alphas(cfg: _AdapterConfig, names_per_module: Dict[str, List[str]], lora_name: str) -> Dict[str, float]:
+def _pattern_alphas(cfg: _AdapterConfig, names_per_module: Dict[str, List[str]]) -> Dict[str, float]:
     """Module -> alpha from ``cfg.alpha_pattern``, as PEFT resolves it: the first pattern ``p`` (in the
     config's order) with ``re.match(rf"(.*\\.)?({p})$", name)`` for one of the module's candidate names.
     The patterns come from a file, so they are matched like user regexes (``plan.match_user_regexes``):
@@ -577,7 +581,7 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
             if cfg is not None:
                 from_config.setdefault(id(cfg), (cfg, []))[1].append(mod)
     for cfg, mods in from_config.values():
-        by_pattern = _pattern_alphas(cfg, {m.name: lora_name_candidates(m.name)[1] for m in mods}, name) \
+        by_pattern = _pattern_alphas(cfg, {m.name: lora_name_candidates(m.name)[1] for m in mods}) \
             if cfg.alpha_pattern else {}
         for mod in mods:
             a = by_pattern.get(mod.name, cfg.lora_alpha)
