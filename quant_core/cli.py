@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -224,6 +225,9 @@ def validate_args(args, parser: argparse.ArgumentParser):
             f"({len(args.merge_lora) + len(args.merge_loras)} files, {len(args.merge_lora_scale)} values)")
     if args.merge_lora_scale and not (args.merge_lora or args.merge_loras):
         bad("--merge-lora-scale without --merge-lora/--merge-loras")
+    for s in args.merge_lora_scale or ():
+        if not math.isfinite(s):
+            bad(f"--merge-lora-scale {s} is not a finite number")
     for name in ("block_size", "convrot_group_size"):
         if getattr(args, name) <= 0:
             bad(f"--{name} must be positive")
@@ -269,8 +273,8 @@ def validate_optimizer_args(args, bad):
         bad(f"calibration file {args.calibration_data} does not exist")
     if args.calibration_lora and not os.path.isfile(args.calibration_lora):
         bad(f"--calibration-lora file {args.calibration_lora} does not exist")
-    if args.calibration_lora_weight < 0:
-        bad("--calibration-lora-weight must be >= 0")
+    if not (math.isfinite(args.calibration_lora_weight) and args.calibration_lora_weight >= 0):
+        bad(f"--calibration-lora-weight must be a finite number >= 0, got {args.calibration_lora_weight}")
     if not args.example and not args.calibration_data and (args.smoothquant or args.bias_correction):
         bad(("--smoothquant" if args.smoothquant else "--bias-correction") + " needs --calibration-data "
             "(real activation statistics; see docs/OPTIMIZERS.md for capturing them)")

@@ -35,6 +35,10 @@ alpha: the module's ``.alpha`` tensor, else the file's metadata (a PEFT/diffuser
 ``lora_alpha``, ``alpha_pattern``, ``use_rslora`` -- or kohya's ``ss_network_alpha``), else ``rank``
 (scale 1).
 
+Untrusted input (docs/RELIABILITY.md §9): strengths and every alpha must be finite, metadata JSON is
+parsed with bounded integers and nesting, ``alpha_pattern`` regexes run under a time limit, and ``apply``
+/ ``cast`` refuse any NaN/Inf the merge creates (``LoRAError`` naming the LoRA, layer and cause).
+
 Dampening (off by default): rows of a weight that ``k >= 2`` of the merged LoRA *files* change get the
 sum of those changes multiplied by ``1/sqrt(k)`` -- once, in ``apply``. Independent deltas add up in norm
 like ``sqrt(k)``; this keeps the combined change about as large as one LoRA's. Rows only one file
@@ -70,7 +74,13 @@ class LoraModule:
     kind: str = ""  # lora | loha | lokr | diff | set | bias-only
     alpha: Optional[float] = None
     alpha_source: str = "rank"
+    alpha_where: str = ""  # the tensor key or metadata entry alpha came from (for messages)
     rslora: bool = False
+
+    @property
+    def label(self) -> str:
+        """The name for messages (escaped, a hostile length cut short)."""
+        return _show(self.name)
 
     # --- structure ----------------------------------------------------------------------------
     def classify(self) -> Optional[str]:
@@ -105,7 +115,10 @@ class LoraModule:
         else:
             self.kind = ""  # only alpha / dora_scale: nothing to merge; listed as unmatched
             return None
-        return self._check_factors()
+        problem = self._check_factors()
+        if problem is None and self.rank == 0:
+            problem = "has rank 0 (empty LoRA factors): there is nothing to merge and alpha / rank is undefined"
+        return problem
 
     def _check_factors(self) -> Optional[str]:
         t = self.tensors
@@ -310,13 +323,68 @@ class LoraFile:
         return "+".join(styles) or "plain"
 
 
-def _coerce_alpha(t: torch.Tensor, key: str) -> float:
+def _show(name: str, limit: int = 160) -> str:
+    """A LoRA-file name for a message: non-printable characters escaped, a hostile length cut short."""
+    s = name if name.isprintable() else repr(name)[1:-1]
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(name)} characters)"
+
+
+def _coerce_alpha(t: torch.Tensor, key: str, name: str) -> float:
     if t.numel() != 1:
-        raise LoRAError(f"{key}: alpha must be a single number, got shape {list(t.shape)}")
+        raise LoRAError(f"{name}: {_show(key)}: alpha must be a single number, got shape {list(t.shape)}")
     v = float(t.reshape(()).to(torch.float64).item())
     if not math.isfinite(v):
-        raise LoRAError(f"{key}: alpha is {v}")
+        raise LoRAError(f"{name}: {_show(key)}: alpha is {v}")
     return v
+
+
+# ------------------------------------------------------------------------------------------------
+# alpha from metadata: numbers and JSON from someone else's file
+# ------------------------------------------------------------------------------------------------
+_MAX_JSON_INT_DIGITS = 309  # a longer integer does not fit a float64 anyway
+
+
+def _json_int(s: str) -> int:
+    if len(s.lstrip("-")) > _MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer with {len(s.lstrip('-'))} digits")
+    return int(s)
+
+
+def _parse_json(raw: str) -> Any:
+    """``json.loads`` for text from a LoRA file: an integer too long for Python's int/str conversion
+    limit or nesting deeper than the interpreter's recursion limit raise ValueError with a plain reason
+    (never RecursionError or a hint about ``sys.set_int_max_str_digits``)."""
+    try:
+        return json.loads(raw, parse_int=_json_int)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _finite_number(v: Any, where: str, why: str = " (it would make the merged weights NaN/Inf)") -> float:
+    """A JSON/metadata number (or numeric string) as a finite float, or LoRAError naming ``where``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise LoRAError(f"{where} must be a number, got {'a boolean' if isinstance(v, bool) else type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    except ValueError:
+        raise LoRAError(f"{where} must be a number, got {_show(repr(v))}") from None
+    if not math.isfinite(f):
+        shown = _show(str(v)) if isinstance(v, str) or not isinstance(v, int) else f"an integer of {len(str(v))} digits"
+        raise LoRAError(f"{where} must be a finite number, got {shown}{why}")
+    return f
+
+
+def _check_strength(x: Any, name: str) -> float:
+    """A LoRA strength as a finite float; LoRAError naming the file otherwise."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError, OverflowError):
+        raise LoRAError(f"{name}: LoRA strength {_show(repr(x))} is not a number") from None
+    if not math.isfinite(f):
+        raise LoRAError(f"{name}: LoRA strength {f} is not a finite number")
+    return f
 
 
 @dataclass
@@ -328,30 +396,32 @@ class _AdapterConfig:
     use_rslora: bool = False
     source: str = ""
 
-    def alpha_for(self, names: Sequence[str]) -> Optional[float]:
-        # PEFT: the first pattern p with re.match(rf"(.*\.)?({p})$", module_name) wins
-        for pattern, a in self.alpha_pattern.items():
-            for n in names:
-                try:
-                    if re.match(rf"(.*\.)?({pattern})$", n):
-                        return float(a)
-                except re.error:
-                    if n == pattern or n.endswith("." + pattern):
-                        return float(a)
-        return self.lora_alpha
-
 
 def _config_from_dict(d: Mapping[str, Any], source: str) -> Optional[_AdapterConfig]:
+    """The config's merge-relevant fields, each checked: numbers finite, ``r`` a positive integer,
+    ``alpha_pattern`` an object of numbers, ``use_rslora`` a boolean. ``rank_pattern`` is not read: the
+    rank of each module is the row count of its stored factors (what PEFT's rank_pattern produced)."""
     if "lora_alpha" not in d and "alpha_pattern" not in d:
         return None
-    try:
-        alpha = d.get("lora_alpha")
-        return _AdapterConfig(lora_alpha=None if alpha is None else float(alpha),
-                              r=None if d.get("r") is None else int(d["r"]),
-                              alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
-                              use_rslora=bool(d.get("use_rslora", False)), source=source)
-    except (TypeError, ValueError) as e:
-        raise LoRAError(f"{source}: LoRA config is malformed ({e})") from None
+    alpha = d.get("lora_alpha")
+    alpha = None if alpha is None else _finite_number(alpha, f"{source}: lora_alpha")
+    r = d.get("r")
+    if r is not None:
+        rf = _finite_number(r, f"{source}: r", why="")
+        if rf != int(rf) or rf < 1:
+            raise LoRAError(f"{source}: r must be a positive integer, got {_show(repr(r))}")
+        r = int(rf)
+    pats = d.get("alpha_pattern")
+    if pats is None:
+        pats = {}
+    if not isinstance(pats, dict):
+        raise LoRAError(f"{source}: alpha_pattern must be an object mapping module-name patterns to "
+                        f"alphas, got {type(pats).__name__}")
+    pattern = {str(k): _finite_number(v, f"{source}: alpha_pattern[{_show(repr(str(k)))}]") for k, v in pats.items()}
+    rs = d.get("use_rslora", False)
+    if rs is not None and not isinstance(rs, bool):
+        raise LoRAError(f"{source}: use_rslora must be true or false, got {_show(repr(rs))}")
+    return _AdapterConfig(lora_alpha=alpha, r=r, alpha_pattern=pattern, use_rslora=bool(rs), source=source)
 
 
 def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[str], _AdapterConfig]:
@@ -360,7 +430,9 @@ def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[st
     Sources, first found wins: a JSON LoraConfig in the safetensors ``__metadata__`` (diffusers'
     ``lora_adapter_metadata`` -- unprefixed, or prefixed per component as ``transformer.lora_alpha`` --
     or any value holding ``lora_alpha``), kohya's ``ss_network_alpha``, then the PEFT
-    ``adapter_config.json`` beside an ``adapter_model.safetensors``."""
+    ``adapter_config.json`` beside an ``adapter_model.safetensors``. ``lora_adapter_metadata`` and
+    ``adapter_config.json`` must be valid; other values that merely mention ``lora_alpha`` (free-text
+    training notes) are used only when they are a JSON object."""
     configs: Dict[Optional[str], _AdapterConfig] = {}
     candidates = []
     if "lora_adapter_metadata" in metadata:
@@ -368,13 +440,17 @@ def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[st
     candidates += [(k, v) for k, v in metadata.items() if k != "lora_adapter_metadata" and "lora_alpha" in v]
     where = os.path.basename(path)
     for k, raw in candidates:
+        src = f"{where} metadata[{_show(repr(k))}]"
         try:
-            d = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
+            d = _parse_json(raw)
+        except ValueError as e:
+            if k == "lora_adapter_metadata":
+                raise LoRAError(f"{src}: the PEFT adapter config is not valid JSON ({e})") from None
             continue
         if not isinstance(d, dict):
+            if k == "lora_adapter_metadata":
+                raise LoRAError(f"{src}: the PEFT adapter config must be a JSON object, got {type(d).__name__}")
             continue
-        src = f"{where} metadata[{k!r}]"
         cfg = _config_from_dict(d, src)
         if cfg is not None:
             configs.setdefault(None, cfg)
@@ -385,27 +461,73 @@ def _adapter_configs(path: str, metadata: Mapping[str, str]) -> Dict[Optional[st
                 comp, field_ = kk.split(".", 1)
                 groups.setdefault(comp, {})[field_] = vv
         for comp, sub in groups.items():
-            cfg = _config_from_dict(sub, f"{src} ({comp})")
+            cfg = _config_from_dict(sub, f"{src} ({_show(comp)})")
             if cfg is not None:
                 configs.setdefault(comp, cfg)
     if None not in configs and "ss_network_alpha" in metadata:
+        raw = metadata["ss_network_alpha"]
+        src = f"{where} metadata['ss_network_alpha']"
         try:
-            configs[None] = _AdapterConfig(lora_alpha=float(metadata["ss_network_alpha"]),
-                                           source=f"{where} metadata['ss_network_alpha']")
-        except ValueError:
-            pass
+            float(raw)
+        except (ValueError, OverflowError):
+            pass  # "None" and other non-numbers some trainers write: alpha falls back to the rank
+        else:
+            configs[None] = _AdapterConfig(lora_alpha=_finite_number(raw, src), source=src)
     if not configs and os.path.basename(path) == "adapter_model.safetensors":
         side = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
         if os.path.isfile(side):
             try:
                 with open(side, "r", encoding="utf-8") as f:
-                    d = json.load(f)
+                    d = _parse_json(f.read())
             except (OSError, ValueError) as e:
                 raise LoRAError(f"{side}: cannot read the PEFT adapter config ({e})") from None
             cfg = _config_from_dict(d, side) if isinstance(d, dict) else None
             if cfg is not None:
                 configs[None] = cfg
     return configs
+
+
+# A file's alpha_pattern keys are module names or short regexes that match in microseconds; a pattern
+# still running after this long (or after the user-regex limit, if lower) is refused.
+FILE_REGEX_TIME_LIMIT_S = 5.0
+
+
+def _pattern_alphas(cfg: _AdapterConfig, names_per_module: Dict[str, List[str]]) -> Dict[str, float]:
+    """Module -> alpha from ``cfg.alpha_pattern``, as PEFT resolves it: the first pattern ``p`` (in the
+    config's order) with ``re.match(rf"(.*\\.)?({p})$", name)`` for one of the module's candidate names.
+    The patterns come from a file, so they are matched like user regexes (``plan.match_user_regexes``):
+    in a child process with a time limit (``FILE_REGEX_TIME_LIMIT_S``, or the user-regex limit if lower),
+    so a catastrophically backtracking pattern such as ``(a+)+b`` is an error naming it instead of an
+    hour of CPU. A pattern that is no valid regex is compared
+    literally (the name, or its last dotted parts)."""
+    from . import plan as plan_mod
+    from .errors import PlanError
+    all_names = sorted({n for names in names_per_module.values() for n in names})
+    compiled, literal = [], {}
+    for i, p in enumerate(cfg.alpha_pattern):
+        try:
+            compiled.append((re.compile(rf"^(.*\.)?({p})$"), f"{cfg.source}: alpha_pattern[{_show(repr(p))}]", i))
+        except (re.error, RecursionError, OverflowError):
+            literal[i] = p
+    try:
+        sets = plan_mod.match_user_regexes([(rx, where) for rx, where, _ in compiled], all_names, fullmatch=False,
+                                           time_limit_s=min(plan_mod.REGEX_TIME_LIMIT_S, FILE_REGEX_TIME_LIMIT_S))
+    except PlanError as e:  # the message names the file (cfg.source) and the pattern
+        raise LoRAError(str(e)) from None
+    matched = {i: s for (_, _, i), s in zip(compiled, sets)}
+    values = list(cfg.alpha_pattern.values())
+    out: Dict[str, float] = {}
+    for mod, names in names_per_module.items():
+        for i in range(len(values)):
+            if i in literal:
+                p = literal[i]
+                hit = any(n == p or n.endswith("." + p) for n in names)
+            else:
+                hit = any(n in matched[i] for n in names)
+            if hit:
+                out[mod] = values[i]
+                break
+    return out
 
 
 def _component_of(module: str) -> Optional[str]:
@@ -428,36 +550,44 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
             adapters.setdefault(adapter, []).append(key)
         mod = modules.setdefault(module, LoraModule(module))
         if role in mod.tensors:
-            raise LoRAError(f"{name}: {key} and {mod.keys[role]} are the same tensor of layer {module!r}")
+            raise LoRAError(f"{name}: {_show(key)} and {_show(mod.keys[role])} are the same tensor of layer "
+                            f"{_show(repr(module))}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LoRAError(f"{name}: {key} contains NaN or Inf values")
+            raise LoRAError(f"{name}: {_show(key)} contains NaN or Inf values")
         if not tensor.is_floating_point() and role != "reshape_weight":
-            raise LoRAError(f"{name}: {key} is {tensor.dtype}; LoRA tensors must be floating point")
+            raise LoRAError(f"{name}: {_show(key)} is {tensor.dtype}; LoRA tensors must be floating point")
         mod.tensors[role] = tensor
         mod.keys[role] = key
     if len(adapters) > 1:
         raise LoRAError(f"{name}: holds several PEFT adapters ({', '.join(sorted(adapters))}); "
                         "save one adapter per file")
+    strength = _check_strength(strength, name)
     configs = _adapter_configs(path_for_config or name, metadata)
     lf = LoraFile(name, strength, modules, dict(metadata), unrecognized=unrecognized)
     lf.config_source = "; ".join(sorted({c.source for c in configs.values()}))
+    from_config: Dict[int, Tuple[_AdapterConfig, List[LoraModule]]] = {}
     for mod in modules.values():
         problem = mod.classify()
         if problem:
-            lf.problems.append(f"{mod.name}: {problem}")
+            lf.problems.append(f"{mod.label}: {problem}")
             mod.kind = ""
             lf.broken.add(mod.name)
             continue
         if "alpha" in mod.tensors:
-            mod.alpha = _coerce_alpha(mod.tensors["alpha"], mod.keys["alpha"])
-            mod.alpha_source = "tensor"
+            mod.alpha = _coerce_alpha(mod.tensors["alpha"], mod.keys["alpha"], name)
+            mod.alpha_source, mod.alpha_where = "tensor", _show(mod.keys["alpha"])
         else:
             cfg = configs.get(_component_of(mod.name)) or configs.get(None)
             if cfg is not None:
-                _, cands = lora_name_candidates(mod.name)
-                a = cfg.alpha_for(cands)
-                if a is not None:
-                    mod.alpha, mod.alpha_source, mod.rslora = a, "metadata", cfg.use_rslora
+                from_config.setdefault(id(cfg), (cfg, []))[1].append(mod)
+    for cfg, mods in from_config.values():
+        by_pattern = _pattern_alphas(cfg, {m.name: lora_name_candidates(m.name)[1] for m in mods}) \
+            if cfg.alpha_pattern else {}
+        for mod in mods:
+            a = by_pattern.get(mod.name, cfg.lora_alpha)
+            if a is not None:
+                mod.alpha, mod.alpha_source, mod.rslora = a, "metadata", cfg.use_rslora
+                mod.alpha_where = cfg.source + (" alpha_pattern" if mod.name in by_pattern else "")
     return lf
 
 
@@ -552,20 +682,18 @@ class _Contribution:
     shared: bool = False  # the module's delta also serves other targets (an original fused LoRA split)
 
 
-def _normalize_strengths(n: int, strengths) -> List[float]:
+def _normalize_strengths(names: Sequence[str], strengths) -> List[float]:
+    """One finite strength per LoRA file (one value serves all), checked before any file is read."""
+    n = len(names)
     if strengths is None:
         return [1.0] * n
-    if isinstance(strengths, (int, float)):
-        return [float(strengths)] * n
-    s = [float(x) for x in strengths]
+    s = [strengths] * n if isinstance(strengths, (int, float, str)) or not hasattr(strengths, "__len__") \
+        else list(strengths)
     if len(s) == 1:
-        return s * n
+        s = s * n
     if len(s) != n:
         raise LoRAError(f"{n} LoRA files but {len(s)} strengths (give one value or one per file)")
-    for x in s:
-        if not math.isfinite(x):
-            raise LoRAError(f"LoRA strength {x} is not a finite number")
-    return s
+    return [_check_strength(x, nm) for x, nm in zip(s, names)]
 
 
 def _shape_of(v) -> Tuple[Tuple[int, ...], Optional[torch.dtype]]:
@@ -597,7 +725,7 @@ class LoraMerger:
     def from_files(cls, paths: Sequence[str], strengths: Union[None, float, Sequence[float]] = None,
                    dampen: bool = False, strict: bool = False) -> "LoraMerger":
         paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        s = _normalize_strengths(len(paths), strengths)
+        s = _normalize_strengths(paths, strengths)
         return cls([load_lora_file(p, st) for p, st in zip(paths, s)], dampen=dampen, strict=strict)
 
     @classmethod
@@ -606,9 +734,9 @@ class LoraMerger:
                          metadata: Optional[Sequence[Mapping[str, str]]] = None,
                          names: Optional[Sequence[str]] = None, dampen: bool = False,
                          strict: bool = False) -> "LoraMerger":
-        s = _normalize_strengths(len(loras), strengths)
-        metadata = metadata or [{}] * len(loras)
         names = names or [f"lora[{i}]" for i in range(len(loras))]
+        s = _normalize_strengths(names, strengths)
+        metadata = metadata or [{}] * len(loras)
         return cls([parse_lora(sd, md, nm, st) for sd, md, nm, st in zip(loras, metadata, names, s)],
                    dampen=dampen, strict=strict)
 
@@ -633,14 +761,14 @@ class LoraMerger:
             errors += [f"{lf.name}: {p}" for p in lf.problems]
             fr = LoraFileReport(lf.name, lf.strength, lf.key_style, len(lf.modules), config_source=lf.config_source)
             report.files.append(fr)
-            fr.unmatched += [f"{k}: not a LoRA tensor this merger knows" for k in lf.unrecognized]
+            fr.unmatched += [f"{_show(k)}: not a LoRA tensor this merger knows" for k in lf.unrecognized]
             # match every module; decide per trainer tag whether unmatched ones belong to another part
             per_tag: Dict[Optional[str], Dict[str, int]] = {}
             results = []
             for mod in lf.modules.values():
                 if not mod.kind:
                     if mod.name not in lf.broken:
-                        fr.unmatched.append(f"{', '.join(sorted(mod.keys.values()))}: no LoRA weights for this "
+                        fr.unmatched.append(f"{', '.join(_show(k) for k in sorted(mod.keys.values()))}: no LoRA weights for this "
                                             "layer in the file (nothing to merge)")
                     continue
                 tag, _ = lora_name_candidates(mod.name)
@@ -657,18 +785,19 @@ class LoraMerger:
                 other_fits = bool(fitting_tags - {tag}) and tag is not None and tag not in fitting_tags
                 if res.error:
                     if other_fits:
-                        fr.other_component.append(mod.name)
+                        fr.other_component.append(mod.label)
                     else:
-                        fr.unmatched.append(f"{mod.name} ({', '.join(sorted(mod.keys.values()))}): {res.error}")
+                        fr.unmatched.append(f"{mod.label} ({', '.join(_show(k) for k in sorted(mod.keys.values()))}): "
+                                            f"{res.error}")
                     continue
                 if problem is not None:
                     if other_fits and tag in TE_TAGS + ("unet",):
                         # names fit, shapes do not, and another encoder of the LoRA does fit: this tag
                         # is for a different text encoder of the same pipeline (e.g. SDXL te2 = CLIP-G
                         # against a CLIP-L file)
-                        fr.other_component.append(mod.name)
+                        fr.other_component.append(mod.label)
                     else:
-                        errors.append(f"{lf.name}: {mod.name}: {problem}")
+                        errors.append(f"{lf.name}: {mod.label}: {problem}")
                     continue
                 fr.matched += 1
                 fr.alpha_sources[mod.alpha_source] = fr.alpha_sources.get(mod.alpha_source, 0) + 1
@@ -680,12 +809,12 @@ class LoraMerger:
                         by_key.setdefault(tgt.bias_key, []).append(_Contribution(fi, mod, tgt, lf.strength, True))
             if fr.matched == 0 and not lf.problems:
                 if lf.modules:
-                    listed = [m for m in lf.modules][:5]
+                    listed = [_show(m) for m in list(lf.modules)[:5]]
                     errors.append(f"{lf.name}: none of its {len(lf.modules)} modules matches a layer of this model "
                                   f"(e.g. {', '.join(listed)}); is it a LoRA for another model?")
                 else:
                     errors.append(f"{lf.name}: holds no LoRA tensors this merger knows (keys like "
-                                  f"{', '.join(lf.unrecognized[:5])})")
+                                  f"{', '.join(_show(k) for k in lf.unrecognized[:5])})")
             if self.strict and fr.unmatched:
                 errors += [f"{lf.name}: {u} (strict mode)" for u in fr.unmatched]
 
@@ -754,10 +883,10 @@ class LoraMerger:
                     continue
                 r = c.target.rows or (0, 1 << 62)
                 for (s, n, other) in seen.get(c.file_index, []):
-                    if r[0] < s + n and s < r[0] + r[1] and other != c.module.name:
-                        report.warnings.append(f"{self.files[c.file_index].name}: {c.module.name} and {other} "
+                    if r[0] < s + n and s < r[0] + r[1] and other != c.module.label:
+                        report.warnings.append(f"{self.files[c.file_index].name}: {c.module.label} and {other} "
                                                f"both change {key} (both merged)")
-                seen.setdefault(c.file_index, []).append((r[0], r[1], c.module.name))
+                seen.setdefault(c.file_index, []).append((r[0], r[1], c.module.label))
 
     def _dampening(self, by_key: Dict[str, List[_Contribution]], shapes) -> Dict[str, torch.Tensor]:
         factors = {}
@@ -808,6 +937,10 @@ class LoraMerger:
         if not contribs:
             return tensor
         w = tensor.detach().to(torch.float32, copy=True)
+        # what was already non-finite in the input (kept as it is under --nan-policy keep, refused with
+        # the model to blame otherwise); anything the merge makes non-finite is the LoRA's fault
+        base_ok = bool(torch.isfinite(w).all())
+        base_finite = None if base_ok else torch.isfinite(w)
         factor = self._row_factor.get(key)
         for c in contribs:
             tgt = c.target
@@ -829,21 +962,80 @@ class LoraMerger:
             d = d.reshape(view.shape)
             if c.module.kind == "set" and not c.bias:
                 view.copy_(d)
-                continue
-            if c.module.dora is not None and not c.bias:
+            elif c.module.dora is not None and not c.bias:
                 self._apply_dora(view, d, c.module.scale, c.strength, c.module.dora, c.module.dora_mode,
                                  factor)
+            else:
+                # a product computed just for this target is scaled in place; anything that may alias the
+                # LoRA's own tensors (diffs) or serve other targets is copied. Same values either way.
+                fresh = not c.bias and not c.shared and c.module.kind in ("lora", "loha", "lokr")
+                upd = d.mul_(s) if fresh else d * s
+                if factor is not None:
+                    f = factor if tgt.rows is None else factor.narrow(0, tgt.rows[0], tgt.rows[1])
+                    upd = upd * f.reshape((-1,) + (1,) * (upd.dim() - 1))
+                view.add_(upd)
+            if base_ok and bool(torch.isfinite(view).all()):
                 continue
-            # a product computed just for this target is scaled in place; anything that may alias the
-            # LoRA's own tensors (diffs) or serve other targets is copied. Same values either way.
-            fresh = not c.bias and not c.shared and c.module.kind in ("lora", "loha", "lokr")
-            upd = d.mul_(s) if fresh else d * s
-            if factor is not None:
-                f = factor if tgt.rows is None else factor.narrow(0, tgt.rows[0], tgt.rows[1])
-                upd = upd * f.reshape((-1,) + (1,) * (upd.dim() - 1))
-            view.add_(upd)
+            new_bad = ~torch.isfinite(view)
+            if base_finite is not None:
+                new_bad &= base_finite if tgt.rows is None else base_finite.narrow(0, tgt.rows[0], tgt.rows[1])
+            n_bad = int(new_bad.sum())
+            if n_bad:
+                raise LoRAError(self._nonfinite_message(key, c, s, n_bad))
         self._applied.add(key)
         return w
+
+    def cast(self, key: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``merged`` (from ``apply``) in the dtype it is written in (a layer kept in float16, a bias).
+        Values the merge pushed beyond that dtype's range would be written as Inf: a LoRAError naming
+        the LoRA(s) instead. Values that were already non-finite pass (``--nan-policy keep``)."""
+        if merged.dtype == dtype:
+            return merged
+        out = merged.to(dtype)
+        if key not in self._by_key or not dtype.is_floating_point or bool(torch.isfinite(out).all()):
+            return out
+        n_bad = int((~torch.isfinite(out) & torch.isfinite(merged)).sum())
+        if not n_bad:
+            return out
+        biggest = float(merged.abs().nan_to_num(posinf=0.0).max())
+        who = "; ".join(f"{self.files[c.file_index].name}: {c.module.label} ({self._factors(c)})"
+                        for c in self._by_key[key])
+        raise LoRAError(f"merging {who} into {key} gives values up to {biggest:g}; {n_bad} of them are beyond "
+                        f"the range of {str(dtype).replace('torch.', '')} ({torch.finfo(dtype).max:g}), the dtype "
+                        f"{key} is written in, and would be stored as Inf. Nothing was written; lower the "
+                        "strength or fix the LoRA's alpha.")
+
+    @staticmethod
+    def _factors(c: "_Contribution") -> str:
+        """"strength S x alpha A from <where> / rank R = S*A/R" (what multiplies the LoRA's delta)."""
+        mod = c.module
+        s = c.strength * (mod.bias_scale if c.bias else mod.scale)
+        parts = [f"strength {c.strength:g}"]
+        if mod.alpha is not None and (not c.bias or "up_bias" in mod.tensors):
+            parts.append(f"alpha {mod.alpha:g} from {mod.alpha_where or mod.alpha_source} / "
+                         f"{'sqrt(rank)' if mod.rslora else 'rank'} {mod.rank}")
+        return " x ".join(parts) + (f" = {s:g}" if len(parts) > 1 else "")
+
+    def _nonfinite_message(self, key: str, c: "_Contribution", s: float, n_bad: int) -> str:
+        """Why merging one LoRA module made ``n_bad`` values of ``key`` NaN/Inf: the strength, alpha, the
+        LoRA's own product (finite factors can overflow in ``up @ down``), DoRA's renormalization, or the
+        sum with the weight."""
+        mod, lf = c.module, self.files[c.file_index]
+        delta_ok = c.bias or bool(torch.isfinite(mod.weight_delta()).all())
+        factors = self._factors(c)
+        if not math.isfinite(s):
+            cause = f"{factors} is not finite"
+        elif not delta_ok:
+            cause = "the LoRA's own delta (its factors multiplied out) overflows float32"
+        elif mod.kind == "set" and not c.bias:
+            cause = "its set_weight replaces the weight with non-finite values"
+        elif mod.dora is not None and not c.bias:
+            cause = (f"the DoRA renormalization ({factors}) divides by a zero or overflowing row norm of the "
+                     "merged weight")
+        else:
+            cause = f"the delta scaled by {factors} overflows float32"
+        return (f"{lf.name}: merging {mod.label} into {key} makes {n_bad} value{'s' if n_bad > 1 else ''} NaN "
+                f"or Inf: {cause}. Nothing was written; lower the strength or fix the LoRA's alpha.")
 
     @staticmethod
     def _apply_dora(weight: torch.Tensor, diff: torch.Tensor, scale: float, strength: float,
@@ -893,8 +1085,7 @@ def merge_state_dict(sd: Mapping[str, torch.Tensor], lora_paths: Sequence[str],
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if merger.has_delta(k):
-            merged = merger.apply(k, v)
-            out[k] = merged.to(out_dtype or v.dtype)
+            out[k] = merger.cast(k, merger.apply(k, v), out_dtype or v.dtype)
         else:
             out[k] = v
     return out, report

@@ -76,7 +76,10 @@ _SUFFIX_RULES: Tuple[Tuple[str, str], ...] = (
     (r"\.a1\.weight", "unsupported:GLoRA:a1"), (r"\.a2\.weight", "unsupported:GLoRA:a2"),
     (r"\.b1\.weight", "unsupported:GLoRA:b1"), (r"\.b2\.weight", "unsupported:GLoRA:b2"),
 )
-_SUFFIX_RES = tuple((re.compile(r"^(?P<module>.+?)" + pat + r"$"), role) for pat, role in _SUFFIX_RULES)
+_SUFFIX_RES = tuple((re.compile(pat + r"$"), role) for pat, role in _SUFFIX_RULES)
+# Suffixes are matched in the last SUFFIX_WINDOW characters of a key only (the longest is a PEFT adapter
+# name inside ".lora_B.<adapter>.weight"), so a hostile megabyte-long key costs what a short one does.
+SUFFIX_WINDOW = 512
 
 
 def unsupported_kind(role: str) -> Optional[str]:
@@ -87,10 +90,12 @@ def unsupported_kind(role: str) -> Optional[str]:
 def split_lora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
     """``(module, role, adapter name or None)`` for a LoRA file key, or None if the key is not a
     LoRA tensor we know."""
+    start = max(1, len(key) - SUFFIX_WINDOW)  # the module name is never empty
     for rx, role in _SUFFIX_RES:
-        m = rx.match(key)
+        # leftmost match that runs to the end = the shortest module name, as "^(.+?)<suffix>$" would give
+        m = rx.search(key, start)
         if m:
-            return m.group("module"), role, (m.groupdict().get("adapter") or None)
+            return key[:m.start()], role, (m.groupdict().get("adapter") or None)
     return None
 
 
@@ -113,12 +118,20 @@ _TEXT_ENCODERS_RE = re.compile(r"^text_encoders\.(?P<slot>[A-Za-z0-9_]+)\.(?:tra
 TE_TAGS = ("te", "te1", "te2", "te3")
 
 
+# At most this many trainer prefixes are stripped from one name (real names stack two: PEFT's
+# ``base_model.model.`` before ``transformer.``); every candidate is a copy of the name, so a bound keeps
+# a hostile name such as ``"lora_unet_" * 20000 + "x"`` at a few copies instead of one per prefix.
+MAX_PREFIX_STRIPS = 4
+
+
 def lora_name_candidates(module: str) -> Tuple[Optional[str], List[str]]:
-    """The trainer tag of a LoRA module name and the names to look up, least stripped first."""
+    """The trainer tag of a LoRA module name and the names to look up, least stripped first: the name
+    itself, then one more known prefix stripped per candidate, at most ``MAX_PREFIX_STRIPS`` times (so
+    time and memory are linear in the name's length)."""
     tag: Optional[str] = None
     cands = [module]
     rest = module
-    while True:
+    while len(cands) <= MAX_PREFIX_STRIPS:
         m = _TEXT_ENCODERS_RE.match(rest)
         if m:
             rest = rest[m.end():]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError
+from .errors import BadWeightsError, ConvertError, OutputPathError, PlanError, UnsupportedInputError
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
@@ -277,6 +278,11 @@ class ConversionJob:
         self.lora_directions = None
         if oo.get("calibration_lora"):
             from .optimizers.objective import LoraDirections
+            lam = oo.get("calibration_lora_weight")
+            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                    or not (math.isfinite(lam) and lam >= 0)):
+                raise PlanError(f"calibration_lora_weight (--calibration-lora-weight) must be a finite number "
+                                f">= 0, got {lam!r}")
             self.lora_directions = LoraDirections(
                 oo["calibration_lora"], {k: (i.dtype, i.shape) for k, i in self.reader.infos.items()})
         for n in notes:
@@ -301,6 +307,8 @@ class ConversionJob:
                 and key[: -len(".bias")] in self.bias_correction["layers"]):
             return {}, None  # written, corrected, together with its layer's weight
         if lp is None or lp.spec is None:
+            if self.merger is not None:  # refuses a merge that overflows the dtype the tensor is written in
+                t = self.merger.cast(key, t, info.dtype)
             out = {key: t.to(info.dtype) if t.dtype != info.dtype else t}
             if lp is None:
                 return out, None

@@ -13,6 +13,7 @@ convert, with a check of the result.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -658,6 +659,184 @@ def _(d):
     p = evil_pickle(d / "dirs.ckpt")
     return Setup(input=small_model(d / "m.safetensors"), output=str(d / "out.safetensors"),
                  cli=["--calibration-lora", p], options={"optimizer_options": {"calibration_lora": p}}, watch=[p])
+
+
+# --- hostile LoRA metadata, strengths and names (issue 14) ----------------------------------------------
+_QKV = "lora_unet_blocks_0_attn_qkv"
+
+
+def _lora_meta(d: Path, metadata: Optional[Dict[str, str]] = None, lora: Optional[Dict[str, torch.Tensor]] = None,
+               cli: Optional[List[str]] = None, name: str = "lora.safetensors", model_dtype=torch.bfloat16,
+               **options) -> Setup:
+    """A base model, a LoRA file (``lora`` tensors, default a rank-4 pair on blocks.0.attn.qkv) with
+    ``metadata``, and the flags/options that merge it."""
+    base = small_model(d / "m.safetensors", dtype=model_dtype)
+    path = str(d / name)
+    save_file(lora if lora is not None else _lora_pair(_QKV, 64, 64, 4), path, metadata=metadata)
+    return Setup(input=base, output=str(d / "out.safetensors"), cli=["--merge-lora", path] + (cli or []),
+                 options={"loras": [path], **options}, watch=[path])
+
+
+def _peft_folder(d: Path, config_text: str) -> Setup:
+    """A PEFT ``save_pretrained`` folder: adapter_model.safetensors without alpha, and its adapter_config.json."""
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text(config_text, encoding="utf-8")
+    s = _lora_meta(d / "adapter", lora={"base_model.model.blocks.0.attn.qkv.lora_A.weight": torch.randn(4, 64),
+                                        "base_model.model.blocks.0.attn.qkv.lora_B.weight": torch.randn(64, 4)},
+                   name="adapter_model.safetensors")
+    s.watch.append(str(d / "adapter" / "adapter_config.json"))
+    return s
+
+
+@hostile("lora_alpha_pattern_catastrophic", E.LoRAError,
+         r"lora\.safetensors metadata\['lora_adapter_metadata'\]: alpha_pattern\['\(a\+\)\+b'\]: regex .* did not "
+         r"finish matching .* backtracks catastrophically")
+def _(d):
+    # PEFT matches alpha_pattern keys as regexes: (a+)+b against "aaa...a" (34 a's) is ~2^34 steps
+    lora = {**_lora_pair(_QKV, 64, 64, 4), **_lora_pair("a" * 34, 64, 64, 4)}
+    return _lora_meta(d, {"lora_adapter_metadata": json.dumps({"lora_alpha": 4, "alpha_pattern": {"(a+)+b": 2}})},
+                      lora)
+
+
+@hostile("lora_module_name_400kb_of_prefixes", E.LoRAError,
+         r"lora\.safetensors: none of its 1 modules matches a layer of this model \(e\.g\. (lora_unet_)+\.\.\. "
+         r"\(200001 characters\)\)")
+def _(d):
+    return _lora_meta(d, lora=_lora_pair("lora_unet_" * 20000 + "x", 64, 64, 4))
+
+
+@hostile("lora_strength_nan", E.LoRAError, r"lora\.safetensors: LoRA strength nan is not a finite number")
+def _(d):
+    s = _lora_meta(d, cli=["--merge-lora-scale", "nan"], lora_strengths=[float("nan")])
+    s.cli_message = r"--merge-lora-scale nan is not a finite number"
+    return s
+
+
+@hostile("lora_strength_inf_one_of_two", E.LoRAError, r"lora2\.safetensors: LoRA strength inf is not a finite number")
+def _(d):
+    s = _lora_meta(d, cli=["--merge-lora-scale", "1", "inf"])
+    save_file(_lora_pair(_QKV, 64, 64, 2), str(d / "lora2.safetensors"))
+    s.cli[2:2] = ["--merge-lora", str(d / "lora2.safetensors")]
+    s.options = {"loras": s.options["loras"] + [str(d / "lora2.safetensors")], "lora_strengths": [1.0, math.inf]}
+    s.watch.append(str(d / "lora2.safetensors"))
+    s.cli_message = r"--merge-lora-scale inf is not a finite number"
+    return s
+
+
+@hostile("lora_strength_overflows_a_kept_layer", E.LoRAError,
+         r"lora\.safetensors: merging lora_unet_blocks_0_attn_qkv into blocks\.0\.attn\.qkv\.weight makes \d+ values "
+         r"NaN or Inf: the delta scaled by strength 1e\+38 overflows float32")
+def _(d):
+    from convert_to_quant.quant_core.plan import PlanOptions
+    return _lora_meta(d, cli=["--merge-lora-scale", "1e38", "--exclude-layers", "attn"], lora_strengths=[1e38],
+                      plan=PlanOptions(exclude_layers="attn"))
+
+
+@hostile("lora_overflows_float16_of_a_kept_layer", E.LoRAError,
+         r"merging \S*lora\.safetensors: lora_unet_blocks_0_attn_qkv \(strength 100000\) into blocks\.0\.attn\.qkv\.weight "
+         r"gives values up to .* beyond the range of float16 \(65504\)")
+def _(d):
+    from convert_to_quant.quant_core.plan import PlanOptions
+    return _lora_meta(d, cli=["--merge-lora-scale", "1e5", "--exclude-layers", "attn"], model_dtype=torch.float16,
+                      lora_strengths=[1e5], plan=PlanOptions(exclude_layers="attn"))
+
+
+@hostile("lora_strength_overflow_with_nan_policy_keep", E.LoRAError,
+         r"merging lora_unet_blocks_0_attn_qkv into blocks\.0\.attn\.qkv\.weight makes \d+ values NaN or Inf")
+def _(d):
+    return _lora_meta(d, cli=["--merge-lora-scale", "1e38", "--nan-policy", "keep"], lora_strengths=[1e38],
+                      nan_policy="keep")
+
+
+@hostile("lora_factors_overflow_float32", E.LoRAError,
+         r"makes 4096 values NaN or Inf: the LoRA's own delta \(its factors multiplied out\) overflows float32")
+def _(d):
+    return _lora_meta(d, lora={f"{_QKV}.lora_down.weight": torch.full((4, 64), 1e20),
+                               f"{_QKV}.lora_up.weight": torch.full((64, 4), 1e20)})
+
+
+@hostile("lora_big_alpha_tensor_overflows", E.LoRAError,
+         r"the delta scaled by strength 1 x alpha 3e\+38 from lora_unet_blocks_0_attn_qkv\.alpha / rank 4 = 7\.5e\+37 "
+         r"overflows float32")
+def _(d):
+    return _lora_meta(d, lora={**_lora_pair(_QKV, 64, 64, 4), f"{_QKV}.alpha": torch.tensor(3e38)})
+
+
+for _v, _shown in (("nan", "nan"), ("inf", "inf"), ("-Infinity", "-Infinity"), ("1e400", "1e400"),
+                   ("9" * 5000, "9{160}\\.\\.\\. \\(5000 characters\\)")):
+    @hostile(f"lora_ss_network_alpha_{_v[:8]}", E.LoRAError,
+             rf"lora\.safetensors metadata\['ss_network_alpha'\] must be a finite number, got {_shown}")
+    def _(d, _v=_v):
+        from convert_to_quant.quant_core.plan import PlanOptions  # on a layer the plan keeps: never quantized
+        return _lora_meta(d, {"ss_network_alpha": _v}, cli=["--exclude-layers", "attn"],
+                          plan=PlanOptions(exclude_layers="attn"))
+
+
+def _adapter_meta(text: str):
+    return {"lora_adapter_metadata": text}
+
+
+for _n, _text, _msg in (
+        ("alpha_5000_digits", '{"lora_alpha": ' + "9" * 5000 + "}", r"is not valid JSON \(an integer with 5000 digits\)"),
+        ("alpha_10_pow_400", json.dumps({"lora_alpha": 10 ** 400}), r"is not valid JSON \(an integer with 401 digits\)"),
+        ("alpha_1e400", '{"lora_alpha": 1e400}', r"lora_alpha must be a finite number, got inf"),
+        ("alpha_NaN_literal", '{"lora_alpha": NaN}', r"lora_alpha must be a finite number, got nan"),
+        ("alpha_boolean", '{"lora_alpha": true}', r"lora_alpha must be a number, got a boolean"),
+        ("alpha_a_list", '{"lora_alpha": [4]}', r"lora_alpha must be a number, got list"),
+        ("r_1e400", '{"lora_alpha": 4, "r": 1e400}', r"r must be a finite number, got inf$"),
+        ("r_zero", '{"lora_alpha": 4, "r": 0}', r"r must be a positive integer, got 0"),
+        ("alpha_pattern_a_list", '{"lora_alpha": 4, "alpha_pattern": [1]}',
+         r"alpha_pattern must be an object mapping module-name patterns to alphas, got list"),
+        ("alpha_pattern_value_inf", '{"lora_alpha": 4, "alpha_pattern": {"qkv": -1e999}}',
+         r"alpha_pattern\['qkv'\] must be a finite number, got -inf"),
+        ("use_rslora_a_string", '{"lora_alpha": 4, "use_rslora": "false"}', r"use_rslora must be true or false, got 'false'"),
+        ("nesting_bomb", '{"lora_alpha": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+         r"is not valid JSON \(nested too deeply\)"),
+        ("not_json", "{lora_alpha: 4}", r"is not valid JSON \(Expecting property name"),
+        ("an_array", "[4]", r"must be a JSON object, got list"),
+        ("component_alpha_inf", '{"transformer.lora_alpha": 1e999}', r"\(transformer\): lora_alpha must be a finite number"),
+):
+    @hostile(f"lora_adapter_metadata_{_n}", E.LoRAError,
+             r"lora\.safetensors metadata\['lora_adapter_metadata'\].*" + _msg)
+    def _(d, _text=_text):
+        return _lora_meta(d, _adapter_meta(_text))
+
+
+@hostile("lora_adapter_config_json_nesting_bomb", E.LoRAError,
+         r"adapter_config\.json: cannot read the PEFT adapter config \(nested too deeply\)")
+def _(d):
+    return _peft_folder(d, '{"lora_alpha": 4, "r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+@hostile("lora_adapter_config_json_huge_int", E.LoRAError,
+         r"adapter_config\.json: cannot read the PEFT adapter config \(an integer with 5000 digits\)")
+def _(d):
+    return _peft_folder(d, '{"lora_alpha": ' + "9" * 5000 + ', "r": 4}')
+
+
+@hostile("lora_adapter_config_json_alpha_pattern_catastrophic", E.LoRAError,
+         r"adapter_config\.json: alpha_pattern\['\(\.\*\)\*x'\]: regex .* did not finish")
+def _(d):
+    s = _peft_folder(d, json.dumps({"lora_alpha": 4, "r": 4, "alpha_pattern": {"(.*)*x": 8}}))
+    return s
+
+
+@hostile("lora_rank_zero_with_alpha", E.LoRAError,
+         r"lora\.safetensors: lora_unet_blocks_0_attn_qkv: has rank 0 \(empty LoRA factors\)")
+def _(d):
+    return _lora_meta(d, {"ss_network_alpha": "4"}, lora={f"{_QKV}.lora_down.weight": torch.zeros(0, 64),
+                                                          f"{_QKV}.lora_up.weight": torch.zeros(64, 0)})
+
+
+@hostile("calibration_lora_weight_nan", E.PlanError,
+         r"calibration_lora_weight \(--calibration-lora-weight\) must be a finite number >= 0, got nan")
+def _(d):
+    s = _lora_meta(d)
+    p = s.options["loras"][0]
+    s.cli = ["--calibration-lora", p, "--calibration-lora-weight", "nan"]
+    s.options = {"optimizer_options": {"calibration_lora": p, "calibration_lora_weight": float("nan")}}
+    s.cli_message = r"--calibration-lora-weight must be a finite number >= 0, got nan"
+    return s
 
 
 # ------------------------------------------------------------------------------------------------

@@ -355,3 +355,47 @@ def test_template_into_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write the layer-config template {target}") and "Traceback" not in err
     assert not partial_files(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile LoRA metadata, strengths and names (issue 14)
+# ------------------------------------------------------------------------------------------------
+def test_lora_with_a_400kb_module_name_stays_within_memory(tmp_path):
+    """The 400 KB module name ``"lora_unet_" * 20000 + "x"`` once made 20000 prefix-stripped copies of
+    itself (4 GB). In a separate process: the one error line, exit 2, and the peak RSS grows by at most
+    2x the LoRA's size + 300 MB over the process after its imports."""
+    case = next(c for c in corpus.HOSTILE if c.name == "lora_module_name_400kb_of_prefixes")
+    setup = case.build(tmp_path)
+    lora_size = os.path.getsize(setup.options["loras"][0])
+    assert lora_size > 400_000
+    code = ("import resource, sys\n"
+            "from convert_to_quant.quant_core.cli import main\n"
+            "import convert_to_quant.quant_core.pipeline, convert_to_quant.quant_core.lora\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"rc = main(['-i', {setup.input!r}, '-o', {setup.output!r}, *{setup.cli!r}])\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(f'rss {base} {peak}', file=sys.stderr)\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and re.search(case.message, r.stderr), r.stderr[-2000:]
+    assert max(len(ln) for ln in r.stderr.splitlines()) < 1000  # the name is cut short in the message
+    base_kb, peak_kb = map(int, r.stderr.strip().splitlines()[-1].split()[1:])
+    assert (peak_kb - base_kb) * 1024 <= 2 * lora_size + 300 * 2 ** 20, (base_kb, peak_kb)
+    assert not os.path.exists(setup.output)
+
+
+def test_lora_alpha_pattern_regex_is_bounded_in_a_real_process(tmp_path):
+    """The catastrophic ``alpha_pattern`` of a LoRA file, through the real CLI with the time limit from
+    the environment: exit 2, one error line naming the file, the metadata key and the pattern."""
+    env = dict(os.environ, CONVERT_TO_QUANT_REGEX_TIMEOUT=str(REGEX_LIMIT_S))
+    case = next(c for c in corpus.HOSTILE if c.name == "lora_alpha_pattern_catastrophic")
+    setup = case.build(tmp_path)
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "convert_to_quant", "-i", setup.input, "-o", setup.output, *setup.cli],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(case.message, r.stderr), r.stderr
+    assert snapshot(tmp_path) == before

@@ -845,3 +845,190 @@ def test_alpha_from_metadata_forms(metadata, want_scales):
     mods = m.files[0].modules
     got = tuple(mods[f"transformer.transformer_blocks.0.attn.{p}"].scale for p in ("to_q", "to_k"))
     assert got == want_scales
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile LoRA metadata, strengths and names (issue 14)
+# ------------------------------------------------------------------------------------------------
+def test_name_candidates_are_bounded_and_real_prefix_stacks_still_resolve():
+    from convert_to_quant.quant_core.lora_keys import MAX_PREFIX_STRIPS, lora_name_candidates
+    name = "lora_unet_" * 20000 + "x"
+    tag, cands = lora_name_candidates(name)
+    assert tag == "unet" and len(cands) == MAX_PREFIX_STRIPS + 1
+    assert sum(len(c) for c in cands) <= (MAX_PREFIX_STRIPS + 1) * len(name)
+    assert cands[1] == name[len("lora_unet_"):]  # each candidate strips one more prefix
+    # the stacks trainers write are all within the bound
+    assert lora_name_candidates("base_model.model.transformer.transformer_blocks.0.attn.to_q")[1][-1] == \
+        "transformer_blocks.0.attn.to_q"
+    assert lora_name_candidates("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1") == \
+        ("slot:clip_l", ["text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+                         "text_model.encoder.layers.0.mlp.fc1"])
+    assert lora_name_candidates("lora_unet__blocks_0_self_attn_q")[1] == ["lora_unet__blocks_0_self_attn_q",
+                                                                         "blocks_0_self_attn_q"]
+
+
+def test_split_lora_key_equals_the_anchored_lazy_definition_and_is_linear():
+    """``split_lora_key`` searches only the tail of a key; on every rule it gives what the definition
+    ``^(?P<module>.+?)<suffix>$`` gives (shortest module, first rule), and a 1.2 MB key costs no more."""
+    import re
+    from convert_to_quant.quant_core import lora_keys
+
+    def reference(key):
+        for pat, role in lora_keys._SUFFIX_RULES:
+            m = re.match(r"^(?P<module>.+?)" + pat + r"$", key)
+            if m:
+                return m.group("module"), role, (m.groupdict().get("adapter") or None)
+        return None
+    suffixes = [".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.default.weight",
+                ".lora_B.my-adapter_2.bias", ".lora_A", "_lora.up.weight", ".lora.down.weight",
+                ".lora_linear_layer.up.weight", ".up.weight", ".alpha", ".dora_scale",
+                ".lora_magnitude_vector", ".lora_magnitude_vector.default.weight", ".hada_w1_a", ".hada_t2",
+                ".lokr_w1", ".lokr_w2_b", ".diff", ".diff_b", ".set_weight", ".w_norm", ".oft_blocks",
+                ".a1.weight", ".weight", "", ".lora_up.weight.x"]
+    modules = ["m", "a.b.c", "lora_unet_double_blocks_0_img_attn_qkv", "x.lora_A.weight", "x.lora_up", "a" * 5000]
+    keys = [m + s for m in modules for s in suffixes] + [".lora_up.weight", "alpha", ".alpha"]
+    for k in keys:
+        assert lora_keys.split_lora_key(k) == reference(k), k
+    long_module = "lora_unet_" * 120_000 + "x"
+    assert lora_keys.split_lora_key(long_module + ".lora_down.weight") == (long_module, "down", None)
+    assert lora_keys.split_lora_key(long_module) is None
+
+
+def test_alpha_pattern_is_matched_as_peft_does():
+    """PEFT: the first pattern p (config order) with ``re.match(rf"(.*\\.)?({p})$", name)``; a regex,
+    anchored at a dotted-name boundary ("o_q" is not a suffix pattern of "attn.to_q", nor "blocks.0..." of
+    "transformer_blocks.0...")."""
+    h, r = 8, 4
+    base = _flux_base(h, single=False)
+    lora = {}
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        b, a = _lora_pair(h, h, r, seed=10 * i)
+        lora[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"] = a
+        lora[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"] = b
+    pats = {"o_q": 100, r"attn\.to_[qk]": 2, "to_q": 12, "blocks.0.attn.to_v": 100, "transformer_blocks.0.attn.to_v": 1}
+    meta = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "alpha_pattern": pats})}
+    m = LoraMerger.from_state_dicts([lora], metadata=[meta])
+    m.bind(_infos(base))
+    scales = {p: m.files[0].modules[f"transformer.transformer_blocks.0.attn.{p}"].scale
+              for p in ("to_q", "to_k", "to_v")}
+    assert scales == {"to_q": 0.5, "to_k": 0.5, "to_v": 0.25}
+    import importlib.util
+    if importlib.util.find_spec("peft") is not None:  # PEFT's own resolver agrees, where it is installed
+        _import_hf()
+        from peft.utils.other import get_pattern_key
+        for p in scales:
+            assert scales[p] == pats.get(get_pattern_key(list(pats), f"transformer_blocks.0.attn.{p}"), 8) / r
+    assert m.files[0].modules["transformer.transformer_blocks.0.attn.to_q"].alpha_where.endswith("alpha_pattern")
+
+
+def _one_lora(path, alpha=None, scale=1.0, metadata=None):
+    b, a = _lora_pair(24, 8, 2, seed=1)
+    t = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": a,
+         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": b * scale}
+    if alpha is not None:
+        t["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(alpha)
+    save_file(t, str(path), metadata=metadata)
+    return str(path)
+
+
+@pytest.mark.parametrize("entry", ["merge_state_dict", "merge_state_dict_list", "from_files", "from_state_dicts",
+                                   "node_load_lora_file", "convert_file", "not_a_number"])
+def test_a_non_finite_strength_is_refused_at_every_entry_point(tmp_path, entry):
+    """The strength is checked wherever it enters (the single-value path included), naming the file:
+    before, a NaN strength merged and was then blamed on the model ("weight has 4096 NaN")."""
+    from convert_to_quant.quant_core.lora import load_lora_file
+    from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
+    p = _one_lora(tmp_path / "l.safetensors")
+    base = _flux_base(8, single=False)
+    nan, inf = float("nan"), float("inf")
+    calls = {
+        "merge_state_dict": (lambda: merge_state_dict(base, [p], nan), r"l\.safetensors: LoRA strength nan is not a finite"),
+        "merge_state_dict_list": (lambda: merge_state_dict(base, [p, p], [1.0, -inf]),
+                                  r"l\.safetensors: LoRA strength -inf is not a finite"),
+        "from_files": (lambda: LoraMerger.from_files(p, inf), r"LoRA strength inf is not a finite"),
+        "from_state_dicts": (lambda: LoraMerger.from_state_dicts([{}], nan, names=["mine"]),
+                             r"mine: LoRA strength nan is not a finite"),
+        # what the ComfyUI "Merge LoRA" node calls with its strength widget's value
+        "node_load_lora_file": (lambda: load_lora_file(p, nan), r"l\.safetensors: LoRA strength nan is not a finite"),
+        "convert_file": (lambda: convert_file(str(save_file(base, str(tmp_path / "m.safetensors"))),
+                                              str(tmp_path / "o.safetensors"),
+                                              ConvertOptions(loras=[p], lora_strengths=[nan])),
+                         r"LoRA strength nan is not a finite"),
+        "not_a_number": (lambda: merge_state_dict(base, [p], "strong"), r"LoRA strength 'strong' is not a number"),
+    }
+    fn, match = calls[entry]
+    with pytest.raises(LoRAError, match=match):
+        fn()
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("strength_times_alpha_is_inf", r"l\.safetensors: merging lora_unet_double_blocks_0_img_attn_qkv into "
+     r"double_blocks\.0\.img_attn\.qkv\.weight makes 192 values NaN or Inf: strength 1e\+200 x alpha 1e\+200 from "
+     r"l\.safetensors metadata\['ss_network_alpha'\] / rank 2 = inf is not finite"),
+    ("metadata_alpha_overflows", r"the delta scaled by strength 10 x alpha 1e\+38 from l\.safetensors "
+     r"metadata\['ss_network_alpha'\] / rank 2 = 5e\+38 overflows float32"),
+    ("factors_overflow", r"the LoRA's own delta \(its factors multiplied out\) overflows float32"),
+])
+def test_merge_made_non_finite_values_name_the_lora_and_the_cause(tmp_path, case, match):
+    base = _flux_base(8, single=False)
+    p = {"strength_times_alpha_is_inf": lambda: _one_lora(tmp_path / "l.safetensors",
+                                                          metadata={"ss_network_alpha": "1e200"}),
+         "metadata_alpha_overflows": lambda: _one_lora(tmp_path / "l.safetensors",
+                                                       metadata={"ss_network_alpha": "1e38"}),
+         "factors_overflow": lambda: _one_lora(tmp_path / "l.safetensors", scale=1e38)}[case]()
+    strength = {"strength_times_alpha_is_inf": 1e200, "metadata_alpha_overflows": 10.0}.get(case, 1.0)
+    with pytest.raises(LoRAError, match=match):
+        merge_state_dict(base, [p], strength)
+
+
+def test_input_nan_is_kept_but_merge_made_inf_is_refused_even_with_nan_policy_keep(tmp_path):
+    """``--nan-policy keep`` keeps what the *input* had: a NaN of the model stays where it was and the
+    rest of the layer is base + delta; a LoRA that makes other values Inf is still refused."""
+    from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
+    base = _flux_base(8, single=False)
+    key = "double_blocks.0.img_attn.qkv.weight"
+    base[key][3, 4] = float("nan")
+    model = save_file(base, str(tmp_path / "m.safetensors"))
+    p = _one_lora(tmp_path / "l.safetensors")
+    b, a = _lora_pair(24, 8, 2, seed=1)
+    convert_file(model, str(tmp_path / "o.safetensors"), ConvertOptions(loras=[p], nan_policy="keep"))
+    got = load_file(str(tmp_path / "o.safetensors"))[key]
+    assert got.dtype == torch.float32  # kept unquantized
+    want = (base[key].double() + b.double() @ a.double()).float()
+    nan = torch.isnan(got)
+    assert nan.sum() == 1 and bool(nan[3, 4])
+    assert torch.allclose(got[~nan], want[~nan], rtol=1e-6, atol=1e-6)
+    with pytest.raises(LoRAError, match=r"merging lora_unet_double_blocks_0_img_attn_qkv into "
+                                        r"double_blocks\.0\.img_attn\.qkv\.weight makes \d+ values NaN or Inf"):
+        convert_file(model, str(tmp_path / "o2.safetensors"),
+                     ConvertOptions(loras=[p], lora_strengths=[1e38], nan_policy="keep"))
+    assert not os.path.exists(tmp_path / "o2.safetensors")
+
+
+def test_dora_on_a_zero_row_names_the_renormalization():
+    """PEFT DoRA divides by the row norm of the merged weight: a row that is zero before and after the
+    LoRA gives 0/0; the error says so instead of blaming the model."""
+    w = _rand(4, 4, seed=1)
+    w[2] = 0
+    up = _rand(4, 2, seed=2)
+    up[2] = 0
+    lora = {"x.lora_A.weight": _rand(2, 4, seed=3), "x.lora_B.weight": up, "x.lora_magnitude_vector": torch.ones(4)}
+    with pytest.raises(LoRAError, match=r"lora\[0\]: merging x into x\.weight makes 4 values NaN or Inf: the DoRA "
+                                        r"renormalization .* divides by a zero or overflowing row norm"):
+        _merge({"x.weight": w}, [lora])
+
+
+def test_metadata_alpha_errors_name_the_file_and_key_and_fallbacks_stay(tmp_path):
+    base = _flux_base(8, single=False)
+    # kohya writes "None" when no alpha was set: not a number, so alpha falls back to the rank (scale 1)
+    m = LoraMerger.from_files(_one_lora(tmp_path / "none.safetensors", metadata={"ss_network_alpha": "None"}))
+    m.bind(_infos(base))
+    assert m.files[0].modules["lora_unet_double_blocks_0_img_attn_qkv"].scale == 1.0
+    # free-text metadata that merely mentions lora_alpha is not a config, and not an error
+    m = LoraMerger.from_files(_one_lora(tmp_path / "note.safetensors", metadata={
+        "ss_training_comment": "trained with lora_alpha = " + "[" * 50_000}))
+    m.bind(_infos(base))
+    assert m.files[0].modules["lora_unet_double_blocks_0_img_attn_qkv"].alpha is None
+    with pytest.raises(LoRAError, match=r"x\.safetensors metadata\['ss_network_alpha'\] must be a finite number, got nan"):
+        LoraMerger.from_files(_one_lora(tmp_path / "x.safetensors", metadata={"ss_network_alpha": "nan"}))

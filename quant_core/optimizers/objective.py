@@ -111,7 +111,7 @@ def layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, transform=None) -> O
         gram = rot(lora_gram(g.to(w.device)))
         tg = float(gram.diagonal().sum())
         if tg > 0:
-            lam = float(opts.get("calibration_lora_weight", 1.0) or 1.0)
+            lam = float(opt(opts, "calibration_lora_weight", 1.0))
             h = h + (lam * float(h.diagonal().sum()) / tg) * gram
             notes.append(f"objective weighted by the LoRA's input directions (λ={lam:g})")
     return Objective(h, h_data, source, notes)
