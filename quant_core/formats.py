@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from .errors import PlanError, SafetensorsFormatError
+from .errors import PlanError, SafetensorsFormatError, display_name
 from .hadamard import CONVROT_GROUP_SIZES, is_power_of_4, rotate_groups
 
 QMAX = 127  # symmetric int8 range [-127, 127]; -128 is never produced
@@ -478,19 +478,19 @@ def quantized_weight_from_tensors(base: str, cfg: dict, tensors: Dict[str, torch
     """Rebuild a QuantizedWeight from a layer's stored tensors (suffix -> tensor, without base)."""
     cls = get_format(cfg["format"])
     if "weight" not in tensors or "weight_scale" not in tensors:
-        raise SafetensorsFormatError(f"{base}: quantized layer needs weight and weight_scale tensors")
+        raise SafetensorsFormatError(f"{display_name(base)}: quantized layer needs weight and weight_scale tensors")
     params = cls.params_from_config(cfg, tensors)
     q, scale = tensors["weight"], tensors["weight_scale"]
     if q.dtype != torch.int8 or q.dim() != 2:
-        raise SafetensorsFormatError(f"{base}.weight: expected a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+        raise SafetensorsFormatError(f"{display_name(base + '.weight')}: expected a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
     expected = {spec[0][len(base) + 1:]: spec for spec in cls.output_spec(base, tuple(q.shape), params, orig_dtype)}
     want = expected.get("weight_scale")
     if want is not None and tuple(scale.shape) != tuple(want[2]):
-        raise SafetensorsFormatError(f"{base}.weight_scale: shape {list(scale.shape)} does not fit "
+        raise SafetensorsFormatError(f"{display_name(base + '.weight_scale')}: shape {list(scale.shape)} does not fit "
                                      f"{cfg['format']} weight {list(q.shape)} (expected {list(want[2])})")
     reason = cls.check_fits(tuple(q.shape), params)
     if reason:
-        raise SafetensorsFormatError(f"{base}: {reason}")
+        raise SafetensorsFormatError(f"{display_name(base)}: {reason}")
     extra = {k: v for k, v in tensors.items() if k not in ("weight", "weight_scale", "comfy_quant", "bias")}
     return QuantizedWeight(cls.name, params, q, scale.float(), orig_dtype, extra)
 

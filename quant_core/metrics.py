@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .errors import display_name
+
 
 def error_stats(ref: torch.Tensor, approx: torch.Tensor, chunk_elems: int = 1 << 22) -> Dict[str, Optional[float]]:
     """MSE, SQNR (dB) and max abs error of ``approx`` against ``ref`` (sums accumulated in float64).
@@ -76,7 +78,7 @@ class QualityReport:
         self.layers[base] = lq
         if (self.threshold_db is not None and lq.quantized and lq.sqnr_db is not None
                 and lq.sqnr_db < self.threshold_db):
-            self.warnings.append(f"{base}: SQNR {lq.sqnr_db:.2f} dB is below the threshold "
+            self.warnings.append(f"{display_name(base)}: SQNR {lq.sqnr_db:.2f} dB is below the threshold "
                                  f"{self.threshold_db:g} dB ({lq.format})")
 
     def finalize(self, **extra) -> Dict[str, object]:
@@ -118,7 +120,7 @@ class QualityReport:
                  + (f", fallback: {s.get('layers_fallback')}" if s.get("layers_fallback") else "")]
         if s.get("mean_sqnr_db") is not None:
             lines.append(f"weight SQNR: mean {s['mean_sqnr_db']:.2f} dB, min {s['min_sqnr_db']:.2f} dB "
-                         f"({s.get('min_sqnr_layer')})")
+                         f"({display_name(s.get('min_sqnr_layer'))})")
         if s.get("mean_output_sqnr_db") is not None:
             lines.append(f"output SQNR (calibration activations): mean {s['mean_output_sqnr_db']:.2f} dB, "
                          f"min {s['min_output_sqnr_db']:.2f} dB")
@@ -141,7 +143,7 @@ class QualityReport:
 
         for name, l in self.layers.items():
             note = l.fallback or ("" if l.quantized else l.reason)
-            out.append(f"| `{name}` | {l.format} | {'x'.join(map(str, l.shape))} | {f(l.sqnr_db, '.2f')} | "
+            out.append(f"| `{_md_cell(display_name(name))}` | {l.format} | {'x'.join(map(str, l.shape))} | {f(l.sqnr_db, '.2f')} | "
                        f"{f(l.output_sqnr_db, '.2f')} | {f(l.mse, '.3e')} | {f(l.max_abs_err, '.3e')} | {note} |")
         return "\n".join(out) + "\n"
 
@@ -152,6 +154,11 @@ class QualityReport:
                                                   default=_json_default))
         _atomic_write_text(md_path, self.markdown())
         return [json_path, md_path]
+
+
+def _md_cell(text: str) -> str:
+    """Text inside a Markdown table cell: a ``|`` or backtick from a layer name cannot break the row."""
+    return text.replace("|", "\\|").replace("`", "'")
 
 
 def report_file_paths(path: str) -> List[str]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError
+from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError, display_name
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
@@ -321,7 +321,7 @@ class ConversionJob:
             w = t.to(pl.device, non_blocking=t.is_pinned()).to(torch.float32)
             bad = _nonfinite(w)
             if bad:
-                raise BadWeightsError(f"{key}: weight has {bad}; refusing to quantize it "
+                raise BadWeightsError(f"{display_name(key)}: weight has {bad}; refusing to quantize it "
                                       "(use --nan-policy keep to keep such layers unquantized)")
             options = dict(self.opts.optimizer_options or {})
             options.update(pl.option_overrides())
@@ -335,7 +335,7 @@ class ConversionJob:
             qw = res.qw
             if qw.format != lp.spec.format or qw.params != lp.spec.params:
                 raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
-                                   f"{qw.format} {qw.params} for {lp.base}, planned {lp.spec.describe()}")
+                                   f"{qw.format} {qw.params} for {display_name(lp.base)}, planned {lp.spec.describe()}")
             # quality from the tensors as written, dequantized on the device (the host copy is bitwise equal)
             tensors = dict(lp.spec.cls.tensors(lp.base, qw))
             if self.bias_correction and lp.base in self.bias_correction["layers"]:
@@ -344,7 +344,7 @@ class ConversionJob:
             lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
             return {k: self.to_host(v) for k, v in tensors.items()}, lq
 
-        (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, lp.base, self.log)
+        (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, display_name(lp.base), self.log)
         if placement.reason:
             lq.notes.append(f"placed on {placement.describe()}: {placement.reason}")
         lq.notes.extend(notes)
@@ -495,7 +495,7 @@ def _keep_nonfinite_layers(reader, plan: ConversionPlan, merger, log):
             t = merger.apply(lp.weight_key, t)
         bad = _nonfinite(t)
         if bad:
-            log(f"warning: {lp.weight_key} has {bad}; kept unquantized (--nan-policy keep)")
+            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (--nan-policy keep)")
             lp.reason = f"non-finite weights ({bad}) kept unquantized"
             lp.spec = None
 
@@ -513,12 +513,12 @@ def verify_output(path: str, entries: List[OutputEntry], checksums: Optional[Dic
         for k, e in want.items():
             info = r.info(k)
             if info.dtype != e.dtype or tuple(info.shape) != tuple(e.shape):
-                raise ConvertError(f"verification of {path} failed: {k} is {info.dtype_name} {list(info.shape)}, "
+                raise ConvertError(f"verification of {path} failed: {display_name(k)} is {info.dtype_name} {list(info.shape)}, "
                                    f"planned {e.dtype} {list(e.shape)}")
         if checksums:
             for k, digest in checksums.items():
                 if hashlib.sha256(r.get_raw(k)).hexdigest() != digest:
-                    raise ConvertError(f"verification of {path} failed: checksum of {k} differs from what was written")
+                    raise ConvertError(f"verification of {path} failed: checksum of {display_name(k)} differs from what was written")
 
 
 QUALITY_RTOL = 1e-5  # GPU reductions may sum in another order than the recomputation on the CPU
@@ -556,7 +556,7 @@ def verify_quality(job: "ConversionJob", path: str):
             st = error_stats(w, deq)
             for name in ("mse", "sqnr_db", "max_abs_err"):
                 if not close(st[name], getattr(lq, name)):
-                    raise ConvertError(f"verification of {path} failed: layer {base} {name} recomputed from "
+                    raise ConvertError(f"verification of {path} failed: layer {display_name(base)} {name} recomputed from "
                                        f"the file is {st[name]}, the report says {getattr(lq, name)}")
             fresh.add(base, dataclasses.replace(lq, mse=st["mse"], sqnr_db=st["sqnr_db"],
                                                 max_abs_err=st["max_abs_err"]))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import presets as presets_mod
-from .errors import PlanError, UnsupportedInputError
+from .errors import PlanError, UnsupportedInputError, display_name
 from .formats import FP16, FormatSpec, make_spec, resolve_fit
 from .safetensors_io import FLOAT_DTYPES, OutputEntry, TensorInfo
 
@@ -131,6 +131,7 @@ def parse_layer_config(data, default_spec: FormatSpec, where: str = "layer-confi
         unknown = set(cfg) - LAYER_CONFIG_FIELDS
         if unknown:
             raise PlanError(f"{at}: unknown field(s) {sorted(unknown)}; allowed: {sorted(LAYER_CONFIG_FIELDS)}")
+        _check_setting_types(cfg, at)
         rx = compile_user_regex(pattern, at)
         if cfg.get("skip"):
             rules.append(LayerConfigRule(rx, at, skip=True))
@@ -140,7 +141,38 @@ def parse_layer_config(data, default_spec: FormatSpec, where: str = "layer-confi
     return rules
 
 
+# JSON type of each layer-config field: no coercion ("false" is not false, 16.9 is not 16, true is not 1)
+_SETTING_TYPES = {"format": (str, "a string"), "scaling_mode": (str, "a string"),
+                  "block_size": (int, "an integer"), "convrot_groupsize": (int, "an integer"),
+                  "convrot": (bool, "true or false"), "skip": (bool, "true or false")}
+
+
+def _check_setting_types(cfg: dict, where: str):
+    for name, value in cfg.items():
+        if name not in _SETTING_TYPES:
+            continue
+        typ, what = _SETTING_TYPES[name]
+        ok = isinstance(value, bool) if typ is bool else (isinstance(value, typ) and not isinstance(value, bool))
+        if not ok:
+            raise PlanError(f"{where}: invalid value for field {name!r}: it must be {what} (JSON), got "
+                           f"{_json_type(value)} {_json_text(value)}")
+
+
+def _json_type(v) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _json_text(v, limit: int = 80) -> str:
+    try:
+        t = repr(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        t = repr(v)
+    return t if len(t) <= limit else t[:limit] + "..."
+
+
 def spec_from_settings(cfg: dict, default_spec: FormatSpec, where: str) -> FormatSpec:
+    _check_setting_types(cfg, where)
     d = default_spec
     fmt = cfg.get("format", d.format)
     dp = d.params
@@ -159,14 +191,11 @@ def spec_from_settings(cfg: dict, default_spec: FormatSpec, where: str) -> Forma
     try:
         return make_spec(
             format=fmt, scaling_mode=scaling,
-            block_size=int(cfg.get("block_size", getattr(dp, "group_size", 128))),
-            convrot=bool(cfg.get("convrot", getattr(dp, "convrot", False) if fmt == d.format else False)),
-            convrot_groupsize=int(cfg.get("convrot_groupsize", getattr(dp, "convrot_groupsize", 256))))
+            block_size=cfg.get("block_size", getattr(dp, "group_size", 128)),
+            convrot=cfg.get("convrot", getattr(dp, "convrot", False) if fmt == d.format else False),
+            convrot_groupsize=cfg.get("convrot_groupsize", getattr(dp, "convrot_groupsize", 256)))
     except PlanError as e:
         raise PlanError(f"{where}: {e}") from None
-    except (TypeError, ValueError) as e:  # block_size "abc", convrot_groupsize [1], ...
-        raise PlanError(f"{where}: invalid value ({e}); block_size and convrot_groupsize are integers, "
-                        "convrot and skip are true/false") from None
 
 
 def load_layer_config(path: str, default_spec: FormatSpec) -> List[LayerConfigRule]:
@@ -267,7 +296,7 @@ class ConversionPlan:
         for lp in self.layers.values():
             shape = "x".join(str(s) for s in lp.shape)
             why = lp.reason + (f"; fallback: {lp.fallback_reason}" if lp.fallback_reason else "")
-            rows.append(f"{lp.base:<60} {shape:>16}  {lp.describe():<28} {why}")
+            rows.append(f"{display_name(lp.base):<60} {shape:>16}  {lp.describe():<28} {why}")
         return "\n".join(rows)
 
 
