@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Dict, List
 
@@ -20,7 +21,7 @@ import folder_paths
 
 from ..quant_core.errors import ConvertError, PlanError
 from ..quant_core.formats import FORMATS, make_spec
-from ..quant_core.optimizers import OPTIMIZERS
+from ..quant_core.optimizers import OPTIMIZERS, check_optimizer_options
 from ..quant_core.paths import publish_file
 from ..quant_core.pipeline import ConversionJob, ConvertOptions, output_path_in_folder
 from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
@@ -243,6 +244,7 @@ class QuantQuantize:
                 raise PlanError(f"optimizer_options is not valid JSON: {e}") from None
             if not isinstance(extra, dict):
                 raise PlanError("optimizer_options must be a JSON object")
+            check_optimizer_options(extra, "optimizer_options")
             knobs.update(extra)
         opts = ConvertOptions(
             plan=plan_opts, optimizer=optimizer, optimizer_options=knobs,
@@ -277,11 +279,17 @@ class QuantQuantize:
         return (qf, summary)
 
 
+def _json_number(v):
+    """A number the browser's JSON.parse accepts: non-finite (an exact layer's SQNR +inf) -> None."""
+    return v if v is None or math.isfinite(v) else None
+
+
 def report_payload(report) -> Dict[str, object]:
     """Compact JSON for the web widget: summary + one row per layer."""
     rows = []
     for name, l in report.layers.items():
-        rows.append([name, l.format, "x".join(str(s) for s in l.shape), l.sqnr_db, l.mse, l.max_abs_err,
+        rows.append([name, l.format, "x".join(str(s) for s in l.shape), _json_number(l.sqnr_db),
+                     _json_number(l.mse), _json_number(l.max_abs_err),
                      l.quantized, l.fallback or ("" if l.quantized else l.reason)])
     return {"summary": report.summary, "threshold_db": report.threshold_db,
             "columns": ["layer", "format", "shape", "sqnr_db", "mse", "max_abs_err", "quantized", "note"],

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 import torch
 
 from .errors import PlanError, SafetensorsFormatError, display_name
-from .hadamard import CONVROT_GROUP_SIZES, is_power_of_4, rotate_groups
+from .hadamard import CONVROT_GROUP_SIZES, is_power_of_4, rotate_groups_exact
 
 QMAX = 127  # symmetric int8 range [-127, 127]; -128 is never produced
 SCALE_MIN = 1e-30  # an all-zero row/tile gets this scale (its integers are all 0)
@@ -67,7 +67,14 @@ def _round_temp_to_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
-    return (absmax.float() / QMAX).clamp(min=SCALE_MIN)
+    """abs-max / 127, never 0, and never so large that 127 · scale overflows float32: an abs-max of
+    3.4028e38 (float32's largest value) would otherwise dequantize to Inf after the rounding of the
+    division."""
+    s = (absmax.float() / QMAX).clamp(min=SCALE_MIN)
+    over = torch.isinf(s * QMAX) & torch.isfinite(s)
+    if bool(over.any()):
+        s = torch.where(over, torch.nextafter(s, torch.zeros_like(s)), s)
+    return s
 
 
 def row_or_tensor_scale(ws: torch.Tensor, scaling: str) -> torch.Tensor:
@@ -221,11 +228,11 @@ class Int8Tensorwise(QuantFormat):
 
     @classmethod
     def to_storage(cls, w, params):
-        return rotate_groups(w, params.convrot_groupsize) if params.convrot else w
+        return rotate_groups_exact(w, params.convrot_groupsize) if params.convrot else w
 
     @classmethod
     def from_storage(cls, w, params):
-        return rotate_groups(w, params.convrot_groupsize) if params.convrot else w
+        return rotate_groups_exact(w, params.convrot_groupsize) if params.convrot else w
 
     @classmethod
     def compute_scale(cls, ws, params):

@@ -20,7 +20,7 @@ from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
                      policy_from_options, run_guarded)
-from .optimizers import LayerContext, get_optimizer, run_optimizer
+from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
@@ -209,6 +209,7 @@ class ConversionJob:
 
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
+        check_optimizer_options(opts.optimizer_options)
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite)
         if opts.report_path:
             validate_report_path(opts.report_path, reader.path, self.output_path)
@@ -318,11 +319,13 @@ class ConversionJob:
         def attempt(pl):
             # the non-finite check runs on the device: on a GPU it costs nothing, on the host it would
             # be a full pass over every weight in the main thread
-            w = t.to(pl.device, non_blocking=t.is_pinned()).to(torch.float32)
+            w = t.to(pl.device, non_blocking=t.is_pinned())
             bad = _nonfinite(w)
             if bad:
                 raise BadWeightsError(f"{display_name(key)}: weight has {bad}; refusing to quantize it "
                                       "(use --nan-policy keep to keep such layers unquantized)")
+            _check_float32_range(w, key, info.dtype_name)
+            w = w.to(torch.float32)
             options = dict(self.opts.optimizer_options or {})
             options.update(pl.option_overrides())
             options["bf16_hadamard"] = rotated and policy.use_bf16(
@@ -341,7 +344,9 @@ class ConversionJob:
             if self.bias_correction and lp.base in self.bias_correction["layers"]:
                 tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
                 res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
-            lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
+            deq = _dequantize_written(lp, tensors, info.dtype)
+            _check_written_finite(lp, tensors, deq, w)
+            lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info, deq)
             return {k: self.to_host(v) for k, v in tensors.items()}, lq
 
         (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, display_name(lp.base), self.log)
@@ -467,16 +472,63 @@ def convert_file(input_path: str, output_path: Optional[str] = None, options: Op
         job.close()
 
 
-def _layer_quality(lp, w: torch.Tensor, tensors: Dict[str, torch.Tensor], orig_dtype, optimizer: str,
-                   info: Dict[str, Any]) -> LayerQuality:
-    """Quality of the stored tensors, rebuilt from exactly what is written and dequantized like a loader."""
+def _dequantize_written(lp, tensors: Dict[str, torch.Tensor], orig_dtype) -> torch.Tensor:
+    """The layer's weight rebuilt from exactly the tensors written, dequantized like a loader (float32)."""
     prefix = lp.base + "."
     stored = {k[len(prefix):]: v for k, v in tensors.items()}
     if "comfy_quant" in stored:
         cfg = json.loads(bytes(stored["comfy_quant"].tolist()).decode("utf-8"))
-        deq = quantized_weight_from_tensors(lp.base, cfg, stored, orig_dtype).dequantize()
-    else:
-        deq = stored["weight"].float()
+        return quantized_weight_from_tensors(lp.base, cfg, stored, orig_dtype).dequantize()
+    return stored["weight"].float()
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_float32_range(t: torch.Tensor, key: str, dtype_name: str):
+    """A float64 weight whose finite values exceed float32's range (|x| > 3.4e38) cannot be quantized:
+    every format computes in float32, where such a value is Inf. Refused whatever --nan-policy says
+    (it is not NaN/Inf in the file), naming the tensor, the value and the range."""
+    if t.dtype != torch.float64 or t.numel() == 0:
+        return
+    m = float(t.abs().amax())
+    if m > FLOAT32_MAX:
+        n = int((t.abs() > FLOAT32_MAX).sum())
+        raise BadWeightsError(
+            f"{display_name(key)}: {dtype_name} weight has {n} value(s) out of float32 range (largest "
+            f"magnitude {m:.6g} > {FLOAT32_MAX:.6g}); they cannot be quantized (the quantization math is "
+            "float32). Rescale the model, or keep this layer with --exclude-layers")
+
+
+def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tensor, w: torch.Tensor):
+    """The last check before a quantized layer is handed to the writer: every float tensor written
+    (scales, fp16 weights, extra factors) and the weight they dequantize to must be finite. The input
+    was finite (checked before), so a non-finite value here is an overflow of the format's math (e.g.
+    the convrot rotation of rows near float32's largest value); nothing non-finite is ever written."""
+    what = None
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            what = f"{display_name(k)} would hold {_nonfinite(v)}"
+            break
+    if what is None and not bool(torch.isfinite(deq).all()):
+        what = f"the stored layer would dequantize to {_nonfinite(deq)}"
+    if what is None:
+        return
+    amax = float(w.abs().amax()) if w.numel() else 0.0
+    why = ""
+    if getattr(lp.spec.params, "convrot", False) or lp.spec.format == "int8_quip":
+        why = (f" the rotation multiplies values by up to sqrt(group size) and the weight's largest "
+               f"magnitude is {amax:.6g}, beyond float32's range after rotation;")
+    raise BadWeightsError(f"{display_name(lp.weight_key)}: quantizing it as {lp.spec.describe()} overflows "
+                          f"float32: {what};{why} refusing to write non-finite values. Keep this layer with "
+                          "--exclude-layers, or choose a format without rotation for it (--layer-config)")
+
+
+def _layer_quality(lp, w: torch.Tensor, tensors: Dict[str, torch.Tensor], orig_dtype, optimizer: str,
+                   info: Dict[str, Any], deq: Optional[torch.Tensor] = None) -> LayerQuality:
+    """Quality of the stored tensors, rebuilt from exactly what is written and dequantized like a loader."""
+    if deq is None:
+        deq = _dequantize_written(lp, tensors, orig_dtype)
     st = error_stats(w, deq.to(w.device))
     lq = LayerQuality(format=lp.spec.describe(), shape=list(lp.shape), quantized=True, optimizer=optimizer,
                       mse=st["mse"], sqnr_db=st["sqnr_db"], max_abs_err=st["max_abs_err"],
@@ -534,6 +586,8 @@ def verify_quality(job: "ConversionJob", path: str):
     def close(a, b):
         if a is None or b is None:
             return a is None and b is None
+        if a == b:  # also +inf == +inf (exact layers)
+            return True
         return abs(a - b) <= QUALITY_RTOL * max(abs(a), abs(b), 1e-12)
 
     fresh = QualityReport(job.opts.quality_threshold)
