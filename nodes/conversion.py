@@ -180,7 +180,7 @@ def _plan_options(fmt: str, scaling: str, block_size: int, convrot: bool, convro
     if layer_config and layer_config.strip():
         try:
             data = json.loads(layer_config)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise PlanError(f"layer_config is not valid JSON: {e}") from None
         rules = parse_layer_config(data, spec, where="layer_config")
     presets = () if preset == "none" else (preset,)
@@ -240,7 +240,7 @@ class QuantQuantize:
         if optimizer_options and optimizer_options.strip():
             try:
                 extra = json.loads(optimizer_options)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise PlanError(f"optimizer_options is not valid JSON: {e}") from None
             if not isinstance(extra, dict):
                 raise PlanError("optimizer_options must be a JSON object")

@@ -255,8 +255,9 @@ def load_calibration(path: str) -> CalibrationData:
             if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in layers.items()):
                 raise ValueError("not an object of strings")
-        except ValueError as e:
-            raise CalibrationError(f"{path}: metadata 'layers' is not a JSON object of names ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+            raise CalibrationError(f"{path}: metadata 'layers' is not a JSON object of names "
+                                   f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
         for g in dict.fromkeys(layers.values()):
             for s in SUFFIXES:
                 if f"{g}.{s}" not in reader:

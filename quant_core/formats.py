@@ -473,7 +473,7 @@ def parse_comfy_quant(t: torch.Tensor, where: str = "") -> dict:
                                      f"got {t.dtype} {list(t.shape)}")
     try:
         cfg = json.loads(bytes(t.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SafetensorsFormatError(f"{where}: comfy_quant is not valid UTF-8 JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("format"), str):
         raise SafetensorsFormatError(f"{where}: comfy_quant JSON must be an object with a 'format' string")

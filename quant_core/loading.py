@@ -31,7 +31,7 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
             layers = meta["layers"]
             if not isinstance(layers, dict):
                 raise TypeError("layers is not an object")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise SafetensorsFormatError(f"{reader.path}: __metadata__['_quantization_metadata'] is not "
                                          f"valid ({e})") from None
         for base, cfg in layers.items():

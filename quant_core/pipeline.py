@@ -15,12 +15,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BadWeightsError, ConvertError, OutputPathError, UnsupportedInputError, display_name
+from .errors import BadWeightsError, CalibrationError, ConvertError, OutputPathError, UnsupportedInputError, display_name
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
                      policy_from_options, run_guarded)
 from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
+from .optimizers.gptq import IndefiniteHessianError
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
@@ -334,7 +335,13 @@ class ConversionJob:
             ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
                                log=self.log, lora_delta=lora_delta, stats=stats)
             with layer_rng(lp.base, pl.device, seed):
-                res = run_optimizer(self.optimizer, w, lp.spec, ctx)
+                try:
+                    res = run_optimizer(self.optimizer, w, lp.spec, ctx)
+                except IndefiniteHessianError as e:
+                    src = (f"calibration file {self.opts.calibration_data}, statistics {display_name(stats.name)}"
+                           if stats is not None else "the weight-only objective")
+                    raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
+                                           f"{src}: {e}") from None
             qw = res.qw
             if qw.format != lp.spec.format or qw.params != lp.spec.params:
                 raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
