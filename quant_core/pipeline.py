@@ -26,6 +26,7 @@ from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
 FORMAT_VERSION = "1.0"
+STREAM_CHUNK_BYTES = 64 << 20  # pass-through tensors larger than this are copied in chunks of this size
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -262,6 +263,13 @@ class ConversionJob:
             self.report.notes.append(f"optimizer {opts.optimizer}: no calibration data, weight-only objective")
         dropped = set(plan.dropped)
         self.order = [k for k in sorted(reader.keys(), key=lambda k: reader.info(k).begin) if k not in dropped]
+        # large tensors copied unchanged (not a layer to quantize, no LoRA delta, no corrected bias) are
+        # streamed input -> output in chunks by ``run`` instead of being read whole
+        corrected = {b + ".bias" for b in self.bias_correction["layers"]} if self.bias_correction else set()
+        self.streamed = {k for k in self.order
+                         if reader.info(k).nbytes > STREAM_CHUNK_BYTES and k not in corrected
+                         and (plan.layer_for_key(k) is None or plan.layer_for_key(k).spec is None)
+                         and (self.merger is None or not self.merger.has_delta(k))}
 
     def _prepare_calibrated_steps(self, plan, log):
         """SmoothQuant (changes layer formats), bias correction (may add bias tensors) and the
@@ -383,8 +391,32 @@ class ConversionJob:
         pageable copies run at a fraction of the bus speed. Not with --low-memory (locked RAM)."""
         return self.memory.device.type == "cuda" and not self.opts.low_memory
 
-    def read_input(self, key: str) -> torch.Tensor:
+    def read_input(self, key: str) -> Optional[torch.Tensor]:
+        if key in self.streamed:
+            return None  # copied in chunks by ``run`` (``copy_streamed``), never read whole
         return self.reader.get(key, pin=self.pin_host_memory)
+
+    def copy_streamed(self, writer: StreamingWriter, key: str):
+        """Copy pass-through tensor ``key`` from the input to ``writer`` in chunks of at most
+        STREAM_CHUNK_BYTES: memory stays bounded whatever the tensor's size (a 10 GB embedding table
+        is never held whole). Same bytes and checksum as ``writer.write`` of the whole tensor."""
+        import hashlib
+        entry = writer.entries.get(key)
+        info = self.reader.info(key)
+        if entry is None or entry.dtype != info.dtype or tuple(entry.shape) != tuple(info.shape):
+            raise ConvertError(f"internal error: streamed tensor {display_name(key)} does not match the output plan")
+        if key in writer.written:
+            raise ConvertError(f"internal error: {display_name(key)} written twice")
+        h = hashlib.sha256() if writer.hash_tensors else None
+        at = writer.data_start + writer.offsets[key]
+        for chunk in self.reader.iter_chunks(key, STREAM_CHUNK_BYTES):
+            writer._pwrite(chunk, at)
+            if h is not None:
+                h.update(chunk)
+            at += len(chunk)
+        if h is not None:
+            writer.checksums[key] = h.hexdigest()
+        writer.written[key] = True
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -402,12 +434,15 @@ class ConversionJob:
         n_layers = len(self.plan.quantized_layers())
         done = 0
         bound = self.memory.prefetch_bytes
-        sizes = {k: self.reader.info(k).nbytes for k in self.order}
+        sizes = {k: 0 if k in self.streamed else self.reader.info(k).nbytes for k in self.order}
         with self.open_writer() as writer:
             with WriteBehind(writer, bound) as out, Prefetcher(self.read_input, self.order, sizes, bound) as inputs:
                 for key, t in inputs:
                     if check_cancel is not None:
                         check_cancel()
+                    if key in self.streamed:
+                        self.copy_streamed(writer, key)
+                        continue
                     self.prefetched = {key: t}
                     del t
                     tensors, layer = self.process(key)
@@ -576,7 +611,10 @@ def verify_output(path: str, entries: List[OutputEntry], checksums: Optional[Dic
                                    f"planned {e.dtype} {list(e.shape)}")
         if checksums:
             for k, digest in checksums.items():
-                if hashlib.sha256(r.get_raw(k)).hexdigest() != digest:
+                h = hashlib.sha256()
+                for chunk in r.iter_chunks(k, STREAM_CHUNK_BYTES):
+                    h.update(chunk)
+                if h.hexdigest() != digest:
                     raise ConvertError(f"verification of {path} failed: checksum of {display_name(k)} differs from what was written")
 
 
