@@ -5,6 +5,8 @@ weight SQNR in dB, red below the report's threshold; a dashed line marks the thr
 """
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -21,7 +23,7 @@ TEXT = (220, 220, 225)
 def sqnr_bars(report) -> List[Tuple[str, float]]:
     """(layer, SQNR dB) of every quantized layer with a finite SQNR, in file order."""
     return [(name, float(l.sqnr_db)) for name, l in report.layers.items()
-            if l.quantized and l.sqnr_db is not None]
+            if l.quantized and l.sqnr_db is not None and math.isfinite(l.sqnr_db)]
 
 
 def render_sqnr_chart(bars: List[Tuple[str, float]], threshold: Optional[float], width: int = 1024,

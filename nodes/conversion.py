@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Dict, List
 
@@ -20,7 +21,7 @@ import folder_paths
 
 from ..quant_core.errors import ConvertError, PlanError
 from ..quant_core.formats import FORMATS, make_spec
-from ..quant_core.optimizers import OPTIMIZERS
+from ..quant_core.optimizers import OPTIMIZERS, check_optimizer_options
 from ..quant_core.paths import publish_file
 from ..quant_core.pipeline import ConversionJob, ConvertOptions, output_path_in_folder
 from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
@@ -179,7 +180,7 @@ def _plan_options(fmt: str, scaling: str, block_size: int, convrot: bool, convro
     if layer_config and layer_config.strip():
         try:
             data = json.loads(layer_config)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise PlanError(f"layer_config is not valid JSON: {e}") from None
         rules = parse_layer_config(data, spec, where="layer_config")
     presets = () if preset == "none" else (preset,)
@@ -239,10 +240,11 @@ class QuantQuantize:
         if optimizer_options and optimizer_options.strip():
             try:
                 extra = json.loads(optimizer_options)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise PlanError(f"optimizer_options is not valid JSON: {e}") from None
             if not isinstance(extra, dict):
                 raise PlanError("optimizer_options must be a JSON object")
+            check_optimizer_options(extra, "optimizer_options")
             knobs.update(extra)
         opts = ConvertOptions(
             plan=plan_opts, optimizer=optimizer, optimizer_options=knobs,
@@ -277,11 +279,17 @@ class QuantQuantize:
         return (qf, summary)
 
 
+def _json_number(v):
+    """A number the browser's JSON.parse accepts: non-finite (an exact layer's SQNR +inf) -> None."""
+    return v if v is None or math.isfinite(v) else None
+
+
 def report_payload(report) -> Dict[str, object]:
     """Compact JSON for the web widget: summary + one row per layer."""
     rows = []
     for name, l in report.layers.items():
-        rows.append([name, l.format, "x".join(str(s) for s in l.shape), l.sqnr_db, l.mse, l.max_abs_err,
+        rows.append([name, l.format, "x".join(str(s) for s in l.shape), _json_number(l.sqnr_db),
+                     _json_number(l.mse), _json_number(l.max_abs_err),
                      l.quantized, l.fallback or ("" if l.quantized else l.reason)])
     return {"summary": report.summary, "threshold_db": report.threshold_db,
             "columns": ["layer", "format", "shape", "sqnr_db", "mse", "max_abs_err", "quantized", "note"],

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import CalibrationError
+from .errors import CalibrationError, display_name
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
 CALIBRATION_FORMAT = "convert_to_quant.calibration/1"
@@ -136,7 +136,7 @@ class CalibrationData:
             self._cache.move_to_end(name)
             return self._cache[name]
         if self._reader is None:
-            raise CalibrationError(f"calibration statistics for {name} are missing")
+            raise CalibrationError(f"calibration statistics for {display_name(name)} are missing")
         st = _read_group(self._reader, name)
         self._cache[name] = st
         while len(self._cache) > self._cache_groups:
@@ -207,10 +207,10 @@ def write_group(writer: StreamingWriter, st: LayerStats):
 
 
 def _read_group(reader: SafetensorsReader, g: str) -> LayerStats:
-    where = f"{reader.path}: {g}"
+    where = f"{reader.path}: {display_name(g)}"
     for s in SUFFIXES:
         if f"{g}.{s}" not in reader:
-            raise CalibrationError(f"{where}: tensor {g}.{s} is missing")
+            raise CalibrationError(f"{where}: tensor {display_name(g + '.' + s)} is missing")
     h = reader.get(f"{g}.hessian")
     absmax, mean, tok = reader.get(f"{g}.absmax"), reader.get(f"{g}.mean"), reader.get(f"{g}.tokens")
     if h.dim() != 2 or h.shape[0] != h.shape[1] or not h.is_floating_point():
@@ -255,15 +255,16 @@ def load_calibration(path: str) -> CalibrationData:
             if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in layers.items()):
                 raise ValueError("not an object of strings")
-        except ValueError as e:
-            raise CalibrationError(f"{path}: metadata 'layers' is not a JSON object of names ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+            raise CalibrationError(f"{path}: metadata 'layers' is not a JSON object of names "
+                                   f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
         for g in dict.fromkeys(layers.values()):
             for s in SUFFIXES:
                 if f"{g}.{s}" not in reader:
-                    raise CalibrationError(f"{path}: group {g}: tensor {g}.{s} is missing")
+                    raise CalibrationError(f"{path}: group {display_name(g)}: tensor {display_name(g + '.' + s)} is missing")
             info = reader.info(f"{g}.hessian")
             if len(info.shape) != 2 or info.shape[0] != info.shape[1]:
-                raise CalibrationError(f"{path}: {g}.hessian must be square, got {list(info.shape)}")
+                raise CalibrationError(f"{path}: {display_name(g + '.hessian')} must be square, got {list(info.shape)}")
         return CalibrationData(layers, reader=reader, metadata=meta)
     except BaseException:
         reader.close()
@@ -399,7 +400,7 @@ class CalibrationCollector:
             group = known
             if self.share_inputs and group != name and shared != group:
                 raise CalibrationError(
-                    f"layer {name} shared its input with {group} in the first batch but not now; "
+                    f"layer {display_name(name)} shared its input with {display_name(group)} in the first batch but not now; "
                     "capture with share_inputs=False")
         if group != name:
             return  # its group's first layer accumulates this input
@@ -414,7 +415,7 @@ class CalibrationCollector:
             acc = self.acc[group] = _Accumulator(group, in_features, dev, self.dtype)
             self.peak_bytes = max(self.peak_bytes, sum(a.nbytes for a in self.acc.values()))
         if acc.hessian.shape[0] != in_features:
-            raise CalibrationError(f"layer {name}: input width changed from {acc.hessian.shape[0]} to {in_features}")
+            raise CalibrationError(f"layer {display_name(name)}: input width changed from {acc.hessian.shape[0]} to {in_features}")
         x2d = x.reshape(-1, in_features)
         if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
             x2d = x2d[self.mask.reshape(-1).to(device=x2d.device, dtype=torch.bool)]
@@ -505,7 +506,7 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
             peak = max(peak, col.peak_bytes)
             for g in members:
                 if g not in col.acc:
-                    raise CalibrationError(f"layer {g} ran in the first batch but not in pass {i + 1}")
+                    raise CalibrationError(f"layer {display_name(g)} ran in the first batch but not in pass {i + 1}")
                 st = col.release(g)
                 tokens = max(tokens, st.n_seen)
                 write_group(writer, st)

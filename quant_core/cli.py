@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError
+from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
 from .launcher import raise_interrupt, wait_gate
 from .formats import make_spec
 from .presets import all_presets
@@ -197,7 +197,8 @@ class Console:
 
     def __call__(self, msg: str, level: int = 0):
         if self.level >= level:
-            print(msg, file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout, flush=True)
+            print(terminal_text(msg), file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout,
+                  flush=True)
 
 
 def selected_presets(args) -> List[str]:
@@ -450,7 +451,7 @@ class _progress_bar:
         from tqdm import tqdm
         if self.bar is None:
             self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
-        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.set_postfix_str(terminal_text(display_name(name))[-40:], refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self):
@@ -487,7 +488,7 @@ def check_args(argv: List[str]) -> Optional[int]:
     except SystemExit as e:  # argparse printed the usage and the error
         return e.code if isinstance(e.code, int) else 2
     except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
     return None
 
@@ -508,11 +509,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
             print("error: interrupted; no output file was left behind", file=sys.stderr)
         return 130
     except ConversionCancelled as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 130
     except ConvertError as e:
         if not getattr(e, "reported_by_rank0", False):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -40,3 +40,29 @@ class CalibrationError(ConvertError):
 
 class ConversionCancelled(ConvertError):
     """The user cancelled the conversion (Ctrl-C, SIGTERM, ComfyUI /interrupt)."""
+
+
+def display_name(name) -> str:
+    """A name from a file (tensor key, layer, metadata value) as it may appear in a message or on a
+    terminal: unchanged when it is plain printable text, else its ``repr`` -- quoted, with newlines,
+    escape sequences (ESC), other control and format characters and lone surrogates written as
+    ``\\n``, ``\\x1b``, ``\\u202e``, ``\\ud800``. A key cannot forge a second ``error:`` line, recolour
+    the terminal or make printing fail with UnicodeEncodeError. Every message and printed table that
+    shows a name from a file goes through this (or ``{name!r}``, which escapes the same way)."""
+    s = name if isinstance(name, str) else str(name)
+    return s if s.isprintable() else repr(s)
+
+
+def terminal_text(text: str) -> str:
+    """``text`` made safe to print: line breaks and tabs kept, every other control or format character
+    and every lone surrogate escaped (``\\x1b``, ``\\ud800``). The last line of defence where messages
+    are printed (CLI), behind ``display_name`` at the source."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in "\n\t" or ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)

@@ -27,8 +27,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from .errors import PlanError, SafetensorsFormatError
-from .hadamard import CONVROT_GROUP_SIZES, is_power_of_4, rotate_groups
+from .errors import PlanError, SafetensorsFormatError, display_name
+from .hadamard import CONVROT_GROUP_SIZES, is_power_of_4, rotate_groups_exact
 
 QMAX = 127  # symmetric int8 range [-127, 127]; -128 is never produced
 SCALE_MIN = 1e-30  # an all-zero row/tile gets this scale (its integers are all 0)
@@ -67,7 +67,14 @@ def _round_temp_to_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
-    return (absmax.float() / QMAX).clamp(min=SCALE_MIN)
+    """abs-max / 127, never 0, and never so large that 127 · scale overflows float32: an abs-max of
+    3.4028e38 (float32's largest value) would otherwise dequantize to Inf after the rounding of the
+    division."""
+    s = (absmax.float() / QMAX).clamp(min=SCALE_MIN)
+    over = torch.isinf(s * QMAX) & torch.isfinite(s)
+    if bool(over.any()):
+        s = torch.where(over, torch.nextafter(s, torch.zeros_like(s)), s)
+    return s
 
 
 def row_or_tensor_scale(ws: torch.Tensor, scaling: str) -> torch.Tensor:
@@ -221,11 +228,11 @@ class Int8Tensorwise(QuantFormat):
 
     @classmethod
     def to_storage(cls, w, params):
-        return rotate_groups(w, params.convrot_groupsize) if params.convrot else w
+        return rotate_groups_exact(w, params.convrot_groupsize) if params.convrot else w
 
     @classmethod
     def from_storage(cls, w, params):
-        return rotate_groups(w, params.convrot_groupsize) if params.convrot else w
+        return rotate_groups_exact(w, params.convrot_groupsize) if params.convrot else w
 
     @classmethod
     def compute_scale(cls, ws, params):
@@ -466,7 +473,7 @@ def parse_comfy_quant(t: torch.Tensor, where: str = "") -> dict:
                                      f"got {t.dtype} {list(t.shape)}")
     try:
         cfg = json.loads(bytes(t.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SafetensorsFormatError(f"{where}: comfy_quant is not valid UTF-8 JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("format"), str):
         raise SafetensorsFormatError(f"{where}: comfy_quant JSON must be an object with a 'format' string")
@@ -478,19 +485,19 @@ def quantized_weight_from_tensors(base: str, cfg: dict, tensors: Dict[str, torch
     """Rebuild a QuantizedWeight from a layer's stored tensors (suffix -> tensor, without base)."""
     cls = get_format(cfg["format"])
     if "weight" not in tensors or "weight_scale" not in tensors:
-        raise SafetensorsFormatError(f"{base}: quantized layer needs weight and weight_scale tensors")
+        raise SafetensorsFormatError(f"{display_name(base)}: quantized layer needs weight and weight_scale tensors")
     params = cls.params_from_config(cfg, tensors)
     q, scale = tensors["weight"], tensors["weight_scale"]
     if q.dtype != torch.int8 or q.dim() != 2:
-        raise SafetensorsFormatError(f"{base}.weight: expected a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+        raise SafetensorsFormatError(f"{display_name(base + '.weight')}: expected a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
     expected = {spec[0][len(base) + 1:]: spec for spec in cls.output_spec(base, tuple(q.shape), params, orig_dtype)}
     want = expected.get("weight_scale")
     if want is not None and tuple(scale.shape) != tuple(want[2]):
-        raise SafetensorsFormatError(f"{base}.weight_scale: shape {list(scale.shape)} does not fit "
+        raise SafetensorsFormatError(f"{display_name(base + '.weight_scale')}: shape {list(scale.shape)} does not fit "
                                      f"{cfg['format']} weight {list(q.shape)} (expected {list(want[2])})")
     reason = cls.check_fits(tuple(q.shape), params)
     if reason:
-        raise SafetensorsFormatError(f"{base}: {reason}")
+        raise SafetensorsFormatError(f"{display_name(base)}: {reason}")
     extra = {k: v for k, v in tensors.items() if k not in ("weight", "weight_scale", "comfy_quant", "bias")}
     return QuantizedWeight(cls.name, params, q, scale.float(), orig_dtype, extra)
 

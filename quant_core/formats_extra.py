@@ -164,7 +164,7 @@ def sylvester_transform(x: torch.Tensor, block: int, dim: int = -1) -> torch.Ten
 
 def random_signs(n: int, seed: int, name: str, device=None) -> torch.Tensor:
     """±1 (int8) per channel, reproducible from ``seed`` and the layer ``name``."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2 ** 63))
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8", "surrogatepass"))) % (2 ** 63))
     s = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1
     return s.to(device) if device is not None else s
 

@@ -51,3 +51,14 @@ def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     h = regular_hadamard(group_size, device=x.device, dtype=x.dtype)
     shape = x.shape
     return torch.matmul(x.reshape(-1, n // group_size, group_size), h.T).reshape(shape)
+
+
+def rotate_groups_exact(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``rotate_groups`` for weights: when the float32 product overflows (rows near float32's largest
+    value: the partial sums of a group reach up to sqrt(g) times the largest entry), the rotation is
+    redone in float64 and rounded once, so only values that really exceed float32's range become Inf
+    (and the pipeline's final check refuses the layer with that reason)."""
+    out = rotate_groups(x, group_size)
+    if out.dtype == torch.float32 and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):
+        out = rotate_groups(x.double(), group_size).float()
+    return out

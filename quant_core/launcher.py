@@ -243,7 +243,7 @@ def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
     try:
         devices = parse_devices(devices_spec)
     except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
     noted: List[int] = []
     old_int = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))

@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .errors import ConvertError, SafetensorsFormatError
+from .errors import ConvertError, SafetensorsFormatError, display_name
 from .formats import QuantizedWeight, parse_comfy_quant, quantized_weight_from_tensors
 from .safetensors_io import SafetensorsReader
 
@@ -23,7 +23,7 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
     for key in reader.keys():
         if key.endswith(".comfy_quant"):
             base = key[: -len(".comfy_quant")]
-            cfgs[base] = parse_comfy_quant(reader.get(key), where=f"{reader.path}: {key}")
+            cfgs[base] = parse_comfy_quant(reader.get(key), where=f"{reader.path}: {display_name(key)}")
     raw = reader.metadata.get("_quantization_metadata")
     if raw is not None:
         try:
@@ -31,7 +31,7 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
             layers = meta["layers"]
             if not isinstance(layers, dict):
                 raise TypeError("layers is not an object")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise SafetensorsFormatError(f"{reader.path}: __metadata__['_quantization_metadata'] is not "
                                          f"valid ({e})") from None
         for base, cfg in layers.items():
@@ -43,7 +43,7 @@ def quant_layer_configs(reader: SafetensorsReader) -> Dict[str, dict]:
                 cfgs[base] = cfg
             elif cfgs[base] != cfg:
                 raise SafetensorsFormatError(
-                    f"{reader.path}: layer {base}: comfy_quant tensor {cfgs[base]} disagrees with "
+                    f"{reader.path}: layer {display_name(base)}: comfy_quant tensor {cfgs[base]} disagrees with "
                     f"_quantization_metadata {cfg}")
     return cfgs
 
@@ -60,7 +60,7 @@ def read_layer(reader: SafetensorsReader, base: str, cfg: dict, orig_dtype: torc
     except SafetensorsFormatError as e:
         raise SafetensorsFormatError(f"{reader.path}: {e}") from None
     except (ConvertError, TypeError, ValueError) as e:  # unknown format, group_size "abc", ...
-        raise SafetensorsFormatError(f"{reader.path}: layer {base}: comfy_quant {cfg!r:.200} is not "
+        raise SafetensorsFormatError(f"{reader.path}: layer {display_name(base)}: comfy_quant {cfg!r:.200} is not "
                                      f"usable ({e})") from None
 
 

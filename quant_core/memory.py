@@ -343,7 +343,7 @@ def layer_seed(base: str, seed: Optional[int] = None) -> int:
     """A seed that depends only on the layer's name and ``--manual_seed``: a layer draws the same random
     numbers (randomized SVD of the weight-only objective, ...) whatever ran before it, so the order of
     layers -- and how they are spread over ranks -- never changes the output."""
-    return (zlib.crc32(base.encode("utf-8")) + 0x9E3779B97F4A7C15 * int(seed or 0)) % (1 << 63)
+    return (zlib.crc32(base.encode("utf-8", "surrogatepass")) + 0x9E3779B97F4A7C15 * int(seed or 0)) % (1 << 63)
 
 
 @contextlib.contextmanager

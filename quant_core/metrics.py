@@ -14,12 +14,16 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .errors import display_name
+
 
 def error_stats(ref: torch.Tensor, approx: torch.Tensor, chunk_elems: int = 1 << 22) -> Dict[str, Optional[float]]:
-    """MSE, SQNR (dB) and max abs error of ``approx`` against ``ref`` (sums accumulated in float64).
+    """MSE, SQNR (dB) and max abs error of ``approx`` against ``ref``, computed in float64.
 
-    SQNR = 10·log10(Σref² / Σ(ref−approx)²); ``None`` when the error is exactly zero. Works in row
-    chunks so a 12288×3072 layer costs a few MB of float64 scratch, not 600 MB.
+    SQNR = 10·log10(Σref² / Σ(ref−approx)²): ``+inf`` when the error is exactly zero (an exact layer),
+    ``None`` when the signal is zero (undefined). The difference is taken in float64, so weights near
+    float32's largest value (3.4e38) give finite errors instead of Inf - Inf. Works in row chunks so a
+    12288×3072 layer costs a few tens of MB of float64 scratch.
     """
     r2 = ref.detach().reshape(ref.shape[0], -1) if ref.dim() > 1 else ref.detach().reshape(1, -1)
     a2 = approx.detach().to(r2.device).reshape(r2.shape)
@@ -27,16 +31,25 @@ def error_stats(ref: torch.Tensor, approx: torch.Tensor, chunk_elems: int = 1 <<
     err = sig = 0.0
     mx = 0.0
     for i in range(0, r2.shape[0], rows):
-        # float32 difference (exact to ~1e-5 of the error itself), float64 accumulation
-        r = r2[i:i + rows].float()
-        e = a2[i:i + rows].float() - r
-        err += float(torch.linalg.vector_norm(e, dtype=torch.float64)) ** 2
-        sig += float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+        r = r2[i:i + rows].to(torch.float64)
+        e = a2[i:i + rows].to(torch.float64) - r
+        err += float(torch.linalg.vector_norm(e)) ** 2
+        sig += float(torch.linalg.vector_norm(r)) ** 2
         if e.numel():
             mx = max(mx, float(e.abs().amax()))
     n = max(ref.numel(), 1)
-    sqnr = None if err == 0.0 or sig == 0.0 else 10.0 * math.log10(sig / err)
+    if sig == 0.0:
+        sqnr = None
+    elif err == 0.0:
+        sqnr = math.inf
+    else:
+        ratio = sig / err
+        sqnr = math.inf if ratio == math.inf else -math.inf if ratio == 0.0 else 10.0 * math.log10(ratio)
     return {"mse": err / n, "sqnr_db": sqnr, "max_abs_err": mx}
+
+
+def _finite(v: Optional[float]) -> bool:
+    return v is not None and math.isfinite(v)
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> Optional[float]:
@@ -57,9 +70,20 @@ class LayerQuality:
     fallback: Optional[str] = None
     notes: List[str] = field(default_factory=list)
 
+    @property
+    def exact(self) -> bool:
+        """Quantized without any error (SQNR +inf)."""
+        return self.sqnr_db is not None and self.sqnr_db == math.inf
+
     def to_dict(self) -> dict:
+        """Strict JSON: a non-finite number is never written. An exact layer (SQNR +inf) has no
+        ``sqnr_db`` and ``"exact": true``; any other non-finite number is left out."""
         d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}
+        out = {k: v for k, v in d.items() if v is not None and v != [] and v != ""
+               and not (isinstance(v, float) and not math.isfinite(v))}
+        if self.exact:
+            out["exact"] = True
+        return out
 
 
 class QualityReport:
@@ -75,14 +99,14 @@ class QualityReport:
     def add(self, base: str, lq: LayerQuality):
         self.layers[base] = lq
         if (self.threshold_db is not None and lq.quantized and lq.sqnr_db is not None
-                and lq.sqnr_db < self.threshold_db):
-            self.warnings.append(f"{base}: SQNR {lq.sqnr_db:.2f} dB is below the threshold "
+                and not lq.exact and lq.sqnr_db < self.threshold_db):
+            self.warnings.append(f"{display_name(base)}: SQNR {lq.sqnr_db:.2f} dB is below the threshold "
                                  f"{self.threshold_db:g} dB ({lq.format})")
 
     def finalize(self, **extra) -> Dict[str, object]:
         q = [l for l in self.layers.values() if l.quantized]
-        finite = [l.sqnr_db for l in q if l.sqnr_db is not None and math.isfinite(l.sqnr_db)]
-        out_sq = [l.output_sqnr_db for l in q if l.output_sqnr_db is not None]
+        finite = [l.sqnr_db for l in q if _finite(l.sqnr_db)]
+        out_sq = [l.output_sqnr_db for l in q if _finite(l.output_sqnr_db)]
         formats: Dict[str, int] = {}
         for l in q:
             formats[l.format] = formats.get(l.format, 0) + 1
@@ -94,9 +118,12 @@ class QualityReport:
             "mean_sqnr_db": sum(finite) / len(finite) if finite else None,
             "min_sqnr_db": min(finite) if finite else None,
             "min_sqnr_layer": (min((l for l in self.layers if self.layers[l].quantized
-                                    and self.layers[l].sqnr_db is not None),
+                                    and _finite(self.layers[l].sqnr_db)),
                                    key=lambda k: self.layers[k].sqnr_db, default=None)),
         }
+        exact = sum(1 for l in q if l.exact)
+        if exact:
+            s["layers_exact"] = exact
         if out_sq:
             s["mean_output_sqnr_db"] = sum(out_sq) / len(out_sq)
             s["min_output_sqnr_db"] = min(out_sq)
@@ -118,7 +145,9 @@ class QualityReport:
                  + (f", fallback: {s.get('layers_fallback')}" if s.get("layers_fallback") else "")]
         if s.get("mean_sqnr_db") is not None:
             lines.append(f"weight SQNR: mean {s['mean_sqnr_db']:.2f} dB, min {s['min_sqnr_db']:.2f} dB "
-                         f"({s.get('min_sqnr_layer')})")
+                         f"({display_name(s.get('min_sqnr_layer'))})")
+        if s.get("layers_exact"):
+            lines.append(f"exact (no quantization error, SQNR +inf): {s['layers_exact']} layer(s)")
         if s.get("mean_output_sqnr_db") is not None:
             lines.append(f"output SQNR (calibration activations): mean {s['mean_output_sqnr_db']:.2f} dB, "
                          f"min {s['min_output_sqnr_db']:.2f} dB")
@@ -137,11 +166,13 @@ class QualityReport:
                 "|---|---|---|---:|---:|---:|---:|---|"]
 
         def f(v, fmt):
-            return "" if v is None else format(v, fmt)
+            if v is None:
+                return ""
+            return format(v, fmt) if math.isfinite(v) else ("exact" if v > 0 else str(v))
 
         for name, l in self.layers.items():
             note = l.fallback or ("" if l.quantized else l.reason)
-            out.append(f"| `{name}` | {l.format} | {'x'.join(map(str, l.shape))} | {f(l.sqnr_db, '.2f')} | "
+            out.append(f"| `{_md_cell(display_name(name))}` | {l.format} | {'x'.join(map(str, l.shape))} | {f(l.sqnr_db, '.2f')} | "
                        f"{f(l.output_sqnr_db, '.2f')} | {f(l.mse, '.3e')} | {f(l.max_abs_err, '.3e')} | {note} |")
         return "\n".join(out) + "\n"
 
@@ -152,6 +183,11 @@ class QualityReport:
                                                   default=_json_default))
         _atomic_write_text(md_path, self.markdown())
         return [json_path, md_path]
+
+
+def _md_cell(text: str) -> str:
+    """Text inside a Markdown table cell: a ``|`` or backtick from a layer name cannot break the row."""
+    return text.replace("|", "\\|").replace("`", "'")
 
 
 def report_file_paths(path: str) -> List[str]:

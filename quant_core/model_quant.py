@@ -12,7 +12,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
-from .errors import BadWeightsError, ConvertError
+from .errors import BadWeightsError, ConvertError, display_name
 from .optimizers import LayerContext, get_optimizer
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import DTYPE_NAMES, TensorInfo, itemsize
@@ -24,7 +24,7 @@ def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> Dict[str, TensorInfo]:
     pos = 0
     for key, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
-            raise ConvertError(f"{key}: dtype {t.dtype} cannot be planned")
+            raise ConvertError(f"{display_name(key)}: dtype {t.dtype} cannot be planned")
         n = t.numel() * itemsize(t.dtype)
         infos[key] = TensorInfo(key, DTYPE_NAMES[t.dtype], tuple(t.shape), pos, pos + n)
         pos += n
@@ -58,7 +58,7 @@ def quantize_tensors(tensors: Mapping[str, torch.Tensor], plan: ConversionPlan, 
         dev = device or t.device
         w = t.detach().to(device=dev, dtype=torch.float32)
         if not bool(torch.isfinite(w).all()):
-            raise BadWeightsError(f"{key}: weight has NaN/Inf values; refusing to quantize it")
+            raise BadWeightsError(f"{display_name(key)}: weight has NaN/Inf values; refusing to quantize it")
         ctx = LayerContext(base=lp.base, device=dev, options=dict(optimizer_options or {}), orig_dtype=t.dtype)
         qw = opt_fn(w, lp.spec, ctx).qw
         del w

@@ -16,16 +16,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BadWeightsError, ConvertError, OutputPathError, PlanError, UnsupportedInputError
+from .errors import (BadWeightsError, CalibrationError, ConvertError, OutputPathError, PlanError,
+                     UnsupportedInputError, display_name)
 from .formats import quantized_weight_from_tensors
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
                      policy_from_options, run_guarded)
-from .optimizers import LayerContext, get_optimizer, run_optimizer
+from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
+from .optimizers.gptq import IndefiniteHessianError
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
 FORMAT_VERSION = "1.0"
+STREAM_CHUNK_BYTES = 64 << 20  # pass-through tensors larger than this are copied in chunks of this size
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -210,6 +213,7 @@ class ConversionJob:
 
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
+        check_optimizer_options(opts.optimizer_options)
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite)
         if opts.report_path:
             validate_report_path(opts.report_path, reader.path, self.output_path)
@@ -261,6 +265,13 @@ class ConversionJob:
             self.report.notes.append(f"optimizer {opts.optimizer}: no calibration data, weight-only objective")
         dropped = set(plan.dropped)
         self.order = [k for k in sorted(reader.keys(), key=lambda k: reader.info(k).begin) if k not in dropped]
+        # large tensors copied unchanged (not a layer to quantize, no LoRA delta, no corrected bias) are
+        # streamed input -> output in chunks by ``run`` instead of being read whole
+        corrected = {b + ".bias" for b in self.bias_correction["layers"]} if self.bias_correction else set()
+        self.streamed = {k for k in self.order
+                         if reader.info(k).nbytes > STREAM_CHUNK_BYTES and k not in corrected
+                         and (plan.layer_for_key(k) is None or plan.layer_for_key(k).spec is None)
+                         and (self.merger is None or not self.merger.has_delta(k))}
 
     def _prepare_calibrated_steps(self, plan, log):
         """SmoothQuant (changes layer formats), bias correction (may add bias tensors) and the
@@ -326,11 +337,13 @@ class ConversionJob:
         def attempt(pl):
             # the non-finite check runs on the device: on a GPU it costs nothing, on the host it would
             # be a full pass over every weight in the main thread
-            w = t.to(pl.device, non_blocking=t.is_pinned()).to(torch.float32)
+            w = t.to(pl.device, non_blocking=t.is_pinned())
             bad = _nonfinite(w)
             if bad:
-                raise BadWeightsError(f"{key}: weight has {bad}; refusing to quantize it "
+                raise BadWeightsError(f"{display_name(key)}: weight has {bad}; refusing to quantize it "
                                       "(use --nan-policy keep to keep such layers unquantized)")
+            _check_float32_range(w, key, info.dtype_name)
+            w = w.to(torch.float32)
             options = dict(self.opts.optimizer_options or {})
             options.update(pl.option_overrides())
             options["bf16_hadamard"] = rotated and policy.use_bf16(
@@ -339,20 +352,28 @@ class ConversionJob:
             ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
                                log=self.log, lora_delta=lora_delta, stats=stats)
             with layer_rng(lp.base, pl.device, seed):
-                res = run_optimizer(self.optimizer, w, lp.spec, ctx)
+                try:
+                    res = run_optimizer(self.optimizer, w, lp.spec, ctx)
+                except IndefiniteHessianError as e:
+                    src = (f"calibration file {self.opts.calibration_data}, statistics {display_name(stats.name)}"
+                           if stats is not None else "the weight-only objective")
+                    raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
+                                           f"{src}: {e}") from None
             qw = res.qw
             if qw.format != lp.spec.format or qw.params != lp.spec.params:
                 raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
-                                   f"{qw.format} {qw.params} for {lp.base}, planned {lp.spec.describe()}")
+                                   f"{qw.format} {qw.params} for {display_name(lp.base)}, planned {lp.spec.describe()}")
             # quality from the tensors as written, dequantized on the device (the host copy is bitwise equal)
             tensors = dict(lp.spec.cls.tensors(lp.base, qw))
             if self.bias_correction and lp.base in self.bias_correction["layers"]:
                 tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
                 res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
-            lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info)
+            deq = _dequantize_written(lp, tensors, info.dtype)
+            _check_written_finite(lp, tensors, deq, w)
+            lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info, deq)
             return {k: self.to_host(v) for k, v in tensors.items()}, lq
 
-        (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, lp.base, self.log)
+        (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, display_name(lp.base), self.log)
         if placement.reason:
             lq.notes.append(f"placed on {placement.describe()}: {placement.reason}")
         lq.notes.extend(notes)
@@ -379,8 +400,32 @@ class ConversionJob:
         pageable copies run at a fraction of the bus speed. Not with --low-memory (locked RAM)."""
         return self.memory.device.type == "cuda" and not self.opts.low_memory
 
-    def read_input(self, key: str) -> torch.Tensor:
+    def read_input(self, key: str) -> Optional[torch.Tensor]:
+        if key in self.streamed:
+            return None  # copied in chunks by ``run`` (``copy_streamed``), never read whole
         return self.reader.get(key, pin=self.pin_host_memory)
+
+    def copy_streamed(self, writer: StreamingWriter, key: str):
+        """Copy pass-through tensor ``key`` from the input to ``writer`` in chunks of at most
+        STREAM_CHUNK_BYTES: memory stays bounded whatever the tensor's size (a 10 GB embedding table
+        is never held whole). Same bytes and checksum as ``writer.write`` of the whole tensor."""
+        import hashlib
+        entry = writer.entries.get(key)
+        info = self.reader.info(key)
+        if entry is None or entry.dtype != info.dtype or tuple(entry.shape) != tuple(info.shape):
+            raise ConvertError(f"internal error: streamed tensor {display_name(key)} does not match the output plan")
+        if key in writer.written:
+            raise ConvertError(f"internal error: {display_name(key)} written twice")
+        h = hashlib.sha256() if writer.hash_tensors else None
+        at = writer.data_start + writer.offsets[key]
+        for chunk in self.reader.iter_chunks(key, STREAM_CHUNK_BYTES):
+            writer._pwrite(chunk, at)
+            if h is not None:
+                h.update(chunk)
+            at += len(chunk)
+        if h is not None:
+            writer.checksums[key] = h.hexdigest()
+        writer.written[key] = True
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -398,12 +443,15 @@ class ConversionJob:
         n_layers = len(self.plan.quantized_layers())
         done = 0
         bound = self.memory.prefetch_bytes
-        sizes = {k: self.reader.info(k).nbytes for k in self.order}
+        sizes = {k: 0 if k in self.streamed else self.reader.info(k).nbytes for k in self.order}
         with self.open_writer() as writer:
             with WriteBehind(writer, bound) as out, Prefetcher(self.read_input, self.order, sizes, bound) as inputs:
                 for key, t in inputs:
                     if check_cancel is not None:
                         check_cancel()
+                    if key in self.streamed:
+                        self.copy_streamed(writer, key)
+                        continue
                     self.prefetched = {key: t}
                     del t
                     tensors, layer = self.process(key)
@@ -475,16 +523,63 @@ def convert_file(input_path: str, output_path: Optional[str] = None, options: Op
         job.close()
 
 
-def _layer_quality(lp, w: torch.Tensor, tensors: Dict[str, torch.Tensor], orig_dtype, optimizer: str,
-                   info: Dict[str, Any]) -> LayerQuality:
-    """Quality of the stored tensors, rebuilt from exactly what is written and dequantized like a loader."""
+def _dequantize_written(lp, tensors: Dict[str, torch.Tensor], orig_dtype) -> torch.Tensor:
+    """The layer's weight rebuilt from exactly the tensors written, dequantized like a loader (float32)."""
     prefix = lp.base + "."
     stored = {k[len(prefix):]: v for k, v in tensors.items()}
     if "comfy_quant" in stored:
         cfg = json.loads(bytes(stored["comfy_quant"].tolist()).decode("utf-8"))
-        deq = quantized_weight_from_tensors(lp.base, cfg, stored, orig_dtype).dequantize()
-    else:
-        deq = stored["weight"].float()
+        return quantized_weight_from_tensors(lp.base, cfg, stored, orig_dtype).dequantize()
+    return stored["weight"].float()
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_float32_range(t: torch.Tensor, key: str, dtype_name: str):
+    """A float64 weight whose finite values exceed float32's range (|x| > 3.4e38) cannot be quantized:
+    every format computes in float32, where such a value is Inf. Refused whatever --nan-policy says
+    (it is not NaN/Inf in the file), naming the tensor, the value and the range."""
+    if t.dtype != torch.float64 or t.numel() == 0:
+        return
+    m = float(t.abs().amax())
+    if m > FLOAT32_MAX:
+        n = int((t.abs() > FLOAT32_MAX).sum())
+        raise BadWeightsError(
+            f"{display_name(key)}: {dtype_name} weight has {n} value(s) out of float32 range (largest "
+            f"magnitude {m:.6g} > {FLOAT32_MAX:.6g}); they cannot be quantized (the quantization math is "
+            "float32). Rescale the model, or keep this layer with --exclude-layers")
+
+
+def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tensor, w: torch.Tensor):
+    """The last check before a quantized layer is handed to the writer: every float tensor written
+    (scales, fp16 weights, extra factors) and the weight they dequantize to must be finite. The input
+    was finite (checked before), so a non-finite value here is an overflow of the format's math (e.g.
+    the convrot rotation of rows near float32's largest value); nothing non-finite is ever written."""
+    what = None
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            what = f"{display_name(k)} would hold {_nonfinite(v)}"
+            break
+    if what is None and not bool(torch.isfinite(deq).all()):
+        what = f"the stored layer would dequantize to {_nonfinite(deq)}"
+    if what is None:
+        return
+    amax = float(w.abs().amax()) if w.numel() else 0.0
+    why = ""
+    if getattr(lp.spec.params, "convrot", False) or lp.spec.format == "int8_quip":
+        why = (f" the rotation multiplies values by up to sqrt(group size) and the weight's largest "
+               f"magnitude is {amax:.6g}, beyond float32's range after rotation;")
+    raise BadWeightsError(f"{display_name(lp.weight_key)}: quantizing it as {lp.spec.describe()} overflows "
+                          f"float32: {what};{why} refusing to write non-finite values. Keep this layer with "
+                          "--exclude-layers, or choose a format without rotation for it (--layer-config)")
+
+
+def _layer_quality(lp, w: torch.Tensor, tensors: Dict[str, torch.Tensor], orig_dtype, optimizer: str,
+                   info: Dict[str, Any], deq: Optional[torch.Tensor] = None) -> LayerQuality:
+    """Quality of the stored tensors, rebuilt from exactly what is written and dequantized like a loader."""
+    if deq is None:
+        deq = _dequantize_written(lp, tensors, orig_dtype)
     st = error_stats(w, deq.to(w.device))
     lq = LayerQuality(format=lp.spec.describe(), shape=list(lp.shape), quantized=True, optimizer=optimizer,
                       mse=st["mse"], sqnr_db=st["sqnr_db"], max_abs_err=st["max_abs_err"],
@@ -503,7 +598,7 @@ def _keep_nonfinite_layers(reader, plan: ConversionPlan, merger, log):
             t = merger.apply(lp.weight_key, t)
         bad = _nonfinite(t)
         if bad:
-            log(f"warning: {lp.weight_key} has {bad}; kept unquantized (--nan-policy keep)")
+            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (--nan-policy keep)")
             lp.reason = f"non-finite weights ({bad}) kept unquantized"
             lp.spec = None
 
@@ -521,12 +616,15 @@ def verify_output(path: str, entries: List[OutputEntry], checksums: Optional[Dic
         for k, e in want.items():
             info = r.info(k)
             if info.dtype != e.dtype or tuple(info.shape) != tuple(e.shape):
-                raise ConvertError(f"verification of {path} failed: {k} is {info.dtype_name} {list(info.shape)}, "
+                raise ConvertError(f"verification of {path} failed: {display_name(k)} is {info.dtype_name} {list(info.shape)}, "
                                    f"planned {e.dtype} {list(e.shape)}")
         if checksums:
             for k, digest in checksums.items():
-                if hashlib.sha256(r.get_raw(k)).hexdigest() != digest:
-                    raise ConvertError(f"verification of {path} failed: checksum of {k} differs from what was written")
+                h = hashlib.sha256()
+                for chunk in r.iter_chunks(k, STREAM_CHUNK_BYTES):
+                    h.update(chunk)
+                if h.hexdigest() != digest:
+                    raise ConvertError(f"verification of {path} failed: checksum of {display_name(k)} differs from what was written")
 
 
 QUALITY_RTOL = 1e-5  # GPU reductions may sum in another order than the recomputation on the CPU
@@ -542,6 +640,8 @@ def verify_quality(job: "ConversionJob", path: str):
     def close(a, b):
         if a is None or b is None:
             return a is None and b is None
+        if a == b:  # also +inf == +inf (exact layers)
+            return True
         return abs(a - b) <= QUALITY_RTOL * max(abs(a), abs(b), 1e-12)
 
     fresh = QualityReport(job.opts.quality_threshold)
@@ -564,7 +664,7 @@ def verify_quality(job: "ConversionJob", path: str):
             st = error_stats(w, deq)
             for name in ("mse", "sqnr_db", "max_abs_err"):
                 if not close(st[name], getattr(lq, name)):
-                    raise ConvertError(f"verification of {path} failed: layer {base} {name} recomputed from "
+                    raise ConvertError(f"verification of {path} failed: layer {display_name(base)} {name} recomputed from "
                                        f"the file is {st[name]}, the report says {getattr(lq, name)}")
             fresh.add(base, dataclasses.replace(lq, mse=st["mse"], sqnr_db=st["sqnr_db"],
                                                 max_abs_err=st["max_abs_err"]))

@@ -231,6 +231,23 @@ class SafetensorsReader:
             return pinned.view(info.dtype).reshape(info.shape)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def iter_chunks(self, key: str, chunk_bytes: int = 64 << 20):
+        """The tensor's bytes in pieces of at most ``chunk_bytes`` (one reused buffer: yield a view,
+        consume it before asking for the next one), so a pass-through tensor of any size is copied
+        or hashed in bounded memory."""
+        info = self.infos[key]
+        buf = bytearray(min(max(info.nbytes, 1), chunk_bytes))
+        view = memoryview(buf)
+        pos, off = 0, self.data_start + info.begin
+        while pos < info.nbytes:
+            n = min(len(buf), info.nbytes - pos)
+            got = os.preadv(self._fd, [view[:n]], off + pos)
+            if got <= 0:
+                raise SafetensorsFormatError(f"{self.path}: tensor {key!r}: file ended while reading "
+                                             "(it changed size after it was opened?)")
+            yield view[:got]
+            pos += got
+
     def get_raw(self, key: str) -> bytes:
         info = self.infos[key]
         return os.pread(self._fd, info.nbytes, self.data_start + info.begin)

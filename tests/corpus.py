@@ -829,7 +829,7 @@ def _(d):
 
 
 @hostile("calibration_lora_weight_nan", E.PlanError,
-         r"calibration_lora_weight \(--calibration-lora-weight\) must be a finite number >= 0, got nan")
+         r"(option )?'?calibration_lora_weight'? (\(--calibration-lora-weight\) )?must be a finite number")
 def _(d):
     s = _lora_meta(d)
     p = s.options["loras"][0]
@@ -837,6 +837,170 @@ def _(d):
     s.options = {"optimizer_options": {"calibration_lora": p, "calibration_lora_weight": float("nan")}}
     s.cli_message = r"--calibration-lora-weight must be a finite number >= 0, got nan"
     return s
+
+
+# --- issue 14 (data): layer-config types, names from files, numbers, calibration, optimizer options ---
+for _field, _value, _want in (("skip", "false", r"field 'skip': it must be true or false \(JSON\), got string 'false'"),
+                              ("convrot", "false", r"field 'convrot': it must be true or false \(JSON\), got string 'false'"),
+                              ("convrot", 1, r"field 'convrot': it must be true or false \(JSON\), got integer 1"),
+                              ("block_size", 16.9, r"field 'block_size': it must be an integer \(JSON\), got number 16\.9"),
+                              ("block_size", True, r"field 'block_size': it must be an integer \(JSON\), got boolean true"),
+                              ("convrot_groupsize", "16", r"field 'convrot_groupsize': it must be an integer \(JSON\), got string '16'"),
+                              ("format", None, r"field 'format': it must be a string \(JSON\), got null null"),
+                              ("scaling_mode", ["axis"], r"field 'scaling_mode': it must be a string \(JSON\), got array \[\"axis\"\]")):
+    @hostile(f"layer_config_type_{_field}_{type(_value).__name__}", E.PlanError,
+             r"layers\.json\['attn'\]: invalid value for " + _want)
+    def _(d, _field=_field, _value=_value):
+        cfg = {_field: _value}
+        if _field == "block_size":
+            cfg["format"] = "int8_blockwise"
+        return _with_layer_config(d, {"attn": cfg})
+
+
+@hostile("layer_config_type_pattern_escaped", E.PlanError,
+         r"layers\.json\['a\\nerror: x\\x1b\[31m'\]: invalid value for field 'skip'")
+def _(d):
+    return _with_layer_config(d, {"a\nerror: x\x1b[31m": {"skip": "yes"}})
+
+
+@hostile("regex_catastrophic_after_many_harmless", E.PlanError,
+         r"layers\.json\['\(a\+\)\+\$'\]: regex '\(a\+\)\+\$' did not finish matching")
+def _(d):
+    cfg = {rf"blocks\.{i}\.(attn|mlp)": {"skip": True} for i in range(300)}  # regexes, not plain text
+    cfg.update({f"^exact\\.name\\.{i}$": {"skip": True} for i in range(20000)})  # plain text: an index
+    cfg["(a+)+$"] = {"skip": True}
+    return _with_layer_config(d, cfg, model=long_name_model(d / "m.safetensors"))
+
+
+def _raw_model(d: Path, key: str, nan: bool = True) -> str:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 16, generator=g) * 0.02
+    if nan:
+        w[1, 2] = float("nan")
+    # the header as JSON text with \u escapes: a key may hold a newline, ESC or a lone surrogate
+    return raw_file(d / "m.safetensors", json.dumps({key: f32_entry((16, 16), 0)}), w.numpy().tobytes())
+
+
+for _label, _key, _shown in (("newline", "blocks.0\nerror: forged.weight", r"'blocks\.0\\nerror: forged\.weight'"),
+                             ("escape_sequence", "a\x1b[31mRED\x1b[0m.weight", r"'a\\x1b\[31mRED\\x1b\[0m\.weight'"),
+                             ("lone_surrogate", "a\ud800b.weight", r"'a\\ud800b\.weight'"),
+                             ("bidi_override", "a\u202eb.weight", r"'a\\u202eb\.weight'")):
+    @hostile(f"tensor_name_{_label}_in_error", E.BadWeightsError, _shown + r": weight has 1 NaN and 0 Inf values")
+    def _(d, _key=_key):
+        return _io(d, _raw_model(d, _key))
+
+
+@hostile("f64_weight_out_of_float32_range", E.BadWeightsError,
+         r"blocks\.0\.attn\.qkv\.weight: F64 weight has 1 value\(s\) out of float32 range \(largest magnitude 1e\+300 > 3\.40282e\+38\)")
+def _(d):
+    w = torch.randn(64, 64, dtype=torch.float64) * 0.02
+    w[7, 9] = 1e300  # finite in F64: not "Inf", and refused whatever --nan-policy says
+    return _io(d, small_model(d / "m.safetensors", extra={"blocks.0.attn.qkv.weight": w}))
+
+
+@hostile("f64_weight_out_of_range_with_nan_policy_keep", E.BadWeightsError,
+         r"blocks\.0\.attn\.qkv\.weight: F64 weight has 2 value\(s\) out of float32 range")
+def _(d):
+    w = torch.randn(64, 64, dtype=torch.float64) * 0.02
+    w[0, 0], w[1, 1] = -1e39, 5e300
+    return _io(d, small_model(d / "m.safetensors", extra={"blocks.0.attn.qkv.weight": w}),
+               cli=["--nan-policy", "keep"], options={"nan_policy": "keep"})
+
+
+@hostile("convrot_rotation_overflows_float32", E.BadWeightsError,
+         r"big\.weight: quantizing it as int8_tensorwise/row\+convrot16 overflows float32: .*weight_scale would hold "
+         r"0 NaN and 1 Inf values; the rotation .*largest magnitude is 3e\+38.*refusing to write non-finite values")
+def _(d):
+    from convert_to_quant.quant_core.hadamard import regular_hadamard
+    from convert_to_quant.quant_core.plan import PlanOptions
+    w = torch.randn(16, 32) * 0.02
+    w[0, :16] = 3e38 * torch.sign(regular_hadamard(16)[0])  # finite, but its rotation is 4 x 3e38
+    p = str(d / "m.safetensors")
+    save_file({"big.weight": w}, p)
+    return _io(d, p, cli=["--convrot", "--convrot-group-size", "16"],
+               options={"plan": PlanOptions(spec=make_spec(convrot=True, convrot_groupsize=16))})
+
+
+def _calibration_file(d: Path, hessian: Optional[torch.Tensor] = None, layers_json: Optional[str] = None) -> str:
+    from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
+    n = 64
+    h = hessian if hessian is not None else torch.eye(n)
+    st = LayerStats("blocks.0.attn.qkv", h, torch.ones(n), torch.zeros(n), 100, 100)
+    p = str(d / "calib.safetensors")
+    CalibrationData({"blocks.0.attn.qkv": "blocks.0.attn.qkv"}, {"blocks.0.attn.qkv": st}).save(p)
+    if layers_json is not None:  # rewrite the metadata only
+        from convert_to_quant.quant_core.safetensors_io import SafetensorsReader, load_file
+        with SafetensorsReader(p) as r:
+            meta = dict(r.metadata)
+        tensors = load_file(p)
+        meta["layers"] = layers_json
+        save_file(tensors, p, metadata=meta)
+    return p
+
+
+def _with_calibration(d: Path, cal: str, optimizer: str = "gptq") -> Setup:
+    return Setup(input=small_model(d / "m.safetensors"), output=str(d / "out.safetensors"),
+                 cli=["--calibration-data", cal, "--optimizer", optimizer],
+                 options={"calibration_data": cal, "optimizer": optimizer}, watch=[cal])
+
+
+@hostile("calibration_hessian_indefinite", E.CalibrationError,
+         r"blocks\.0\.attn\.qkv: optimizer gptq cannot use calibration file .*calib\.safetensors, statistics "
+         r"blocks\.0\.attn\.qkv: its Hessian is not positive definite even with damping 3000")
+def _(d):
+    n = 64  # symmetric, positive diagonal, eigenvalue 1 - 1e4 * 63 < 0: passes the cheap checks
+    return _with_calibration(d, _calibration_file(d, -1e4 * (torch.ones(n, n) - torch.eye(n)) + torch.eye(n)))
+
+
+@hostile("calibration_hessian_indefinite_quip", E.CalibrationError,
+         r"blocks\.0\.attn\.qkv: optimizer quip cannot use calibration file .*calib\.safetensors")
+def _(d):
+    n = 64
+    return _with_calibration(d, _calibration_file(d, -1e4 * (torch.ones(n, n) - torch.eye(n)) + torch.eye(n)),
+                             optimizer="quip")
+
+
+@hostile("calibration_hessian_nan", E.CalibrationError,
+         r"calib\.safetensors: blocks\.0\.attn\.qkv: hessian has NaN or Inf values")
+def _(d):
+    h = torch.eye(64)
+    h[3, 4] = h[4, 3] = float("nan")
+    return _with_calibration(d, _calibration_file(d, h))
+
+
+@hostile("calibration_metadata_nesting_bomb", E.CalibrationError,
+         r"calib\.safetensors: metadata 'layers' is not a JSON object of names \(nested too deeply\)")
+def _(d):
+    return _with_calibration(d, _calibration_file(d, layers_json="[" * 100_000 + "]" * 100_000))
+
+
+@hostile("loader_metadata_nesting_bomb", E.SafetensorsFormatError,
+         r"deep\.safetensors: __metadata__\['_quantization_metadata'\] is not valid")
+def _(d):
+    from convert_to_quant.quant_core.loading import load_quantized_file
+    p = str(d / "deep.safetensors")
+    save_file({"lin.weight": torch.ones(8, 16, dtype=torch.int8), "lin.weight_scale": torch.full((8, 1), 0.01)}, p,
+              metadata={"_quantization_metadata": "[" * 100_000 + "]" * 100_000})
+    return Setup(input=p, output=str(d / "out.safetensors"), api=lambda: load_quantized_file(p),
+                 cli_message=r"is already quantized")
+
+
+def _with_options(d: Path, options: dict) -> Setup:
+    return Setup(input=small_model(d / "m.safetensors"), output=str(d / "out.safetensors"), cli=None,
+                 options={"optimizer_options": options})
+
+
+for _opts, _want in (({"num_itr": 5}, r"optimizer_options: unknown option\(s\) 'num_itr'; known: .*num_iter"),
+                     ({"num_iter": "100"}, r"optimizer_options: option 'num_iter' must be an integer, got '100'"),
+                     ({"num_iter": 10.5}, r"optimizer_options: option 'num_iter' must be an integer, got float 10\.5"),
+                     ({"gptq_actorder": "false"}, r"option 'gptq_actorder' must be true or false, got 'false'"),
+                     ({"gptq_damp": float("nan")}, r"option 'gptq_damp' must be a finite number, got float nan"),
+                     ({"streaming_mode": "fast"}, r"option 'streaming_mode' must be one of off, minimal, balanced, aggressive, auto, got 'fast'"),
+                     ({"lr\n": 1.0}, r"unknown option\(s\) 'lr\\n'")):
+    @hostile(f"optimizer_options_{next(iter(_opts)).strip()}_{type(next(iter(_opts.values()))).__name__}",
+             E.PlanError, _want)
+    def _(d, _opts=_opts):
+        return _with_options(d, _opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -946,10 +1110,80 @@ def _nan_kept():
     return {"bad.weight": bad, "good.weight": r(8, 16)}
 
 
+# --- issue 14 (data): valid inputs with extreme numbers and hostile names --------------------------
+FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _flt_max():
+    _, r = _edge_weights()
+    one = r(16, 32)
+    one[0, 0] = FLT_MAX  # one element at float32's largest value
+    rows = r(16, 32)
+    rows[0], rows[1] = FLT_MAX, -FLT_MAX  # whole rows: abs-max scale FLT_MAX/127 must not dequantize to Inf
+    const = r(16, 32)
+    const[2] = 3e38  # constant row: its convrot rotation is finite, but float32 partial sums overflowed
+    return {"one.weight": one, "rows.weight": rows, "const.weight": const}
+
+
+def _check_finite_everywhere(sd_in, sd_out, report):
+    for k, v in sd_out.items():
+        if v.is_floating_point():
+            assert bool(torch.isfinite(v).all()), k
+    from convert_to_quant.quant_core.formats import make_spec as _ms
+    for base in [k[:-len(".weight")] for k in sd_in]:
+        lay = report["layers"][base]
+        assert lay["quantized"] and 0 < lay["sqnr_db"] < 1000, (base, lay)
+        s = sd_out[base + ".weight_scale"]
+        assert bool(torch.isfinite(s * 127).all()), base  # the largest integer dequantizes finitely
+
+
+def _exact():
+    _, r = _edge_weights()
+    return {"exact.weight": r(16, 32).round().half().float(), "lossy.weight": r(16, 32)}
+
+
+def _const_row_3e38():
+    """The issue-14 case: a finite row of 3e38, convrot group 16 -> weight_scale was Inf (float32
+    partial sums of the rotation overflowed); the rotation of a constant row is that constant."""
+    _, r = _edge_weights()
+    w = r(16, 32)
+    w[2] = 3e38
+    return {"const.weight": w}
+
+
+def _check_exact(sd_in, sd_out, report):
+    lay = report["layers"]["exact"]
+    assert lay["exact"] is True and "sqnr_db" not in lay and lay["mse"] == 0.0  # strict JSON: no Infinity
+    assert report["summary"]["layers_exact"] == 1
+    assert report["summary"]["min_sqnr_layer"] == "lossy"
+    assert torch.equal(sd_out["exact.weight"].float(), sd_in["exact.weight"])
+
+
+def _surrogate_names():
+    _, r = _edge_weights()
+    return {"a\ud800b.weight": r(16, 32), "c\udfff.bias": r(16), "\x1b[2J.weight": r(8, 16), "n\nl.weight": r(8, 16)}
+
+
+def _check_surrogate_names(sd_in, sd_out, report):
+    assert set(report["layers"]) == {"a\ud800b", "\x1b[2J", "n\nl"}
+    for base in report["layers"]:
+        assert sd_out[base + ".weight"].dtype == torch.int8
+    _passthrough_equal(sd_in, sd_out, ["c\udfff.bias"])
+
+
 EDGE: List[EdgeCase] = [
     EdgeCase("all_zero_weights", _all_zero, _check_all_zero),
     EdgeCase("passthrough_0d_1d_3d_5d_bool_int_empty", _passthrough, _check_passthrough),
     EdgeCase("hostile_tensor_names", _names, _check_names),
     EdgeCase("extreme_magnitudes_and_subnormals", _extremes, _check_extremes),
     EdgeCase("nan_inf_with_policy_keep", _nan_kept, _check_nan_kept, {"nan_policy": "keep"}),
+    # issue 14 (data)
+    EdgeCase("flt_max_weights", _flt_max, _check_finite_everywhere),
+    EdgeCase("row_of_3e38_convrot16", _const_row_3e38, _check_finite_everywhere,
+             {"plan": __import__("convert_to_quant.quant_core.plan", fromlist=["PlanOptions"]).PlanOptions(
+                 spec=make_spec(convrot=True, convrot_groupsize=16))}),
+    EdgeCase("exact_layer_sqnr_inf", _exact, _check_exact,
+             {"plan": __import__("convert_to_quant.quant_core.plan", fromlist=["PlanOptions"]).PlanOptions(
+                 spec=make_spec(format="fp16"))}),
+    EdgeCase("surrogate_and_control_names", _surrogate_names, _check_surrogate_names),
 ]

@@ -399,3 +399,137 @@ def test_lora_alpha_pattern_regex_is_bounded_in_a_real_process(tmp_path):
     assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(case.message, r.stderr), r.stderr
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14 (data): large layer-configs, literal patterns, names on the terminal, bounded pass-through
+# ------------------------------------------------------------------------------------------------
+def test_literal_patterns_match_exactly_like_re():
+    """Plain-text patterns (also ^/$-anchored and re.escape'd) skip ``re``: same answer as ``re`` for
+    random patterns over an alphabet full of metacharacters, newlines and backslashes, both modes."""
+    import random
+    rng = random.Random(7)
+    alphabet = "ab.\n\\^$*|"
+    names = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(400)]
+    names += ["a.b", "a.b\n", "\n", ""]
+    pats = []
+    while len(pats) < 1500:
+        p = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5)))
+        try:
+            re.compile(p)
+        except re.error:
+            continue
+        pats.append(p)
+    lit = [p for p in pats if plan_mod.literal_form(p) is not None]
+    assert len(lit) > 300  # the fast path is really exercised
+    for fullmatch in (False, True):
+        got = plan_mod.match_user_regexes([(plan_mod.UserRegex(p), "t") for p in lit], names, fullmatch)
+        want = [{n for n in names if (re.fullmatch(p, n) if fullmatch else re.search(p, n))} for p in lit]
+        assert got == want
+        # few patterns and long names: the scan branch of the index
+        long_names = [n * 20 for n in names[:50]]
+        few = lit[:6]
+        got = plan_mod.match_user_regexes([(plan_mod.UserRegex(p), "t") for p in few], long_names, fullmatch)
+        assert got == [{n for n in long_names if (re.fullmatch(p, n) if fullmatch else re.search(p, n))} for p in few]
+
+
+def test_large_layer_config_is_planned_like_first_match(tmp_path):
+    """50k rules (a generated template's exact names, plus real regexes): planned in seconds, not
+    refused as 'catastrophic', and every layer gets the first rule that matches it, as ``re`` says."""
+    import time
+    from convert_to_quant.quant_core.formats import make_spec
+    from convert_to_quant.quant_core.plan import PlanOptions, build_plan, load_layer_config
+    names = [f"blocks.{i}.attn.qkv" for i in range(300)] + [f"blocks.{i}.mlp.fc1" for i in range(300)]
+    save_file({n + ".weight": torch.zeros(16, 16) for n in names}, str(tmp_path / "m.safetensors"))
+    cfg = {"^" + re.escape(f"other.model.blocks.{i}.x") + "$": {"skip": True} for i in range(50_000)}
+    cfg.update({"^" + re.escape(f"blocks.{i}.mlp.fc1") + "$": {"format": "int8_blockwise", "block_size": 16}
+                for i in range(0, 300, 3)})
+    cfg[r"blocks\.1\d*\.attn"] = {"format": "fp16"}
+    cfg["attn.qkv"] = {"skip": True}  # '.' is a metacharacter: a real regex
+    cfg["mlp.fc1$"] = {"format": "int8_tensorwise", "scaling_mode": "tensor"}
+    (tmp_path / "layers.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    rules = load_layer_config(str(tmp_path / "layers.json"), make_spec())
+    with SafetensorsReader(str(tmp_path / "m.safetensors")) as r:
+        plan = build_plan(r.infos, PlanOptions(layer_config=rules))
+    seconds = time.perf_counter() - t0
+    assert seconds < 60, seconds  # was: refused after the 10 s limit as catastrophic backtracking
+    compiled = [(re.compile(k), v) for k, v in cfg.items()]
+    for n in names:
+        want = next(v for rx, v in compiled if rx.search(n + ".weight") or rx.search(n))
+        got = plan.layers[n]
+        if want.get("skip"):
+            assert got.spec is None, n
+        else:
+            fmt = want["format"]
+            assert got.spec is not None and got.spec.format == fmt, (n, got.describe(), want)
+
+
+def test_names_from_a_file_reach_the_terminal_escaped(tmp_path):
+    """Real processes: a key with a newline, ESC sequences and a lone surrogate (JSON ``\\ud800``) in the
+    plan table, the summary and the error line: no raw control character, no UnicodeEncodeError, one
+    ``error:`` line."""
+    keys = ["blocks.0\nerror: forged.weight", "a\x1b[31mRED.weight", "s\ud800.weight"]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(16, 16, generator=g) * 0.02)
+    data = b"".join(w.numpy().tobytes() for _ in keys)
+    header = {k: corpus.f32_entry((16, 16), 1024 * i) for i, k in enumerate(keys)}
+    inp = corpus.raw_file(tmp_path / "m.safetensors", json.dumps(header), data)
+    w_nan = w.clone()
+    w_nan[0, 0] = float("nan")
+    bad = corpus.raw_file(tmp_path / "bad.safetensors", json.dumps({keys[0]: corpus.f32_entry((16, 16), 0)}),
+                          w_nan.numpy().tobytes())
+    runs = [["-i", inp, "--dry-run", "analyze"], ["-i", inp, "-o", str(tmp_path / "o.safetensors")],
+            ["-i", bad, "-o", str(tmp_path / "o2.safetensors")]]
+    procs = [subprocess.Popen([sys.executable, "-m", "convert_to_quant", *a], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for a in runs]
+    outs = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for (out, err, rc), a in zip(outs, runs):
+        text = (out + err).decode("utf-8")
+        assert b"\x1b" not in out + err and "Traceback" not in text, text
+        assert not any(ln.startswith("error: forged") for ln in text.splitlines()), text
+    (out, err, rc) = outs[0]
+    assert rc == 0 and "'blocks.0\\nerror: forged'" in out.decode() and "'s\\ud800'" in out.decode()
+    assert "'a\\x1b[31mRED'" in out.decode()
+    assert outs[1][2] == 0, outs[1][1]
+    out, err, rc = outs[2]
+    lines = err.decode().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: 'blocks.0\\nerror: forged.weight': weight has 1 NaN")
+
+
+def test_huge_pass_through_tensor_is_copied_in_bounded_memory(tmp_path):
+    """A 320 MB pass-through tensor (a sparse file: no disk used for the input) is streamed in 64 MB
+    chunks, also by --verify's checksum: peak RSS grows by well under the tensor's size."""
+    size = 320 << 20
+    code = r'''
+import json, os, resource, struct, sys, torch
+p, o, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+w = (torch.randn(16, 16) * 0.02).numpy().tobytes()
+h = json.dumps({"lin.weight": {"dtype": "F32", "shape": [16, 16], "data_offsets": [0, 1024]},
+                "table": {"dtype": "U8", "shape": [size], "data_offsets": [1024, 1024 + size]}}).encode()
+with open(p, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h + w)
+os.truncate(p, 8 + len(h) + 1024 + size)
+from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
+from convert_to_quant.quant_core.safetensors_io import SafetensorsReader
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+convert_file(p, o, ConvertOptions(verify=True))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with SafetensorsReader(o) as r:
+    info = r.info("table")
+    assert info.nbytes == size and r.get("lin.weight").dtype == torch.int8
+    assert all(not any(c) for c in r.iter_chunks("table", 64 << 20))
+print(json.dumps({"before": before, "peak": peak}))
+'''
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors"),
+                        str(size)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["peak"] - m["before"] < size // 2, m  # reading it whole would add >= 320 MB
+
+
+def test_declared_tensor_beyond_the_file_is_refused_as_truncated(tmp_path):
+    h = {"table": {"dtype": "U8", "shape": [3 << 30], "data_offsets": [0, 3 << 30]}}
+    p = corpus.raw_file(tmp_path / "m.safetensors", h, b"\0" * 4096)
+    with pytest.raises(SafetensorsFormatError, match=r"tensor 'table': data ends at byte 3221225472 .*truncated"):
+        SafetensorsReader(p)

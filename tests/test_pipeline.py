@@ -1,6 +1,7 @@
 """End-to-end conversion: files we write, their metadata, their quality numbers, comfy-kitchen agreement,
 and the foundation's error cases."""
 import json
+import math
 import os
 import shutil
 import struct
@@ -50,8 +51,8 @@ def test_minilm_report_matches_the_written_file(tmp_path, minilm_path, spec):
             continue
         n_quant += 1
         st = error_stats(original[base + ".weight"], deq[base + ".weight"])
-        if st["sqnr_db"] is None:  # lossless (MiniLM's fp32 weights are exactly fp16-representable)
-            assert "sqnr_db" not in lq and spec == "fp16"
+        if st["sqnr_db"] == math.inf:  # lossless (MiniLM's fp32 weights are exactly fp16-representable)
+            assert "sqnr_db" not in lq and lq["exact"] is True and spec == "fp16"
         else:
             assert lq["sqnr_db"] == pytest.approx(st["sqnr_db"], abs=1e-9)
         assert lq["mse"] == pytest.approx(st["mse"], rel=1e-9, abs=1e-30)

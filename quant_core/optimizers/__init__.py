@@ -59,6 +59,63 @@ def get_optimizer(name: str) -> OptimizerFn:
         raise PlanError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}") from None
 
 
+# Every key ``ConvertOptions.optimizer_options`` may hold (the CLI's optimizer/memory flags, the node's
+# optimizer_options JSON, the API's dict) and its JSON type. ``None`` always means "the default".
+# ``check_optimizer_options`` refuses unknown keys and wrong types: no silent coercion.
+_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
+OPTIMIZER_OPTIONS: Dict[str, Any] = {
+    **dict.fromkeys(("num_iter", "min_k", "max_k", "lr_patience", "lr_cooldown", "early_stop_stall",
+                     "gptq_block_size", "polish_sweeps", "quip_seed", "quip_checkpoint_threshold",
+                     "quip_checkpoint_segments", "bf16_threshold", "bf16_hadamard_threshold",
+                     "bf16_hessian_threshold", "calib_samples", "manual_seed", "eval_every", "row_segments"), _INT),
+    **dict.fromkeys(("lr", "top_p", "lr_gamma", "lr_factor", "lr_min", "lr_threshold", "early_stop_loss",
+                     "early_stop_lr", "gptq_damp", "smoothquant_alpha", "calibration_lora_weight",
+                     "round_reg"), _FLOAT),
+    **dict.fromkeys(("gptq_actorder", "quip_actorder", "quip_hadamard", "quip_store_transformed",
+                     "quip_checkpointed", "smoothquant", "static_activations", "bias_correction", "input_scale",
+                     "full_precision_matrix_mult", "no_memory_limits", "allow_tf32", "scale_search",
+                     "bf16_hadamard", "bf16_hessian"), _BOOL),
+    **dict.fromkeys(("calibration_lora", "hessian_device"), _STR),
+    "lr_schedule": ("adaptive", "exponential", "plateau"),
+    "rounding_init": ("gptq", "nearest"),
+    "quip_requant_scheme": ("tensor", "block"),
+    "streaming_mode": ("off", "minimal", "balanced", "aggressive", "auto"),
+    "bf16_compute": ("auto", "on", "off"),
+}
+
+
+def check_optimizer_options(options: Optional[Dict[str, Any]], where: str = "optimizer_options") -> None:
+    """Refuse an options dict with unknown keys or values of the wrong JSON type, naming the key."""
+    import math
+    from ..errors import display_name
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise PlanError(f"{where} must be an object of option names, got {type(options).__name__}")
+    unknown = [k for k in options if k not in OPTIMIZER_OPTIONS]
+    if unknown:
+        shown = ", ".join(repr(k) if isinstance(k, str) else display_name(repr(k)) for k in unknown[:5])
+        raise PlanError(f"{where}: unknown option(s) {shown}; known: {', '.join(sorted(OPTIMIZER_OPTIONS))}")
+    for key, v in options.items():
+        kind = OPTIMIZER_OPTIONS[key]
+        if v is None:
+            continue
+        if isinstance(kind, tuple):
+            ok, what = isinstance(v, str) and v in kind, "one of " + ", ".join(kind)
+        elif kind == _BOOL:
+            ok, what = isinstance(v, bool), kind
+        elif kind == _INT:
+            ok, what = isinstance(v, int) and not isinstance(v, bool), kind
+        elif kind == _FLOAT:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            what = "a finite number"
+        else:
+            ok, what = isinstance(v, str), kind
+        if not ok:
+            shown = repr(v) if isinstance(v, str) else type(v).__name__ + " " + display_name(repr(v)[:80])
+            raise PlanError(f"{where}: option {key!r} must be {what}, got {shown}")
+
+
 @register_optimizer("rtn")
 def rtn(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     """Round to nearest (ties to even) with the format's abs-max scales: the baseline."""

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
 from ..memory import storage_weight
@@ -34,6 +35,10 @@ from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_err
 
 DEFAULT_BLOCK = 128
 DEFAULT_DAMP = 0.03  # chosen on MiniLM held-out sentences from {1%, 3%, 10%, 30%} (docs/OPTIMIZERS.md)
+
+
+class IndefiniteHessianError(CalibrationError):
+    """GPTQ/QuIP could not factor ``H + λ·I`` for any damping tried (statistics that are not XᵀX)."""
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = DEFAULT_DAMP, max_tries: int = 6
@@ -70,7 +75,11 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DEFAULT_DAMP, max_tries: int
         else:
             del chol
         lam *= 10.0
-    raise RuntimeError(f"GPTQ: Hessian is not positive definite even with damping {lam / 10:g}")
+    raise IndefiniteHessianError(
+        f"its Hessian is not positive definite even with damping {lam / 10:g}·mean(diag H) "
+        f"({max_tries} tries from {damp:g}, x10 each): it has large negative eigenvalues, so it is not a "
+        "sum of x·xᵀ over real activations")
+
 
 
 def _sweep_block(w1: torch.Tensor, s1: torch.Tensor, u1: torch.Tensor, q1: torch.Tensor,
