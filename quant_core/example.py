@@ -45,8 +45,8 @@ def _hide_package_root():
     """``python -m convert_to_quant`` run from the repository root puts the root on sys.path; its
     ``kernels/`` folder would then be taken for Hugging Face's ``kernels`` package by transformers."""
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
 
 
 def load_model(state_dict: Dict[str, torch.Tensor] = None):
