@@ -22,7 +22,7 @@ import folder_paths
 from ..quant_core.errors import ConvertError, PlanError
 from ..quant_core.formats import FORMATS, make_spec
 from ..quant_core.optimizers import OPTIMIZERS, check_optimizer_options
-from ..quant_core.paths import publish_file
+from ..quant_core.paths import OutputLock, publish_file
 from ..quant_core.pipeline import ConversionJob, ConvertOptions, output_path_in_folder
 from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
 from ..quant_core.presets import all_presets, detect_family
@@ -363,11 +363,14 @@ class QuantSave:
             raise ConvertError("the quantized temporary file is gone (output directory cleaned?); "
                                "run Quantize again")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        publish_file(quantized.tmp_path, path, overwrite=overwrite)
-        written = [path]
-        if save_report:
-            stem = os.path.splitext(path)[0] + "_quality"
-            written += quantized.report.write(stem + ".json")
+        # one writer per name: a second Save (or a CLI run) to the same file fails while this one holds
+        # the lock, and the model and its report are written by the same Save
+        with OutputLock(path) as lock:
+            publish_file(quantized.tmp_path, path, overwrite=overwrite, lock=lock)
+            written = [path]
+            if save_report:
+                stem = os.path.splitext(path)[0] + "_quality"
+                written += quantized.report.write(stem + ".json")
         rel = os.path.relpath(path, base)
         text = f"saved {folder}/{rel} ({os.path.getsize(path) / 1e9:.3f} GB)"
         log.info("convert_to_quant: %s", text)

@@ -504,9 +504,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         validate_args(args, parser)
         return run(args, console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") in ("", "0"):  # of several ranks, rank 0 says it for all
-            print("error: interrupted; no output file was left behind", file=sys.stderr)
+            done = getattr(e, "output_published", None)  # it landed after the model was in place
+            print(f"error: interrupted after {done} was written and verified; its quality report may be "
+                  "missing" if done else "error: interrupted; no output file was left behind", file=sys.stderr)
         return 130
     except ConversionCancelled as e:
         print(f"error: {terminal_text(str(e))}", file=sys.stderr)

@@ -30,6 +30,10 @@ class OutputPathError(ConvertError):
     """The output path is not acceptable (same as input, escapes its folder, exists...)."""
 
 
+class OutputBusyError(OutputPathError):
+    """Another live process (or another writer in this one) is writing the same output right now."""
+
+
 class LoRAError(ConvertError):
     """A LoRA file that does not fit the model."""
 

@@ -45,8 +45,8 @@ def _hide_package_root():
     """``python -m convert_to_quant`` run from the repository root puts the root on sys.path; its
     ``kernels/`` folder would then be taken for Hugging Face's ``kernels`` package by transformers."""
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
 
 
 def load_model(state_dict: Dict[str, torch.Tensor] = None):
@@ -115,7 +115,7 @@ def calibration_path(output: str) -> str:
 
 
 def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION_SENTENCES,
-                               log=lambda m: None) -> Dict[str, object]:
+                               log=lambda m: None, overwrite: bool = True) -> Dict[str, object]:
     """Run MiniLM on ``sentences`` (batches of 16; padding tokens are masked out of the statistics) and
     write the calibration statistics of every nn.Linear input to ``path``."""
     from .calibration import capture_calibration
@@ -128,12 +128,14 @@ def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION
     return capture_calibration(model, batches, path, forward=lambda m, b: m(**b), dtype=torch.float64,
                                mask=lambda b: b["attention_mask"].bool(),  # padding is no real input
                                metadata={"source": "all-MiniLM-L6-v2", "sentences": str(len(sentences))},
-                               log=log)
+                               overwrite=overwrite, log=log)
 
 
-def prepare_calibration(args, opts, console, output: str = None):
+def prepare_calibration(args, opts, console, output: str):
     """Calibrated steps on the example use statistics captured on real sentences (CALIBRATION_SENTENCES,
-    disjoint from the evaluation sentences), unless --calibration-data names a file."""
+    disjoint from the evaluation sentences), unless --calibration-data names a file. They are written
+    next to ``output`` (``<stem>_calibration.safetensors``); an existing file there is replaced only with
+    ``--overwrite``, like the output itself."""
     oo = opts.optimizer_options or {}
     wants = opts.optimizer != "rtn" or oo.get("smoothquant") or oo.get("bias_correction")
     if not wants or opts.calibration_data:
@@ -142,20 +144,25 @@ def prepare_calibration(args, opts, console, output: str = None):
     if n < 1:
         raise ConvertError("--calib_samples must be at least 1")
     sentences = CALIBRATION_SENTENCES[:n]
-    path = calibration_path(output or default_output())
+    path = calibration_path(output)
     folder = os.path.dirname(os.path.abspath(path))
+    from .errors import OutputPathError
     if not os.path.isdir(folder):
-        from .errors import OutputPathError
         raise OutputPathError(f"output folder {folder} does not exist")
-    summary = capture_minilm_calibration(path, sentences, log=lambda m: console(m, 2))
+    if os.path.lexists(path) and not opts.overwrite:
+        raise OutputPathError(f"{path} (the example's calibration statistics) already exists "
+                              "(use --overwrite to replace it)")
+    summary = capture_minilm_calibration(path, sentences, log=lambda m: console(m, 2), overwrite=opts.overwrite)
     console(f"example: captured calibration statistics of {summary['layers']} layers on {len(sentences)} "
             f"sentences -> {path}")
     opts.calibration_data = path
 
 
 def default_output() -> str:
-    d = os.path.join(tempfile.gettempdir(), "convert_to_quant_example")
-    os.makedirs(d, exist_ok=True)
+    """Where the example writes without ``-o``: a new folder of its own in the temp directory (created
+    here, unique to this run), so runs at the same time never share or replace each other's files and
+    no file of an earlier run (its calibration statistics) lies beside the new output."""
+    d = tempfile.mkdtemp(prefix="convert_to_quant_example-")
     return os.path.join(d, "all-MiniLM-L6-v2_int8.safetensors")
 
 
@@ -168,9 +175,11 @@ def run_example(args, console) -> int:
     if not args.preset and not any(getattr(args, k) for k in vars(args) if k.startswith("preset_")):
         args.preset = ["auto"]
     opts = options_from_args(args)
-    out = args.output or default_output()
-    if not args.output:
-        opts.overwrite = True  # our own scratch file
+    if args.output:  # the user's file: replaced only with --overwrite (checked before any work)
+        from .pipeline import validate_paths
+        out = validate_paths(src, args.output, opts.overwrite)
+    else:
+        out = default_output()  # a fresh folder of this run's own
     opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
     prepare_calibration(args, opts, console, out)
     console(f"example: quantizing {src}", 1)

@@ -25,6 +25,7 @@ from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, lay
 from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
 from .optimizers.gptq import IndefiniteHessianError
 from .plan import ConversionPlan, PlanOptions, build_plan
+from .paths import OutputLock, lock_path, note_published, partial_path, pause_point
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
 FORMAT_VERSION = "1.0"
@@ -98,16 +99,18 @@ def validate_paths(input_path: str, output_path: str, overwrite: bool = False) -
         raise OutputPathError(f"{out} already exists (use --overwrite to replace it)")
     if os.path.isdir(out):
         raise OutputPathError(f"output {out} is a directory")
-    # the writer deletes a stale <out>.partial before it starts: that name must not be the input
-    # (an input called model.safetensors.partial, or a symlink to it) nor a folder
-    part = out + ".partial"
-    part_entry = os.path.join(os.path.realpath(os.path.dirname(part)), os.path.basename(part))
-    if part_entry == os.path.realpath(input_path):
-        raise OutputPathError(f"output {output_path} would use {part} as its temporary file, which is the "
-                              "input; choose another output name")
-    if os.path.isdir(part) and not os.path.islink(part):
-        raise OutputPathError(f"{part} (the temporary file for the output) is a directory; remove it or "
-                              "choose another output name")
+    # the writer deletes a stale <out>.partial before it starts and removes its <out>.lock when it is
+    # done: neither name may be the input (an input called model.safetensors.partial, or a symlink to
+    # it) nor a folder
+    for side, what in ((partial_path(out), "temporary file"), (lock_path(out), "lock file")):
+        entry = os.path.join(os.path.realpath(os.path.dirname(side)), os.path.basename(side))
+        if entry == os.path.realpath(input_path) or (
+                os.path.exists(side) and os.path.exists(input_path) and os.path.samefile(side, input_path)):
+            raise OutputPathError(f"output {output_path} would use {side} as its {what}, which is the "
+                                  "input; choose another output name")
+        if os.path.isdir(side) and not os.path.islink(side):
+            raise OutputPathError(f"{side} (the {what} for the output) is a directory; remove it or "
+                                  "choose another output name")
     return out
 
 
@@ -138,7 +141,8 @@ def validate_report_path(report_path: str, input_path: str, output_path: str):
     from .metrics import report_file_paths
     if "\x00" in os.fspath(report_path):
         raise OutputPathError("report path contains a NUL byte")
-    taken = {os.path.realpath(p) for p in (input_path, output_path, output_path + ".partial")}
+    taken = {os.path.realpath(p) for p in (input_path, output_path, partial_path(output_path),
+                                           lock_path(output_path))}
     for p in report_file_paths(report_path):
         if os.path.realpath(p) in taken:
             raise OutputPathError(f"quality report file {p} is the input or the output model; choose "
@@ -202,6 +206,7 @@ class ConversionJob:
         self.input_path = input_path
         self.prefetched: Dict[str, torch.Tensor] = {}  # key -> tensor already read (run's read-ahead)
         self.summary_extra: Dict[str, object] = {}  # extra report-summary entries (multi-rank timing)
+        self.output_lock: Optional[OutputLock] = None  # held from open_writer until the report is written
         if opts.low_memory:
             limit_heap_growth()
         self.reader = SafetensorsReader(input_path)
@@ -391,8 +396,18 @@ class ConversionJob:
         return {bkey: nb.to(dtype).cpu()}
 
     def open_writer(self) -> StreamingWriter:
+        """The writer of the output file. The job takes the output's lock here (``OutputBusyError`` when
+        another conversion writes the same output) and holds it until the quality report is written
+        (``finish``) or the job is closed, so the model and its report are one run's."""
+        if self.output_lock is None:
+            self.output_lock = OutputLock(self.output_path).acquire()
         return StreamingWriter(self.output_path, self.entries, self.metadata, overwrite=self.opts.overwrite,
-                               checksums=self.opts.verify)
+                               checksums=self.opts.verify, lock=self.output_lock)
+
+    def release_output(self):
+        lock, self.output_lock = self.output_lock, None
+        if lock is not None:
+            lock.release()
 
     @property
     def pin_host_memory(self) -> bool:
@@ -408,24 +423,9 @@ class ConversionJob:
     def copy_streamed(self, writer: StreamingWriter, key: str):
         """Copy pass-through tensor ``key`` from the input to ``writer`` in chunks of at most
         STREAM_CHUNK_BYTES: memory stays bounded whatever the tensor's size (a 10 GB embedding table
-        is never held whole). Same bytes and checksum as ``writer.write`` of the whole tensor."""
-        import hashlib
-        entry = writer.entries.get(key)
+        is never held whole)."""
         info = self.reader.info(key)
-        if entry is None or entry.dtype != info.dtype or tuple(entry.shape) != tuple(info.shape):
-            raise ConvertError(f"internal error: streamed tensor {display_name(key)} does not match the output plan")
-        if key in writer.written:
-            raise ConvertError(f"internal error: {display_name(key)} written twice")
-        h = hashlib.sha256() if writer.hash_tensors else None
-        at = writer.data_start + writer.offsets[key]
-        for chunk in self.reader.iter_chunks(key, STREAM_CHUNK_BYTES):
-            writer._pwrite(chunk, at)
-            if h is not None:
-                h.update(chunk)
-            at += len(chunk)
-        if h is not None:
-            writer.checksums[key] = h.hexdigest()
-        writer.written[key] = True
+        writer.write_chunks(key, info.dtype, info.shape, self.reader.iter_chunks(key, STREAM_CHUNK_BYTES))
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -444,28 +444,35 @@ class ConversionJob:
         done = 0
         bound = self.memory.prefetch_bytes
         sizes = {k: 0 if k in self.streamed else self.reader.info(k).nbytes for k in self.order}
-        with self.open_writer() as writer:
-            with WriteBehind(writer, bound) as out, Prefetcher(self.read_input, self.order, sizes, bound) as inputs:
-                for key, t in inputs:
-                    if check_cancel is not None:
-                        check_cancel()
-                    if key in self.streamed:
-                        self.copy_streamed(writer, key)
-                        continue
-                    self.prefetched = {key: t}
-                    del t
-                    tensors, layer = self.process(key)
-                    self.prefetched = {}
-                    out.put(tensors)
-                    del tensors
-                    if layer is not None:
-                        self.report.add(*layer)
-                        if layer[1].quantized:
-                            done += 1
-                            if progress is not None:
-                                progress(done, n_layers, layer[0])
-            writer.finish(verify=lambda tmp: self.verify(tmp, writer.checksums))
-        return self.finish(writer.checksums, verified=True)
+        writer = None
+        try:
+            with self.open_writer() as writer:
+                with WriteBehind(writer, bound) as out, \
+                        Prefetcher(self.read_input, self.order, sizes, bound) as inputs:
+                    for key, t in inputs:
+                        if check_cancel is not None:
+                            check_cancel()
+                        if key in self.streamed:
+                            self.copy_streamed(writer, key)
+                            continue
+                        self.prefetched = {key: t}
+                        del t
+                        tensors, layer = self.process(key)
+                        self.prefetched = {}
+                        out.put(tensors)
+                        del tensors
+                        if layer is not None:
+                            self.report.add(*layer)
+                            if layer[1].quantized:
+                                done += 1
+                                if progress is not None:
+                                    progress(done, n_layers, layer[0])
+                writer.finish(verify=lambda tmp: self.verify(tmp, writer.checksums))
+            return self.finish(writer.checksums, verified=True)
+        except BaseException as e:
+            if writer is not None and writer.published:  # an interrupt after the rename: the file is there
+                note_published(e, self.output_path)
+            raise
 
     def verify(self, path: str, checksums: Dict[str, str]):
         """Check a written file (the ``.partial`` before it is renamed): header, keys, dtypes and shapes
@@ -477,34 +484,47 @@ class ConversionJob:
 
     def finish(self, checksums: Dict[str, str], verified: bool = False) -> "ConversionResult":
         """After the file is in place: verify it (unless ``run`` did before the rename), finalize and
-        write the report. A file that fails verification is removed."""
+        write the report, then release the output's lock. A file that fails verification is removed.
+        An interrupt that lands here is marked ``output_published`` (the model is in place)."""
         out = self.output_path
-        if not verified:
-            try:
-                self.verify(out, checksums)
-            except BaseException:
-                try:
-                    os.unlink(out)
-                except FileNotFoundError:
-                    pass
-                raise
-        self.reader.close()
-        seconds = time.perf_counter() - self.t0
-        plan = self.plan
-        self.report.finalize(bytes_in=os.path.getsize(self.input_path), bytes_out=os.path.getsize(out),
-                             seconds=round(seconds, 3), optimizer=self.opts.optimizer, presets=plan.presets,
-                             family=plan.family, input=os.path.basename(self.input_path),
-                             output=os.path.basename(out), **self.summary_extra)
-        for w_ in self.report.warnings:
-            self.log("warning: " + w_)
+        published = verified
         try:
-            paths = self.report.write(self.opts.report_path) if self.opts.report_path else []
-        except OSError as e:  # disk full, permissions: the model itself is complete and verified
-            raise OutputPathError(f"{out} was written, but the quality report {self.opts.report_path} "
-                                  f"could not be: {e.strerror or e}") from None
+            if not verified:
+                try:
+                    self.verify(out, checksums)
+                except BaseException:
+                    try:
+                        os.unlink(out)
+                    except FileNotFoundError:
+                        pass
+                    raise
+                published = True
+            self.reader.close()
+            seconds = time.perf_counter() - self.t0
+            plan = self.plan
+            self.report.finalize(bytes_in=os.path.getsize(self.input_path), bytes_out=os.path.getsize(out),
+                                 seconds=round(seconds, 3), optimizer=self.opts.optimizer,
+                                 presets=plan.presets, family=plan.family,
+                                 input=os.path.basename(self.input_path), output=os.path.basename(out),
+                                 **self.summary_extra)
+            for w_ in self.report.warnings:
+                self.log("warning: " + w_)
+            pause_point("report")
+            try:
+                paths = self.report.write(self.opts.report_path) if self.opts.report_path else []
+            except OSError as e:  # disk full, permissions: the model itself is complete and verified
+                raise OutputPathError(f"{out} was written, but the quality report {self.opts.report_path} "
+                                      f"could not be: {e.strerror or e}") from None
+        except BaseException as e:
+            if published:
+                note_published(e, out)
+            raise
+        finally:
+            self.release_output()
         return ConversionResult(out, plan, self.report, seconds, paths, self.lora_report)
 
     def close(self):
+        self.release_output()
         self.reader.close()
         if self.calibration is not None:
             self.calibration.close()

@@ -7,24 +7,30 @@ We never unpickle anything: ``.ckpt/.pt/.bin/.pth`` inputs are refused.
 
 Writing: ``StreamingWriter`` takes the full list of output tensors (key, dtype, shape) up front -- the
 conversion plan knows it before quantizing anything -- computes the header, reserves the file, then
-accepts tensors in any order and writes each at its offset. Peak memory is one tensor. Output goes to
-``<out>.partial`` and is renamed into place atomically only when every tensor was written and synced;
-on any error or cancel the partial file is removed.
+accepts tensors in any order and writes each at its offset. Peak memory is one tensor. The writer
+holds the output's lock (``paths.OutputLock``: one writer per output name, a second one fails with
+``OutputBusyError``) and a lock on its own ``<out>.partial``; the partial file is verified and renamed
+into place atomically only when every tensor was written and synced, and only while that name still
+holds the writer's own file (checked through its open descriptor). On any error or cancel the partial
+file is removed.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import ConvertError, OutputPathError, SafetensorsFormatError, UnsupportedInputError
+from .paths import (OutputLock, note_published, partial_path, pause_point, remove_stale, rename_into_place,
+                    same_file)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_BYTES = 2 ** 62  # beyond any real tensor; keeps torch's int64 size arithmetic from overflowing
@@ -329,10 +335,6 @@ def build_header(entries: Sequence[OutputEntry], metadata: Optional[Dict[str, st
     return raw, offsets, total
 
 
-def partial_path(path: str) -> str:
-    return path + ".partial"
-
-
 class StreamingWriter:
     """Write a safetensors file whose tensor list is known before any data exists.
 
@@ -340,10 +342,14 @@ class StreamingWriter:
     syncs and atomically renames ``<path>.partial`` to ``path``. ``abort()`` (or leaving the
     ``with`` block by an exception) removes the partial file. ``checksums`` holds a SHA-256 of each
     tensor's bytes as written, for verification.
+
+    ``lock``: the output's ``OutputLock``, already held by the caller (a conversion holds it until its
+    report is written too); without it the writer takes the lock itself and releases it when it is done.
     """
 
     def __init__(self, path: str, entries: Sequence[OutputEntry], metadata: Optional[Dict[str, str]] = None,
-                 overwrite: bool = False, preallocate: bool = True, checksums: bool = True):
+                 overwrite: bool = False, preallocate: bool = True, checksums: bool = True,
+                 lock: Optional[OutputLock] = None):
         self.path = os.fspath(path)
         self.tmp = partial_path(self.path)
         self.entries = {e.key: e for e in entries}
@@ -353,18 +359,29 @@ class StreamingWriter:
         self.checksums: Dict[str, str] = {}
         self.hash_tensors = checksums  # SHA-256 of every tensor as written (for --verify)
         self.overwrite = overwrite
+        self.published = False
+        self._fd = None
+        self._own_lock = None
+        self._pause_after = max(1, len(self.entries) // 2)  # the test pause point "write"
         if os.path.exists(self.path) and not overwrite:
             raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
-        if os.path.lexists(self.tmp):
+        if lock is None:
+            lock = self._own_lock = OutputLock(self.path).acquire()
+        elif not lock.held or lock.path != os.path.abspath(self.path):
+            raise ConvertError(f"internal error: writing {self.path} without holding its lock")
+        try:
+            # under the lock: no other writer of this output runs, so these checks stay true
+            if os.path.exists(self.path) and not overwrite:
+                raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
+            remove_stale(self.tmp)  # a partial of a killed run; one a live process holds is refused
             try:
-                os.unlink(self.tmp)  # a stale partial from an earlier crash: never a valid output
+                self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except OSError as e:
-                raise OutputPathError(f"cannot remove the stale temporary file {self.tmp}: {e.strerror}") from None
-        try:
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as e:
-            raise OutputPathError(f"cannot create {self.tmp}: {e.strerror}") from None
-        try:
+                raise OutputPathError(f"cannot create {self.tmp}: {e.strerror}") from None
+            try:  # held for the file's whole life: remove_stale never takes a file a live writer holds
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise OutputPathError(f"cannot lock {self.tmp}: {e.strerror}") from None
             total = self.data_start + self.data_size
             if preallocate and total > 0 and hasattr(os, "posix_fallocate"):
                 try:
@@ -376,6 +393,7 @@ class StreamingWriter:
             else:
                 os.ftruncate(self._fd, total)
             self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+            pause_point("open")
         except BaseException:
             self.abort()
             raise
@@ -393,27 +411,61 @@ class StreamingWriter:
                 raise OutputPathError(f"writing {self.tmp} failed: {e.strerror}") from None
             pos += n
 
-    def write(self, key: str, tensor: torch.Tensor):
+    def _check_entry(self, key: str, dtype: torch.dtype, shape) -> None:
         entry = self.entries.get(key)
         if entry is None:
             raise ConvertError(f"internal error: {key!r} is not in the output plan")
         if key in self.written:
             raise ConvertError(f"internal error: {key!r} written twice")
-        if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+        if dtype != entry.dtype or tuple(shape) != tuple(entry.shape):
             raise ConvertError(f"internal error: {key!r} planned as {entry.dtype} {list(entry.shape)}, "
-                               f"got {tensor.dtype} {list(tensor.shape)}")
+                               f"got {dtype} {list(shape)}")
+        if self._fd is None:
+            raise ConvertError(f"internal error: {self.tmp} is closed")
+
+    def _written(self, key: str, digest: Optional[str]) -> None:
+        if digest is not None:
+            self.checksums[key] = digest
+        self.written[key] = True
+        if len(self.written) == self._pause_after:
+            pause_point("write")
+
+    def write(self, key: str, tensor: torch.Tensor):
+        self._check_entry(key, tensor.dtype, tensor.shape)
         data = tensor_bytes(tensor)
         self._pwrite(data, self.data_start + self.offsets[key])
-        if self.hash_tensors:
-            self.checksums[key] = hashlib.sha256(data).hexdigest()
-        self.written[key] = True
+        self._written(key, hashlib.sha256(data).hexdigest() if self.hash_tensors else None)
+
+    def write_chunks(self, key: str, dtype: torch.dtype, shape, chunks: Iterable[bytes]):
+        """Write tensor ``key`` from consecutive byte chunks (a pass-through tensor streamed from the
+        input: memory stays at one chunk); same bytes and checksum as ``write`` of the whole tensor."""
+        self._check_entry(key, dtype, shape)
+        h = hashlib.sha256() if self.hash_tensors else None
+        at, end = self.data_start + self.offsets[key], self.data_start + self.offsets[key] + self.entries[key].nbytes
+        for chunk in chunks:
+            if at + len(chunk) > end:
+                raise ConvertError(f"internal error: {key!r} streamed past its planned size")
+            self._pwrite(chunk, at)
+            if h is not None:
+                h.update(chunk)
+            at += len(chunk)
+        if at != end:
+            raise ConvertError(f"internal error: {key!r} streamed {at - end} bytes short of its planned size")
+        self._written(key, h.hexdigest() if h is not None else None)
 
     def missing(self) -> List[str]:
         return [k for k in self.entries if k not in self.written]
 
+    def _check_own(self):
+        if not same_file(self._fd, self.tmp):
+            raise OutputPathError(f"{self.tmp} was removed or replaced by another process while it was "
+                                  f"written; {self.path} was not written")
+
     def finish(self, verify: Optional[Callable[[str], None]] = None) -> str:
         """Sync, optionally ``verify(partial_path)`` (raise to refuse the file), then rename into place.
-        Verifying before the rename means a file that fails verification never appears as the output."""
+        Verifying before the rename means a file that fails verification never appears as the output.
+        The file verified and renamed is this writer's own: the name must still lead to the file open
+        as its descriptor (kept open, and locked, until the rename is done)."""
         missing = self.missing()
         if missing:
             self.abort()
@@ -424,36 +476,50 @@ class StreamingWriter:
         except OSError as e:
             self.abort()
             raise OutputPathError(f"syncing {self.tmp} failed: {e.strerror}") from None
-        os.close(self._fd)
-        self._fd = None
-        if verify is not None:
-            try:
-                verify(self.tmp)
-            except BaseException:
-                self.abort()
-                raise
-        if os.path.exists(self.path) and not self.overwrite:
-            self.abort()
-            raise OutputPathError(f"{self.path} appeared while converting; not overwritten")
         try:
-            os.replace(self.tmp, self.path)
-        except OSError as e:
+            pause_point("verify")
+            self._check_own()
+            if verify is not None:
+                verify(self.tmp)
+            pause_point("rename")
+            self._check_own()
+            try:
+                rename_into_place(self.tmp, self.path, self.overwrite)
+            except OSError as e:
+                raise OutputPathError(f"cannot move {self.tmp} to {self.path}: {e.strerror}") from None
+        except BaseException as e:
+            if same_file(self._fd, self.path):  # published just before an interrupt landed
+                self.published = True
+                note_published(e, self.path)
             self.abort()
-            raise OutputPathError(f"cannot move {self.tmp} to {self.path}: {e.strerror}") from None
+            raise
+        self.published = True
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fd, self._fd = self._fd, None
+        os.close(fd)
+        self._release_own_lock()
         return self.path
 
     def abort(self):
-        fd, self._fd = getattr(self, "_fd", None), None
+        """Remove the partial file (only while its name still leads to this writer's own file) and
+        release the lock if the writer took it itself."""
+        fd, self._fd = self._fd, None
         if fd is not None:
+            try:
+                if same_file(fd, self.tmp):
+                    os.unlink(self.tmp)
+            except OSError:
+                pass
             try:
                 os.close(fd)
             except OSError:
                 pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        self._release_own_lock()
+
+    def _release_own_lock(self):
+        lock, self._own_lock = self._own_lock, None
+        if lock is not None:
+            lock.release()
 
     def __enter__(self):
         return self
@@ -464,6 +530,13 @@ class StreamingWriter:
         elif self._fd is not None:
             self.finish()
         return False
+
+    def __del__(self):
+        try:
+            if getattr(self, "_fd", None) is not None or getattr(self, "_own_lock", None) is not None:
+                self.abort()
+        except Exception:
+            pass
 
 
 def _disk_full_message(path: str, total: int, err: int = errno.ENOSPC) -> str:

@@ -441,7 +441,7 @@ def _(d):
 
 
 @hostile("output_folder_not_writable", E.OutputPathError,
-         r"(output folder .*ro is not writable|cannot create /proc/o\.safetensors\.partial)")
+         r"(output folder .*ro is not writable|cannot create /proc/o\.safetensors\.(partial|lock))")
 def _(d):
     p = small_model(d / "m.safetensors")
     if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
@@ -1001,6 +1001,28 @@ for _opts, _want in (({"num_itr": 5}, r"optimizer_options: unknown option\(s\) '
              E.PlanError, _want)
     def _(d, _opts=_opts):
         return _with_options(d, _opts)
+
+
+# --- two writers, one output (issue 14): the output's lock file -------------------------------------
+@hostile("output_lock_is_the_input", E.OutputPathError,
+         r"would use .*m\.safetensors\.lock as its lock file, which is the input")
+def _(d):
+    p = small_model(d / "m.safetensors.lock")  # the writer removes <out>.lock when it is done
+    return Setup(input=p, output=str(d / "m.safetensors"))
+
+
+@hostile("output_lock_is_a_directory", E.OutputPathError,
+         r"out\.safetensors\.lock \(the lock file for the output\) is a directory")
+def _(d):
+    (d / "out.safetensors.lock").mkdir()
+    return _io(d, small_model(d / "m.safetensors"))
+
+
+@hostile("output_lock_is_someones_file", E.OutputPathError,
+         r"out\.safetensors\.lock \(the lock file for the output\) exists and is not an \(empty\) lock file")
+def _(d):
+    (d / "out.safetensors.lock").write_bytes(b"not ours")
+    return _io(d, small_model(d / "m.safetensors"), watch=[str(d / "out.safetensors.lock")])
 
 
 # ------------------------------------------------------------------------------------------------
