@@ -15,9 +15,14 @@ Needs a ComfyUI source tree (not installed: its folder is put on ``sys.path``) a
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --shapes video_480p_33f --blocks 2
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --dry-run     # CPU smoke test, tiny model
+    python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --model flux  # Flux.1-dev-shaped, 1024x1024
+    python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --text-encoder  # T5-XXL-shaped, 512 tokens
 
 Prints ms/step (median over ``--steps`` after ``--warmup``), output errors against bf16, and the ratios the
-issue targets: bf16 / int8 >= 1.3 and int8+2 LoRAs / int8 <= 1.10.
+issue targets: bf16 / int8 >= 1.3 and int8+2 LoRAs / int8 <= 1.10. For every model, a profiled bf16 and
+int8 step split into linear-layer kernels vs the rest, and the speed-up bound a 2x faster linear part allows
+(``profile_split`` / ``split_report``; docs/NODES.md, "Speed on a GPU").
+
 
 Without a ComfyUI source tree, ``--dry-run`` runs the CPU fallback benchmark instead (pure torch): the same
 Wan-shaped blocks (self-attention with q/k RMSNorm, cross-attention on text tokens, GELU FFN, adaLN
@@ -255,6 +260,524 @@ def torch_fallback_bench(args) -> int:
     log("\nRESULT " + json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "dtype": args.dtype,
                                   "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks, "format": args.format,
                                   "path": path or "auto", "shapes": results}))
+
+
+# ---- Flux / T5 text encoder / step time split (issue 13, item 5) ------------------------------------------
+# Flux.1-dev: 19 double-stream + 38 single-stream blocks, hidden 3072, 24 heads (head dim 128), mlp ratio 4;
+# 1024x1024 -> latent 128x128 -> 4096 image tokens (patch 2); T5 context of 512 tokens; one step = one
+# apply_model call on batch 1 with distilled guidance (no CFG batch).
+FLUX_DEV_BLOCKS = (19, 38)
+FLUX_LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_attn.qkv", "txt_attn.proj",
+                     "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+T5_XXL_LAYERS = 24
+# kernel names (GPU): attention first, so a cutlass/cudnn attention kernel is not counted as a linear GEMM
+ATTN_KERNEL = ("flash", "fmha", "sdpa", "attention", "attn", "softmax")
+LINEAR_KERNEL = ("gemm", "gemv", "nvjet", "xmma", "cublas", "cutlass", "splitk", "int8_gemm_kernel",
+                 "act_quant_kernel", "w8a16_gemm_kernel", "dequant_kernel")
+# op names (CPU fallback): outermost linear-layer op of each Linear call, our custom ops included
+LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::_int_mm")
+LINEAR_OP_PREFIX = "convert_to_quant::"
+
+
+def kernel_is_linear(name: str) -> bool:
+    n = name.lower()
+    if any(a in n for a in ATTN_KERNEL):
+        return False
+    return any(k in n for k in LINEAR_KERNEL)
+
+
+def op_is_linear(name: str) -> bool:
+    return name in LINEAR_OPS or name.startswith(LINEAR_OP_PREFIX)
+
+
+def profile_split(call, dev, steps: int = 0) -> dict:
+    """ms per call of the linear layers vs everything else, from one profiled run of ``steps`` calls (None
+    where the profiler cannot run).
+
+    On CUDA: every device kernel, grouped by name (``kernel_is_linear``). Where the profiler gives no device
+    kernels (CPU, or no CUPTI): the CPU time of the outermost linear ops (``op_is_linear``, not counted again
+    inside another one or inside attention) against the whole call."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    steps = steps or (3 if dev.type == "cuda" else 1)
+    with torch.inference_mode():
+        call()  # anything lazy (autotune, first compile) outside the profile
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        try:
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    with record_function("ctq::step"):
+                        call()
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+            events = list(prof.events())
+        except RuntimeError as e:  # a profiler that cannot start (CUPTI in use, ...): no split, the rest runs
+            log(f"time split skipped: the profiler failed: {str(e).splitlines()[0][:200]}")
+            return None
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+               and e.name != "ctq::step"]  # kernels, memcpy / memset; not the step's range on the GPU timeline
+    if kernels:
+        lin = sum(e.time_range.elapsed_us() for e in kernels if kernel_is_linear(e.name))
+        tot = sum(e.time_range.elapsed_us() for e in kernels)
+        top = sorted({e.name for e in kernels if kernel_is_linear(e.name)})
+        source = "device kernels by name"
+    else:
+        def linear_root(e):
+            if not op_is_linear(e.name):
+                return False
+            p = e.cpu_parent
+            while p is not None:
+                if op_is_linear(p.name) or "attention" in p.name:
+                    return False
+                p = p.cpu_parent
+            return True
+        steps_ev = [e for e in events if e.name == "ctq::step"]
+        tot = sum(e.cpu_time_total for e in steps_ev)
+        lin = sum(e.cpu_time_total for e in events if e.device_type == DeviceType.CPU and linear_root(e))
+        top = sorted({e.name for e in events if e.device_type == DeviceType.CPU and linear_root(e)})
+        source = "CPU op times by op name (no device kernels profiled)"
+    return {"source": source, "linear_ms": lin / 1e3 / steps, "rest_ms": (tot - lin) / 1e3 / steps,
+            "total_ms": tot / 1e3 / steps, "linear_names": top[:12]}
+
+
+def split_report(splits: dict, row: dict) -> dict:
+    """T_bf16 = T_linear + T_rest from the bf16 profile; a 2x faster linear part bounds the step speed-up
+    at T_bf16 / (T_rest + T_linear / 2); the measured bf16 / int8 speed-up (wall time) as a share of it."""
+    out = {}
+    for suffix in ("", " compiled"):
+        b, q = splits.get("bf16" + suffix), splits.get("int8" + suffix)
+        if b is None or q is None:
+            continue
+        bound = b["total_ms"] / (b["rest_ms"] + b["linear_ms"] / 2) if b["total_ms"] > 0 else float("nan")
+        speed = row["bf16" + suffix] / row["int8" + suffix]
+        key = "compiled" if suffix else "eager"
+        out[key] = {"source": b["source"], "linear_names_bf16": b["linear_names"],
+                    "linear_names_int8": q["linear_names"],
+                    "T_bf16": b["total_ms"], "T_linear": b["linear_ms"],
+                    "T_rest": b["rest_ms"], "int8_T_linear": q["linear_ms"], "int8_T_rest": q["rest_ms"],
+                    "bound_2x_linear": bound, "speedup": speed, "share_of_bound": speed / bound,
+                    "linear_speedup": b["linear_ms"] / q["linear_ms"] if q["linear_ms"] > 0 else float("nan")}
+        o = out[key]
+        log(f"time split ({key}; {b['source']}): T_bf16 {o['T_bf16']:.2f} ms = T_linear {o['T_linear']:.2f} "
+            f"+ T_rest {o['T_rest']:.2f}; int8: linear {o['int8_T_linear']:.2f} + rest {o['int8_T_rest']:.2f} "
+            f"(linear {o['linear_speedup']:.2f}x)")
+        log(f"  bound with 2x linears: {bound:.3f}x; measured {speed:.3f}x = {o['share_of_bound']:.0%} of it")
+    return out
+
+
+def time_call(call, dev, warmup: int, steps: int):
+    """(median ms over ``steps`` calls after ``warmup``, last output)."""
+    import torch
+    times, out = [], None
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            s = time.perf_counter()
+            out = call()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times.append((time.perf_counter() - s) * 1e3)
+    return statistics.median(times), out
+
+
+def block_times(groups: dict, call, dev, steps: int) -> dict:
+    """Median ms of one block of each kind ({kind: [modules]}), timed by forward hooks (CUDA events on a
+    GPU, so the stream is not synchronised inside the step) over ``steps`` calls."""
+    import torch
+    marks = {k: [] for k in groups}
+    handles = []
+
+    def stamp():
+        if dev.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    for kind, mods in groups.items():
+        for mod in mods:
+            pending = []
+            handles.append(mod.register_forward_pre_hook(lambda m, a, p=pending: p.append(stamp())))
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, p=pending, k=kind: marks[k].append((p.pop(), stamp()))))
+    try:
+        with torch.inference_mode():
+            for _ in range(steps):
+                call()
+    finally:
+        for h in handles:
+            h.remove()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        ms = {k: [a.elapsed_time(b) for a, b in v] for k, v in marks.items()}
+    else:
+        ms = {k: [(b - a) * 1e3 for a, b in v] for k, v in marks.items()}
+    return {k: statistics.median(v) for k, v in ms.items() if v}
+
+
+def random_like_module(module, device, dtype, seed: int) -> dict:
+    """Random weights for every tensor of ``module``'s state dict (built on the meta device): matrices
+    N(0, 1/in), norm scales near 1, biases and other vectors small."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for k, t in module.state_dict().items():
+        shape = tuple(t.shape)
+        if len(shape) >= 2:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            v = torch.randn(shape, generator=g, device=device) / fan_in ** 0.5
+        elif k.endswith(("scale", "norm.weight", "layer_norm.weight")):
+            v = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        else:
+            v = 0.02 * torch.randn(shape, generator=g, device=device)
+        sd[k] = v.to(dtype)
+    return sd
+
+
+def generic_lora(sd: dict, targets, rank: int, seed: int, dtype) -> dict:
+    """PEFT-style LoRA (diffusion_model.<layer>.lora_A/B) over every 2-D weight whose layer name ends with
+    one of ``targets``; B is not zero, so it changes the output."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, w in sd.items():
+        base = k[:-len(".weight")]
+        if not k.endswith(".weight") or w.ndim != 2 or not base.endswith(tuple("." + t for t in targets)):
+            continue
+        o, n = w.shape
+        key = "diffusion_model." + base
+        out[key + ".lora_A.weight"] = (torch.randn(rank, n, generator=g) / n ** 0.5).to(dtype)
+        out[key + ".lora_B.weight"] = (torch.randn(o, rank, generator=g) * 0.2 / rank ** 0.5).to(dtype)
+        out[key + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def flux_config(hidden: int, double: int, single: int) -> dict:
+    """The dit_config ComfyUI's model_detection gives a Flux.1-dev state dict (guidance_in present)."""
+    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+            "context_in_dim": 4096, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": hidden // 128,
+            "depth": double, "depth_single_blocks": single, "axes_dim": [16, 56, 56], "theta": 10000,
+            "qkv_bias": True, "guidance_embed": True}
+
+
+def allow_narrow_flux():
+    """ComfyUI's Flux detection fixes hidden_size 3072 / 24 heads; the dry run's narrow model takes its width
+    from img_in.weight (head dim stays 128). A no-op for a model of the real width."""
+    import comfy.model_detection as md
+    orig = md.detect_unet_config
+    if getattr(orig, "_ctq_narrow", False):
+        return
+
+    def detect(state_dict, key_prefix, metadata=None):
+        cfg = orig(state_dict, key_prefix, metadata=metadata)
+        w = state_dict.get(key_prefix + "img_in.weight")
+        if cfg and cfg.get("image_model") == "flux" and w is not None and w.shape[0] != cfg["hidden_size"]:
+            cfg["hidden_size"], cfg["num_heads"] = w.shape[0], w.shape[0] // 128
+        return cfg
+    detect._ctq_narrow = True
+    md.detect_unet_config = detect
+
+
+def setup_common(args, kind: str):
+    """Imports, device and dtype shared by the Flux and text-encoder benchmarks."""
+    setup_imports(args.comfyui, cpu=args.dry_run)
+    import torch
+    import comfy.model_management as mm
+    from convert_to_quant.kernels import triton_usable
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: needs a CUDA GPU (use --dry-run for the CPU smoke test)")
+    dev = mm.get_torch_device()
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    log(f"device: {card}; torch {torch.__version__}; triton kernels: {triton_usable(dev)}; {kind}")
+    return torch, mm, dev, dtype, card
+
+
+def quantize_to_file(sd: dict, fmt: str, gen_dev: str, name: str, tmp: str):
+    import torch
+    from convert_to_quant.quant_core.formats import make_spec
+    from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
+    from convert_to_quant.quant_core.plan import PlanOptions
+    from convert_to_quant.quant_core.safetensors_io import save_file
+    spec = {"int8_tensorwise": make_spec(), "convrot": make_spec(convrot=True, convrot_groupsize=256),
+            "int8_blockwise": make_spec(scaling_mode="block", block_size=128)}[fmt]
+    plan = plan_for_tensors(sd, PlanOptions(spec=spec, presets=("auto",)))
+    qsd = quantize_tensors(sd, plan, device=torch.device(gen_dev))
+    path = save_file(qsd, os.path.join(tmp, name))
+    return path, len(plan.quantized_layers())
+
+
+def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16", "int8")):
+    """Times each (name, make) variant: ms/step, output, the profiled time split for ``split_names`` (and
+    their compiled forms) and, where ``groups(obj)`` names block modules, per-block times (eager only)."""
+    from convert_to_quant.nodes.ops import quant_linears
+    row, outs, splits, blocks = {}, {}, {}, {}
+    for name, make in variants:
+        obj = make()
+        patcher = getattr(obj, "patcher", obj)
+        inner = getattr(obj, "cond_stage_model", None) or patcher.model
+        if name.startswith("int8") and not quant_linears(inner):
+            sys.exit("error: the int8 model has no int8 layers")
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        if hasattr(obj, "cond_stage_model"):
+            obj.load_model()  # as encode_from_tokens loads it (a forced full load here is redone every call)
+        else:
+            mm.load_models_gpu([patcher], force_full_load=True)
+        call = lambda: step(obj)  # noqa: E731
+        row[name], out = time_call(call, dev, args.warmup, args.steps)
+        outs[name] = out.float()
+        extra = ""
+        if name.replace(" compiled", "") in split_names and not args.no_split:
+            splits[name] = profile_split(call, dev)
+        if groups is not None and "compiled" not in name:
+            blocks[name] = block_times(groups(obj), call, dev, max(1, min(args.steps, 3)))
+            extra = "  (one block: " + ", ".join(f"{k} {v:.2f} ms" for k, v in blocks[name].items()) + ")"
+        log(f"{name:>22}: {row[name]:9.2f} ms{extra}")
+        del obj, patcher, inner, call
+    mm.unload_all_models()
+    return row, outs, splits, blocks
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def cosine(a, b):
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def run_flux(args) -> int:
+    if args.dry_run:
+        hidden, text_tokens, res = 256, 8, {"tiny": (8, 8)}
+        args.steps, args.warmup, args.lora_rank = 2, 1, 8
+    else:
+        hidden, text_tokens = 3072, args.text_tokens
+        res = {}
+        for r in args.flux_res.split(","):
+            px = int(r) if r.strip().isdigit() else 0
+            if px < 16 or px % 16:
+                sys.exit(f"error: --flux-res {r!r} is not a multiple of 16 pixels (e.g. 1024)")
+            res[f"image_{px}"] = (px // 8, px // 8)
+    nd, ns = args.double_blocks, args.single_blocks
+    torch, mm, dev, dtype, card = setup_common(args, "Flux.1-dev-shaped")
+    import comfy.ldm.flux.model
+    import comfy.ops
+    import comfy.sd
+    from convert_to_quant.nodes.loader import load_diffusion_model
+    allow_narrow_flux()
+    cfg = flux_config(hidden, nd, ns)
+    log(f"model: Flux.1-dev-shaped, hidden {hidden}, {hidden // 128} heads, mlp ratio 4, {nd} double + {ns} single "
+        f"blocks (Flux.1-dev: {FLUX_DEV_BLOCKS[0]} + {FLUX_DEV_BLOCKS[1]}); format {args.format}; "
+        f"{args.loras} LoRA(s) of rank {args.lora_rank}; guidance {args.guidance}")
+
+    t0 = time.time()
+    gen_dev = "cuda" if dev.type == "cuda" else "cpu"
+    with torch.device("meta"):
+        skeleton = comfy.ldm.flux.model.Flux(**cfg, dtype=torch.bfloat16, device="meta",
+                                             operations=comfy.ops.disable_weight_init)
+    sd = random_like_module(skeleton, gen_dev, torch.bfloat16, seed=0)
+    del skeleton
+    tmp = tempfile.mkdtemp(prefix="ctq-bench-")
+    qpath, nq = quantize_to_file(sd, args.format, gen_dev, "flux_int8.safetensors", tmp)
+    sd = {k: v.cpu() for k, v in sd.items()}
+    loras = [generic_lora(sd, FLUX_LORA_TARGETS, args.lora_rank, 10 + i, torch.bfloat16) for i in range(args.loras)]
+    log(f"built and quantized in {time.time() - t0:.1f} s ({nq} int8 layers, "
+        f"file {os.path.getsize(qpath) / 1e9:.2f} GB)")
+
+    def bf16_model():
+        m = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype})
+        if m is None or type(m.model.diffusion_model).__name__ != "Flux":
+            sys.exit("error: ComfyUI did not detect the state dict as Flux")
+        return m
+
+    def with_loras(m):
+        for lora in loras:
+            m, _ = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0.0)
+        return m
+
+    def compiled(m):
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        m = m.clone()
+        set_torch_compile_wrapper(model=m, backend="inductor")
+        return m
+
+    variants = [("bf16", bf16_model), ("bf16+loras", lambda: with_loras(bf16_model())),
+                ("int8", lambda: load_diffusion_model(qpath, dtype)),
+                ("int8+loras", lambda: with_loras(load_diffusion_model(qpath, dtype)))]
+    if args.compile:
+        variants += [("bf16 compiled", lambda: compiled(bf16_model())),
+                     ("int8 compiled", lambda: compiled(load_diffusion_model(qpath, dtype))),
+                     ("int8+loras compiled", lambda: compiled(with_loras(load_diffusion_model(qpath, dtype))))]
+
+    def groups(m):
+        dm = m.model.diffusion_model
+        return {"double": list(dm.double_blocks), "single": list(dm.single_blocks)}
+
+    results = {}
+    for res_name, (lh, lw) in res.items():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, 16, lh, lw, generator=g).to(dev, dtype)
+        t = torch.tensor([0.6], device=dev)
+        ctx = torch.randn(1, text_tokens, 4096, generator=g).to(dev, dtype)
+        y = torch.randn(1, 768, generator=g).to(dev, dtype)
+        guidance = torch.tensor([args.guidance], device=dev)
+        tokens = (lh // 2) * (lw // 2)
+
+        def step(m):
+            opts = {"wrappers": m.wrappers} if m.wrappers else {}
+            return m.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guidance, transformer_options=opts)
+
+        log(f"\n== {res_name}: {tokens} image + {text_tokens} text tokens, batch 1, distilled guidance ==")
+        row, outs, splits, blocks = run_variants(args, mm, dev, variants, step, groups)
+        r = {"image_tokens": tokens, "text_tokens": text_tokens, "ms": row, "block_ms": blocks,
+             "speedup_bf16_over_int8": row["bf16"] / row["int8"],
+             "lora_overhead_int8": row["int8+loras"] / row["int8"],
+             "lora_overhead_bf16": row["bf16+loras"] / row["bf16"],
+             "rel_err_int8_vs_bf16": rel_err(outs["int8"], outs["bf16"]),
+             "rel_err_int8_loras_vs_bf16_loras": rel_err(outs["int8+loras"], outs["bf16+loras"]),
+             "lora_effect_bf16": rel_err(outs["bf16+loras"], outs["bf16"])}
+        # Flux.1-dev per step: the measured step with the block count scaled to 19 + 38 (blocks of a kind are
+        # identical); compiled variants scaled by their eager model's ratio
+        est = {}
+        for name in row:
+            eager = name.replace(" compiled", "")
+            bt = blocks.get(eager)
+            if not bt:
+                continue
+            full = row[eager] + (FLUX_DEV_BLOCKS[0] - nd) * bt["double"] + (FLUX_DEV_BLOCKS[1] - ns) * bt["single"]
+            est[name] = row[name] * full / row[eager]
+        r["est_flux_dev_ms"] = est
+        log("Flux.1-dev (19 double + 38 single) est. ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in est.items()))
+        if "bf16" in est and "int8" in est:
+            r["est_flux_dev_speedup"] = est["bf16"] / est["int8"]
+            log(f"  est. full-model speed-up bf16 -> int8: {r['est_flux_dev_speedup']:.3f}x "
+                f"(this {nd}+{ns}-block model: {r['speedup_bf16_over_int8']:.3f}x; target >= 1.3)")
+        if args.compile:
+            r["speedup_compiled"] = row["bf16 compiled"] / row["int8 compiled"]
+            r["lora_overhead_int8_compiled"] = row["int8+loras compiled"] / row["int8 compiled"]
+        log(f"int8 + {args.loras} LoRAs / int8: {r['lora_overhead_int8']:.3f} (target <= 1.10); "
+            f"stock bf16 + LoRAs / bf16: {r['lora_overhead_bf16']:.3f}")
+        log(f"output error vs bf16: int8 {r['rel_err_int8_vs_bf16']:.4f}, with LoRAs "
+            f"{r['rel_err_int8_loras_vs_bf16_loras']:.4f} (LoRA effect {r['lora_effect_bf16']:.4f})")
+        r["time_split"] = split_report(splits, row)
+        results[res_name] = r
+    log("\nRESULT " + json.dumps({"model": "flux", "device": card, "hidden": hidden, "double_blocks": nd,
+                                  "single_blocks": ns, "format": args.format, "loras": args.loras,
+                                  "lora_rank": args.lora_rank, "guidance": args.guidance, "shapes": results}))
+    os.unlink(qpath)
+    os.rmdir(tmp)
+    return 0
+
+
+class _T5Shape:
+    """ComfyUI builds T5-XXL from its fixed 24-layer config and detects it by block 23; for a T5-XXL-shaped
+    encoder with fewer layers (or a narrow one in the dry run) both the stock and our loader get the layer
+    count / width through ComfyUI's own ``t5xxl_model_config`` option, and detection is told it is T5-XXL."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def __enter__(self):
+        import comfy.sd
+        self.orig_load, self.orig_detect = comfy.sd.load_text_encoder_state_dicts, comfy.sd.detect_te_model
+        cfg = self.config
+
+        def load(state_dicts=[], embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                 model_options={}):
+            model_options = {**model_options, "t5xxl_model_config": dict(cfg)}
+            return self.orig_load(state_dicts=state_dicts, embedding_directory=embedding_directory,
+                                  clip_type=clip_type, model_options=model_options)
+
+        def detect(sd):
+            if "encoder.block.0.layer.1.DenseReluDense.wi_1.weight" in sd:
+                return comfy.sd.TEModel.T5_XXL
+            return self.orig_detect(sd)
+        comfy.sd.load_text_encoder_state_dicts, comfy.sd.detect_te_model = load, detect
+        return self
+
+    def __exit__(self, *exc):
+        import comfy.sd
+        comfy.sd.load_text_encoder_state_dicts, comfy.sd.detect_te_model = self.orig_load, self.orig_detect
+
+
+def run_text_encoder(args) -> int:
+    if args.dry_run:
+        d_model, d_ff, heads, layers, tokens = 256, 512, 4, 2, 16
+        args.steps, args.warmup = 2, 1
+    else:
+        d_model, d_ff, heads, layers, tokens = 4096, 10240, 64, args.te_layers, args.text_tokens
+    torch, mm, dev, dtype, card = setup_common(args, "T5-XXL-shaped text encoder")
+    import comfy.ops
+    import comfy.sd
+    import comfy.text_encoders.t5
+    from convert_to_quant.nodes.loader import load_text_encoder
+    with open(os.path.join(args.comfyui, "comfy", "text_encoders", "t5_config_xxl.json")) as f:
+        config = json.load(f)
+    config.update({"d_model": d_model, "d_ff": d_ff, "num_heads": heads, "d_kv": d_model // heads,
+                   "num_layers": layers})
+    log(f"model: T5-XXL-shaped encoder, d_model {d_model}, d_ff {d_ff}, {heads} heads, gated-gelu, {layers} "
+        f"layers (T5-XXL: {T5_XXL_LAYERS}); {tokens} tokens; format {args.format}")
+    t0 = time.time()
+    gen_dev = "cuda" if dev.type == "cuda" else "cpu"
+    skeleton = comfy.text_encoders.t5.T5(config, torch.bfloat16, "meta", comfy.ops.disable_weight_init)
+    sd = random_like_module(skeleton, gen_dev, torch.bfloat16, seed=0)
+    del skeleton
+    for k in sd:  # T5 has no 1/sqrt(d_kv) in its attention: trained (and initialised) q weights carry it
+        if k.endswith("SelfAttention.q.weight"):
+            sd[k] = (sd[k].float() / config["d_kv"] ** 0.5).to(torch.bfloat16)
+    tmp = tempfile.mkdtemp(prefix="ctq-bench-")
+    qpath, nq = quantize_to_file(sd, args.format, gen_dev, "t5_int8.safetensors", tmp)
+    sd = {k: v.cpu() for k, v in sd.items()}
+    log(f"built and quantized in {time.time() - t0:.1f} s ({nq} int8 layers, "
+        f"file {os.path.getsize(qpath) / 1e9:.2f} GB)")
+    clip_type = comfy.sd.CLIPType.SD3  # T5-XXL alone, 512-token prompts as Flux / SD3 use it
+
+    def stock():
+        with _T5Shape(config):
+            return comfy.sd.load_text_encoder_state_dicts(state_dicts=[dict(sd)], clip_type=clip_type,
+                                                          model_options={"dtype": dtype})
+
+    def ours():
+        with _T5Shape(config):
+            return load_text_encoder(qpath, clip_type, dtype)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, config["vocab_size"], (tokens - 1,), generator=g).tolist() + [1]
+    toks = {"l": [], "g": [], "t5xxl": [[(i, 1.0) for i in ids]]}
+
+    def step(clip):  # CLIPTextEncode's forward, without encode_from_tokens' per-call load bookkeeping
+        return clip.cond_stage_model.encode_token_weights(toks)[0]
+
+    def groups(clip):
+        return {"layer": list(clip.cond_stage_model.t5xxl.transformer.encoder.block)}
+
+    log(f"\n== one forward, {tokens} tokens ==")
+    row, outs, splits, blocks = run_variants(args, mm, dev, [("bf16", stock), ("int8", ours)], step, groups)
+    est = {k: row[k] + (T5_XXL_LAYERS - layers) * blocks[k]["layer"] for k in row if blocks.get(k)}
+    r = {"model": "t5xxl", "device": card, "d_model": d_model, "d_ff": d_ff, "heads": heads, "layers": layers,
+         "tokens": tokens, "format": args.format, "ms": row, "layer_ms": blocks, "est_t5_xxl_ms": est,
+         "speedup_bf16_over_int8": row["bf16"] / row["int8"],
+         "cosine_int8_vs_bf16": cosine(outs["int8"], outs["bf16"]),
+         "rel_err_int8_vs_bf16": rel_err(outs["int8"], outs["bf16"])}
+    log(f"ms per forward: bf16 {row['bf16']:.2f}, int8 {row['int8']:.2f}; speed-up {r['speedup_bf16_over_int8']:.3f}x")
+    if "bf16" in est and "int8" in est:
+        r["est_speedup_24_layers"] = est["bf16"] / est["int8"]
+        log(f"T5-XXL ({T5_XXL_LAYERS} layers) est. ms per forward: bf16 {est['bf16']:.1f}, int8 {est['int8']:.1f} "
+            f"({r['est_speedup_24_layers']:.3f}x)")
+    log(f"output vs bf16: cosine {r['cosine_int8_vs_bf16']:.5f}, rel. error {r['rel_err_int8_vs_bf16']:.4f}")
+    r["time_split"] = split_report(splits, row)
+    log("\nRESULT " + json.dumps(r))
+    os.unlink(qpath)
+    os.rmdir(tmp)
     return 0
 
 
@@ -278,7 +801,30 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (dry run: 1)")
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks this script end to end")
+    ap.add_argument("--model", choices=["wan", "flux"], default="wan",
+                    help="wan: Wan-2.1-shaped video DiT (batch 2, CFG); flux: Flux.1-dev-shaped (batch 1, guidance)")
+    ap.add_argument("--double-blocks", type=int, default=2, help="flux: double-stream blocks (Flux.1-dev: 19)")
+    ap.add_argument("--single-blocks", type=int, default=4, help="flux: single-stream blocks (Flux.1-dev: 38)")
+    ap.add_argument("--flux-res", default="1024", help="flux: comma list of square image sizes in pixels")
+    ap.add_argument("--guidance", type=float, default=3.5, help="flux: distilled guidance value")
+    ap.add_argument("--text-encoder", action="store_true",
+                    help="instead of a diffusion model: a T5-XXL-shaped encoder, ours int8 vs ComfyUI's T5 bf16, "
+                         "--text-tokens tokens")
+    ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
+    ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
     args = ap.parse_args(argv)
+    if args.text_encoder or args.model == "flux":
+        args.steps = args.steps if args.steps is not None else (2 if args.dry_run else 10)
+        args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
+    for name in ("double_blocks", "single_blocks", "te_layers", "steps"):
+        if getattr(args, name) is None:
+            continue
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.text_encoder:
+        return run_text_encoder(args)
+    if args.model == "flux":
+        return run_flux(args)
 
     dry = (256, 512, 2, 2, 1) if args.dry_run else (5120, 13824, 4, 10, 3)
     if args.dry_run and not args.comfyui:
@@ -385,13 +931,16 @@ def main(argv=None) -> int:
         ctx = torch.randn(2, args.text_tokens, 4096, generator=g).to(dev, dtype)
         tokens = f * h * w
         log(f"\n== {shape_name}: {tokens} tokens per sample, batch 2 (cond + uncond) ==")
-        row, outs = {}, {}
+        row, outs, splits = {}, {}, {}
         for name, make in variants:
             m = make()
             if name.startswith("int8") and not quant_linears(m.model):
                 sys.exit("error: the int8 model has no int8 layers")
             ms, out = time_steps(m, x, t, ctx)
             row[name], outs[name] = ms, out
+            if name.replace(" compiled", "") in ("bf16", "int8") and not args.no_split:
+                splits[name] = profile_split(lambda: m.model.apply_model(
+                    x, t, c_crossattn=ctx, transformer_options={"wrappers": m.wrappers} if m.wrappers else {}), dev)
             log(f"{name:>22}: {ms:9.2f} ms/step")
             del m
         mm.unload_all_models()
@@ -416,6 +965,7 @@ def main(argv=None) -> int:
             f"{r['rel_err_int8_loras_vs_bf16_loras']:.4f} (LoRA effect {r['lora_effect_bf16']:.4f})")
         if args.compile:
             log(f"compiled: speed-up {r['speedup_compiled']:.3f}x, LoRA overhead {r['lora_overhead_int8_compiled']:.3f}")
+        r["time_split"] = split_report(splits, row)
     log("\nRESULT " + json.dumps({"device": card, "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks,
                                   "format": args.format, "loras": args.loras, "lora_rank": args.lora_rank,
                                   "shapes": results}))
