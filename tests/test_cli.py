@@ -72,7 +72,7 @@ def test_block_convrot_fp16_presets(tmp_path, dit, capsys):
     (["--simple", "--optimizer", "gptq"], "--simple"),
     (["--custom-type", "fp16"], "--custom-layers"),
     (["--merge-lora-scale", "0.5"], "--merge-lora"),
-    (["--convrot", "--convrot-group-size", "128"], "power of 4"),
+    (["--convrot", "--convrot-group-size", "128"], "invalid choice: 128 (choose from 16, 64, 256, 1024)"),
     (["--preset", "nosuchmodel"], "unknown preset"),
     (["--layer-config", "/nonexistent.json"], "does not exist"),
 ])
