@@ -63,6 +63,7 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False, multiple_
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return v
     parse.__name__ = what  # argparse names the type in some messages
+    parse.kind = kind
     return parse
 
 
