@@ -9,16 +9,72 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 from typing import List, Optional
 
 from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
-from .launcher import raise_interrupt, wait_gate
+from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
 from .formats import make_spec
+from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
 
 VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
+INT64_MAX = 2 ** 63 - 1
+SEED_MAX = 2 ** 64 - 1  # torch.manual_seed takes [0, 2**64)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, invalid choice, missing or malformed value) raise a
+    ``PlanError`` -- printed as one ``error:`` line, exit 2 -- instead of printing the usage block."""
+
+    def error(self, message):
+        raise PlanError(f"{message} (run {self.prog} --help for the flags)")
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False, multiple_of=None):
+    """An argparse ``type`` for a number within bounds: floats must be finite (no nan/inf), integers
+    fit in int64 unless ``hi`` says otherwise. A bad value is a usage error naming the flag."""
+    if kind is int and hi is None:
+        hi = INT64_MAX
+
+    def show(v, closed: bool):
+        if kind is int and v >= 2 ** 16 and (v + 1) & v == 0:  # 2**k - 1: shown as "2**k)"
+            return f"2**{v.bit_length()}", False
+        return f"{v:g}", closed
+
+    if lo is not None and hi is not None:
+        top, closed = show(hi, not hi_open)
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {top}{']' if closed else ')'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        rng = ""
+    what = " ".join(x for x in ("a multiple of" if multiple_of else "", str(multiple_of or ""),
+                                "an integer" if kind is int and not multiple_of else "",
+                                "a finite number" if kind is float else "", rng) if x)
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(v)) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+                or (hi is not None and (v >= hi if hi_open else v > hi)) or (multiple_of and v % multiple_of):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    parse.__name__ = what  # argparse names the type in some messages
+    parse.kind = kind
+    return parse
+
+
+NON_NEGATIVE = number(float, lo=0)
+FRACTION = number(float, lo=0, hi=1, lo_open=True)  # (0, 1]
+UNIT = number(float, lo=0, hi=1)  # [0, 1]
+FINITE = number(float)
+COUNT = number(int, lo=1)
+NON_NEGATIVE_INT = number(int, lo=0)
+SEED = number(int, lo=0, hi=SEED_MAX)
+TILE = number(int, lo=16, hi=4096, multiple_of=16)  # int8_blockwise tiles
 
 
 def _both(name: str) -> List[str]:
@@ -28,7 +84,7 @@ def _both(name: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="convert_to_quant",
         description="Quantize a safetensors model to INT8 (per-row, tensor, block-wise, convrot) or FP16 "
                     "for ComfyUI, with optional calibrated optimizers, LoRA merging and a quality report.",
@@ -55,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("scaling_mode"), choices=["tensor", "axis", "block"], default="axis",
                    help="int8 scale granularity: tensor (one scale), axis (per output row; loads in stock "
                         "ComfyUI), block (int8_blockwise tiles; our loader)")
-    g.add_argument(*_both("block_size"), type=int, default=128, help="tile size for --scaling_mode block")
+    g.add_argument(*_both("block_size"), type=TILE, default=128, help="tile size for --scaling_mode block")
     g.add_argument("--convrot", action="store_true",
                    help="rotate weights by the regular Hadamard (core-loadable int8_tensorwise + convrot)")
-    g.add_argument(*_both("convrot-group-size"), type=int, default=256, help="convrot group: 16, 64, 256, 1024")
+    g.add_argument(*_both("convrot-group-size"), type=int, choices=CONVROT_GROUP_SIZES, default=256,
+                   help="convrot group size")
     g.add_argument("--simple", action="store_true", help="plain round-to-nearest (the RTN baseline)")
-    g.add_argument(*_both("calib_samples"), type=int, default=None,
+    g.add_argument(*_both("calib_samples"), type=COUNT, default=None,
                    help="number of calibration samples (--example capture)")
-    g.add_argument(*_both("manual_seed"), type=int, default=None, help="seed torch's RNG")
+    g.add_argument(*_both("manual_seed"), type=SEED, default=None, help="seed torch's RNG")
     g.add_argument(*_both("nan-policy"), choices=["error", "keep"], default="error",
                    help="NaN/Inf weights: refuse the file, or keep those layers unquantized")
 
@@ -74,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("exclude-layers"), metavar="REGEX", help="layers to keep in original precision")
     g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"],
                    default=None)
-    g.add_argument(*_both("custom-block-size"), type=int, default=None)
+    g.add_argument(*_both("custom-block-size"), type=TILE, default=None)
     g.add_argument(*_both("custom-scaling-mode"), choices=["tensor", "axis", "block"], default=None)
     g.add_argument(*_both("layer-config"), metavar="FILE",
                    help="JSON {regex: {format, scaling_mode, block_size, convrot, convrot_groupsize, skip}}")
@@ -96,32 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None,
                    help="rtn, original, adamw, radam, gptq, quip (docs/OPTIMIZERS.md; default: gptq with "
                         "--calibration-data, rtn without)")
-    g.add_argument(*_both("num_iter"), type=int, default=1000)
-    g.add_argument("--lr", type=float, default=8.0773e-3)
-    g.add_argument(*_both("top_p"), type=float, default=0.2)
-    g.add_argument(*_both("min_k"), type=int, default=64)
-    g.add_argument(*_both("max_k"), type=int, default=1024)
+    g.add_argument(*_both("num_iter"), type=COUNT, default=1000)
+    g.add_argument("--lr", type=number(float, lo=0, hi=1000, lo_open=True), default=8.0773e-3)
+    g.add_argument(*_both("top_p"), type=FRACTION, default=0.2)
+    g.add_argument(*_both("min_k"), type=COUNT, default=64)
+    g.add_argument(*_both("max_k"), type=COUNT, default=1024)
     g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive")
-    g.add_argument(*_both("lr_gamma"), type=float, default=0.99)
-    g.add_argument(*_both("lr_patience"), type=int, default=10)
-    g.add_argument(*_both("lr_factor"), type=float, default=0.5)
-    g.add_argument(*_both("lr_min"), type=float, default=1e-8)
-    g.add_argument(*_both("lr_cooldown"), type=int, default=0)
-    g.add_argument(*_both("lr_threshold"), type=float, default=0.0)
-    g.add_argument(*_both("early-stop-loss"), type=float, default=None)
-    g.add_argument(*_both("early-stop-lr"), type=float, default=None)
-    g.add_argument(*_both("early-stop-stall"), type=int, default=None)
+    g.add_argument(*_both("lr_gamma"), type=FRACTION, default=0.99)
+    g.add_argument(*_both("lr_patience"), type=NON_NEGATIVE_INT, default=10)
+    g.add_argument(*_both("lr_factor"), type=FRACTION, default=0.5)
+    g.add_argument(*_both("lr_min"), type=number(float, lo=0, hi=1000), default=1e-8)
+    g.add_argument(*_both("lr_cooldown"), type=NON_NEGATIVE_INT, default=0)
+    g.add_argument(*_both("lr_threshold"), type=NON_NEGATIVE, default=0.0)
+    g.add_argument(*_both("early-stop-loss"), type=NON_NEGATIVE, default=None)
+    g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None)
+    g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None)
     g.add_argument(*_both("gptq-actorder"), action="store_true")
-    g.add_argument(*_both("gptq-damp"), type=float, default=None,
+    g.add_argument(*_both("gptq-damp"), type=number(float, lo=0, hi=1000, lo_open=True), default=None,
                    help="GPTQ/QuIP/learned-rounding Hessian damping, fraction of mean(diag H) (default 0.03)")
-    g.add_argument(*_both("gptq-block-size"), type=int, default=None, help="GPTQ lazy-batch block (default 128)")
+    g.add_argument(*_both("gptq-block-size"), type=COUNT, default=None, help="GPTQ lazy-batch block (default 128)")
     g.add_argument(*_both("rounding-init"), choices=["gptq", "nearest"], default=None,
                    help="learned rounding starts from GPTQ's error-compensated weights (default) or the weights")
-    g.add_argument(*_both("polish-sweeps"), type=int, default=None,
+    g.add_argument(*_both("polish-sweeps"), type=NON_NEGATIVE_INT, default=None,
                    help="coordinate-descent sweeps that finish learned rounding (default 2; 0: none)")
     g.add_argument(*_both("quip-actorder"), action="store_true")
     g.add_argument(*_both("quip-hadamard"), action="store_true", default=True)
-    g.add_argument(*_both("quip-seed"), type=int, default=0)
+    g.add_argument(*_both("quip-seed"), type=SEED, default=0)
     g.add_argument(*_both("quip-store-transformed"), dest="quip_store_transformed", action="store_true",
                    default=False)
     g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false")
@@ -129,17 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("quip-checkpointed"), action="store_true",
                    help="save GPU memory on big layers: tall ones (out >= threshold) in row segments, wide ones "
                         "(in >= threshold) with the Hessian factored on the CPU; same integers, slower")
-    g.add_argument(*_both("quip-checkpoint-threshold"), type=int, default=8192)
-    g.add_argument(*_both("quip-checkpoint-segments"), type=int, default=4)
+    g.add_argument(*_both("quip-checkpoint-threshold"), type=COUNT, default=8192)
+    g.add_argument(*_both("quip-checkpoint-segments"), type=COUNT, default=4)
 
     g = p.add_argument_group("calibration / SmoothQuant")
     g.add_argument("--smoothquant", action="store_true")
-    g.add_argument(*_both("smoothquant-alpha"), type=float, default=0.5)
+    g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5)
     g.add_argument(*_both("calibration-data"), metavar="FILE",
                    help="calibration statistics (.safetensors) captured from real forward passes")
     g.add_argument(*_both("calibration-lora"), metavar="FILE",
                    help="weight the optimizer objective by this LoRA's input directions (see docs/OPTIMIZERS.md)")
-    g.add_argument(*_both("calibration-lora-weight"), type=float, default=1.0,
+    g.add_argument(*_both("calibration-lora-weight"), type=number(float, lo=0, hi=1e6), default=1.0,
                    help="weight of the LoRA term relative to the activation (or weight-only) objective")
     g.add_argument(*_both("static-activations"), action="store_true")
     g.add_argument(*_both("bias-correction"), action="store_true",
@@ -163,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Hessian rotations; weight rotations only when lossless); on = everywhere, also "
                         "rounding rotated weights to bf16 (-0.2 dB); rounding sweeps, scales and factorizations "
                         "stay float32/64")
-    g.add_argument(*_both("bf16-threshold"), type=int, default=None,
+    g.add_argument(*_both("bf16-threshold"), type=NON_NEGATIVE_INT, default=None,
                    help="elements from which bf16 is used (default 1000000; the two below override it)")
-    g.add_argument(*_both("bf16-hadamard-threshold"), type=int, default=None)
-    g.add_argument(*_both("bf16-hessian-threshold"), type=int, default=None)
+    g.add_argument(*_both("bf16-hadamard-threshold"), type=NON_NEGATIVE_INT, default=None)
+    g.add_argument(*_both("bf16-hessian-threshold"), type=NON_NEGATIVE_INT, default=None)
     g.add_argument("--devices", default=None,
                    help="convert on several devices, e.g. 0,1 (GPUs) or cpu,cpu: one process per device "
                         "(as torchrun --nproc_per_node N -m convert_to_quant); output identical to one device")
@@ -177,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("quality")
     g.add_argument(*_both("report-quality"), nargs="?", const="auto", default=None, metavar="PATH",
                    help="write the quality report as JSON + Markdown (default path: <output stem>_quality.json)")
-    g.add_argument(*_both("quality-threshold"), type=float, default=30.0, help="warn per layer below this SQNR (dB)")
+    g.add_argument(*_both("quality-threshold"), type=FINITE, default=30.0, help="warn per layer below this SQNR (dB)")
 
     g = p.add_argument_group("LoRA merge")
     g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE")
     g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE")
-    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=float, default=None)
+    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=FINITE, default=None)
     g.add_argument(*_both("merge-lora-dampen"), action="store_true",
                    help="rows of a weight that k>1 of the LoRA files change get the sum of their changes "
                         "scaled by 1/sqrt(k) (applied once; off by default; docs/LORA.md)")
@@ -232,6 +289,8 @@ def validate_args(args, parser: argparse.ArgumentParser):
     for name in ("block_size", "convrot_group_size"):
         if getattr(args, name) <= 0:
             bad(f"--{name} must be positive")
+    from .pipeline import resolve_device
+    resolve_device(args.device)  # a name torch does not know, meta/xpu, a GPU this machine lacks
     validate_optimizer_args(args, bad)
 
 
@@ -254,22 +313,9 @@ def validate_optimizer_args(args, bad):
                 "rotation already spreads activation outliers, and the two need different runtime transforms")
         if args.scaling_mode == "block":
             bad("--smoothquant stores int8_smoothquant with per-row or tensor scales; use --scaling_mode axis or tensor")
-        if not 0.0 <= args.smoothquant_alpha <= 1.0:
-            bad(f"--smoothquant-alpha must be in [0, 1], got {args.smoothquant_alpha}")
-    if args.num_iter < 1:
-        bad("--num_iter must be at least 1")
-    if not args.lr > 0:
-        bad("--lr must be positive")
-    if not 0.0 < args.top_p <= 1.0:
-        bad("--top_p must be in (0, 1]")
-    if args.min_k < 1 or args.max_k < args.min_k:
-        bad("--min_k must be >= 1 and --max_k >= --min_k")
-    if args.gptq_damp is not None and not args.gptq_damp > 0:
-        bad("--gptq-damp must be positive")
-    if args.gptq_block_size is not None and args.gptq_block_size < 1:
-        bad("--gptq-block-size must be at least 1")
-    if args.quip_checkpoint_segments < 1:
-        bad("--quip-checkpoint-segments must be at least 1")
+    # (each number's own range is checked while parsing: see ``number``)
+    if args.max_k < args.min_k:
+        bad(f"--max_k ({args.max_k}) must be >= --min_k ({args.min_k})")
     if (args.calibration_data or "") and not os.path.isfile(args.calibration_data):
         bad(f"calibration file {args.calibration_data} does not exist")
     if args.calibration_lora and not os.path.isfile(args.calibration_lora):
@@ -355,7 +401,8 @@ def options_from_args(args):
         lora_dampen=args.merge_lora_dampen, lora_strict=args.merge_lora_strict,
         device=args.device, low_memory=args.low_memory,
         quality_threshold=args.quality_threshold, nan_policy=args.nan_policy, overwrite=args.overwrite,
-        verify=args.verify, schedule=args.schedule)
+        verify=args.verify, schedule=args.schedule,
+        also_reads=[("layer-config", args.layer_config)] if args.layer_config else [])
 
 
 def report_path_for(args, output: str) -> Optional[str]:
@@ -385,18 +432,24 @@ def run(args, console: Console) -> int:
     opts = options_from_args(args)
     output = args.output or default_output_path(args.input)
     if args.dry_run:
+        template = None
+        if args.dry_run == "create-template":
+            from .paths import check_run_files
+            from .pipeline import run_inputs
+            template = args.output if args.output and args.output.endswith(".json") else \
+                os.path.splitext(args.input)[0] + "_layer_config.json"
+            check_run_files(run_inputs(args.input, opts), [("layer-config template", template, True)],
+                            args.overwrite)
         with SafetensorsReader(args.input) as r:
             plan = build_plan(r.infos, opts.plan)
         for n in plan.notes:
             console(n)
-        if args.dry_run == "create-template":
-            path = args.output if args.output and args.output.endswith(".json") else \
-                os.path.splitext(args.input)[0] + "_layer_config.json"
-            if os.path.exists(path) and not args.overwrite:
-                raise ConvertError(f"{path} already exists (use --overwrite)")
+        if template is not None:
+            path = template
             from .metrics import _atomic_write_text
             try:
-                _atomic_write_text(path, json.dumps(layer_config_template(plan), indent=1) + "\n")
+                _atomic_write_text(path, json.dumps(layer_config_template(plan), indent=1) + "\n",
+                                   overwrite=args.overwrite)
             except OSError as e:
                 raise OutputPathError(f"cannot write the layer-config template {path}: {e.strerror or e}") from None
             console(f"wrote layer-config template for {len(plan.layers)} layers: {path}")
@@ -485,30 +538,30 @@ def check_args(argv: List[str]) -> Optional[int]:
         from .safetensors_io import SafetensorsReader
         with SafetensorsReader(args.input):  # a missing or broken input: one error here, not one per rank
             pass
-    except SystemExit as e:  # argparse printed the usage and the error
+    except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
-    except ConvertError as e:
+    except ConvertError as e:  # also usage errors (``Parser.error``)
         print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
     return None
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    if not wait_gate():  # a rank whose launcher found the arguments wrong: it reports that, not us
-        return 2
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these
-    console = Console(VERBOSITY[args.verbose])
-    old = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = arm_interrupts()  # Ctrl-C and SIGTERM: exit 130, nothing left on disk, however many come
     try:
+        if not wait_gate():  # a rank whose launcher found the arguments wrong: it reports that, not us
+            return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --devices relaunches with these
+        console = Console(VERBOSITY[args.verbose])
         validate_args(args, parser)
         return run(args, console)
     except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") in ("", "0"):  # of several ranks, rank 0 says it for all
             done = getattr(e, "output_published", None)  # it landed after the model was in place
             print(f"error: interrupted after {done} was written and verified; its quality report may be "
-                  "missing" if done else "error: interrupted; no output file was left behind", file=sys.stderr)
+                  "missing" if done else INTERRUPTED_LINE, file=sys.stderr)
         return 130
     except ConversionCancelled as e:
         print(f"error: {terminal_text(str(e))}", file=sys.stderr)
@@ -518,7 +571,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, old)
+        disarm_interrupts(previous)
 
 
 if __name__ == "__main__":

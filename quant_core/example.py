@@ -142,7 +142,7 @@ def prepare_calibration(args, opts, console, output: str):
         return
     n = getattr(args, "calib_samples", None) or len(CALIBRATION_SENTENCES)
     if n < 1:
-        raise ConvertError("--calib_samples must be at least 1")
+        raise ConvertError(f"calib_samples must be at least 1, got {n}")
     sentences = CALIBRATION_SENTENCES[:n]
     path = calibration_path(output)
     folder = os.path.dirname(os.path.abspath(path))

@@ -192,9 +192,10 @@ class Int8Tensorwise(QuantFormat):
                 if self.scaling != "row":
                     raise PlanError("convrot needs per-row scaling (--scaling_mode axis); "
                                     "tensor scaling with convrot is not a core format")
-                if not is_power_of_4(self.convrot_groupsize):
-                    raise PlanError("convrot group size must be a power of 4 "
-                                    f"{CONVROT_GROUP_SIZES}, got {self.convrot_groupsize}")
+                # only the sizes stock ComfyUI loads (a power of 4 as large as 65536 would build a 34 GB matrix)
+                if isinstance(self.convrot_groupsize, bool) or self.convrot_groupsize not in CONVROT_GROUP_SIZES:
+                    raise PlanError("convrot group size must be one of "
+                                    f"{', '.join(map(str, CONVROT_GROUP_SIZES))}, got {self.convrot_groupsize!r}")
 
     @classmethod
     def check_fits(cls, shape, params) -> Optional[str]:

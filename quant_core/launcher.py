@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .errors import PlanError
+from .errors import PlanError, terminal_text
 
 GATE_ENV = "CTQ_LAUNCH_GATE"
 PARENT_ENV = "CTQ_LAUNCHER_PID"
@@ -227,9 +227,44 @@ def devices_value(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+INTERRUPTED_LINE = "error: interrupted; no output file was left behind"
+_received: List[int] = []  # signals raise_interrupt got since the handlers were armed
+
+
 def raise_interrupt(signum, frame):
-    """SIGTERM handler: stop as on Ctrl-C (the conversion removes its partial file on the way out)."""
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGINT/SIGTERM handler: the first signal stops the run as Ctrl-C does (``KeyboardInterrupt``; the
+    conversion removes its partial file on the way out). Later ones -- a second Ctrl-C, a SIGTERM from a
+    supervisor -- are only noted: raised in the middle of that cleanup they would leave the partial file
+    behind and end the process with a traceback instead of exit 130."""
+    _received.append(signum)
+    if len(_received) == 1:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def arm_interrupts() -> Dict[int, object]:
+    """Install ``raise_interrupt`` for SIGINT and SIGTERM (forgetting earlier signals); returns the
+    handlers it replaced, for ``disarm_interrupts``. Outside the main thread nothing changes."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    del _received[:]
+    return {s: signal.signal(s, raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def disarm_interrupts(previous: Dict[int, object]) -> None:
+    """Put back the handlers ``arm_interrupts`` replaced -- unless a signal came: then the process is on
+    its way out, and a later signal must not find the default handler (which would kill it mid-cleanup
+    or print a traceback)."""
+    if _received:
+        return
+    for s, h in previous.items():
+        signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _interrupted_exit() -> int:
+    if os.environ.get("RANK", "0") in ("", "0"):  # of several ranks, rank 0 says it for all
+        print(INTERRUPTED_LINE, file=sys.stderr)
+    return 130
 
 
 def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
@@ -265,12 +300,12 @@ def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
                     p.kill()
                 p.wait()
             if noted:
-                print("error: interrupted; no output file was left behind", file=sys.stderr)
+                print(INTERRUPTED_LINE, file=sys.stderr)
                 return 130
             return rc
-        # from here an interrupt raises again; _supervise forwards it to the ranks (rank 0 reports)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, raise_interrupt)
+        # from here the first interrupt raises; _supervise forwards it to the ranks (rank 0 reports),
+        # later ones are ignored while it waits for them to clean up
+        arm_interrupts()
         os.write(w, b"1" * len(procs))
         os.close(w)
         w = -1
@@ -278,8 +313,9 @@ def launch_checked(devices_spec: str, argv: Sequence[str]) -> int:
     finally:
         if w >= 0:
             os.close(w)
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        if not _received:  # after an interrupt, later signals stay ignored until the process exits
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def console_main(argv: Optional[List[str]] = None) -> int:
@@ -289,7 +325,19 @@ def console_main(argv: Optional[List[str]] = None) -> int:
     spec = devices_value(argv)
     if spec is not None:
         return launch_checked(spec, argv)
-    from .cli import main
+    # while the CLI imports torch an interrupt is only noted (raised inside a library's import it can be
+    # swallowed there), then the handlers are armed in one step: no moment with the default ones
+    noted: List[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from .cli import main
+    finally:
+        if noted:
+            _received[:] = noted  # from here on every signal is ignored
+        for s in old:
+            signal.signal(s, raise_interrupt)
+    if noted:
+        return _interrupted_exit()
     return main(argv)
 
 
@@ -300,8 +348,10 @@ def entry_point() -> None:
     the process group destroyed); only the standard streams need a flush."""
     try:
         rc = console_main()
-    except SystemExit as e:  # argparse: --help, usage errors
+    except SystemExit as e:  # argparse: --help
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:  # a signal outside the CLI's own handling (a rank waiting at its gate)
+        rc = _interrupted_exit()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

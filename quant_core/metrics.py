@@ -5,6 +5,7 @@ dequantized the way the loader dequantizes them) against the float weights they 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -176,12 +177,13 @@ class QualityReport:
                        f"{f(l.output_sqnr_db, '.2f')} | {f(l.mse, '.3e')} | {f(l.max_abs_err, '.3e')} | {note} |")
         return "\n".join(out) + "\n"
 
-    def write(self, path: str) -> List[str]:
-        """Write ``path`` (JSON) and the Markdown table next to it (``.md``); returns both paths."""
+    def write(self, path: str, overwrite: bool = True) -> List[str]:
+        """Write ``path`` (JSON) and the Markdown table next to it (``.md``); returns both paths. Without
+        ``overwrite`` an existing file is not replaced (``FileExistsError``)."""
         json_path, md_path = report_file_paths(path)
         _atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1, allow_nan=False,
-                                                  default=_json_default))
-        _atomic_write_text(md_path, self.markdown())
+                                                  default=_json_default), overwrite)
+        _atomic_write_text(md_path, self.markdown(), overwrite)
         return [json_path, md_path]
 
 
@@ -202,7 +204,10 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def _atomic_write_text(path: str, text: str):
+def _atomic_write_text(path: str, text: str, overwrite: bool = True):
+    """Write ``text`` to a temporary file next to ``path`` and move it into place in one step. Without
+    ``overwrite`` it is linked into place, which fails (``FileExistsError``) if ``path`` exists, also
+    when it appeared after the run's checks."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".partial")
@@ -211,7 +216,19 @@ def _atomic_write_text(path: str, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -20,6 +20,12 @@ tensor written and synced, before verification), ``rename`` (verified, before it
 place), ``report`` (model published, lock still held, before the quality report is written). Never
 set it outside tests.
 
+**Which files a run may write.** ``check_run_files``: every file a run reads (the input, LoRAs, layer-config, calibration data) and
+every file it writes (the model, its temporary file, the report's JSON and Markdown, a layer-config
+template) are compared once, before any work: no output may be a file the run reads -- by resolved
+path and by (st_dev, st_ino), so symbolic and hard links count -- no two outputs may be one file, and
+without ``overwrite`` no output may replace an existing file.
+
 Names typed by a user are resolved with ``pipeline.output_path_in_folder`` (refuses ``..``, absolute
 paths, NUL, symlinks leading out); ``publish_file`` then makes the file appear there in one step.
 """
@@ -30,6 +36,7 @@ import fcntl
 import os
 import signal
 import stat
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ConvertError, OutputBusyError, OutputPathError
 
@@ -38,6 +45,50 @@ PARTIAL_SUFFIX = ".partial"
 PAUSE_ENV = "CONVERT_TO_QUANT_TEST_PAUSE"
 PAUSE_PHASES = ("lock", "open", "write", "verify", "rename", "report")
 _paused = set()
+
+OVERWRITE_HINT = "pass overwrite=True / --overwrite to replace it"
+
+
+def _identity(path: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """The resolved path, and (st_dev, st_ino) of what it leads to (None when nothing is there)."""
+    try:
+        st = os.stat(path)
+        ino = (st.st_dev, st.st_ino)
+    except (OSError, ValueError):  # missing, unreadable, a NUL byte in the name
+        ino = None
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        real = os.path.abspath(path)
+    return real, ino
+
+
+def _same(a: Tuple[str, Optional[Tuple[int, int]]], b: Tuple[str, Optional[Tuple[int, int]]]) -> bool:
+    return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+
+def check_run_files(reads: Iterable[Tuple[str, Optional[str]]], writes: Sequence[Tuple[str, str, bool]],
+                    overwrite: bool = False) -> None:
+    """Refuse a run whose outputs would replace a file it reads, each other, or (without ``overwrite``)
+    an existing file. ``reads``: ``(what, path)`` pairs (``None`` paths are skipped); ``writes``:
+    ``(what, path, new)`` -- ``new=False`` for a temporary file the writer may replace anyway."""
+    inputs: List[Tuple[str, str, Tuple[str, Optional[Tuple[int, int]]]]] = [
+        (what, p, _identity(p)) for what, p in reads if p]
+    done: List[Tuple[str, str, Tuple[str, Optional[Tuple[int, int]]]]] = []
+    for what, p, new in writes:
+        ident = _identity(p)
+        for in_what, in_p, in_ident in inputs:
+            if _same(ident, in_ident):
+                named = "" if os.path.abspath(in_p) == os.path.abspath(p) else f" {in_p}"
+                raise OutputPathError(f"{what} {p} is the {in_what} file{named}; refusing to overwrite the "
+                                      f"{in_what} (a run never writes over a file it reads)")
+        for o_what, o_p, o_ident in done:
+            if _same(ident, o_ident):
+                raise OutputPathError(f"{what} {p} and the {o_what} {o_p} are the same file; choose "
+                                      "different paths")
+        if new and not overwrite and os.path.lexists(p):
+            raise OutputPathError(f"{what} {p} already exists ({OVERWRITE_HINT})")
+        done.append((what, p, ident))
 
 
 def lock_path(path: str) -> str:

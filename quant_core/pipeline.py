@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -24,6 +25,7 @@ from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, lay
                      policy_from_options, run_guarded)
 from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
 from .optimizers.gptq import IndefiniteHessianError
+from .paths import check_run_files
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .paths import OutputLock, lock_path, note_published, partial_path, pause_point
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
@@ -52,6 +54,8 @@ class ConvertOptions:
     verify: bool = False
     schedule: str = "dynamic"  # multi-rank runs: "dynamic" work queue or "static" assignment (distributed.py)
     extra_metadata: Dict[str, str] = field(default_factory=dict)
+    # further files the run reads, as (what, path) -- the CLI's --layer-config: no output may replace them
+    also_reads: List[Tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,13 +68,36 @@ class ConversionResult:
     lora_report: Any = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
+def check_options(opts: "ConvertOptions") -> None:
+    """Options whose bad values would only show once the model is written (the report's JSON refuses
+    a NaN threshold): checked before any work."""
+    t = opts.quality_threshold
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+        raise PlanError(f"quality threshold must be a finite number of dB (or None), got {t!r}")
+
+
+DEVICE_NAME = re.compile(r"(cpu|cuda)(?::(\d{1,6}))?")
+
+
+def resolve_device(name) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` -- the devices conversions
+    run on. Anything else (a name torch does not know, ``meta``, ``xpu``, ``cuda:abc``) and a GPU this
+    machine does not have are a ``PlanError``."""
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "auto")):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConvertError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return dev
+    text = str(name).strip().lower()
+    m = DEVICE_NAME.fullmatch(text)
+    if m is None or (m[1] == "cpu" and m[2] not in (None, "0")):
+        raise PlanError(f"device {str(name)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if m[1] == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise PlanError(f"device {str(name)!r} asked for, but no CUDA GPU is available")
+    n = torch.cuda.device_count()
+    if m[2] is not None and int(m[2]) >= n:
+        raise PlanError(f"device {str(name)!r} asked for, but this machine has {n} CUDA GPU"
+                        f"{'' if n == 1 else 's'} (cuda:0{'' if n == 1 else f' .. cuda:{n - 1}'})")
+    return torch.device("cuda" if m[2] is None else f"cuda:{int(m[2])}")
 
 
 def default_output_path(input_path: str) -> str:
@@ -78,25 +105,39 @@ def default_output_path(input_path: str) -> str:
     return stem + "_int8.safetensors"
 
 
-def validate_paths(input_path: str, output_path: str, overwrite: bool = False) -> str:
-    """Refuse an output that is the input (also via a symlink), has no .safetensors suffix, sits in a
-    missing or unwritable folder, or exists without ``overwrite``. Returns the absolute output path."""
+def run_inputs(input_path: str, opts: "ConvertOptions") -> List[Tuple[str, Optional[str]]]:
+    """Every file a conversion with ``opts`` reads, as ``(what, path)``: no output of the run may be one
+    of them (``paths.check_run_files``)."""
+    oo = opts.optimizer_options or {}
+    return ([("input", input_path)] + [("LoRA", p) for p in opts.loras]
+            + [("calibration data", opts.calibration_data), ("calibration LoRA", oo.get("calibration_lora"))]
+            + list(opts.also_reads))
+
+
+def validate_paths(input_path: str, output_path: str, overwrite: bool = False,
+                   options: Optional["ConvertOptions"] = None) -> str:
+    """Refuse an output without a .safetensors suffix, in a missing or unwritable folder, or that is a
+    folder; then check the output, its temporary file and the report files (``options.report_path``)
+    against every file the run reads (``run_inputs``) and, without ``overwrite``, against existing
+    files (``paths.check_run_files``). Returns the absolute output path."""
+    opts = options or ConvertOptions()
     for p, what in ((input_path, "input"), (output_path, "output")):
         if "\x00" in os.fspath(p):
             raise OutputPathError(f"{what} path contains a NUL byte")
     out = os.path.abspath(output_path)
     if not out.lower().endswith(".safetensors"):
         raise OutputPathError(f"output {output_path} must end in .safetensors")
-    if os.path.realpath(out) == os.path.realpath(input_path) or (
-            os.path.exists(out) and os.path.exists(input_path) and os.path.samefile(out, input_path)):
-        raise OutputPathError(f"output {output_path} is the input file; refusing to overwrite the input")
+    # the writer deletes a stale <out>.partial before it starts: that name must not be an input either
+    writes = [("output", out, True), ("output's temporary file", partial_path(out), False),
+              ("output's lock file", lock_path(out), False)]
+    if opts.report_path:
+        writes += [("quality report file", p, True) for p in validate_report_path(opts.report_path)]
+    check_run_files(run_inputs(input_path, opts), writes, overwrite)
     d = os.path.dirname(out)
     if not os.path.isdir(d):
         raise OutputPathError(f"output folder {d} does not exist")
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutputPathError(f"output folder {d} is not writable")
-    if os.path.lexists(out) and not overwrite:
-        raise OutputPathError(f"{out} already exists (use --overwrite to replace it)")
     if os.path.isdir(out):
         raise OutputPathError(f"output {out} is a directory")
     # the writer deletes a stale <out>.partial before it starts and removes its <out>.lock when it is
@@ -136,22 +177,20 @@ def output_path_in_folder(folder: str, name: str, suffix: str = ".safetensors") 
     return path
 
 
-def validate_report_path(report_path: str, input_path: str, output_path: str):
-    """The report's JSON/Markdown files must not replace the input or the model being written."""
+def validate_report_path(report_path: str) -> List[str]:
+    """The report's JSON and Markdown files, refused when one is a folder or sits in a non-folder (what
+    they may not replace is ``paths.check_run_files``'s business)."""
     from .metrics import report_file_paths
     if "\x00" in os.fspath(report_path):
         raise OutputPathError("report path contains a NUL byte")
-    taken = {os.path.realpath(p) for p in (input_path, output_path, partial_path(output_path),
-                                           lock_path(output_path))}
-    for p in report_file_paths(report_path):
-        if os.path.realpath(p) in taken:
-            raise OutputPathError(f"quality report file {p} is the input or the output model; choose "
-                                  "another --report-quality path")
+    files = report_file_paths(report_path)
+    for p in files:
         if os.path.isdir(p):
             raise OutputPathError(f"quality report file {p} is a directory")
         d = os.path.dirname(os.path.abspath(p))
         if os.path.exists(d) and not os.path.isdir(d):
             raise OutputPathError(f"quality report folder {d} is not a folder")
+    return files
 
 
 def quantization_metadata(plan: ConversionPlan) -> Dict[str, dict]:
@@ -219,9 +258,8 @@ class ConversionJob:
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
         check_optimizer_options(opts.optimizer_options)
-        self.output_path = validate_paths(reader.path, output_path, opts.overwrite)
-        if opts.report_path:
-            validate_report_path(opts.report_path, reader.path, self.output_path)
+        check_options(opts)
+        self.output_path = validate_paths(reader.path, output_path, opts.overwrite, opts)
         _check_not_quantized(reader)
         self.plan = plan = build_plan(reader.infos, opts.plan)
         for note in plan.notes:
@@ -511,7 +549,8 @@ class ConversionJob:
                 self.log("warning: " + w_)
             pause_point("report")
             try:
-                paths = self.report.write(self.opts.report_path) if self.opts.report_path else []
+                paths = (self.report.write(self.opts.report_path, overwrite=self.opts.overwrite)
+                         if self.opts.report_path else [])
             except OSError as e:  # disk full, permissions: the model itself is complete and verified
                 raise OutputPathError(f"{out} was written, but the quality report {self.opts.report_path} "
                                       f"could not be: {e.strerror or e}") from None

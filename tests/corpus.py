@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,7 +429,7 @@ def _(d):
     return Setup(input=p, output=str(d / "hard.safetensors"), cli=["--overwrite"], options={"overwrite": True})
 
 
-@hostile("output_exists", E.OutputPathError, r"out\.safetensors already exists \(use --overwrite")
+@hostile("output_exists", E.OutputPathError, r"out\.safetensors already exists \(pass overwrite=True / --overwrite")
 def _(d):
     p = small_model(d / "m.safetensors")
     (d / "out.safetensors").write_bytes(b"precious")
@@ -469,7 +470,7 @@ def _(d):
 
 
 @hostile("output_partial_is_the_input", E.OutputPathError,
-         r"would use .*m\.safetensors\.partial as its temporary file, which is the input")
+         r"output's temporary file .*m\.safetensors\.partial is the input file")
 def _(d):
     p = small_model(d / "m.safetensors.partial")  # the writer deletes a stale <out>.partial first
     return Setup(input=p, output=str(d / "m.safetensors"))
@@ -708,7 +709,7 @@ def _(d):
 @hostile("lora_strength_nan", E.LoRAError, r"lora\.safetensors: LoRA strength nan is not a finite number")
 def _(d):
     s = _lora_meta(d, cli=["--merge-lora-scale", "nan"], lora_strengths=[float("nan")])
-    s.cli_message = r"--merge-lora-scale nan is not a finite number"
+    s.cli_message = r"argument --merge-lora-scale/--merge_lora_scale: must be a finite number, got 'nan'"
     return s
 
 
@@ -719,7 +720,7 @@ def _(d):
     s.cli[2:2] = ["--merge-lora", str(d / "lora2.safetensors")]
     s.options = {"loras": s.options["loras"] + [str(d / "lora2.safetensors")], "lora_strengths": [1.0, math.inf]}
     s.watch.append(str(d / "lora2.safetensors"))
-    s.cli_message = r"--merge-lora-scale inf is not a finite number"
+    s.cli_message = r"argument --merge-lora-scale/--merge_lora_scale: must be a finite number, got 'inf'"
     return s
 
 
@@ -835,7 +836,7 @@ def _(d):
     p = s.options["loras"][0]
     s.cli = ["--calibration-lora", p, "--calibration-lora-weight", "nan"]
     s.options = {"optimizer_options": {"calibration_lora": p, "calibration_lora_weight": float("nan")}}
-    s.cli_message = r"--calibration-lora-weight must be a finite number >= 0, got nan"
+    s.cli_message = r"argument --calibration-lora-weight/--calibration_lora_weight: must be a finite number in \[0, .*\], got 'nan'"
     return s
 
 
@@ -1005,7 +1006,7 @@ for _opts, _want in (({"num_itr": 5}, r"optimizer_options: unknown option\(s\) '
 
 # --- two writers, one output (issue 14): the output's lock file -------------------------------------
 @hostile("output_lock_is_the_input", E.OutputPathError,
-         r"would use .*m\.safetensors\.lock as its lock file, which is the input")
+         r"(would use .*m\.safetensors\.lock as its lock file, which is the input|output's lock file .*m\.safetensors\.lock is the input file)")
 def _(d):
     p = small_model(d / "m.safetensors.lock")  # the writer removes <out>.lock when it is done
     return Setup(input=p, output=str(d / "m.safetensors"))
@@ -1023,6 +1024,165 @@ def _(d):
 def _(d):
     (d / "out.safetensors.lock").write_bytes(b"not ours")
     return _io(d, small_model(d / "m.safetensors"), watch=[str(d / "out.safetensors.lock")])
+
+
+# --- issue 14: CLI values and the files a run reads and writes ----------------------------------------
+_DEVICE_MSG = r"device %s is not supported; use auto, cpu, cuda or cuda:N"
+for _dev in ("bogus", "meta", "xpu", "cuda:abc", "cpu:1", "cuda:-1"):
+    @hostile(f"device_{_dev.replace(':', '_').replace('-', 'minus')}", E.PlanError, _DEVICE_MSG % re.escape(repr(_dev)))
+    def _(d, _dev=_dev):
+        return _io(d, small_model(d / "m.safetensors"), cli=["--device", _dev], options={"device": _dev})
+
+
+@hostile("device_gpu_not_there", E.PlanError,
+         r"device 'cuda:999' asked for, but (no CUDA GPU is available|this machine has \d+ CUDA GPU)")
+def _(d):
+    return _io(d, small_model(d / "m.safetensors"), cli=["--device", "cuda:999"], options={"device": "cuda:999"})
+
+
+for _t in ("nan", "inf", "-inf"):
+    @hostile(f"quality_threshold_{_t.replace('-', 'minus_')}", E.PlanError,
+             rf"quality threshold must be a finite number of dB \(or None\), got {_t}")
+    def _(d, _t=_t):
+        return _io(d, small_model(d / "m.safetensors"), cli=[f"--quality-threshold={_t}", "--report-quality"],
+                   options={"quality_threshold": float(_t), "report_path": str(d / "out_quality.json")},
+                   cli_message=rf"argument --quality-threshold/--quality_threshold: must be a finite number, "
+                               rf"got '{_t}'")
+
+
+@hostile("convrot_group_size_huge", E.PlanError, r"convrot group size must be one of 16, 64, 256, 1024, got 65536")
+def _(d):
+    from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
+    from convert_to_quant.quant_core.plan import PlanOptions
+    p, out = small_model(d / "m.safetensors"), str(d / "out.safetensors")
+    return Setup(input=p, output=out, cli=["--convrot", "--convrot-group-size", "65536"],
+                 api=lambda: convert_file(p, out, ConvertOptions(plan=PlanOptions(
+                     spec=make_spec(convrot=True, convrot_groupsize=65536)))),
+                 cli_message=r"argument --convrot-group-size/--convrot_group_size: invalid choice: 65536 "
+                             r"\(choose from 16, 64, 256, 1024\)")
+
+
+@hostile("layer_config_convrot_group_size_huge", E.PlanError,
+         r"layers\.json\['attn'\]: convrot group size must be one of 16, 64, 256, 1024, got 65536")
+def _(d):
+    return _with_layer_config(d, {"attn": {"convrot": True, "convrot_groupsize": 65536}})
+
+
+def _reads(d: Path, report: Optional[str] = None, output: Optional[str] = None, overwrite: bool = False,
+           layer_cfg: Optional[str] = None, lora: Optional[str] = None, calib: Optional[str] = None,
+           calib_lora: Optional[str] = None, report_auto: bool = False) -> Setup:
+    """A run that reads a model and, as asked, a layer-config, a LoRA, calibration data or a calibration
+    LoRA (at the names given, created here), and writes ``output`` and a report: the same through the
+    CLI flags and through ``ConvertOptions``."""
+    p = small_model(d / "m.safetensors")
+    out = output or str(d / "out.safetensors")
+    flags, opts = [], {"overwrite": overwrite}
+    if layer_cfg:
+        layer_config(Path(layer_cfg), {"attn": {"skip": True}})
+        flags += ["--layer-config", layer_cfg]
+        opts["also_reads"] = [("layer-config", layer_cfg)]
+    if lora:
+        save_file(_lora_pair("lora_unet_blocks_0_attn_qkv", 64, 64, 4), lora)
+        flags += ["--merge-lora", lora]
+        opts["loras"] = [lora]
+    if calib:
+        small_model(Path(calib), seed=7)  # refused by its name before anything reads it
+        flags += ["--calibration-data", calib]
+        opts["calibration_data"] = calib
+    if calib_lora:
+        save_file(_lora_pair("lora_unet_blocks_0_attn_qkv", 64, 64, 4), calib_lora)
+        flags += ["--calibration-lora", calib_lora]
+        opts["optimizer_options"] = {"calibration_lora": calib_lora}
+    if report_auto:
+        flags.append("--report-quality")
+        opts["report_path"] = os.path.splitext(out)[0] + "_quality.json"
+    elif report:
+        flags += ["--report-quality", report]
+        opts["report_path"] = report
+    if overwrite:
+        flags.append("--overwrite")
+    return Setup(input=p, output=out, cli=flags, options=opts)
+
+
+@hostile("report_is_the_layer_config", E.OutputPathError,
+         r"quality report file .*cfg\.json is the layer-config file; refusing to overwrite the layer-config")
+def _(d):
+    return _reads(d, layer_cfg=str(d / "cfg.json"), report=str(d / "cfg.json"))
+
+
+@hostile("report_md_is_the_layer_config", E.OutputPathError,
+         r"quality report file .*rep\.md is the layer-config file; refusing to overwrite the layer-config")
+def _(d):
+    return _reads(d, layer_cfg=str(d / "rep.md"), report=str(d / "rep.json"), overwrite=True)
+
+
+@hostile("report_is_the_lora", E.OutputPathError, r"quality report file .*lora\.json is the LoRA file")
+def _(d):
+    return _reads(d, lora=str(d / "lora.json"), report=str(d / "lora.json"), overwrite=True)
+
+
+@hostile("report_hardlink_to_lora", E.OutputPathError,
+         r"quality report file .*rep\.json is the LoRA file .*lora\.safetensors")
+def _(d):
+    s = _reads(d, lora=str(d / "lora.safetensors"), report=str(d / "rep.json"), overwrite=True)
+    os.link(d / "lora.safetensors", d / "rep.json")
+    return s
+
+
+@hostile("report_symlink_to_input", E.OutputPathError, r"quality report file .*rep\.md is the input file .*m\.safetensors")
+def _(d):
+    s = _reads(d, report=str(d / "rep.json"), overwrite=True)
+    os.symlink(d / "m.safetensors", d / "rep.md")
+    return s
+
+
+@hostile("report_is_the_output_through_a_link", E.OutputPathError,
+         r"quality report file .*rep\.json and the output .*out\.safetensors are the same file")
+def _(d):
+    s = _reads(d, report=str(d / "rep.json"), overwrite=True)
+    (d / "out.safetensors").write_bytes(b"an earlier output")
+    os.symlink(d / "out.safetensors", d / "rep.json")
+    return s
+
+
+@hostile("output_is_the_lora", E.OutputPathError,
+         r"output .*lora\.safetensors is the LoRA file; refusing to overwrite the LoRA")
+def _(d):
+    return _reads(d, lora=str(d / "lora.safetensors"), output=str(d / "lora.safetensors"), overwrite=True)
+
+
+@hostile("output_is_the_calibration_data", E.OutputPathError,
+         r"output .*calib\.safetensors is the calibration data file")
+def _(d):
+    return _reads(d, calib=str(d / "calib.safetensors"), output=str(d / "calib.safetensors"), overwrite=True)
+
+
+@hostile("output_is_the_calibration_lora", E.OutputPathError,
+         r"output .*dirs\.safetensors is the calibration LoRA file")
+def _(d):
+    return _reads(d, calib_lora=str(d / "dirs.safetensors"), output=str(d / "dirs.safetensors"), overwrite=True)
+
+
+@hostile("output_partial_is_the_lora", E.OutputPathError,
+         r"output's temporary file .*out\.safetensors\.partial is the LoRA file")
+def _(d):
+    return _reads(d, lora=str(d / "out.safetensors.partial"))
+
+
+@hostile("auto_report_exists", E.OutputPathError,
+         r"quality report file .*out_quality\.json already exists \(pass overwrite=True / --overwrite to replace it\)")
+def _(d):
+    s = _reads(d, report_auto=True)
+    (d / "out_quality.json").write_text("an earlier report")
+    return s
+
+
+@hostile("report_md_exists", E.OutputPathError,
+         r"quality report file .*rep\.md already exists \(pass overwrite=True / --overwrite to replace it\)")
+def _(d):
+    s = _reads(d, report=str(d / "rep.json"))
+    (d / "rep.md").write_text("notes of mine")
+    return s
 
 
 # ------------------------------------------------------------------------------------------------

@@ -124,8 +124,9 @@ def test_fallback_when_shape_does_not_fit():
 
 
 def test_bad_params_are_clear_errors():
-    with pytest.raises(PlanError, match="power of 4"):
-        make_spec(convrot=True, convrot_groupsize=128)
+    for g in (128, 4, 4096, 65536):  # 4**k beyond the supported sizes would build a 4**k x 4**k matrix
+        with pytest.raises(PlanError, match=f"convrot group size must be one of 16, 64, 256, 1024, got {g}"):
+            make_spec(convrot=True, convrot_groupsize=g)
     with pytest.raises(PlanError, match="per-row"):
         make_spec(scaling_mode="tensor", convrot=True)
     with pytest.raises(PlanError, match="unknown format"):

@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -68,11 +69,11 @@ def _assert_clean(out):
     assert not leftovers, leftovers
 
 
-def _start_and_freeze(model_path, out, *extra):
+def _start_and_freeze(model_path, out, *extra, stderr=subprocess.PIPE):
     """Start the CLI and SIGSTOP it once layer WAIT_FOR_LAYER is written; returns the stopped process."""
     proc = subprocess.Popen([sys.executable, "-m", "convert_to_quant", "-i", model_path, "-o", out,
                              "--verbose", "MINIMAL", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
     key = f"blocks.{WAIT_FOR_LAYER}.fc.weight"
     deadline = time.monotonic() + 120
     while not _layer_written(out + ".partial", key):
@@ -215,3 +216,102 @@ def test_failed_verification_leaves_nothing(tmp_path, model, monkeypatch):
     monkeypatch.setattr(safetensors_io.StreamingWriter, "finish", real_finish)
     convert_file(model_path, out, ConvertOptions(verify=True))
     assert file_sha256(out) == ref_hash and file_sha256(model_path) == model_hash
+
+
+def _blocked_writing_stderr(pid: int) -> bool:
+    """The process's main thread sleeps in a write to a full pipe (Linux /proc)."""
+    try:
+        if "pipe_write" in open(f"/proc/{pid}/wchan").read():
+            return True
+        call = open(f"/proc/{pid}/syscall").read().split()
+    except OSError:
+        return False
+    return call[:2] in (["1", "0x2"], ["64", "0x2"])  # write(2, ...) on x86-64 / arm64
+
+
+def _signals_pending(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["ShdPnd"], 16) != 0 or int(fields["SigPnd"], 16) != 0
+
+
+def _wait_until(cond, proc, what):
+    deadline = time.monotonic() + 120
+    while not cond():
+        assert proc.poll() is None, f"the process exited before {what}"
+        assert time.monotonic() < deadline, f"not {what} after 120 s"
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="needs Linux /proc")
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_repeated_signals_during_cleanup_still_exit_130(tmp_path, model, first):
+    """Issue 14: more signals while the first one's cleanup runs. The process's stderr is a pipe this
+    test keeps full, so after the first signal the process stops in the middle of its way out -- in the
+    write of its ``error:`` line -- and the next signals (SIGTERM and SIGINT) provably land there. Then
+    the pipe is drained and signals keep coming until the process has exited. Exit 130, that one line,
+    nothing left on disk."""
+    model_path, model_hash, _ = model
+    out = str(tmp_path / "out.safetensors")
+    r, w = os.pipe()
+    proc = _start_and_freeze(model_path, out, stderr=w)
+    try:
+        os.set_blocking(w, False)
+        junk = 0
+        try:
+            while True:
+                junk += os.write(w, b"\n" * 4096)
+        except BlockingIOError:
+            pass
+        os.set_blocking(w, True)  # the flag is shared with the process's end: its writes must block
+        proc.send_signal(first)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _wait_until(lambda: _blocked_writing_stderr(proc.pid), proc, "writing to stderr")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    _wait_until(lambda: not _signals_pending(proc.pid) and _blocked_writing_stderr(proc.pid), proc,
+                "back in its write after the signals")
+    os.close(w)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 65536), b"")))
+    reader.start()
+    while proc.poll() is None:  # and more, until it has exited
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                break
+    reader.join(60)
+    os.close(r)
+    err = b"".join(chunks)[junk:].decode()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err == "error: interrupted; no output file was left behind\n", err
+    _assert_clean(out)
+    assert file_sha256(model_path) == model_hash
+
+
+def test_repeated_signals_while_the_launcher_imports(tmp_path, model):
+    """Signals that arrive while the CLI is still importing torch are noted, not raised inside a
+    library's import; the run then stops before it reads anything: exit 130, one line, no file."""
+    model_path, _, _ = model
+    out = str(tmp_path / "out.safetensors")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, signal\n"
+                             "from convert_to_quant.quant_core import launcher\n"
+                             "real = launcher.signal.signal\n"
+                             "def hook(sig, handler):\n"  # the moment the import guard is installed ...
+                             "    old = real(sig, handler)\n"
+                             "    if sig == signal.SIGTERM and not getattr(hook, 'done', False):\n"
+                             "        hook.done = True\n"
+                             "        os.kill(os.getpid(), signal.SIGINT)\n"  # ... interrupts arrive
+                             "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                             "    return old\n"
+                             "launcher.signal.signal = hook\n"
+                             f"launcher.sys.argv = ['convert_to_quant', '-i', {model_path!r}, '-o', {out!r}]\n"
+                             "launcher.entry_point()\n"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err == "error: interrupted; no output file was left behind\n", err
+    assert os.listdir(tmp_path) == []

@@ -245,7 +245,7 @@ def test_layer_config_first_match_wins_and_overrides_presets():
     ({"(unclosed": {"skip": True}}, "invalid regex"),
     ({"x": {"formatt": "fp16"}}, "unknown field"),
     ({"x": {"format": "int3"}}, "unknown format"),
-    ({"x": {"convrot": True, "convrot_groupsize": 100}}, "power of 4"),
+    ({"x": {"convrot": True, "convrot_groupsize": 100}}, "must be one of 16, 64, 256, 1024, got 100"),
     (["not", "an", "object"], "JSON object"),
 ])
 def test_bad_layer_config_is_a_clear_error(bad, msg):
