@@ -24,6 +24,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
+from ..checkpoint import checkpoint
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from ..hadamard import rotate_groups
@@ -161,6 +162,7 @@ def search_scales(ws: torch.Tensor, spec: FormatSpec, col_weight: Optional[torch
     cw = None if col_weight is None else col_weight.float().reshape(1, -1).to(ws.device)
     best, best_err = base.clone(), None
     for c in grid:
+        checkpoint()
         s = base * c
         full = spec.cls.expand_scale(s, ws.shape, spec.params)
         e = (ws - torch.round(ws / full).clamp_(-QMAX, QMAX) * full).pow_(2)
