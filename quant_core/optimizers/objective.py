@@ -122,6 +122,7 @@ def quad_error(d: torch.Tensor, h: torch.Tensor, chunk: int = 4096) -> float:
     """``tr(D H Dᵀ)`` in float64 accumulation (chunked over rows to bound memory)."""
     total = 0.0
     for i in range(0, d.shape[0], chunk):
+        checkpoint()
         di = d[i:i + chunk].float()
         total += float(((di @ h) * di).sum(dtype=torch.float64))
     return total
