@@ -236,6 +236,12 @@ class QuantQuantize:
                  convrot_group_size: str, preset: str, optimizer: str, num_iter: int, lr: float, device: str,
                  layer_config: str = "", exclude_layers: str = "", optimizer_options: str = "",
                  quality_threshold: float = 30.0, calibration=None):
+        if format == "int8_quip" and optimizer not in ("rtn", "quip"):
+            raise PlanError(f"format int8_quip stores QuIP's rotated weight with its random signs: use optimizer "
+                            f"quip (or rtn), not {optimizer}")
+        if format == "int8_smoothquant" and calibration is None:
+            raise PlanError("format int8_smoothquant needs calibration statistics: connect Capture Calibration "
+                            "to Quantize's calibration input")
         plan_opts = _plan_options(format, scaling, block_size, convrot, int(convrot_group_size), preset,
                                   layer_config, exclude_layers)
         knobs = {"num_iter": num_iter, "lr": lr}
