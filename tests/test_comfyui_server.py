@@ -388,3 +388,14 @@ def test_two_copies_of_the_pack_still_start(tmp_path):
         assert "Added route will never be executed" not in log
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"format": "int8_quip", "optimizer": "gptq"}, "use optimizer quip (or rtn), not gptq"),
+    ({"format": "int8_smoothquant"}, "int8_smoothquant needs calibration statistics"),
+])
+def test_formats_that_need_their_optimizer_or_calibration_are_refused(server, quant, message):
+    entry = server.run(convert_prompt("ctq/never_fmt.safetensors", **quant))
+    err = execution_error(entry)
+    assert err["node_type"] == "QuantQuantize" and message in err["exception_message"], err
+    assert not os.path.exists(server.models("diffusion_models", "ctq", "never_fmt.safetensors"))
