@@ -7,10 +7,12 @@ the result atomically inside a folder the user cannot escape. See ``handles`` fo
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
+import stat
 from typing import Dict, List
 
 import torch
@@ -36,6 +38,7 @@ CATEGORY = "convert_to_quant/convert"
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
 SAVE_FOLDERS = ("output", "diffusion_models", "checkpoints", "text_encoders", "loras")
 NONE = "None"
+PROGRESS_STEPS = 100  # progress-bar steps per layer (the bar moves inside long layers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +237,12 @@ class QuantQuantize:
                  convrot_group_size: str, preset: str, optimizer: str, num_iter: int, lr: float, device: str,
                  layer_config: str = "", exclude_layers: str = "", optimizer_options: str = "",
                  quality_threshold: float = 30.0, calibration=None):
+        if format == "int8_quip" and optimizer not in ("rtn", "quip"):
+            raise PlanError(f"format int8_quip stores QuIP's rotated weight with its random signs: use optimizer "
+                            f"quip (or rtn), not {optimizer}")
+        if format == "int8_smoothquant" and calibration is None:
+            raise PlanError("format int8_smoothquant needs calibration statistics: connect Capture Calibration "
+                            "to Quantize's calibration input")
         plan_opts = _plan_options(format, scaling, block_size, convrot, int(convrot_group_size), preset,
                                   layer_config, exclude_layers)
         knobs = {"num_iter": num_iter, "lr": lr}
@@ -259,9 +268,13 @@ class QuantQuantize:
             job = ConversionJob(weights.path, tmp, opts, log=messages.append)
             try:
                 total = max(len(job.plan.quantized_layers()), 1)
-                bar = comfy.utils.ProgressBar(total)
-                result = job.run(progress=lambda done, n, name: bar.update_absolute(done, n),
-                                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
+                # steps inside a layer too: a learned-rounding layer can run for minutes
+                bar = comfy.utils.ProgressBar(total * PROGRESS_STEPS)
+                result = job.run(
+                    progress=lambda done, n, name: bar.update_absolute(done * PROGRESS_STEPS, total * PROGRESS_STEPS),
+                    layer_progress=lambda done, n, name: bar.update_absolute(int(done * PROGRESS_STEPS),
+                                                                             total * PROGRESS_STEPS),
+                    check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
             except BaseException:
                 for p in (tmp, tmp + ".partial"):
                     if os.path.exists(p):
@@ -271,11 +284,20 @@ class QuantQuantize:
                 job.close()
         for m in messages:
             log.info("convert_to_quant: %s", m)
+        # the file is a temporary one until Save publishes it (Save writes the saved name into its report)
+        result.report.summary.pop("output", None)
         settings = {"format": plan_opts.spec.describe(), "preset": preset, "optimizer": optimizer,
                     "source": weights.describe()}
         lora_lines = result.lora_report.lines() if result.lora_report is not None else []
+        notes = []
+        if calibration is None and optimizer != "rtn":
+            notes.append(f"note: {optimizer} ran without calibration data, so it minimized a weight-only "
+                         "objective; connect Capture Calibration to its calibration input for "
+                         "activation-aware rounding")
+            log.warning("convert_to_quant: %s", notes[-1])
+        settings["notes"] = notes
         qf = QuantizedFile(tmp, weights, result.report, settings, lora_lines)
-        summary = "\n".join(result.report.summary_lines() + lora_lines)
+        summary = "\n".join(result.report.summary_lines() + notes + lora_lines)
         return (qf, summary)
 
 
@@ -311,7 +333,8 @@ class QuantQualityReport:
 
     def report(self, quantized: QuantizedFile):
         rep = quantized.report
-        summary = "\n".join(rep.summary_lines() + [f"warning: {w}" for w in rep.warnings[:20]])
+        summary = "\n".join(rep.summary_lines() + list(quantized.settings.get("notes", []))
+                            + [f"warning: {w}" for w in rep.warnings[:20]])
         chart = render_sqnr_chart(sqnr_bars(rep), rep.threshold_db)
         text = json.dumps(rep.to_dict(), allow_nan=False)
         return {"ui": {"text": [summary], "quant_report": [report_payload(rep)]},
@@ -368,11 +391,15 @@ class QuantSave:
         with OutputLock(path) as lock:
             publish_file(quantized.tmp_path, path, overwrite=overwrite, lock=lock)
             written = [path]
+            rel = os.path.relpath(path, base)
             if save_report:
                 stem = os.path.splitext(path)[0] + "_quality"
-                written += quantized.report.write(stem + ".json")
-        rel = os.path.relpath(path, base)
+                rep = copy.copy(quantized.report)  # the node's report stays as it is (Save may run again)
+                rep.summary = {**rep.summary, "output": f"{folder}/{rel}"}
+                written += rep.write(stem + ".json", mode=stat.S_IMODE(os.stat(path).st_mode))
         text = f"saved {folder}/{rel} ({os.path.getsize(path) / 1e9:.3f} GB)"
+        if save_report:
+            text += "\nreport: " + ", ".join(f"{folder}/{os.path.relpath(p, base)}" for p in written[1:])
         log.info("convert_to_quant: %s", text)
         return {"ui": {"text": [text]}, "result": (path,)}
 

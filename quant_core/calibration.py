@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .checkpoint import checkpoint
 from .errors import CalibrationError, display_name
 from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
@@ -388,6 +389,7 @@ class CalibrationCollector:
         return None
 
     def _observe(self, name: str, x: torch.Tensor):
+        checkpoint()  # cancel inside a model call (rate-limited; a no-op outside a checkpoint_scope)
         in_features = x.shape[-1]
         known = self.groups.get(name)
         shared = self._same_input(x) if self.share_inputs else None
@@ -500,7 +502,8 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
             col = CalibrationCollector(model, device=device, dtype=dtype, max_tokens_per_call=max_tokens_per_call,
                                        select=select, share_inputs=share_inputs, only=members, groups=groups)
             with torch.no_grad(), col:
-                for b in batches:
+                for j, b in enumerate(batches):
+                    checkpoint((i * len(batches) + j) / (len(passes) * len(batches)))
                     col.mask = mask(b) if mask is not None else None
                     forward(model, b)
             peak = max(peak, col.peak_bytes)

@@ -479,7 +479,7 @@ def run(args, console: Console) -> int:
                 return 0
         else:
             res = convert_file(args.input, output, opts, progress=bar.update if bar else None,
-                               log=lambda m: console(m, 1))
+                               log=lambda m: console(m, 1), layer_progress=bar.inside if bar else None)
     finally:
         if bar:
             bar.close()
@@ -506,6 +506,13 @@ class _progress_bar:
             self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
         self.bar.set_postfix_str(terminal_text(display_name(name))[-40:], refresh=False)
         self.bar.update(done - self.bar.n)
+
+    def inside(self, done: float, total: int, name: str):
+        """Progress inside a long layer (optimizer iterations): the share of the layer done."""
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
+        self.bar.set_postfix_str(f"{name[-40:]} {100 * (done - int(done)):.0f}%")
 
     def close(self):
         if self.bar is not None:

@@ -177,13 +177,14 @@ class QualityReport:
                        f"{f(l.output_sqnr_db, '.2f')} | {f(l.mse, '.3e')} | {f(l.max_abs_err, '.3e')} | {note} |")
         return "\n".join(out) + "\n"
 
-    def write(self, path: str, overwrite: bool = True) -> List[str]:
+    def write(self, path: str, overwrite: bool = True, mode: Optional[int] = None) -> List[str]:
         """Write ``path`` (JSON) and the Markdown table next to it (``.md``); returns both paths. Without
-        ``overwrite`` an existing file is not replaced (``FileExistsError``)."""
+        ``overwrite`` an existing file is not replaced (``FileExistsError``). ``mode``: their permission
+        bits (default: what ``open()`` gives a new file, 0666 less the umask)."""
         json_path, md_path = report_file_paths(path)
         _atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1, allow_nan=False,
-                                                  default=_json_default), overwrite)
-        _atomic_write_text(md_path, self.markdown(), overwrite)
+                                                  default=_json_default), overwrite, mode)
+        _atomic_write_text(md_path, self.markdown(), overwrite, mode)
         return [json_path, md_path]
 
 
@@ -204,7 +205,22 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def _atomic_write_text(path: str, text: str, overwrite: bool = True):
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the process umask (read without
+    changing it where /proc tells it: ``os.umask`` is process-wide and racy between threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write_text(path: str, text: str, overwrite: bool = True, mode: Optional[int] = None):
     """Write ``text`` to a temporary file next to ``path`` and move it into place in one step. Without
     ``overwrite`` it is linked into place, which fails (``FileExistsError``) if ``path`` exists, also
     when it appeared after the run's checks."""
@@ -212,6 +228,8 @@ def _atomic_write_text(path: str, text: str, overwrite: bool = True):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".partial")
     try:
+        # mkstemp makes 0600 files: give the report the mode of a normal new file (or of its model)
+        os.fchmod(fd, default_file_mode() if mode is None else mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

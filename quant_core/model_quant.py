@@ -12,6 +12,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
+from .checkpoint import checkpoint_scope
 from .errors import BadWeightsError, ConvertError, display_name
 from .optimizers import LayerContext, get_optimizer
 from .plan import ConversionPlan, PlanOptions, build_plan
@@ -60,7 +61,8 @@ def quantize_tensors(tensors: Mapping[str, torch.Tensor], plan: ConversionPlan, 
         if not bool(torch.isfinite(w).all()):
             raise BadWeightsError(f"{display_name(key)}: weight has NaN/Inf values; refusing to quantize it")
         ctx = LayerContext(base=lp.base, device=dev, options=dict(optimizer_options or {}), orig_dtype=t.dtype)
-        qw = opt_fn(w, lp.spec, ctx).qw
+        with checkpoint_scope(check_cancel):  # also inside the optimizer's loops (rate-limited)
+            qw = opt_fn(w, lp.spec, ctx).qw
         del w
         for k, v in lp.spec.cls.tensors(lp.base, qw).items():
             out[k] = v.detach().cpu()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .checkpoint import checkpoint_scope
 from .errors import (BadWeightsError, CalibrationError, ConvertError, OutputPathError, PlanError,
                      UnsupportedInputError, display_name)
 from .formats import quantized_weight_from_tensors
@@ -474,10 +475,15 @@ class ConversionJob:
         return out
 
     def run(self, progress: Optional[ProgressFn] = None,
-            check_cancel: Optional[Callable[[], None]] = None) -> "ConversionResult":
+            check_cancel: Optional[Callable[[], None]] = None,
+            layer_progress: Optional[Callable[[float, int, str], None]] = None) -> "ConversionResult":
         """Stream every tensor through one writer. Reading the next tensors (a bounded read-ahead thread)
         and writing finished ones (a bounded write-behind thread) overlap the quantization of the current
-        one; ``--low-memory`` does all three in turn, one tensor at a time."""
+        one; ``--low-memory`` does all three in turn, one tensor at a time.
+
+        ``check_cancel`` runs between tensors and, rate-limited, inside the optimizer loops of a layer
+        (``checkpoint``); ``layer_progress(layers done as a float, layers, name)`` follows a layer as
+        it runs (``progress`` reports whole layers)."""
         n_layers = len(self.plan.quantized_layers())
         done = 0
         bound = self.memory.prefetch_bytes
@@ -495,7 +501,12 @@ class ConversionJob:
                             continue
                         self.prefetched = {key: t}
                         del t
-                        tensors, layer = self.process(key)
+                        lp = self.plan.layer_for_key(key)
+                        inner = None
+                        if layer_progress is not None and lp is not None and lp.spec is not None:
+                            inner = (lambda f, _d=done, _n=lp.base: layer_progress(_d + f, n_layers, _n))
+                        with checkpoint_scope(check_cancel, inner):
+                            tensors, layer = self.process(key)
                         self.prefetched = {}
                         out.put(tensors)
                         del tensors
@@ -573,11 +584,12 @@ class ConversionJob:
 
 def convert_file(input_path: str, output_path: Optional[str] = None, options: Optional[ConvertOptions] = None,
                  progress: Optional[ProgressFn] = None, check_cancel: Optional[Callable[[], None]] = None,
-                 log: Callable[[str], None] = lambda m: None) -> ConversionResult:
-    """Convert ``input_path`` to a quantized safetensors file. See ``ConvertOptions``."""
+                 log: Callable[[str], None] = lambda m: None,
+                 layer_progress: Optional[Callable[[float, int, str], None]] = None) -> ConversionResult:
+    """Convert ``input_path`` to a quantized safetensors file. See ``ConvertOptions`` and ``run``."""
     job = ConversionJob(input_path, output_path, options, log)
     try:
-        return job.run(progress, check_cancel)
+        return job.run(progress, check_cancel, layer_progress)
     finally:
         job.close()
 

@@ -6,6 +6,7 @@ Skipped unless COMFYUI_DIR / COMFYUI_PYTHON point at a ComfyUI checkout and its 
 """
 import json
 import os
+import re
 import sys
 import time
 
@@ -98,6 +99,16 @@ def test_convert_report_save(server, converted):
     # report files next to it; no temporary file left besides the cached conversion
     assert os.path.isfile(path[:-len(".safetensors")] + "_quality.json")
     assert not [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".partial")]
+    # issue 15: the Save node says where it saved; the saved report names the saved file (not the
+    # temporary one) and has the model's permissions (not mkstemp's 0600)
+    saved = ui_outputs(converted, "4")["text"][0]
+    assert saved.startswith(f"saved diffusion_models/{INT8} (") and "_quality.json" in saved, saved
+    stem = path[:-len(".safetensors")] + "_quality"
+    with open(stem + ".json") as f:
+        assert json.load(f)["summary"]["output"] == f"diffusion_models/{INT8}"
+    mode = os.stat(path).st_mode & 0o777
+    assert mode & 0o044 and [os.stat(stem + e).st_mode & 0o777 for e in (".json", ".md")] == [mode, mode]
+    assert ".convert_to_quant_tmp" not in json.dumps(ui_outputs(converted, "3"))
 
 
 def _latent(server, prefix):
@@ -340,3 +351,51 @@ def test_core_int8_convrot_file_from_comfy_kitchen_loads_and_samples(server):
     ok(server.run(prompt))
     assert len(layers) == 20
     assert rel_err(_latent(server, "core_int8"), _latent(server, "core_ref")) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: two copies of the pack; GPTQ without calibration says so
+# ------------------------------------------------------------------------------------------------
+def test_gptq_without_calibration_says_weight_only(server):
+    entry = ok(server.run(convert_prompt("ctq/gptq_weight_only.safetensors", optimizer="gptq")))
+    text = ui_outputs(entry, "3")["text"][0]
+    assert "gptq ran without calibration data" in text and "weight-only" in text, text
+    assert "gptq ran without calibration data" in server.log_tail(400)
+
+
+def test_two_copies_of_the_pack_still_start(tmp_path):
+    """A second copy (a zip download next to a clone, a renamed folder) used to register
+    /convert_to_quant/inspect again: aiohttp refused it and the whole server failed to start."""
+    from comfy_helpers import REPO
+    base = str(tmp_path)
+    save_tensors(os.path.join(base, "models", "diffusion_models", MODEL), wan21_state_dict())
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    copy_dir = os.path.join(base, "custom_nodes", "convert_to_quant-main")
+    os.symlink(REPO, copy_dir)
+    srv = ComfyServer(base)
+    try:
+        info = srv.get("/object_info")
+        assert all(n in info for n in OUR_NODES)
+        status, body = srv.request("GET", f"/convert_to_quant/inspect?weights=diffusion_models/{MODEL}")
+        assert status == 200 and body["family"] == "wan", body
+        log = srv.log_tail(400)
+        warnings = [line for line in log.splitlines() if "is already served by" in line]
+        assert len(warnings) == 1, log
+        m = re.search(r"is already served by (\S+); this copy in (\S+) does not", warnings[0])
+        assert m, warnings[0]
+        nodes_dir = os.path.join(base, "custom_nodes")
+        assert {m.group(1), m.group(2)} == {os.path.join(nodes_dir, "convert_to_quant"), copy_dir}, warnings[0]
+        assert "Added route will never be executed" not in log
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"format": "int8_quip", "optimizer": "gptq"}, "use optimizer quip (or rtn), not gptq"),
+    ({"format": "int8_smoothquant"}, "int8_smoothquant needs calibration statistics"),
+])
+def test_formats_that_need_their_optimizer_or_calibration_are_refused(server, quant, message):
+    entry = server.run(convert_prompt("ctq/never_fmt.safetensors", **quant))
+    err = execution_error(entry)
+    assert err["node_type"] == "QuantQuantize" and message in err["exception_message"], err
+    assert not os.path.exists(server.models("diffusion_models", "ctq", "never_fmt.safetensors"))

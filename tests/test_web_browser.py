@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from comfy_helpers import (REPO, SKIP_REASON, ComfyServer, comfy_env, save_tensors,  # noqa: E402
                            wan21_state_dict)
+from workflow_schema import workflow_schema_problems  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -59,6 +60,8 @@ class Page:
         self.errors, self.console_errors, self.bad_responses, self.ext_responses = [], [], [], []
         origin = server.url
         self.page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(origin) else r.abort())
+        self.dialogs = []  # window.alert / confirm / prompt: recorded and dismissed
+        self.page.on("dialog", lambda d: (self.dialogs.append(f"{d.type}: {d.message}"), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(f"{e}\n{e.stack}"))
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
 
@@ -72,6 +75,18 @@ class Page:
         self.page.wait_for_function(
             "() => window.app && app.graph && app.extensions.some(e => e.name === 'convert_to_quant.nodes')",
             timeout=90000)
+
+    def alerts(self):
+        """Text of the frontend's toasts and open dialogs (a workflow the schema refuses shows
+        "Invalid workflow against zod schema" as a toast alert)."""
+        return self.page.evaluate("""() => [...document.querySelectorAll(
+            '.p-toast-message, .p-dialog, [role=alertdialog]')].map(e => e.innerText.trim()).filter(Boolean)""")
+
+    def clear_alerts(self):
+        self.page.evaluate("""() => { for (const b of document.querySelectorAll(
+            '.p-toast-message .p-toast-close-button, .p-dialog .p-dialog-close-button')) b.click(); }""")
+        self.page.wait_for_function("""() => !document.querySelector('.p-toast-message, .p-dialog')""",
+                                    timeout=10000)
 
     def ours(self, items):
         return [x for x in items if "convert_to_quant" in str(x)]
@@ -167,18 +182,26 @@ def test_report_widget_renders_chart_and_sortable_table(page, tmp_path):
 
 @pytest.mark.parametrize("name", ["convert_and_save", "load_and_sample_with_lora", "quantize_on_the_fly"])
 def test_example_workflow_loads_in_frontend(page, name):
-    """The UI-format example (what the template browser opens) has every node type registered, the same
-    nodes as its API twin, and links the frontend accepts."""
+    """The UI-format example (what drag-and-drop and the template browser open) loads through the
+    frontend's own validation without an alert, dialog or page error; it has every node type registered,
+    the same nodes as its API twin, and links the frontend accepts."""
     with open(os.path.join(EXAMPLES, name + ".json")) as f:
         ui = json.load(f)
     api = load_api(name)
     pg = page.page
+    page.clear_alerts()
+    errors_before, dialogs_before = len(page.errors), len(page.dialogs)
     res = pg.evaluate("""async (wf) => {
         await app.loadGraphData(wf, true, true, 'example');
         const nodes = app.graph._nodes;
         return {types: nodes.map(n => n.type), missing: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
-                prompt: (await app.graphToPrompt()).output};
+                prompt: (await app.graphToPrompt()).output,
+                validation: app.extensionManager?.setting?.get?.('Comfy.Validation.Workflows')};
     }""", ui)
+    pg.wait_for_timeout(500)  # toasts are added on the next tick
+    assert res["validation"] is not False, "the frontend's workflow validation is off: nothing would be checked"
+    assert page.alerts() == [] and page.dialogs[dialogs_before:] == [], (page.alerts(), page.dialogs)
+    assert page.errors[errors_before:] == [], page.errors[errors_before:]
     assert not res["missing"], res["missing"]
     assert sorted(res["types"]) == sorted(n["class_type"] for n in api.values())
     # the frontend turns the UI workflow back into the same API prompt (inputs and links)
@@ -187,9 +210,73 @@ def test_example_workflow_loads_in_frontend(page, name):
     assert got == want
 
 
+def test_invalid_workflow_alert_is_seen(page):
+    """The check above can fail: a null the schema refuses shows the frontend's alert."""
+    with open(os.path.join(EXAMPLES, "convert_and_save.json")) as f:
+        ui = json.load(f)
+    ui["floatingLinks"] = None
+    page.clear_alerts()
+    page.page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'bad'); }", ui)
+    page.page.wait_for_function("() => document.querySelector('.p-toast-message')", timeout=10000)
+    assert any("zod schema" in a for a in page.alerts()), page.alerts()
+    page.clear_alerts()
+
+
+def test_shipped_layout_has_no_overlap_after_a_run(page):
+    """The shipped convert_and_save layout, run: the Quality Report grows to show its chart and table, the
+    Save node shows where it saved -- no node may then cover another."""
+    with open(os.path.join(EXAMPLES, "convert_and_save.json")) as f:
+        ui = json.load(f)
+    pg = page.page
+    page.clear_alerts()
+    errors_before, dialogs_before = len(page.errors), len(page.dialogs)
+    pg.evaluate("""async (wf) => {
+        await app.loadGraphData(wf, true, true, 'convert_and_save');
+        const set = (id, name, v) => { app.graph.getNodeById(id).widgets.find(w => w.name === name).value = v; };
+        set(1, 'weights', 'diffusion_models/%s');
+        set(2, 'device', 'cpu');
+        set(5, 'filename', 'ctq/layout_test_int8.safetensors');
+        await app.queuePrompt(0, 1);
+    }""" % MODEL, ui)
+    pg.wait_for_function("() => Number(document.querySelector('.ctq-chart')?.dataset.bars || 0) > 0", timeout=120000)
+    pg.wait_for_function("() => document.querySelector('.ctq-save-info')?.textContent.startsWith('saved ')",
+                         timeout=60000)
+    saved = pg.evaluate("() => document.querySelector('.ctq-save-info').textContent")
+    assert saved.startswith("saved diffusion_models/ctq/layout_test_int8.safetensors ("), saved
+    pg.wait_for_timeout(500)
+    boxes = pg.evaluate("""() => app.graph._nodes.map(n => {
+        const b = n.getBounding(); return {id: n.id, type: n.type, x0: b[0], y0: b[1], x1: b[0] + b[2], y1: b[1] + b[3]};
+    })""")
+    overlaps = [(a["type"], b["type"]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                if a["x0"] < b["x1"] and b["x0"] < a["x1"] and a["y0"] < b["y1"] and b["y0"] < a["y1"]]
+    assert overlaps == [], (overlaps, boxes)
+    assert page.alerts() == [] and page.dialogs[dialogs_before:] == [], (page.alerts(), page.dialogs)
+    assert page.errors[errors_before:] == [], page.errors[errors_before:]
+
+
 # ------------------------------------------------------------------------------------------------
 # regenerate the UI-format examples from the API ones (a development tool, not a test)
 # ------------------------------------------------------------------------------------------------
+# sizes each node gets in the shipped layout: what it grows to after a run, so nothing overlaps then
+MIN_NODE_SIZES = {"QuantQualityReport": [560, 440], "QuantSave": [400, 210], "PreviewImage": [420, 300],
+                  "QuantQuantize": [400, 470], "QuantLoadWeights": [340, 170], "CLIPTextEncode": [400, 200]}
+LAYOUT_GAP = [80, 80]  # between columns; between nodes of a column (the title bar sits above a node's pos)
+
+
+def drop_nulls_the_schema_refuses(ui):
+    """The graph's serializer leaves some fields undefined; Playwright and old exports turned them into
+    ``null``, which the frontend's schema refuses (``Invalid workflow against zod schema``)."""
+    ui = {k: v for k, v in ui.items() if not (v is None and k in ("floatingLinks", "groups", "definitions",
+                                                                   "models", "subgraphs"))}
+    if isinstance(ui.get("extra"), dict):
+        ui["extra"] = {k: v for k, v in ui["extra"].items() if v is not None}
+    for n in ui.get("nodes", []):
+        for slot in (n.get("inputs") or []) + (n.get("outputs") or []):
+            if slot.get("slot_index", 0) is None:
+                del slot["slot_index"]
+    return ui
+
+
 def export_examples():
     import tempfile
     from playwright.sync_api import sync_playwright
@@ -200,14 +287,48 @@ def export_examples():
             for fname in sorted(os.listdir(os.path.join(EXAMPLES, "api"))):
                 name = fname[:-len(".json")]
                 wf = load_api(name)
-                ui = p.page.evaluate("""async ([wf, name]) => {
+                ui = p.page.evaluate("""async ([wf, name, minSizes, gap]) => {
                     await app.loadApiJson(wf, name);
                     for (const n of app.graph._nodes) {
                         const t = wf[String(n.id)]?._meta?.title; if (t) n.title = t;
                         for (const w of n.widgets || []) if (w.name === 'control_after_generate') w.value = 'fixed';
                     }
-                    return app.graph.serialize();
-                }""", [copy.deepcopy(wf), name])
+                    // layout: one column per depth in the graph; each node at least as large as it grows
+                    // after a run (the Quality Report's chart and table, the Save node's text)
+                    const depth = {};
+                    const d = (n) => {
+                        if (depth[n.id] !== undefined) return depth[n.id];
+                        depth[n.id] = 0;
+                        let v = 0;
+                        for (const inp of n.inputs || []) {
+                            if (inp.link == null) continue;
+                            const l = app.graph.links[inp.link] ?? app.graph.links.get?.(inp.link);
+                            v = Math.max(v, d(app.graph.getNodeById(l.origin_id)) + 1);
+                        }
+                        return (depth[n.id] = v);
+                    };
+                    const nodes = [...app.graph._nodes].sort((a, b) => a.id - b.id);
+                    const cols = [];
+                    for (const n of nodes) {
+                        const min = n.computeSize(), want = minSizes[n.type] || [0, 0];
+                        n.setSize([Math.max(min[0], want[0]), Math.max(min[1], want[1])]);
+                        (cols[d(n)] ||= []).push(n);
+                    }
+                    let x = 40;
+                    for (const col of cols) {
+                        if (!col) continue;
+                        let y = 60;
+                        for (const n of col) { n.pos = [x, y]; y += n.size[1] + gap[1]; }
+                        x += Math.max(...col.map((n) => n.size[0])) + gap[0];
+                    }
+                    app.graph.setDirtyCanvas(true, true);
+                    // through JSON: keys the graph leaves undefined are dropped, not sent back as null
+                    return JSON.parse(JSON.stringify(app.graph.serialize()));
+                }""", [copy.deepcopy(wf), name, MIN_NODE_SIZES, LAYOUT_GAP])
+                ui = drop_nulls_the_schema_refuses(ui)
+                problems = workflow_schema_problems(ui)
+                if problems:
+                    raise SystemExit(f"{name}: the exported workflow breaks the frontend's schema: {problems}")
                 with open(os.path.join(EXAMPLES, fname), "w") as f:
                     json.dump(ui, f, indent=1)
                     f.write("\n")

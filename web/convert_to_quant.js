@@ -3,6 +3,8 @@
 //    red below the threshold) and a per-layer table sortable by any column (click a header).
 //  * Load Weights node: shows the picked file's detected family, suggested preset, layer count and size,
 //    read from the header by the server route GET /convert_to_quant/inspect.
+//  * Save node: after a run, shows where the model (and its quality report) was saved.
+//  Loaded once even when two copies of the pack are installed (the second copy's script does nothing).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -207,7 +209,31 @@ function addWeightsInfo(node) {
   setTimeout(() => refreshWeightsInfo(node, box), 0);
 }
 
-app.registerExtension({
+// ---------------------------------------------------------------------------------------------
+// Save node: the "saved …" text the node returns
+// ---------------------------------------------------------------------------------------------
+function showSaved(node, lines) {
+  let widget = node.widgets?.find((w) => w.name === "saved_info");
+  if (!widget) {
+    const box = el("div", { whiteSpace: "pre-wrap", fontSize: "11px", color: COLORS.text, padding: "2px 4px",
+                            overflow: "hidden" });
+    box.className = "ctq-save-info";
+    widget = node.addDOMWidget("saved_info", "saved_info", box, {
+      serialize: false, hideOnZoom: false, getMinHeight: () => 44,
+    });
+    widget.serialize = false;
+    widget.ctqBox = box;
+  }
+  widget.ctqBox.textContent = lines.join("\n");
+  const min = node.computeSize();
+  node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
+const alreadyLoaded = app.extensions?.some((e) => e.name === EXTENSION);
+if (alreadyLoaded) {
+  console.warn(`${EXTENSION}: a second copy of the convert_to_quant pack is installed; using the first one`);
+} else app.registerExtension({
   name: EXTENSION,
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "QuantQualityReport") {
@@ -216,6 +242,12 @@ app.registerExtension({
         onExecuted?.apply(this, arguments);
         const report = message?.quant_report?.[0];
         if (report) showReport(this, report, (message.text || []).join("\n"));
+      };
+    } else if (nodeData.name === "QuantSave") {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecuted?.apply(this, arguments);
+        if (message?.text?.length) showSaved(this, message.text);
       };
     } else if (nodeData.name === "QuantLoadWeights") {
       const onNodeCreated = nodeType.prototype.onNodeCreated;

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..checkpoint import checkpoint
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
@@ -215,6 +216,7 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
         qt = torch.empty_like(wt)
         xt = torch.empty_like(wt) if return_target else None
         for i1 in range(0, n, block_size):
+            checkpoint((r0 * n + (r1 - r0) * i1) / (out * n))  # cancel / progress (rate-limited)
             i2 = min(i1 + block_size, n)
             err1 = torch.empty_like(wt[i1:i2])
             sweep = _graph_for(wt.device, i2 - i1, r1 - r0, xt is not None) if cuda_graphs else None

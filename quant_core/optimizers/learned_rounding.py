@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
@@ -154,6 +155,7 @@ def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tens
     it = 0
     with _fast_matmul(ws.device, bool(opt(o, "allow_tf32", True))):
         for it in range(1, num_iter + 1):
+            checkpoint((it - 1) / num_iter)  # cancel / progress (rate-limited)
             d = (base + soft.detach() * free) * full_scale - ws
             g = d @ h_obj
             rec = float((d * g).sum(dtype=torch.float64)) / e_ref
@@ -219,6 +221,7 @@ def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch
         # no host sync inside the sweep (a zero change adds exact zeros): one check per sweep
         changed = torch.zeros((), dtype=torch.int64, device=qt.device)
         for j0 in range(0, n, block):
+            checkpoint()
             j1 = min(j0 + block, n)
             upd = torch.empty(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
             for j in range(j0, j1):
@@ -263,15 +266,18 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         # one error-feedback sweep gives the continuous starting point: floor/ceil of the *original*
         # weight cannot compensate errors across correlated channels (docs/OPTIMIZERS.md measures it)
         o = ctx.options or {}
-        q0, ginfo = gptq_quantize(ws, obj.H, full, int(opt(o, "gptq_block_size", DEFAULT_BLOCK)),
-                                  bool(opt(o, "gptq_actorder", False)), float(opt(o, "gptq_damp", DEFAULT_DAMP)),
-                                  int(opt(o, "row_segments", 1)), factor_device=opt(o, "hessian_device", None),
-                                  return_target=True)
+        with progress_span(0.0, 0.2):
+            q0, ginfo = gptq_quantize(ws, obj.H, full, int(opt(o, "gptq_block_size", DEFAULT_BLOCK)),
+                                      bool(opt(o, "gptq_actorder", False)),
+                                      float(opt(o, "gptq_damp", DEFAULT_DAMP)), int(opt(o, "row_segments", 1)),
+                                      factor_device=opt(o, "hessian_device", None), return_target=True)
         target = ginfo["target"]
         e_init = quad_error(q0 * full - ws, h_fit)
         del q0
     # normalize by the starting point's error: the regularizer weight is relative to what is left to gain
-    q, e, info = learn_rounding(ws, h_fit, full, method, ctx.options, max(e_init, 1e-30) if e_init else e_ref, target)
+    with progress_span(0.2 if init == "gptq" else 0.0, 0.95):
+        q, e, info = learn_rounding(ws, h_fit, full, method, ctx.options, max(e_init, 1e-30) if e_init else e_ref,
+                                    target)
     del target
     last_q = info.pop("last_q")
     sweeps = int(opt(ctx.options, "polish_sweeps", DEFAULT_POLISH))

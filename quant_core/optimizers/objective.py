@@ -24,6 +24,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
+from ..checkpoint import checkpoint
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from ..hadamard import rotate_groups
@@ -121,6 +122,7 @@ def quad_error(d: torch.Tensor, h: torch.Tensor, chunk: int = 4096) -> float:
     """``tr(D H Dᵀ)`` in float64 accumulation (chunked over rows to bound memory)."""
     total = 0.0
     for i in range(0, d.shape[0], chunk):
+        checkpoint()
         di = d[i:i + chunk].float()
         total += float(((di @ h) * di).sum(dtype=torch.float64))
     return total
@@ -161,6 +163,7 @@ def search_scales(ws: torch.Tensor, spec: FormatSpec, col_weight: Optional[torch
     cw = None if col_weight is None else col_weight.float().reshape(1, -1).to(ws.device)
     best, best_err = base.clone(), None
     for c in grid:
+        checkpoint()
         s = base * c
         full = spec.cls.expand_scale(s, ws.shape, spec.params)
         e = (ws - torch.round(ws / full).clamp_(-QMAX, QMAX) * full).pow_(2)
