@@ -36,20 +36,25 @@ _SMALL_M = ((64, 0, "w8a16"), (512, 16 << 20, "w8a16"))
 PATH_TABLE = {(arch, kind): _SMALL_M for arch in ("sm90", "sm89", "sm80") for kind in ("row", "block")}
 
 
-def choose_path(kind: str, m: int, device: torch.device, nk: int = 0) -> str:
+def choose_path(kind: str, m: int, device: torch.device, nk: int = 0, dtype: Optional[torch.dtype] = None) -> str:
     """The path ``auto`` takes for ``m`` tokens on ``device`` ("row": tensor-wise/per-row weights,
-    "block": block-wise weights; ``nk``: the weight's N*K, 0 if unknown)."""
+    "block": block-wise weights; ``nk``: the weight's N*K, 0 if unknown). float32 activations always
+    take W8A8: W8A16's float32 dot runs on the CUDA cores, not the tensor cores (a T5-XXL-shaped encoder,
+    which ComfyUI runs in float32, was 15x slower than bf16 with it; docs/KERNELS.md)."""
+    if dtype == torch.float32:
+        return "w8a8"
     for bound, max_nk, path in PATH_TABLE.get((arch_of(device), kind), ()):
         if m <= bound and (not max_nk or 0 < nk <= max_nk):
             return path
     return "w8a8"
 
 
-def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, nk: int = 0) -> str:
+def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, nk: int = 0,
+                 dtype: Optional[torch.dtype] = None) -> str:
     p = (path or os.environ.get(PATH_ENV) or "auto").lower()
     if p not in PATHS:
         raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {p!r}")
-    return choose_path(kind, m, device, nk) if p == "auto" else p
+    return choose_path(kind, m, device, nk, dtype) if p == "auto" else p
 
 
 def runtime_path(device: torch.device, backend: Optional[str] = None) -> Optional[str]:
@@ -94,7 +99,7 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
-    p = resolve_path(path, "row", m, x.device, n * k)
+    p = resolve_path(path, "row", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
     if p == "dequant":
@@ -123,7 +128,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
-    p = resolve_path(path, "block", m, x.device, n * k)
+    p = resolve_path(path, "block", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
     if p == "dequant":

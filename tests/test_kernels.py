@@ -566,6 +566,8 @@ def test_path_table_rules(monkeypatch):
     assert K.choose_path("row", 512, cpu) == "w8a8"  # N*K unknown: the large-M rule
     assert K.choose_path("row", 513, cpu, 3072 * 3072) == "w8a8"
     assert K.choose_path("row", 4096, cpu, 3072 * 3072) == "w8a8"
+    assert K.choose_path("row", 1, cpu, 3072 * 3072, torch.float32) == "w8a8"  # no fp32 tensor-core dot
+    assert K.choose_path("row", 1, cpu, 3072 * 3072, torch.bfloat16) == "w8a16"
     monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm75")
     assert K.choose_path("row", 1, cpu) == "w8a8"
 
