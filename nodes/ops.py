@@ -248,7 +248,8 @@ class QuantLinearMixin:
         else:
             # without Triton (CPU, MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
             path = runtime_path(x.device)
-            run = self._prepared(x.device)
+            # under torch.compile the custom ops are traced instead (storage pointers are not traceable)
+            run = None if torch.compiler.is_compiling() else self._prepared(x.device)
             y = (run(x, bias, path) if run is not None
                  else quantized_linear(x, self.quantized_weight(x.device), bias, path=path))
         if self.lora_groups or self.has_dense_delta:
