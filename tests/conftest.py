@@ -12,6 +12,15 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
+# torch threads never outnumber the CPUs this process may run on (a container's affinity mask can be
+# smaller than the machine's core count, which is what torch counts), also in the subprocesses tests start
+try:
+    _CPUS = len(os.sched_getaffinity(0))
+except (AttributeError, OSError):  # pragma: no cover - not Linux
+    _CPUS = os.cpu_count() or 1
+os.environ.setdefault("OMP_NUM_THREADS", str(_CPUS))
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
 try:
     import torch
 
