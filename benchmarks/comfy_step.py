@@ -845,12 +845,8 @@ def main(argv=None) -> int:
             if s not in SHAPES:
                 sys.exit(f"error: unknown shape {s!r}; known: {', '.join(SHAPES)}")
             shapes[s] = SHAPES[s]
-    setup_imports(args.comfyui, cpu=args.dry_run)
-
-    import torch
-    import comfy.model_management as mm
+    torch, mm, dev, dtype, card = setup_common(args, "Wan-2.1-shaped")
     import comfy.sd
-    from convert_to_quant.kernels import triton_usable
     from convert_to_quant.nodes.loader import load_diffusion_model
     from convert_to_quant.nodes.ops import quant_linears
     from convert_to_quant.quant_core.formats import make_spec
@@ -858,12 +854,6 @@ def main(argv=None) -> int:
     from convert_to_quant.quant_core.plan import PlanOptions
     from convert_to_quant.quant_core.safetensors_io import save_file
 
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("error: needs a CUDA GPU (use --dry-run for the CPU smoke test)")
-    dev = mm.get_torch_device()
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
-    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    log(f"device: {card}; torch {torch.__version__}; triton kernels: {triton_usable(dev)}")
     log(f"model: Wan-2.1-shaped, dim {args.dim}, ffn {args.ffn}, {args.dim // 128} heads, {args.blocks} blocks; "
         f"format {args.format}; {args.loras} LoRA(s) of rank {args.lora_rank}")
 
