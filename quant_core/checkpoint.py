@@ -15,9 +15,10 @@ part of learned rounding) into ``[lo, hi]`` of the enclosing step, so the layer'
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 INTERVAL_S = 0.05  # at most 20 checks per second: nothing next to a layer's compute
 
@@ -78,3 +79,37 @@ def progress_span(lo: float, hi: float):
         yield
     finally:
         s.lo, s.hi = old
+
+
+def cancellable() -> bool:
+    """Is a scope with an interrupt check active (so ``interruptible`` is worth its thread)?"""
+    s = _scope.get()
+    return s is not None and s.check is not None
+
+
+def interruptible(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` for one long call that cannot check for cancellation itself (a LAPACK
+    factorization of a wide Hessian on the CPU: 15 s at in = 4096 on one core). Inside a scope with a
+    ``check`` it runs in a worker thread while this thread keeps checking; when the check raises, that
+    is raised at once and the worker's result, when it comes, is dropped (the call itself cannot be
+    stopped: it finishes in the background and frees its memory). Outside such a scope: a plain call."""
+    s = _scope.get()
+    if s is None or s.check is None:
+        return fn(*args, **kwargs)
+    box = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="convert_to_quant-interruptible", daemon=True).start()
+    while not done.wait(s.interval):
+        s.check()  # raises on cancel
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -127,3 +127,58 @@ def test_checkpoint_is_rate_limited_and_scoped():
             checkpoint(1.0)  # 1.0
         checkpoint(0.2)  # progress never goes back
     assert calls == [0.5, 0.75, 1.0]
+
+
+def test_a_call_that_cannot_check_is_abandoned_on_cancel():
+    """``interruptible``: one long call (a LAPACK factorization) runs in a worker while the caller keeps
+    checking; Cancel is raised at once and the call finishes in the background, its result dropped."""
+    from convert_to_quant.quant_core.checkpoint import interruptible
+    release, started, finished = threading.Event(), threading.Event(), threading.Event()
+    cancel = threading.Event()
+
+    def long_call(x):
+        started.set()
+        release.wait(60)  # stands for seconds of LAPACK that no checkpoint can interrupt
+        finished.set()
+        return x * 2
+
+    def check():
+        if cancel.is_set():
+            raise ConversionCancelled("cancelled")
+
+    release.set()
+    assert interruptible(long_call, 4) == 8  # outside a scope: a plain call, with its result
+    release.clear()
+    finished.clear()
+    started.clear()
+    with checkpoint_scope(check):
+        threading.Thread(target=lambda: (started.wait(60), cancel.set()), daemon=True).start()
+        with pytest.raises(ConversionCancelled):
+            interruptible(long_call, 5)
+    assert not finished.is_set()  # raised while the call was still running
+    release.set()
+    assert finished.wait(60)
+    # errors of the call reach the caller
+    with checkpoint_scope(lambda: None):
+        with pytest.raises(ZeroDivisionError):
+            interruptible(lambda: 1 / 0)
+
+
+def test_wide_cpu_factorization_is_interruptible(monkeypatch):
+    """GPTQ/QuIP's inverse Cholesky of a wide Hessian on the CPU goes through ``interruptible`` inside a
+    cancellable conversion (and stays a plain call otherwise), with the same result."""
+    from convert_to_quant.quant_core.optimizers import gptq
+    calls = []
+    real = gptq.interruptible
+    monkeypatch.setattr(gptq, "interruptible", lambda fn, *a: calls.append(fn) or real(fn, *a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, gptq.INTERRUPTIBLE_MIN_WIDTH, generator=g, dtype=torch.float64)
+    h = (x.T @ x).float()
+    plain = gptq.inverse_cholesky(h)
+    assert calls == []
+    with checkpoint_scope(lambda: None):
+        wrapped = gptq.inverse_cholesky(h)
+        small = gptq.inverse_cholesky(h[:64, :64].contiguous())
+    assert calls == [gptq._inverse_cholesky]  # the narrow one stays a plain call
+    assert torch.equal(plain[0], wrapped[0]) and plain[1] == wrapped[1]
+    assert small[0].shape == (64, 64)

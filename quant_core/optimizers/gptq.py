@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..checkpoint import checkpoint
+from ..checkpoint import cancellable, checkpoint, interruptible
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
@@ -42,13 +42,25 @@ class IndefiniteHessianError(CalibrationError):
     """GPTQ/QuIP could not factor ``H + λ·I`` for any damping tried (statistics that are not XᵀX)."""
 
 
+# below this width a CPU factorization takes well under the 2 s a Cancel may take; above it, it runs
+# through ``checkpoint.interruptible``
+INTERRUPTIBLE_MIN_WIDTH = 1024
+
+
 def inverse_cholesky(h: torch.Tensor, damp: float = DEFAULT_DAMP, max_tries: int = 6
                      ) -> Tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` (float32) and the ``λ`` used.
 
     Float64 throughout, holding at most two ``in × in`` float64 matrices at a time (~16·in² bytes, plus
     the float32 result): at DiT widths (in = 15360: 1.9 GB per matrix) this factorization is the largest
-    working set of GPTQ/QuIP, so every temporary is released as soon as the next one exists."""
+    working set of GPTQ/QuIP, so every temporary is released as soon as the next one exists. On the CPU,
+    wide factorizations can be cancelled while LAPACK runs (``checkpoint.interruptible``)."""
+    if h.device.type == "cpu" and h.shape[0] >= INTERRUPTIBLE_MIN_WIDTH and cancellable():
+        return interruptible(_inverse_cholesky, h, damp, max_tries)
+    return _inverse_cholesky(h, damp, max_tries)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int) -> Tuple[torch.Tensor, float]:
     n = h.shape[0]
     mean_diag = float(h.diagonal().to(torch.float64).mean())
     if not mean_diag > 0:
