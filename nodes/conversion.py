@@ -70,9 +70,13 @@ def resolve_choice(choice: str) -> str:
 
 def inspect_weights(path: str) -> Dict[str, object]:
     """Family, suggested preset, layer counts and sizes from the header alone (no tensor is read)."""
+    from ..quant_core.errors import UnsupportedInputError
+    from ..quant_core.fp8_input import InputView
     with SafetensorsReader(path) as r:
-        infos = dict(r.infos)
-        quantized = "_quantization_metadata" in r.metadata or any(k.endswith(".comfy_quant") for k in infos)
+        try:  # an fp8 checkpoint is inspected as the float model it stands for (fp8_input)
+            infos, quantized = dict(InputView(r).infos), False
+        except UnsupportedInputError:  # a quantized layout the converter refuses
+            infos, quantized = dict(r.infos), True
     family = detect_family(infos)
     plan = build_plan(infos, PlanOptions(presets=("auto",)))
     est = plan.estimate()

@@ -440,8 +440,10 @@ def run(args, console: Console) -> int:
                 os.path.splitext(args.input)[0] + "_layer_config.json"
             check_run_files(run_inputs(args.input, opts), [("layer-config template", template, True)],
                             args.overwrite)
-        with SafetensorsReader(args.input) as r:
+        from .fp8_input import open_input
+        with open_input(args.input) as r:  # the float view: fp8 layers dequantized, other quantized inputs refused
             plan = build_plan(r.infos, opts.plan)
+            plan.notes[:0] = r.notes
         for n in plan.notes:
             console(n)
         if template is not None:
@@ -542,8 +544,8 @@ def check_args(argv: List[str]) -> Optional[int]:
         if not args.output:
             from .pipeline import default_output_path
             default_output_path(args.input)
-        from .safetensors_io import SafetensorsReader
-        with SafetensorsReader(args.input):  # a missing or broken input: one error here, not one per rank
+        from .fp8_input import open_input
+        with open_input(args.input):  # a missing, broken or unreadable quantized input: one error here, not one per rank
             pass
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2

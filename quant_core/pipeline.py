@@ -21,6 +21,7 @@ from .checkpoint import checkpoint_scope
 from .errors import (BadWeightsError, CalibrationError, ConvertError, OutputPathError, PlanError,
                      UnsupportedInputError, display_name)
 from .formats import quantized_weight_from_tensors
+from .fp8_input import InputView
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
                      policy_from_options, run_guarded)
@@ -203,12 +204,6 @@ def quantization_metadata(plan: ConversionPlan) -> Dict[str, dict]:
     return layers
 
 
-def _check_not_quantized(reader: SafetensorsReader):
-    if "_quantization_metadata" in reader.metadata or any(k.endswith(".comfy_quant") for k in reader.keys()):
-        raise UnsupportedInputError(f"{reader.path} is already quantized (it has comfy_quant metadata); "
-                                    "convert the original float model instead")
-
-
 def _nonfinite(t: torch.Tensor) -> Optional[str]:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         n_nan = int(torch.isnan(t).sum())
@@ -261,8 +256,11 @@ class ConversionJob:
         check_optimizer_options(opts.optimizer_options)
         check_options(opts)
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite, opts)
-        _check_not_quantized(reader)
+        # the file as the float model it stands for: fp8 layers dequantized, their scale keys consumed,
+        # anything else quantized refused (fp8_input: the one place that decides what an input means)
+        self.reader = reader = InputView(reader)
         self.plan = plan = build_plan(reader.infos, opts.plan)
+        plan.notes[:0] = reader.notes
         for note in plan.notes:
             log(note)
         self.optimizer = get_optimizer(opts.optimizer)
@@ -314,6 +312,7 @@ class ConversionJob:
         corrected = {b + ".bias" for b in self.bias_correction["layers"]} if self.bias_correction else set()
         self.streamed = {k for k in self.order
                          if reader.info(k).nbytes > STREAM_CHUNK_BYTES and k not in corrected
+                         and not reader.transformed(k)
                          and (plan.layer_for_key(k) is None or plan.layer_for_key(k).spec is None)
                          and (self.merger is None or not self.merger.has_delta(k))}
 
@@ -367,8 +366,11 @@ class ConversionJob:
             out = {key: t.to(info.dtype) if t.dtype != info.dtype else t}
             if lp is None:
                 return out, None
-            return out, (lp.base, LayerQuality(format=f"keep {info.dtype_name}", shape=list(info.shape),
-                                               quantized=False, reason=lp.reason))
+            kept = LayerQuality(format=f"keep {info.dtype_name}", shape=list(info.shape), quantized=False,
+                                reason=lp.reason)
+            if self.reader.source(key):
+                kept.notes.append(f"input {self.reader.source(key)}")
+            return out, (lp.base, kept)
         policy = self.memory
         if device is not None and torch.device(device) != policy.device:
             policy = dataclasses.replace(policy, device=torch.device(device))
@@ -391,7 +393,7 @@ class ConversionJob:
             options = dict(self.opts.optimizer_options or {})
             options.update(pl.option_overrides())
             options["bf16_hadamard"] = rotated and policy.use_bf16(
-                "hadamard", w.numel(), pl.device, exact_input=info.dtype == torch.bfloat16)
+                "hadamard", w.numel(), pl.device, exact_input=info.dtype == torch.bfloat16 and t.dtype == torch.bfloat16)
             options["bf16_hessian"] = rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device)
             ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
                                log=self.log, lora_delta=lora_delta, stats=stats)
@@ -418,6 +420,8 @@ class ConversionJob:
             return {k: self.to_host(v) for k, v in tensors.items()}, lq
 
         (tensors, lq), notes = run_guarded(attempt, placement, self.opts.optimizer, policy, display_name(lp.base), self.log)
+        if self.reader.source(key):
+            lq.notes.append(f"input {self.reader.source(key)}; SQNR measured against the dequantized input")
         if placement.reason:
             lq.notes.append(f"placed on {placement.describe()}: {placement.reason}")
         lq.notes.extend(notes)

@@ -1369,3 +1369,26 @@ EDGE: List[EdgeCase] = [
                  spec=make_spec(format="fp16"))}),
     EdgeCase("surrogate_and_control_names", _surrogate_names, _check_surrogate_names),
 ]
+
+
+# --- fp8 input (issue 15) --------------------------------------------------------------------------
+# fp8 checkpoints are read (dequantized); quantized layouts that are not understood are refused, naming the tensor
+@hostile("fp8_comfy_quant_unknown_format", E.UnsupportedInputError,
+         r"nv\.safetensors is already quantized \(layer lin has comfy_quant format 'nvfp4'\)")
+def _(d):
+    p = str(d / "nv.safetensors")
+    save_file({"lin.weight": torch.zeros(8, 16, dtype=torch.uint8), "lin.weight_scale": torch.ones(()),
+               "lin.comfy_quant": comfy_quant_tensor({"format": "nvfp4"})}, p)
+    return _io(d, p)
+
+
+@hostile("fp8_scaled_without_scale_weight", E.UnsupportedInputError,
+         r"fp8\.safetensors: lin2\.weight is a F8_E4M3 weight without lin2\.scale_weight, but the file is "
+         r"ComfyUI scaled fp8 \(it has the scaled_fp8 marker\)")
+def _(d):
+    p = str(d / "fp8.safetensors")
+    w = torch.randn(16, 16) * 0.02
+    s = (w.abs().amax() / 448).reshape(())
+    save_file({"lin1.weight": (w / s).to(torch.float8_e4m3fn), "lin1.scale_weight": s,
+               "lin2.weight": (w / s).to(torch.float8_e4m3fn), "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, p)
+    return _io(d, p)
