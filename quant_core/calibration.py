@@ -273,15 +273,15 @@ def _read_group(reader: SafetensorsReader, g: str) -> LayerStats:
     return LayerStats(g, h.float(), absmax.float(), mean.float(), n_tokens, n_seen)
 
 
-def _json_map(path: str, meta: Dict[str, str], key: str, value_type) -> Optional[dict]:
+def _json_map(path: str, meta: Dict[str, str], key: str, value_type, what: str) -> Optional[dict]:
     if key not in meta:
         return None
     try:
         m = json.loads(meta[key])
         if not isinstance(m, dict) or not all(isinstance(k, str) and type(v) is value_type for k, v in m.items()):
-            raise ValueError(f"not an object of {value_type.__name__}s")
+            raise ValueError(f"not an object of {what}")
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
-        raise CalibrationError(f"{path}: metadata {key!r} is not a JSON object of {value_type.__name__}s "
+        raise CalibrationError(f"{path}: metadata {key!r} is not a JSON object of {what} "
                                f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
     return m
 
@@ -308,8 +308,8 @@ def load_calibration(path: str) -> CalibrationData:
                                    "quant_core.calibration.capture_calibration")
         if "layers" not in meta:
             raise CalibrationError(f"{path}: metadata 'layers' is missing")
-        layers = _json_map(path, meta, "layers", str)
-        shapes = _json_map(path, meta, "layer_shapes", int)
+        layers = _json_map(path, meta, "layers", str, "names")
+        shapes = _json_map(path, meta, "layer_shapes", int, "in_features")
         for k in ("tokens", "prompts"):
             _count(path, meta, k)
         if not layers:
