@@ -166,3 +166,32 @@ def test_malformed_calibration_files_are_clear_errors(tmp_path, damage, message)
         convert_file(src, str(tmp_path / "out.safetensors"),
                      ConvertOptions(optimizer="gptq", calibration_data=bad, device="cpu"))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_example_calibration_is_the_same_format_and_checked_against_the_model(tmp_path, minilm_path):
+    """``--example``'s statistics (MiniLM on real sentences): the same metadata as the API's; they
+    match the MiniLM checkpoint and are refused for another model."""
+    pytest.importorskip("transformers")
+    from convert_to_quant.quant_core.example import CALIBRATION_SENTENCES, capture_minilm_calibration
+    from convert_to_quant.quant_core.safetensors_io import SafetensorsReader as R
+    p = str(tmp_path / "minilm_calibration.safetensors")
+    capture_minilm_calibration(p, CALIBRATION_SENTENCES[:16])
+    data = load_calibration(p)
+    try:
+        m = data.metadata
+        assert m["model_family"] == "bert" and m["prompts"] == "16"
+        # tokens: the unpadded tokens of the 16 sentences (the attention mask counts them)
+        from convert_to_quant.quant_core.example import load_model
+        _, tok = load_model()
+        enc = tok(list(CALIBRATION_SENTENCES[:16]), padding=True, truncation=True, max_length=128,
+                  return_tensors="pt")
+        assert int(m["tokens"]) == int(enc["attention_mask"].sum())
+        shapes = json.loads(m["layer_shapes"])
+        assert len(shapes) == 37 and shapes["encoder.layer.0.intermediate.dense"] == 384
+        with R(minilm_path) as r:
+            check_matches_model(data, {k: i.shape for k, i in r.infos.items()}, "MiniLM")
+        with pytest.raises(CalibrationError, match=r"was captured on another model: its layer \S+ "
+                                                   r"\(in_features \d+\) is not a linear layer of net"):
+            check_matches_model(data, {k: v.shape for k, v in Net().state_dict().items()}, "net")
+    finally:
+        data.close()
