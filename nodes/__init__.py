@@ -6,7 +6,7 @@ Thin glue: conversion nodes over ``quant_core.pipeline``, runtime nodes over ``o
 import folder_paths
 
 from .conversion import NODES as _CONVERSION
-from .handles import remove_stale_temp_files
+from .handles import register_calibration_folder, remove_stale_temp_files
 from .routes import register_routes
 from .runtime import NODES as _RUNTIME
 
@@ -14,5 +14,6 @@ _ALL = {**_CONVERSION, **_RUNTIME}
 NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _ALL.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: title for name, (_, title) in _ALL.items()}
 
+register_calibration_folder()  # models/calibration: named calibration files (Capture writes, Quantize lists)
 remove_stale_temp_files(folder_paths.get_output_directory())
 register_routes()

@@ -30,7 +30,7 @@ from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
 from ..quant_core.presets import all_presets, detect_family
 from ..quant_core.safetensors_io import SafetensorsReader
 from .chart import render_sqnr_chart, sqnr_bars
-from .handles import QuantizedFile, WeightsSource, new_temp_path
+from .handles import CALIBRATION_FOLDER, QuantizedFile, WeightsSource, new_temp_path
 
 log = logging.getLogger("convert_to_quant")
 
@@ -195,6 +195,30 @@ def _plan_options(fmt: str, scaling: str, block_size: int, convrot: bool, convro
                        exclude_layers=exclude_layers.strip() or None if exclude_layers else None)
 
 
+NO_CALIBRATION_FILE = "none"
+
+
+def _calibration_files() -> List[str]:
+    try:
+        names = folder_paths.get_filename_list(CALIBRATION_FOLDER)
+    except KeyError:  # the folder is registered when the pack loads; a bare import has none
+        names = []
+    return [NO_CALIBRATION_FILE] + [n for n in names if n.lower().endswith(".safetensors")]
+
+
+def _calibration_path(calibration, calibration_file: str):
+    """The statistics file Quantize uses: the connected CALIBRATION input, else the picked file."""
+    if calibration is not None:
+        return calibration.path
+    if not calibration_file or calibration_file == NO_CALIBRATION_FILE:
+        return None
+    path = folder_paths.get_full_path(CALIBRATION_FOLDER, calibration_file)
+    if path is None:
+        raise ConvertError(f"calibration file {calibration_file!r} is not in models/{CALIBRATION_FOLDER}; "
+                           "refresh the node list")
+    return path
+
+
 class QuantQuantize:
     """Stream the model through LoRA merging and quantization into a temporary file."""
 
@@ -227,6 +251,10 @@ class QuantQuantize:
                                       "tooltip": "JSON of further optimizer knobs (CLI names)"}),
                 "quality_threshold": ("FLOAT", {"default": 30.0, "min": 0.0, "max": 200.0}),
                 "calibration": ("QUANT_CALIBRATION",),
+                "calibration_file": (_calibration_files(), {
+                    "default": "none",
+                    "tooltip": "a calibration file of models/calibration (saved by Capture Calibration, the "
+                               "API or the CLI); used when the calibration input is not connected"}),
             },
         }
 
@@ -240,13 +268,14 @@ class QuantQuantize:
     def quantize(self, weights: WeightsSource, format: str, scaling: str, block_size: int, convrot: bool,
                  convrot_group_size: str, preset: str, optimizer: str, num_iter: int, lr: float, device: str,
                  layer_config: str = "", exclude_layers: str = "", optimizer_options: str = "",
-                 quality_threshold: float = 30.0, calibration=None):
+                 quality_threshold: float = 30.0, calibration=None, calibration_file: str = "none"):
         if format == "int8_quip" and optimizer not in ("rtn", "quip"):
             raise PlanError(f"format int8_quip stores QuIP's rotated weight with its random signs: use optimizer "
                             f"quip (or rtn), not {optimizer}")
-        if format == "int8_smoothquant" and calibration is None:
+        calibration_path = _calibration_path(calibration, calibration_file)
+        if format == "int8_smoothquant" and calibration_path is None:
             raise PlanError("format int8_smoothquant needs calibration statistics: connect Capture Calibration "
-                            "to Quantize's calibration input")
+                            "to Quantize's calibration input or pick a calibration_file")
         plan_opts = _plan_options(format, scaling, block_size, convrot, int(convrot_group_size), preset,
                                   layer_config, exclude_layers)
         knobs = {"num_iter": num_iter, "lr": lr}
@@ -261,7 +290,7 @@ class QuantQuantize:
             knobs.update(extra)
         opts = ConvertOptions(
             plan=plan_opts, optimizer=optimizer, optimizer_options=knobs,
-            calibration_data=calibration.path if calibration is not None else None,
+            calibration_data=calibration_path,
             loras=[p for _, p, _ in weights.loras], lora_strengths=[s for _, _, s in weights.loras],
             device=device, quality_threshold=quality_threshold,
             extra_metadata={"convert_to_quant.source": os.path.basename(weights.path)})
@@ -294,10 +323,10 @@ class QuantQuantize:
                     "source": weights.describe()}
         lora_lines = result.lora_report.lines() if result.lora_report is not None else []
         notes = []
-        if calibration is None and optimizer != "rtn":
+        if calibration_path is None and optimizer != "rtn":
             notes.append(f"note: {optimizer} ran without calibration data, so it minimized a weight-only "
-                         "objective; connect Capture Calibration to its calibration input for "
-                         "activation-aware rounding")
+                         "objective; connect Capture Calibration to its calibration input (or pick a "
+                         "calibration_file) for activation-aware rounding")
             log.warning("convert_to_quant: %s", notes[-1])
         settings["notes"] = notes
         qf = QuantizedFile(tmp, weights, result.report, settings, lora_lines)
@@ -350,6 +379,11 @@ def save_folder(folder: str) -> str:
         return folder_paths.get_output_directory()
     if folder not in SAVE_FOLDERS:
         raise ConvertError(f"unknown save folder {folder!r}; choose one of {', '.join(SAVE_FOLDERS)}")
+    return model_folder(folder)
+
+
+def model_folder(folder: str) -> str:
+    """The folder of ComfyUI model type ``folder`` that new files go to (created when missing)."""
     paths = folder_paths.get_folder_paths(folder)
     if not paths:
         raise ConvertError(f"ComfyUI has no {folder} folder configured")

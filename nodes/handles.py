@@ -116,12 +116,36 @@ def remove_stale_temp_files(output_dir: str) -> int:
 
 @dataclass
 class CalibrationStats:
-    """Type ``QUANT_CALIBRATION``: a calibration statistics file captured from a sampling run."""
+    """Type ``QUANT_CALIBRATION``: a calibration statistics file captured from a sampling run. A
+    temporary file is deleted with the object; a named one (``keep``: ``models/calibration/<name>``) stays."""
     path: str
     layers: int
     samples: int
     notes: List[str] = field(default_factory=list)
+    keep: bool = False
     _finalizer: Any = None
 
     def __post_init__(self):
-        self._finalizer = weakref.finalize(self, _remove_quietly, self.path)
+        if not self.keep:
+            self._finalizer = weakref.finalize(self, _remove_quietly, self.path)
+
+
+CALIBRATION_FOLDER = "calibration"
+
+
+def register_calibration_folder() -> List[str]:
+    """Make ``models/calibration`` a ComfyUI model folder (listed by ``folder_paths``, ``.safetensors``
+    only). Tolerates an entry that already exists (extra_model_paths.yaml, a second copy of the pack):
+    adds the default path and the extension to it. Returns the folder's paths."""
+    import folder_paths
+    default = os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(CALIBRATION_FOLDER)
+    if entry is None:
+        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = ([default], {".safetensors"})
+    else:
+        paths, exts = entry
+        if default not in paths:
+            folder_paths.add_model_folder_path(CALIBRATION_FOLDER, default)
+        if isinstance(exts, set):
+            exts.add(".safetensors")
+    return folder_paths.get_folder_paths(CALIBRATION_FOLDER)

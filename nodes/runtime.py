@@ -18,11 +18,13 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..quant_core.errors import ConvertError
+from ..quant_core.errors import ConvertError, OutputPathError
 from ..quant_core.formats import make_spec
 from ..quant_core.plan import PlanOptions
 from ..quant_core.presets import all_presets
-from .handles import CalibrationStats, temp_dir
+from ..quant_core.pipeline import output_path_in_folder
+from .conversion import model_folder
+from .handles import CALIBRATION_FOLDER, CalibrationStats, temp_dir
 from .loader import DTYPE_CHOICES, load_diffusion_model, load_text_encoder, quantize_loaded_model
 
 log = logging.getLogger("convert_to_quant")
@@ -150,6 +152,12 @@ class QuantCalibrationCapture:
                                             "tooltip": "tokens per call used for the Hessian (bounds compute)"}),
             "budget_mb": ("INT", {"default": 4096, "min": 16, "max": 1 << 20,
                                   "tooltip": "memory for statistics accumulators; more layers -> more passes"}),
+        }, "optional": {
+            "name": ("STRING", {"default": "",
+                                "tooltip": "keep the statistics as models/calibration/<name>.safetensors (Quantize's "
+                                           "calibration_file, the CLI's --calibration-data); empty: a temporary "
+                                           "file for this run only. Sub-folders allowed, '..' is not"}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing file of that name"}),
         }}
 
     RETURN_TYPES = ("QUANT_CALIBRATION", "LATENT", "STRING")
@@ -158,7 +166,18 @@ class QuantCalibrationCapture:
     CATEGORY = "convert_to_quant/convert"
 
     def capture(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                max_tokens_per_call, budget_mb):
+                max_tokens_per_call, budget_mb, name: str = "", overwrite: bool = False):
+        named = None
+        if name and name.strip():
+            # refused before sampling: a bad name or an existing file costs nothing (the writer checks
+            # again under the file's lock)
+            folder = model_folder(CALIBRATION_FOLDER)
+            named = output_path_in_folder(folder, name.strip())
+            if os.path.isdir(named):
+                raise OutputPathError(f"{named} is a directory")
+            if os.path.exists(named) and not overwrite:
+                raise OutputPathError(f"calibration file {CALIBRATION_FOLDER}/{os.path.relpath(named, folder)} "
+                                      "already exists; turn on overwrite to replace it, or choose another name")
         recorded: List[Dict] = []
 
         def record(apply_model, args):
@@ -187,25 +206,36 @@ class QuantCalibrationCapture:
             base.apply_model(_to_device(batch["x"], device), _to_device(batch["t"], device), **c)
 
         from ..quant_core.calibration import capture_calibration
-        path = os.path.join(temp_dir(folder_paths.get_output_directory()),
-                            f"{os.getpid()}-{uuid.uuid4().hex}.calibration.safetensors")
+        if named is not None:
+            os.makedirs(os.path.dirname(named), exist_ok=True)
+            path = named
+        else:
+            path = os.path.join(temp_dir(folder_paths.get_output_directory()),
+                                f"{os.getpid()}-{uuid.uuid4().hex}.calibration.safetensors")
         lines: List[str] = []
         try:
             # ComfyUI runs nodes under inference_mode; the collector tracks tensor versions, which
             # inference tensors do not have
             with torch.inference_mode(False):
+                # one writer (StreamingWriter: the file's lock, <name>.partial, atomic rename): a failed or
+                # cancelled capture leaves an existing named file as it was
                 summary = capture_calibration(base.diffusion_model, recorded, path, forward=forward,
                                               budget_bytes=int(budget_mb) << 20,
                                               max_tokens_per_call=max_tokens_per_call,
-                                              metadata={"source": "ComfyUI sampling", "steps": str(steps)},
-                                              log=lines.append)
+                                              metadata={"source": "ComfyUI sampling", "steps": str(steps),
+                                                        "seed": str(seed), "sampler": f"{sampler_name}/{scheduler}",
+                                                        "prompts": str(len(recorded))},
+                                              overwrite=bool(overwrite), log=lines.append)
         except BaseException:
-            if os.path.exists(path):
+            if named is None and os.path.exists(path):
                 os.unlink(path)
             raise
         text = (f"{summary['layers']} layers ({summary['groups']} input groups) from {len(recorded)} model calls; "
                 f"{summary['passes']} pass(es), {summary['total_statistics_bytes'] / 1e6:.1f} MB")
-        stats = CalibrationStats(path=path, layers=int(summary["layers"]), samples=len(recorded), notes=lines)
+        if named is not None:
+            text += f"\nsaved {CALIBRATION_FOLDER}/{os.path.relpath(named, model_folder(CALIBRATION_FOLDER))}"
+        stats = CalibrationStats(path=path, layers=int(summary["layers"]), samples=len(recorded), notes=lines,
+                                 keep=named is not None)
         return {"ui": {"text": [text]}, "result": (stats, latent, text)}
 
 

@@ -25,8 +25,14 @@ Memory policy (a 12B DiT has ~64 GB of fp32 Hessians; see ``docs/OPTIMIZERS.md``
 On disk (``save``/``capture_calibration``) each group of layers is stored under the name of its first
 layer: ``<name>.hessian`` float32 ``[in, in]`` (the sum, not the mean), ``<name>.absmax`` float32 ``[in]``,
 ``<name>.mean`` float32 ``[in]``, ``<name>.tokens`` int64 ``[2]`` (tokens in the Hessian, tokens in the
-mean/abs-max). ``__metadata__`` holds ``calibration_format`` and a JSON ``layers`` map
-``{layer name: group name}``. ``load_calibration`` validates all of that and reads groups lazily.
+mean/abs-max). ``__metadata__`` holds ``calibration_format``, a JSON ``layers`` map
+``{layer name: group name}``, a JSON ``layer_shapes`` map ``{layer name: in_features}``, ``model_family``
+(the preset family detected from the model's parameter names, or ``unknown``), ``tokens`` (the most
+tokens any layer saw) and ``prompts`` (the number of calibration samples: sentences, sampler model calls,
+or batches). Files of the Python API (``capture_calibration``, ``CalibrationData.save``), the Capture
+Calibration node and ``--example`` are all written here, in this one format. ``load_calibration``
+validates all of that (header first, each group's values when read, lazily);
+``check_matches_model`` refuses a file captured on another model, naming the first layer that differs.
 """
 from __future__ import annotations
 
@@ -44,6 +50,18 @@ from .safetensors_io import OutputEntry, SafetensorsReader, StreamingWriter
 
 CALIBRATION_FORMAT = "convert_to_quant.calibration/1"
 SUFFIXES = ("hessian", "absmax", "mean", "tokens")
+# header bytes kept free for the metadata known only after the capture (``tokens``)
+_HEADER_RESERVE = 64
+
+
+def model_family(model: torch.nn.Module) -> str:
+    """The preset family of ``model`` from its parameter names (``presets.detect_family``), or ``unknown``."""
+    from .presets import detect_family
+    try:
+        keys = [n for n, _ in model.named_parameters()]
+    except Exception:
+        keys = []
+    return detect_family(keys) or "unknown"
 
 
 @dataclass
@@ -173,11 +191,21 @@ class CalibrationData:
 
     def save(self, path: str, metadata: Optional[Dict[str, str]] = None, overwrite: bool = True) -> str:
         """Write every group to ``path`` (atomically)."""
-        meta = file_metadata(self.layers, {**self.metadata, **(metadata or {})})
+        groups = self.group_names()
+        widths = {g: self._in_features(g) for g in groups}
+        tokens = max((self.group(g).n_seen for g in groups), default=0)
+        meta = file_metadata(self.layers, {**self.metadata, "tokens": str(tokens), **(metadata or {})}, widths)
         with StreamingWriter(path, self.entries(), meta, overwrite=overwrite, preallocate=False) as w:
-            for g in self.group_names():
+            for g in groups:
                 write_group(w, self.group(g))
         return path
+
+    def describe(self) -> str:
+        """Where these statistics come from, for messages."""
+        return f"calibration file {self.path}" if self.path else "the in-memory calibration data"
+
+    def layer_width(self, layer: str) -> int:
+        return self._in_features(self.layers[layer])
 
     def close(self):
         if self._reader is not None:
@@ -192,10 +220,16 @@ def group_entries(group: str, in_features: int) -> List[OutputEntry]:
             OutputEntry(f"{group}.tokens", torch.int64, (2,))]
 
 
-def file_metadata(layers: Dict[str, str], extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def file_metadata(layers: Dict[str, str], extra: Optional[Dict[str, str]] = None,
+                  widths: Optional[Dict[str, int]] = None) -> Dict[str, str]:
+    """The header metadata of a calibration file; ``widths``: in_features of each group."""
     meta = {str(k): str(v) for k, v in (extra or {}).items()}
+    meta.setdefault("model_family", "unknown")
     meta["calibration_format"] = CALIBRATION_FORMAT
     meta["layers"] = json.dumps(layers, sort_keys=True, separators=(",", ":"))
+    if widths is not None:
+        meta["layer_shapes"] = json.dumps({n: int(widths[g]) for n, g in layers.items()}, sort_keys=True,
+                                          separators=(",", ":"))
     return meta
 
 
@@ -239,8 +273,29 @@ def _read_group(reader: SafetensorsReader, g: str) -> LayerStats:
     return LayerStats(g, h.float(), absmax.float(), mean.float(), n_tokens, n_seen)
 
 
+def _json_map(path: str, meta: Dict[str, str], key: str, value_type, what: str) -> Optional[dict]:
+    if key not in meta:
+        return None
+    try:
+        m = json.loads(meta[key])
+        if not isinstance(m, dict) or not all(isinstance(k, str) and type(v) is value_type for k, v in m.items()):
+            raise ValueError(f"not an object of {what}")
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+        raise CalibrationError(f"{path}: metadata {key!r} is not a JSON object of {what} "
+                               f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
+    return m
+
+
+def _count(path: str, meta: Dict[str, str], key: str):
+    v = meta.get(key)
+    if v is not None and not (v.isascii() and v.isdigit() and len(v) < 20):
+        raise CalibrationError(f"{path}: metadata {key!r} must be a non-negative integer, got {v[:40]!r}")
+
+
 def load_calibration(path: str) -> CalibrationData:
-    """Open a calibration file, validate its header and metadata; groups are read when first used."""
+    """Open a calibration file, validate its header and metadata (names, dtypes, shapes, counts); each
+    group's values are read and checked (NaN, symmetry, token counts) when first used. Never unpickles:
+    a file that is not safetensors is refused by ``SafetensorsReader``."""
     if not os.path.isfile(path):
         raise CalibrationError(f"calibration file {path} does not exist")
     reader = SafetensorsReader(path)
@@ -251,25 +306,58 @@ def load_calibration(path: str) -> CalibrationData:
             raise CalibrationError(f"{path} is not a calibration file of this tool (calibration_format "
                                    f"{fmt!r}, expected {CALIBRATION_FORMAT!r}); capture one with "
                                    "quant_core.calibration.capture_calibration")
-        try:
-            layers = json.loads(meta.get("layers", ""))
-            if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in layers.items()):
-                raise ValueError("not an object of strings")
-        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
-            raise CalibrationError(f"{path}: metadata 'layers' is not a JSON object of names "
-                                   f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
+        if "layers" not in meta:
+            raise CalibrationError(f"{path}: metadata 'layers' is missing")
+        layers = _json_map(path, meta, "layers", str, "names")
+        shapes = _json_map(path, meta, "layer_shapes", int, "in_features")
+        for k in ("tokens", "prompts"):
+            _count(path, meta, k)
+        if not layers:
+            raise CalibrationError(f"{path}: metadata 'layers' lists no layer")
         for g in dict.fromkeys(layers.values()):
+            where = f"{path}: group {display_name(g)}"
             for s in SUFFIXES:
                 if f"{g}.{s}" not in reader:
-                    raise CalibrationError(f"{path}: group {display_name(g)}: tensor {display_name(g + '.' + s)} is missing")
+                    raise CalibrationError(f"{where}: tensor {display_name(g + '.' + s)} is missing")
             info = reader.info(f"{g}.hessian")
             if len(info.shape) != 2 or info.shape[0] != info.shape[1]:
                 raise CalibrationError(f"{path}: {display_name(g + '.hessian')} must be square, got {list(info.shape)}")
+            n = int(info.shape[0])
+            want = {"hessian": (torch.float32, (n, n)), "absmax": (torch.float32, (n,)),
+                    "mean": (torch.float32, (n,)), "tokens": (torch.int64, (2,))}
+            for s, (dt, shape) in want.items():
+                i = reader.info(f"{g}.{s}")
+                if i.dtype != dt or tuple(i.shape) != shape:
+                    raise CalibrationError(f"{where}: {display_name(g + '.' + s)} must be "
+                                           f"{str(dt).replace('torch.', '')} {list(shape)}, got "
+                                           f"{str(i.dtype).replace('torch.', '')} {list(i.shape)}")
+        if shapes is not None:
+            for name, g in layers.items():
+                n = int(reader.info(f"{g}.hessian").shape[0])
+                if shapes.get(name) != n:
+                    raise CalibrationError(f"{path}: metadata 'layer_shapes' gives {display_name(name)} "
+                                           f"in_features {shapes.get(name)}, its statistics have {n}")
         return CalibrationData(layers, reader=reader, metadata=meta)
     except BaseException:
         reader.close()
         raise
+
+
+def check_matches_model(calib: CalibrationData, weights: Dict[str, Sequence[int]], model: str = "the model"):
+    """Refuse statistics captured on another model: every captured layer must be a 2-D ``<layer>.weight``
+    of ``weights`` (names matched as in conversion: exact, or unique dotted suffix) with the same
+    in_features. The error names the first layer (in the file's order) that is not."""
+    bases = {k[:-len(".weight")]: tuple(s) for k, s in weights.items() if k.endswith(".weight") and len(s) == 2}
+    for layer in calib.layers:
+        base = _match_name(layer, bases)
+        n = calib.layer_width(layer)
+        if base is None:
+            raise CalibrationError(f"{calib.describe()} was captured on another model: its layer "
+                                   f"{display_name(layer)} (in_features {n}) is not a linear layer of {model}")
+        if bases[base][1] != n:
+            raise CalibrationError(f"{calib.describe()} was captured on another model: layer {display_name(layer)} "
+                                   f"has in_features {n} there, but {display_name(base + '.weight')} of {model} "
+                                   f"is {list(bases[base])} (in_features {bases[base][1]})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,6 +561,8 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
     """Run ``forward(model, batch)`` over ``batches`` and write the statistics of every hooked Linear's
     input to ``path``, within ``budget_bytes`` of accumulator memory (see the module docstring).
     ``mask(batch)``: a boolean [batch, tokens] tensor of the tokens to count (padding excluded).
+    ``metadata`` goes into the file's header; ``model_family`` (default: detected from the parameter
+    names) and ``prompts`` (default: the number of batches) may be set there.
 
     Returns a summary: passes, groups, layers, tokens, peak accumulator bytes, total Hessian bytes.
     """
@@ -494,10 +584,13 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
     log(f"calibration: {len(groups)} layers in {len(widths)} input groups, "
         f"{total / 1e6:.1f} MB of statistics, {len(passes)} pass(es)")
     entries = [e for g in discover.order for e in group_entries(g, widths[g])]
-    meta = file_metadata(groups, {**(metadata or {}), "batches": str(len(batches)), "passes": str(len(passes))})
+    meta = file_metadata(groups, {"model_family": model_family(model), "prompts": str(len(batches)),
+                                  **(metadata or {}), "batches": str(len(batches)), "passes": str(len(passes))},
+                         widths)
     peak = 0
     tokens = 0
-    with StreamingWriter(path, entries, meta, overwrite=overwrite, preallocate=False) as writer:
+    with StreamingWriter(path, entries, meta, overwrite=overwrite, preallocate=False,
+                         header_reserve=_HEADER_RESERVE) as writer:
         for i, members in enumerate(passes):
             col = CalibrationCollector(model, device=device, dtype=dtype, max_tokens_per_call=max_tokens_per_call,
                                        select=select, share_inputs=share_inputs, only=members, groups=groups)
@@ -515,6 +608,7 @@ def capture_calibration(model: torch.nn.Module, batches: Sequence, path: str,
                 write_group(writer, st)
                 del st
             log(f"calibration pass {i + 1}/{len(passes)}: {len(members)} groups written")
+        writer.set_metadata({**meta, "tokens": str(tokens)})
         writer.finish()
     return {"passes": len(passes), "groups": len(widths), "layers": len(groups), "peak_accumulator_bytes": peak,
             "total_statistics_bytes": total, "max_tokens_per_layer": tokens}
@@ -525,8 +619,10 @@ def collect(model: torch.nn.Module, batches: Iterable, forward: Callable = None,
     """In-memory capture (small models, tests): run every batch once and return the statistics."""
     forward = forward or (lambda m, b: m(b))
     col = CalibrationCollector(model, **kw)
+    n = 0
     with torch.no_grad(), col:
         for b in batches:
             col.mask = mask(b) if mask is not None else None
             forward(model, b)
-    return col.data()
+            n += 1
+    return col.data(metadata={"model_family": model_family(model), "prompts": str(n)})

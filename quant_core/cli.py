@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothquant", action="store_true")
     g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5)
     g.add_argument(*_both("calibration-data"), metavar="FILE",
-                   help="calibration statistics (.safetensors) captured from real forward passes")
+                   help="calibration statistics (.safetensors) captured from real forward passes of this "
+                        "model: ComfyUI's Capture Calibration (models/calibration/<name>.safetensors), "
+                        "quant_core.calibration.capture_calibration, or --example")
     g.add_argument(*_both("calibration-lora"), metavar="FILE",
                    help="weight the optimizer objective by this LoRA's input directions (see docs/OPTIMIZERS.md)")
     g.add_argument(*_both("calibration-lora-weight"), type=number(float, lo=0, hi=1e6), default=1.0,

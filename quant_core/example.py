@@ -127,7 +127,8 @@ def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION
                for i in range(0, len(sentences), 16)]
     return capture_calibration(model, batches, path, forward=lambda m, b: m(**b), dtype=torch.float64,
                                mask=lambda b: b["attention_mask"].bool(),  # padding is no real input
-                               metadata={"source": "all-MiniLM-L6-v2", "sentences": str(len(sentences))},
+                               metadata={"source": "all-MiniLM-L6-v2", "sentences": str(len(sentences)),
+                                         "prompts": str(len(sentences))},
                                overwrite=overwrite, log=log)
 
 

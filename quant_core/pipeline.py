@@ -42,7 +42,9 @@ class ConvertOptions:
     plan: PlanOptions = field(default_factory=PlanOptions)
     optimizer: str = "rtn"
     optimizer_options: Dict[str, Any] = field(default_factory=dict)
-    calibration_data: Optional[str] = None
+    # a calibration file (``calibration.load_calibration``) or in-memory ``CalibrationData``; either
+    # must have been captured on this model (``calibration.check_matches_model``)
+    calibration_data: Optional[Any] = None
     loras: List[str] = field(default_factory=list)
     lora_strengths: List[float] = field(default_factory=list)
     lora_dampen: bool = False
@@ -112,8 +114,16 @@ def run_inputs(input_path: str, opts: "ConvertOptions") -> List[Tuple[str, Optio
     of them (``paths.check_run_files``)."""
     oo = opts.optimizer_options or {}
     return ([("input", input_path)] + [("LoRA", p) for p in opts.loras]
-            + [("calibration data", opts.calibration_data), ("calibration LoRA", oo.get("calibration_lora"))]
+            + [("calibration data", _calibration_path(opts.calibration_data)),
+               ("calibration LoRA", oo.get("calibration_lora"))]
             + list(opts.also_reads))
+
+
+def _calibration_path(data) -> Optional[str]:
+    """The file behind ``ConvertOptions.calibration_data`` (a path, or file-backed ``CalibrationData``)."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return os.fspath(data) if data else None
+    return getattr(data, "path", None)
 
 
 def validate_paths(input_path: str, output_path: str, overwrite: bool = False,
@@ -248,6 +258,8 @@ class ConversionJob:
         try:
             self._prepare(output_path or default_output_path(input_path))
         except BaseException:
+            if getattr(self, "_own_calibration", False):
+                self.calibration.close()
             self.reader.close()
             raise
 
@@ -283,9 +295,16 @@ class ConversionJob:
                 log(line)
 
         self.calibration = None
-        if opts.calibration_data:
+        self._own_calibration = False
+        if opts.calibration_data is not None and not isinstance(opts.calibration_data, (str, os.PathLike)):
+            self.calibration = opts.calibration_data  # the caller's CalibrationData: the caller closes it
+        elif opts.calibration_data:
             from .calibration import load_calibration
-            self.calibration = load_calibration(opts.calibration_data)
+            self.calibration = load_calibration(os.fspath(opts.calibration_data))
+            self._own_calibration = True
+        if self.calibration is not None:
+            from .calibration import check_matches_model
+            check_matches_model(self.calibration, {k: i.shape for k, i in reader.infos.items()}, reader.path)
 
         if opts.nan_policy == "keep":
             _keep_nonfinite_layers(reader, plan, self.merger, log)
@@ -401,7 +420,7 @@ class ConversionJob:
                 try:
                     res = run_optimizer(self.optimizer, w, lp.spec, ctx)
                 except IndefiniteHessianError as e:
-                    src = (f"calibration file {self.opts.calibration_data}, statistics {display_name(stats.name)}"
+                    src = (f"{self.calibration.describe()}, statistics {display_name(stats.name)}"
                            if stats is not None else "the weight-only objective")
                     raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
                                            f"{src}: {e}") from None
@@ -580,7 +599,7 @@ class ConversionJob:
     def close(self):
         self.release_output()
         self.reader.close()
-        if self.calibration is not None:
+        if self.calibration is not None and self._own_calibration:
             self.calibration.close()
         from .optimizers.gptq import clear_graphs
         clear_graphs()  # the captured GPTQ sweeps hold VRAM: give it back to the host (ComfyUI) when done

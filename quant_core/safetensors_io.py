@@ -345,15 +345,20 @@ class StreamingWriter:
 
     ``lock``: the output's ``OutputLock``, already held by the caller (a conversion holds it until its
     report is written too); without it the writer takes the lock itself and releases it when it is done.
+
+    ``header_reserve``: spare bytes (spaces, which the format allows after the header JSON) so that
+    ``set_metadata`` can record values known only once the data is written (calibration token counts).
     """
 
     def __init__(self, path: str, entries: Sequence[OutputEntry], metadata: Optional[Dict[str, str]] = None,
                  overwrite: bool = False, preallocate: bool = True, checksums: bool = True,
-                 lock: Optional[OutputLock] = None):
+                 lock: Optional[OutputLock] = None, header_reserve: int = 0):
         self.path = os.fspath(path)
         self.tmp = partial_path(self.path)
         self.entries = {e.key: e for e in entries}
         raw, self.offsets, self.data_size = build_header(list(entries), metadata)
+        raw += b" " * ((max(0, int(header_reserve)) + 7) // 8 * 8)
+        self._header_len = len(raw)
         self.data_start = 8 + len(raw)
         self.written: Dict[str, bool] = {}
         self.checksums: Dict[str, str] = {}
@@ -455,6 +460,17 @@ class StreamingWriter:
 
     def missing(self) -> List[str]:
         return [k for k in self.entries if k not in self.written]
+
+    def set_metadata(self, metadata: Optional[Dict[str, str]]):
+        """Replace the header's ``__metadata__`` before ``finish``; the new header must fit the space of
+        the old one (see ``header_reserve``): the tensors do not move."""
+        if self._fd is None:
+            raise ConvertError(f"internal error: {self.tmp} is closed")
+        raw, offsets, _ = build_header(list(self.entries.values()), metadata)
+        if len(raw) > self._header_len or offsets != self.offsets:
+            raise ConvertError(f"internal error: the new metadata of {self.path} does not fit its reserved header")
+        raw += b" " * (self._header_len - len(raw))
+        self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
 
     def _check_own(self):
         if not same_file(self._fd, self.tmp):

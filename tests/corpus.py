@@ -1392,3 +1392,67 @@ def _(d):
     save_file({"lin1.weight": (w / s).to(torch.float8_e4m3fn), "lin1.scale_weight": s,
                "lin2.weight": (w / s).to(torch.float8_e4m3fn), "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, p)
     return _io(d, p)
+
+
+# --- calibration files (issue 15) ------------------------------------------------------------------------
+def _calibration_of(d: Path, widths: Dict[str, int], metadata: Optional[Dict[str, str]] = None) -> str:
+    """A well-formed calibration file for layers ``{name: in_features}`` (identity statistics), written
+    by the API's ``CalibrationData.save``; ``metadata`` replaces header entries afterwards."""
+    from convert_to_quant.quant_core.calibration import CalibrationData, LayerStats
+    groups = {n: LayerStats(n, torch.eye(w), torch.ones(w), torch.zeros(w), 100, 100) for n, w in widths.items()}
+    p = str(d / "calib.safetensors")
+    CalibrationData({n: n for n in widths}, groups).save(p)
+    if metadata:
+        from convert_to_quant.quant_core.safetensors_io import SafetensorsReader, load_file
+        with SafetensorsReader(p) as r:
+            meta = dict(r.metadata)
+        save_file(load_file(p), p, metadata={**meta, **metadata})
+    return p
+
+
+@hostile("calibration_for_another_model_missing_layer", E.CalibrationError,
+         r"calib\.safetensors was captured on another model: its layer double_blocks\.0\.img_attn\.qkv "
+         r"\(in_features 64\) is not a linear layer of .*m\.safetensors")
+def _(d):
+    return _with_calibration(d, _calibration_of(d, {"blocks.0.attn.qkv": 64, "double_blocks.0.img_attn.qkv": 64}))
+
+
+@hostile("calibration_for_another_model_in_features", E.CalibrationError,
+         r"calib\.safetensors was captured on another model: layer blocks\.0\.mlp\.fc1 has in_features 128 "
+         r"there, but blocks\.0\.mlp\.fc1\.weight of .*m\.safetensors is \[64, 64\]")
+def _(d):
+    return _with_calibration(d, _calibration_of(d, {"blocks.0.attn.qkv": 64, "blocks.0.mlp.fc1": 128}))
+
+
+@hostile("calibration_bad_layer_shapes_json", E.CalibrationError,
+         r"calib\.safetensors: metadata 'layer_shapes' is not a JSON object of in_features")
+def _(d):
+    return _with_calibration(d, _calibration_of(d, {"blocks.0.attn.qkv": 64}, {"layer_shapes": '{"a": '}))
+
+
+@hostile("calibration_layer_shapes_disagree", E.CalibrationError,
+         r"calib\.safetensors: metadata 'layer_shapes' gives blocks\.0\.attn\.qkv in_features 32, its "
+         r"statistics have 64")
+def _(d):
+    return _with_calibration(d, _calibration_of(d, {"blocks.0.attn.qkv": 64},
+                                                {"layer_shapes": '{"blocks.0.attn.qkv": 32}'}))
+
+
+@hostile("calibration_bad_token_count", E.CalibrationError,
+         r"calib\.safetensors: metadata 'tokens' must be a non-negative integer, got '1e9'")
+def _(d):
+    return _with_calibration(d, _calibration_of(d, {"blocks.0.attn.qkv": 64}, {"tokens": "1e9"}))
+
+
+@hostile("calibration_hessian_float16", E.CalibrationError,
+         r"calib\.safetensors: group blocks\.0\.attn\.qkv: blocks\.0\.attn\.qkv\.hessian must be float32 "
+         r"\[64, 64\], got float16 \[64, 64\]")
+def _(d):
+    from convert_to_quant.quant_core.safetensors_io import SafetensorsReader, load_file
+    p = _calibration_of(d, {"blocks.0.attn.qkv": 64})
+    with SafetensorsReader(p) as r:
+        meta = dict(r.metadata)
+    t = load_file(p)
+    t["blocks.0.attn.qkv.hessian"] = t["blocks.0.attn.qkv.hessian"].half()
+    save_file(t, p, metadata=meta)
+    return _with_calibration(d, p)

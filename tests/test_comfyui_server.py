@@ -273,6 +273,72 @@ def test_calibration_capture_feeds_quantize(server):
     assert not [n for n in os.listdir(server.output()) if n.endswith(".safetensors")]
 
 
+# issue 15: calibration you keep -- Capture writes models/calibration/<name>, Quantize picks it from a combo
+CALIB_NAME = "wan/tiny_calib"
+
+
+def _capture_node(model_ref, name, overwrite=False, seed=1):
+    return {"class_type": "QuantCalibrationCapture", "inputs": {
+        "model": model_ref, "positive": ["100", 0], "negative": ["101", 0], "latent_image": ["102", 0],
+        "seed": seed, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+        "max_tokens_per_call": 4096, "budget_mb": 64, "name": name, "overwrite": overwrite}}
+
+
+def _saved_tensors(path):
+    with SafetensorsReader(path) as r:
+        return {k: (r.get(k).dtype, r.get(k).contiguous().view(torch.uint8).flatten().tolist()) for k in r.keys()}
+
+
+def test_named_calibration_is_kept_and_picked_by_quantize(server):
+    from convert_to_quant.quant_core.calibration import load_calibration
+    from convert_to_quant.quant_core.presets import detect_family
+    prompt = sample_nodes(["10", 0], "calib_named", start=100)
+    del prompt["103"], prompt["104"]
+    prompt["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}}
+    prompt["30"] = _capture_node(["10", 0], CALIB_NAME)
+    prompt["1"] = {"class_type": "QuantLoadWeights", "inputs": {"weights": f"diffusion_models/{MODEL}"}}
+    prompt["2"] = quantize_node(["1", 0], optimizer="gptq", calibration=["30", 0])  # wired directly
+    prompt["4"] = {"class_type": "QuantSave", "inputs": {"quantized": ["2", 0], "folder": "diffusion_models",
+                                                         "filename": "ctq/wired", "overwrite": False,
+                                                         "save_report": False}}
+    entry = ok(server.run(prompt))
+    assert f"saved calibration/{CALIB_NAME}.safetensors" in ui_outputs(entry, "30")["text"][0]
+    path = server.models("calibration", "wan", "tiny_calib.safetensors")
+    assert os.path.isfile(path)  # kept after the graph ran (not the temporary file of an unnamed capture)
+    data = load_calibration(path)
+    try:
+        meta = data.metadata
+        assert meta["model_family"] == detect_family(wan21_state_dict()) == "wan"
+        assert int(meta["prompts"]) >= 2 and int(meta["tokens"]) > 0
+        assert len(json.loads(meta["layer_shapes"])) == 26
+    finally:
+        data.close()
+    before = open(path, "rb").read()
+    # the folder is a ComfyUI model folder: Quantize lists the file and uses it when nothing is connected
+    combo = server.get("/object_info/QuantQuantize")["QuantQuantize"]["input"]["optional"]["calibration_file"][0]
+    assert combo[0] == "none" and f"{CALIB_NAME}.safetensors" in combo, combo
+    picked = {"1": prompt["1"], "2": quantize_node(["1", 0], optimizer="gptq",
+                                                    calibration_file=f"{CALIB_NAME}.safetensors"),
+              "4": {"class_type": "QuantSave", "inputs": {"quantized": ["2", 0], "folder": "diffusion_models",
+                                                          "filename": "ctq/picked", "overwrite": False,
+                                                          "save_report": False}}}
+    ok(server.run(picked))
+    wired = _saved_tensors(server.models("diffusion_models", "ctq", "wired.safetensors"))
+    from_file = _saved_tensors(server.models("diffusion_models", "ctq", "picked.safetensors"))
+    assert wired == from_file  # the same integers, byte for byte
+    # an existing name is not replaced without overwrite (refused before sampling); '..' never leaves the folder
+    for name, message in ((CALIB_NAME, "already exists; turn on overwrite"), ("../evil", "contains '..'")):
+        again = dict(prompt)
+        again["30"] = _capture_node(["10", 0], name, seed=5)
+        for k in ("2", "4"):
+            again.pop(k)
+        again["31"] = {"class_type": "PreviewAny", "inputs": {"source": ["30", 2]}}
+        err = execution_error(server.run(again))
+        assert err and err["node_type"] == "QuantCalibrationCapture" and message in err["exception_message"], err
+    assert open(path, "rb").read() == before
+    assert not os.path.exists(server.models("evil.safetensors"))
+
+
 def _example(name):
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows", "api",
                            name + ".json")) as f:
