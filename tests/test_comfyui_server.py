@@ -7,6 +7,7 @@ Skipped unless COMFYUI_DIR / COMFYUI_PYTHON point at a ComfyUI checkout and its 
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -326,6 +327,14 @@ def test_named_calibration_is_kept_and_picked_by_quantize(server):
     wired = _saved_tensors(server.models("diffusion_models", "ctq", "wired.safetensors"))
     from_file = _saved_tensors(server.models("diffusion_models", "ctq", "picked.safetensors"))
     assert wired == from_file  # the same integers, byte for byte
+    # the kept file feeds the CLI too: the same choice on the same model file gives the same integers
+    cli_out = os.path.join(os.path.dirname(path), "cli_gptq.safetensors")
+    r = subprocess.run([sys.executable, "-m", "convert_to_quant", "-i", server.models("diffusion_models", MODEL),
+                        "-o", cli_out, "--optimizer", "gptq", "--calibration-data", path, "--preset", "auto",
+                        "--device", "cpu", "--verbose", "MINIMAL"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert _saved_tensors(cli_out) == wired
+    os.unlink(cli_out)
     # an existing name is not replaced without overwrite (refused before sampling); '..' never leaves the folder
     for name, message in ((CALIB_NAME, "already exists; turn on overwrite"), ("../evil", "contains '..'")):
         again = dict(prompt)
