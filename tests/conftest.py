@@ -12,17 +12,18 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
-# torch threads never outnumber the CPUs this process may run on (a container's affinity mask can be
-# smaller than the machine's core count, which is what torch counts), also in the subprocesses tests start
-try:
-    _CPUS = len(os.sched_getaffinity(0))
-except (AttributeError, OSError):  # pragma: no cover - not Linux
-    _CPUS = os.cpu_count() or 1
-os.environ.setdefault("OMP_NUM_THREADS", str(_CPUS))
-os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-
 try:
     import torch
+
+    # torch's threads never outnumber the CPUs this process may run on (a container's affinity mask can
+    # be smaller than the core count torch sees). Subprocesses keep their own rule: the multi-rank
+    # launcher splits the CPUs between ranks unless OMP_NUM_THREADS is set, so it is not set here.
+    try:
+        _CPUS = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        _CPUS = os.cpu_count() or 1
+    if torch.get_num_threads() > _CPUS:
+        torch.set_num_threads(_CPUS)
 
     _HAS_CUDA = torch.cuda.is_available()
 except Exception:  # pragma: no cover
