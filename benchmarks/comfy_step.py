@@ -485,6 +485,22 @@ def allow_narrow_flux():
     md.detect_unet_config = detect
 
 
+def with_lora_files(m, loras):
+    """``m`` with ``loras`` through ``load_lora_for_models`` (what LoraLoaderModelOnly runs)."""
+    import comfy.sd
+    for lora in loras:
+        m, _ = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0.0)
+    return m
+
+
+def compiled(m):
+    """``m`` under TorchCompileModel's wrapper (inductor)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    m = m.clone()
+    set_torch_compile_wrapper(model=m, backend="inductor")
+    return m
+
+
 def setup_common(args, kind: str):
     """Imports, device and dtype shared by the Flux and text-encoder benchmarks."""
     setup_imports(args.comfyui, cpu=args.dry_run)
@@ -600,15 +616,7 @@ def run_flux(args) -> int:
         return m
 
     def with_loras(m):
-        for lora in loras:
-            m, _ = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0.0)
-        return m
-
-    def compiled(m):
-        from comfy_api.torch_helpers import set_torch_compile_wrapper
-        m = m.clone()
-        set_torch_compile_wrapper(model=m, backend="inductor")
-        return m
+        return with_lora_files(m, loras)
 
     variants = [("bf16", bf16_model), ("bf16+loras", lambda: with_loras(bf16_model())),
                 ("int8", lambda: load_diffusion_model(qpath, dtype)),
@@ -880,15 +888,7 @@ def main(argv=None) -> int:
         return load_diffusion_model(qpath, dtype)
 
     def with_loras(m):
-        for lora in loras:
-            m, _ = comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0.0)
-        return m
-
-    def compiled(m):
-        from comfy_api.torch_helpers import set_torch_compile_wrapper
-        m = m.clone()
-        set_torch_compile_wrapper(model=m, backend="inductor")
-        return m
+        return with_lora_files(m, loras)
 
     def time_steps(patcher, x, t, ctx):
         mm.unload_all_models()
