@@ -76,6 +76,8 @@ def main() -> int:
     ap.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--no-per-call", action="store_true",
+                    help="skip the per-call table (benchmarks/per_call.py: one synchronised call, host us per call)")
     args = ap.parse_args()
     dry = args.dry_run
     if dry:
@@ -159,6 +161,16 @@ def main() -> int:
     for line in L.TUNER.log:
         log(line)
     print_tables(header, rows, sweep, ceil, time.time() - t_start)
+    if not args.no_per_call:
+        # beside do_bench: what one lone call costs (CUDA events around single synchronised calls) and the
+        # host microseconds per call, for the same GEMM shapes and the small-M sweep
+        import per_call
+        log("\n=== per synchronised call (benchmarks/per_call.py) ===")
+        pc_args = ["--no-paths", "--calls", "5" if dry else "200"]
+        if not dry:
+            pc_args += ["--shapes", "flux_qkv,flux_mlp_up,flux_mlp_down,t5_ffn," + ",".join(f"m{m}_3072" for m in SWEEP_M)]
+        if per_call.main(pc_args + (["--dry-run"] if dry else [])) != 0:
+            failures.append("per-call: correctness check failed")
     if failures:
         log("\nFAILURES:\n  " + "\n  ".join(failures))
         return 1

@@ -10,7 +10,7 @@ latents and batch-1 calls leave the GPU waiting for the host. This script measur
 * ``graph us``: GPU-only time (CUDA-graph replay), where capture works.
 
 Variants: ``bf16`` (``F.linear``), ``ours`` (the loader's runtime call: ``kernels.prepare_linear`` on a
-per-row int8 weight, path from the table), ``ours_generic`` (``kernels.quantized_linear``: operand checks
+per-row int8 weight, path ``kernels.runtime_path``: the table on CUDA, chunked dequant off Triton), ``ours_generic`` (``kernels.quantized_linear``: operand checks
 each call), ``ours_triton_launch`` (Triton's generic launcher on every call, i.e. before the fast launch
 path), and each forced path (``w8a16`` / ``w8a8`` / ``dequant``) for the path table. Weights rotate
 through enough distinct layers to exceed the L2 cache, as consecutive layers of a model do.
@@ -138,7 +138,7 @@ def profile_call(name, ours, qw, x, dev, K, L):
     log("\n".join("   " + ln for ln in buf.getvalue().splitlines()[6:30] if ln.strip()))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
     ap.add_argument("--calls", type=int, default=300)
@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print where the host time of one 'ours' call goes (cProfile, pieces timed alone)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["CONVERT_TO_QUANT_KERNEL_BACKEND"] = "torch"
     elif not torch.cuda.is_available():
@@ -183,9 +183,11 @@ def main() -> int:
             j, x = pick(i)
             return F.linear(x, lay[j][0], lay[j][1])
 
+        rpath = K.runtime_path(dev)  # what the loader's layers pass: None on CUDA, "dequant" off Triton
+
         def ours(i):
             j, x = pick(i)
-            return prepared[j](x, lay[j][1])
+            return prepared[j](x, lay[j][1], rpath)
 
         def generic(i):
             j, x = pick(i)
