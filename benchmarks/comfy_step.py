@@ -754,9 +754,11 @@ def run_text_encoder(args) -> int:
             return comfy.sd.load_text_encoder_state_dicts(state_dicts=[dict(sd)], clip_type=clip_type,
                                                           model_options={"dtype": dtype})
 
-    def ours():
-        with _T5Shape(config):
-            return load_text_encoder(qpath, clip_type, dtype)
+    def ours(activations):
+        def load():
+            with _T5Shape(config):
+                return load_text_encoder(qpath, clip_type, dtype, activations=activations)
+        return load
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, config["vocab_size"], (tokens - 1,), generator=g).tolist() + [1]
@@ -769,7 +771,10 @@ def run_text_encoder(args) -> int:
         return {"layer": list(clip.cond_stage_model.t5xxl.transformer.encoder.block)}
 
     log(f"\n== one forward, {tokens} tokens ==")
-    row, outs, splits, blocks = run_variants(args, mm, dev, [("bf16", stock), ("int8", ours)], step, groups)
+    variants = [("bf16", stock), ("int8", ours(args.te_activations))]
+    if args.te_activations == "bf16":  # the loader's default; also time the fast W8A8 mode beside it
+        variants.append(("int8_w8a8", ours("int8")))
+    row, outs, splits, blocks = run_variants(args, mm, dev, variants, step, groups)
     est = {k: row[k] + (T5_XXL_LAYERS - layers) * blocks[k]["layer"] for k in row if blocks.get(k)}
     r = {"model": "t5xxl", "device": card, "d_model": d_model, "d_ff": d_ff, "heads": heads, "layers": layers,
          "tokens": tokens, "format": args.format, "ms": row, "layer_ms": blocks, "est_t5_xxl_ms": est,
@@ -781,7 +786,13 @@ def run_text_encoder(args) -> int:
         r["est_speedup_24_layers"] = est["bf16"] / est["int8"]
         log(f"T5-XXL ({T5_XXL_LAYERS} layers) est. ms per forward: bf16 {est['bf16']:.1f}, int8 {est['int8']:.1f} "
             f"({r['est_speedup_24_layers']:.3f}x)")
-    log(f"output vs bf16: cosine {r['cosine_int8_vs_bf16']:.5f}, rel. error {r['rel_err_int8_vs_bf16']:.4f}")
+    log(f"output vs bf16: cosine {r['cosine_int8_vs_bf16']:.5f}, rel. error {r['rel_err_int8_vs_bf16']:.4f} "
+        f"(activations {args.te_activations})")
+    if "int8_w8a8" in outs:
+        r["ms_int8_w8a8"] = row["int8_w8a8"]
+        r["cosine_int8_w8a8_vs_bf16"] = cosine(outs["int8_w8a8"], outs["bf16"])
+        log(f"activations int8 (W8A8): {row['int8_w8a8']:.2f} ms ({row['bf16'] / row['int8_w8a8']:.3f}x), cosine "
+            f"{r['cosine_int8_w8a8_vs_bf16']:.5f}")
     r["time_split"] = split_report(splits, row)
     log("\nRESULT " + json.dumps(r))
     os.unlink(qpath)
@@ -818,6 +829,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-encoder", action="store_true",
                     help="instead of a diffusion model: a T5-XXL-shaped encoder, ours int8 vs ComfyUI's T5 bf16, "
                          "--text-tokens tokens")
+    ap.add_argument("--te-activations", choices=["bf16", "int8"], default="bf16",
+                    help="text encoder: the loader's activations mode (bf16: W8A16, its default; int8: W8A8)")
     ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
     args = ap.parse_args(argv)

@@ -11,8 +11,8 @@ latents and batch-1 calls leave the GPU waiting for the host. This script measur
 
 Variants: ``bf16`` (``F.linear``), ``ours`` (the loader's runtime call: ``kernels.prepare_linear`` on a
 per-row int8 weight, path ``kernels.runtime_path``: the table on CUDA, chunked dequant off Triton), ``ours_generic`` (``kernels.quantized_linear``: operand checks
-each call), ``ours_triton_launch`` (Triton's generic launcher on every call, i.e. before the fast launch
-path), and each forced path (``w8a16`` / ``w8a8`` / ``dequant``) for the path table. Weights rotate
+each call), ``ours_no_plan`` (launch plans off, ``CONVERT_TO_QUANT_LAUNCH_PLANS=0``), ``ours_triton_launch`` (Triton's generic launcher on every call, i.e. before the fast launch
+path), and the loader's call with each path forced (``w8a16`` / ``w8a8`` / ``dequant``) for the path table. Weights rotate
 through enough distinct layers to exceed the L2 cache, as consecutive layers of a model do.
 Every variant is checked against float64 first.
 
@@ -200,14 +200,22 @@ def main(argv=None) -> int:
             finally:
                 os.environ.pop(L.FAST_LAUNCH_ENV, None)
 
-        def forced(path):
+        def no_plan(i):
+            os.environ[L.PLANS_ENV] = "0"
+            try:
+                return ours(i)
+            finally:
+                os.environ.pop(L.PLANS_ENV, None)
+
+        def forced(path):  # the loader's call with the path forced (launch plans included)
             def fn(i):
                 j, x = pick(i)
-                return K.quantized_linear(x, lay[j][2], lay[j][1], path=path)
+                return prepared[j](x, lay[j][1], path)
             return fn
 
         variants = {"bf16": bf16, "ours": ours, "ours_generic": generic}
         if dev.type == "cuda":
+            variants["ours_no_plan"] = no_plan
             variants["ours_triton_launch"] = triton_launch
         if not args.no_paths:
             variants.update({p: forced(p) for p in PATH_VARIANTS})
@@ -218,10 +226,11 @@ def main(argv=None) -> int:
                 continue
             out = fn(0).double()
             err = ((out - ref).norm() / ref.norm()).item()
-            tol = 3e-2 if vname in ("w8a8", "ours", "ours_generic", "ours_triton_launch") else 1e-2
+            tol = 3e-2 if vname in ("w8a8", "ours", "ours_generic", "ours_no_plan", "ours_triton_launch") else 1e-2
             if not err < tol:  # W8A8 adds the activation rounding (~1e-2); NaN fails
                 failures.append(f"{name}/{vname}: rel err {err:.2e} vs float64")
-        res = {v: measure(fn, args.calls, dev, graph=v in ("bf16", "ours")) for v, fn in variants.items()}
+        res = {v: measure(fn, args.calls, dev, graph=v in ("bf16", "ours", "w8a8", "w8a16"))
+               for v, fn in variants.items()}
         if args.profile:
             profile_call(name, ours, lay[0][2], xs[0], dev, K, L)
         rows.append((name, (m, k, n), res))
@@ -236,14 +245,14 @@ def main(argv=None) -> int:
     cols = list(rows[0][2]) if rows else []
     log("")
     log("per synchronised call, us (x = bf16 sync / variant sync); cpu = host us to issue one call")
-    log("| shape M×K→N | " + " | ".join(cols) + " | cpu bf16 / ours / generic / triton-launch | graph bf16 / ours |")
+    log("| shape M×K→N | " + " | ".join(cols) + " | cpu bf16 / ours / no-plan / generic / triton-launch | graph bf16 / ours / w8a8 / w8a16 |")
     log("|" + "---|" * (len(cols) + 3))
     for name, (m, k, n), res in rows:
         b = res["bf16"][0]
         cells = [f"{res[c][0]:.1f}" + ("" if c == "bf16" else f" ({b / res[c][0]:.2f}x)") for c in cols]
-        cpu = " / ".join(f"{res[c][1]:.1f}" for c in ("bf16", "ours", "ours_generic", "ours_triton_launch")
-                         if c in res)
-        gr = f"{res['bf16'][2]:.1f} / {res['ours'][2]:.1f}"
+        cpu = " / ".join(f"{res[c][1]:.1f}" for c in ("bf16", "ours", "ours_no_plan", "ours_generic",
+                                                        "ours_triton_launch") if c in res)
+        gr = " / ".join(f"{res[c][2]:.1f}" for c in ("bf16", "ours", "w8a8", "w8a16") if c in res)
         log(f"| {name} {m}×{k}→{n} | " + " | ".join(cells) + f" | {cpu} | {gr} |")
     if failures:
         log("CORRECTNESS FAILURES: " + "; ".join(failures))

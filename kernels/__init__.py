@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant_core.errors import ConvertError
-from . import dispatch, reference
+from . import dispatch, launch, reference
 from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path, runtime_path
 from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usable
 
@@ -234,10 +234,11 @@ class PreparedLinear:
     tens-of-microseconds GEMM. Anything unusual about ``x`` (another device, dtype, width, tracing
     under torch.compile) takes ``quantized_linear``, which checks and handles it."""
 
-    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind")
+    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans")
 
     def __init__(self, qw, device: torch.device):
         self.qw, self.device = qw, device
+        self.plans: Optional[dict] = None
         self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
         self.n = self.k = -1
         if self.kind is None:
@@ -258,19 +259,60 @@ class PreparedLinear:
         else:
             self.scale = _same_device(qw.scale, device, torch.float32)
             self.convrot, self.group = 0, int(qw.params.group_size)
+        if self.device.type == "cuda":
+            self.plans = {}
 
-    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype)."""
         if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
                 or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
                 or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
-                or _compiling()):
+                or (out_dtype is not None and out_dtype not in _FLOAT_DTYPES) or _compiling()):
+            if out_dtype is not None and out_dtype != x.dtype and self.kind is not None:
+                fn = int8_blockwise_linear if self.group else int8_linear
+                extra = {"group_size": self.group} if self.group else {"convrot_groupsize": self.convrot}
+                return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, **extra)
             return quantized_linear(x, self.qw, bias, path)
+        out_dtype = out_dtype or x.dtype
         x2 = _as_rows(x, self.k)
+        plans = self.plans
+        if plans is None:
+            return self._run(x2, bias, path, out_dtype).reshape(x.shape[:-1] + (self.n,))
+        # launch plans (launch.LaunchPlan): the second call of a shape records its launches, and from
+        # the third on they are replayed; the key holds everything the launches depend on
+        key = (x2.shape[0], x2.dtype, x2.stride(0), x2.data_ptr() & 15,
+               None if bias is None else (bias.dtype, bias.data_ptr() & 15), path, out_dtype, launch.env_state(),
+               torch.cuda.current_device())
+        plan = plans.get(key)
+        if plan.__class__ is launch.LaunchPlan and launch.no_launch_hooks():
+            return plan(x2, bias).reshape(x.shape[:-1] + (self.n,))
+        if plan is None:
+            if len(plans) >= 512:  # many shapes (e.g. varying prompt lengths): start over
+                plans.clear()
+            plans[key] = False  # seen once: the first call compiles and tunes
+        elif plan is False and launch.plans_enabled() and not torch.cuda.is_current_stream_capturing():
+            with launch.record_launches() as rec:
+                y = self._run(x2, bias, path, out_dtype)
+            plans[key] = self._checked_plan(rec, x2, y, bias)
+            return y.reshape(x.shape[:-1] + (self.n,))
+        return self._run(x2, bias, path, out_dtype).reshape(x.shape[:-1] + (self.n,))
+
+    def _run(self, x2: torch.Tensor, bias: Optional[torch.Tensor], path: Optional[str],
+             out_dtype: torch.dtype) -> torch.Tensor:
         if self.group:
-            y = dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, x.dtype, path)
-        else:
-            y = dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, x.dtype, path)
-        return y.reshape(x.shape[:-1] + (self.n,))
+            return dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, out_dtype, path)
+        return dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, out_dtype, path)
+
+    @staticmethod
+    def _checked_plan(rec, x2: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]):
+        """The recorded call's plan if replaying it gives the same bits (else ``True``: never plan this
+        key; the call keeps the normal path)."""
+        plan = rec.plan(x2, y, bias)
+        if plan is None:
+            return True
+        again = plan(x2, bias)
+        return plan if torch.equal(again, y) else True
 
 
 def prepare_linear(qw, device: Optional[torch.device] = None) -> PreparedLinear:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import reference as ref
 from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_quant, launch_dequant,
-                     launch_int8_gemm, launch_rotate, launch_w8a16, resolve_backend)
+                     launch_int8_gemm, launch_rotate, launch_w8a16, plan_unsafe, resolve_backend, env_get)
 
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
 PATHS = ("auto", "w8a8", "w8a16", "dequant")
@@ -51,7 +51,7 @@ def choose_path(kind: str, m: int, device: torch.device, nk: int = 0, dtype: Opt
 
 def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, nk: int = 0,
                  dtype: Optional[torch.dtype] = None) -> str:
-    p = (path or os.environ.get(PATH_ENV) or "auto").lower()
+    p = (path or env_get(PATH_ENV) or "auto").lower()
     if p not in PATHS:
         raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {p!r}")
     return choose_path(kind, m, device, nk, dtype) if p == "auto" else p
@@ -66,7 +66,7 @@ def runtime_path(device: torch.device, backend: Optional[str] = None) -> Optiona
 
     Only the runtime asks for this: ``auto`` itself keeps W8A8 on the torch backend, whose numerics are
     what ``quant_core`` measures as "what the GPU runtime computes" (example.evaluate_file)."""
-    if os.environ.get(PATH_ENV):
+    if env_get(PATH_ENV):
         return None
     return "dequant" if resolve_backend(device, backend) == "torch" else None
 
@@ -80,6 +80,7 @@ def quantize_activations_2d(x: torch.Tensor, convrot_groupsize: int, block_k: in
     be = backend if resolved else resolve_backend(x.device, backend)
     if be == "triton" and act_kernel_supports(k, convrot_groupsize, block_k):
         return launch_act_quant(x, convrot_groupsize, block_k, scale_k_major)
+    plan_unsafe()
     return ref.quantize_activations(x, convrot_groupsize, block_k)
 
 
@@ -102,6 +103,8 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
     p = resolve_path(path, "row", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
+    if p == "dequant" or be == "torch":
+        plan_unsafe()  # torch work besides kernel launches: no launch plan (launch.LaunchPlan)
     if p == "dequant":
         if be == "torch":  # chunked over weight rows: never a whole float copy of the layer
             return ref.dequant_linear(x, qdata, w_scale, bias, 0, convrot_groupsize, out_dtype)
@@ -112,6 +115,7 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
             if be == "triton" and act_kernel_supports(k, convrot_groupsize, 0):
                 x = launch_rotate(x, convrot_groupsize, x.dtype)
             else:
+                plan_unsafe()
                 x = ref.rotate(x, convrot_groupsize).to(x.dtype)
         if be == "triton":
             return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype)
@@ -131,6 +135,8 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     p = resolve_path(path, "block", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
+    if p == "dequant" or be == "torch":
+        plan_unsafe()
     if p == "dequant":
         if be == "torch":
             return ref.dequant_linear(x, qdata, w_scale, bias, group_size, 0, out_dtype)
@@ -143,6 +149,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     if be == "triton" and act_kernel_supports(k, 0, group_size):
         q, s = launch_act_quant(x, 0, group_size, scale_k_major=True)
     else:
+        plan_unsafe()
         q, s = ref.quantize_activations(x, 0, group_size)
     if be == "triton":
         return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size)

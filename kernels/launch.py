@@ -12,8 +12,10 @@ per call decides whether eager ComfyUI sees the kernel's speed.
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -46,8 +48,27 @@ ROT_IMPL: Optional[int] = (int(os.environ["CONVERT_TO_QUANT_ROT_IMPL"])
                            if os.environ.get("CONVERT_TO_QUANT_ROT_IMPL") else None)
 
 
+try:  # os.environ.get costs about a microsecond (it encodes key and value); the hot path reads the dict
+    _ENV_DATA = os.environ._data
+    _encodekey, _decodevalue = os.environ.encodekey, os.environ.decodevalue
+except AttributeError:  # pragma: no cover - not CPython's os._Environ
+    _ENV_DATA = None
+_ENV_KEYS: Dict[str, object] = {}
+
+
+def env_get(name: str, default: Optional[str] = None) -> Optional[str]:
+    """``os.environ.get(name, default)``, cheaper (the kernels read their variables on every call)."""
+    if _ENV_DATA is None:  # pragma: no cover
+        return os.environ.get(name, default)
+    k = _ENV_KEYS.get(name)
+    if k is None:
+        k = _ENV_KEYS[name] = _encodekey(name)
+    v = _ENV_DATA.get(k)
+    return default if v is None else _decodevalue(v)
+
+
 def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_get("TRITON_INTERPRET", "0") == "1"
 
 
 _CAP: Dict[int, Tuple[int, int]] = {}
@@ -84,7 +105,7 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     """"triton" or "torch". ``backend`` (or env CONVERT_TO_QUANT_KERNEL_BACKEND) may force one;
     "auto" uses Triton on CUDA (sm80+) and torch elsewhere -- also on CPU with the interpreter on,
     which is for tests only and must be asked for explicitly."""
-    choice = backend or os.environ.get(BACKEND_ENV) or "auto"
+    choice = backend or env_get(BACKEND_ENV) or "auto"
     if choice == "auto":
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
     choice = choice.lower()
@@ -243,7 +264,7 @@ def _largest_pow2_divisor(group: int, cap: int, floor: int = 32) -> int:
 # ``LAUNCH_STATS`` counts which path launches took (benchmarks print it).
 FAST_LAUNCH_ENV = "CONVERT_TO_QUANT_FAST_LAUNCH"
 _FAST: Dict[tuple, tuple] = {}
-LAUNCH_STATS = {"direct": 0, "triton": 0}
+LAUNCH_STATS = {"direct": 0, "triton": 0, "plan": 0}
 _DNS: Dict[int, frozenset] = {}
 _I32 = 1 << 31
 
@@ -263,7 +284,7 @@ def _idle(hook) -> bool:
     return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
-def _no_launch_hooks() -> bool:
+def no_launch_hooks() -> bool:
     """No launch hook installed (triton >= 3.4 keeps an empty ``HookChain`` there, older ones None)."""
     return _RUNTIME_KNOBS is None or (_idle(_RUNTIME_KNOBS.launch_enter_hook)
                                       and _idle(_RUNTIME_KNOBS.launch_exit_hook))
@@ -271,7 +292,7 @@ def _no_launch_hooks() -> bool:
 
 def fast_launch_enabled() -> bool:
     return (HAS_TRITON and _raw_stream is not None and not interpreter_active()
-            and os.environ.get(FAST_LAUNCH_ENV, "1") != "0")
+            and env_get(FAST_LAUNCH_ENV, "1") != "0")
 
 
 def _not_specialized(kernel) -> frozenset:
@@ -308,27 +329,226 @@ def launch_kernel(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int
     """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``, with the compiled kernel's
     launcher called directly after the first launch of each specialization (see above). ``args`` are
     the runtime arguments, in signature order, all before the constexprs given in ``consts``."""
+    rec = _RECORDING.rec
     if fast_launch_enabled():
         sc = _spec(args, _not_specialized(kernel))
         spec = sc[0] if sc is not None else None
         dev = torch.cuda.current_device()
         key = (id(kernel), tuple(consts.values()), num_warps, num_stages, dev, spec)
         ent = _FAST.get(key) if spec is not None else None
-        if ent is not None and _no_launch_hooks():
+        if ent is not None and no_launch_hooks():
             run, fn, meta, tail = ent
             run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _raw_stream(dev),
                 fn, meta, None, None, None, *sc[1], *tail)
             LAUNCH_STATS["direct"] += 1
+            if rec is not None:
+                rec.append((ent, grid, _describe(args)))
             return
         LAUNCH_STATS["triton"] += 1
         ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        ent = None
         if spec is not None and hasattr(ck, "function") and hasattr(ck, "packed_metadata"):
             names = list(kernel.arg_names)
             # the compiled launcher takes every parameter in signature order, constexprs included
             if len(names) == len(args) + len(consts) and set(names[len(args):]) == set(consts):
-                _FAST[key] = (ck.run, ck.function, ck.packed_metadata, tuple(consts[n] for n in names[len(args):]))
+                ent = _FAST[key] = (ck.run, ck.function, ck.packed_metadata,
+                                    tuple(consts[n] for n in names[len(args):]))
+        if rec is not None:
+            rec.append((ent, grid, _describe(args)))
         return
+    if rec is not None:
+        rec.append((None, grid, ()))
     kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch plans: one linear's launches for one input shape, replayed with fresh pointers
+# ------------------------------------------------------------------------------------------------
+# Even with direct launches, a call pays for the path choice, the tuner lookup, argument
+# specialization and a key per launch: tens of microseconds on a slow host, the whole GPU time of a
+# small linear. A ``LaunchPlan`` records what one call launched (compiled handle, grid, arguments)
+# and replays it: per call it allocates the output and the temporaries, substitutes their pointers and
+# the activations' into the recorded argument lists and calls the C launchers. Recording is only
+# trusted for calls that did nothing but launch kernels (the launchers call ``plan_unsafe()`` before
+# any other device work), and a new plan must reproduce the recorded call's output bit for bit before
+# it is used (``kernels.PreparedLinear``).
+PLANS_ENV = "CONVERT_TO_QUANT_LAUNCH_PLANS"
+
+
+class _Recording(threading.local):
+    rec: Optional[list] = None
+    unsafe: bool = False
+
+
+_RECORDING = _Recording()
+
+
+def plan_unsafe() -> None:
+    """Called by a launcher that does device work other than kernel launches (a copy, a zero-fill):
+    a call recorded with it cannot be replayed as a plan."""
+    if _RECORDING.rec is not None:
+        _RECORDING.unsafe = True
+
+
+def plans_enabled() -> bool:
+    return fast_launch_enabled() and env_get(PLANS_ENV, "1") != "0"
+
+
+# The environment variables that change what a call launches (part of a plan's key).
+_PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
+              "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL")
+
+
+def env_state() -> tuple:
+    """The raw values of the environment variables a launch plan depends on."""
+    if _ENV_DATA is None:  # pragma: no cover
+        return tuple(os.environ.get(n) for n in _PLAN_ENVS)
+    g = _ENV_DATA.get
+    keys = _ENV_KEYS.get(_PLAN_ENVS)
+    if keys is None:
+        keys = _ENV_KEYS[_PLAN_ENVS] = tuple(_encodekey(n) for n in _PLAN_ENVS)
+    return tuple(g(k) for k in keys)
+
+
+def _describe(args: tuple) -> list:
+    """The recorded form of launch arguments, holding no strong reference to any tensor (so that the
+    temporaries of the call are freed when it returns, which is how ``LaunchPlan`` tells them apart)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(("t", weakref.ref(a), a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype))
+        elif type(a) is int:
+            out.append(("i", a))
+        elif TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+            shell = copy.copy(a)
+            shell.base = None
+            b = a.base
+            out.append(("d", weakref.ref(b), b.data_ptr(), tuple(b.shape), tuple(b.stride()), b.dtype, shell))
+        else:
+            out.append(("?", a))
+    return out
+
+
+# argument slots filled per call: the activations, the output, the bias; temporaries follow
+_X, _OUT, _BIAS = 0, 1, 2
+
+
+class LaunchPlan:
+    """Replays recorded launches. Tensor arguments are the activations, the output or the bias
+    (substituted per call), a tensor that outlived the recorded call (a weight, a scale, a cached
+    Hadamard matrix: passed as its pointer, kept alive by the plan), or a temporary of the call (freed
+    when it returned: re-allocated per call with its recorded layout)."""
+
+    __slots__ = ("launches", "temps", "out_shape", "out_dtype", "device", "keep")
+
+    def __init__(self, launches: list, out: torch.Tensor, slots: Dict[int, int]):
+        self.out_shape, self.out_dtype, self.device = tuple(out.shape), out.dtype, out.device
+        temps: Dict[int, int] = {}  # id(weakref) -> temp index
+        layouts = []
+        self.keep = []
+        plan = []
+
+        def temp_slot(ref, shape, stride, dtype) -> int:
+            if id(ref) not in temps:
+                temps[id(ref)] = len(layouts)
+                layouts.append((shape, stride, dtype))
+            elif layouts[temps[id(ref)]] != (shape, stride, dtype):
+                raise ValueError("one temporary with two layouts")
+            return 3 + temps[id(ref)]
+
+        for (run, fn, meta, tail), grid, desc in launches:
+            template, subs, descs = [], [], []
+            for i, d in enumerate(desc):
+                kind = d[0]
+                if kind == "i":
+                    template.append(d[1])
+                elif kind == "t":
+                    _, ref, p, shape, stride, dtype = d
+                    obj = ref()
+                    if p in slots and obj is not None:
+                        subs.append((i, slots[p]))
+                        template.append(0)
+                    elif obj is not None:
+                        self.keep.append(obj)
+                        template.append(p)
+                    else:
+                        subs.append((i, temp_slot(ref, shape, stride, dtype)))
+                        template.append(0)
+                elif kind == "d":
+                    _, ref, p, shape, stride, dtype, shell = d
+                    obj = ref()
+                    if obj is not None and p not in slots:  # over a weight: the same descriptor each call
+                        full = copy.copy(shell)
+                        full.base = obj
+                        self.keep.append(full)
+                        template.append(full)
+                    elif obj is None:
+                        descs.append((i, temp_slot(ref, shape, stride, dtype) - 3, shell))
+                        template.append(None)
+                    else:
+                        raise ValueError("a host descriptor over the activations or the output")
+                else:
+                    raise ValueError("an argument of unknown kind")
+            gx = grid[0]
+            gy = grid[1] if len(grid) > 1 else 1
+            gz = grid[2] if len(grid) > 2 else 1
+            plan.append((run, fn, meta, gx, gy, gz, template, tuple(subs), tuple(descs), tail))
+        self.launches = tuple(plan)
+        self.temps = tuple(layouts)
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        dev = self.device
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=dev)
+        vals = [x.data_ptr(), out.data_ptr(), bias.data_ptr() if bias is not None else 0]
+        tmp = ()
+        if self.temps:
+            tmp = [torch.empty_strided(shape, stride, dtype=dt, device=dev) for shape, stride, dt in self.temps]
+            vals.extend(t.data_ptr() for t in tmp)
+        stream = _raw_stream(dev.index)
+        for run, fn, meta, gx, gy, gz, template, subs, descs, tail in self.launches:
+            cargs = list(template)
+            for i, s in subs:
+                cargs[i] = vals[s]
+            for i, t, shell in descs:
+                d = copy.copy(shell)
+                d.base = tmp[t]
+                cargs[i] = d
+            run(gx, gy, gz, stream, fn, meta, None, None, None, *cargs, *tail)
+        LAUNCH_STATS["plan"] += 1
+        return out
+
+
+class record_launches:
+    """``with record_launches() as rec: y = f(x)`` records each launch made in the block;
+    ``rec.plan(x, y, bias)`` then gives the ``LaunchPlan`` that replays them, or None where the call
+    cannot be replayed (a launch through Triton's own path, device work other than launches,
+    arguments the plan cannot substitute). Call ``plan`` after the block, when the call's
+    temporaries have been freed."""
+
+    def __enter__(self):
+        self.launches = []
+        self.ok = False
+        _RECORDING.rec, _RECORDING.unsafe = self.launches, False
+        return self
+
+    def __exit__(self, *exc):
+        self.ok = (exc[0] is None and not _RECORDING.unsafe and bool(self.launches)
+                   and all(ent is not None for ent, _, _ in self.launches))
+        _RECORDING.rec, _RECORDING.unsafe = None, False
+        return False
+
+    def plan(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[LaunchPlan]:
+        if not self.ok or out.device.type != "cuda":
+            return None
+        slots = {x.data_ptr(): _X, out.data_ptr(): _OUT}
+        if bias is not None:
+            if bias.data_ptr() in slots:
+                return None
+            slots[bias.data_ptr()] = _BIAS
+        try:
+            return LaunchPlan(self.launches, out, slots)
+        except ValueError:
+            return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,25 +584,44 @@ class _Tuner:
                     continue
             return candidates[-1]
         from triton.testing import do_bench
-        results = []
+        measured = []
         errors = []
         for cfg in candidates:
             try:
                 launch(cfg)  # compiles; raises if this config can't run here (shared memory, ...)
                 torch.cuda.synchronize()
                 t = do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median")
-                results.append((t, cfg))
+                measured.append((t, _host_ms(launch, cfg), cfg))
             except Exception as e:  # a config this card/compiler refuses: skip it
                 msg = str(e).splitlines()[0][:100] if str(e) else ""
                 errors.append(f"{cfg.short()}: {type(e).__name__}: {msg}")
-        if not results:
+        if not measured:
             raise RuntimeError(f"no kernel config runs for {key}: " + "; ".join(errors))
-        results.sort(key=lambda r: r[0])
-        best = results[0][1]
-        self.log.append(f"{key}: best {best.short()} {results[0][0] * 1e3:.1f}us; "
-                        + ", ".join(f"{c.short()}={t * 1e3:.1f}" for t, c in results[1:])
+        # Score: GPU time plus the host time a config costs beyond the cheapest one's. A lone call
+        # (a text encoder, a small latent, anything between synchronisations) pays host and GPU time
+        # one after the other; host TMA descriptors, built per launch, cost tens of microseconds on a
+        # slow host, as much as a small GEMM's whole GPU time (docs/KERNELS.md, "Per call").
+        host_min = min(h for _, h, _ in measured)
+        results = sorted(((t + h - host_min, t, cfg) for t, h, cfg in measured), key=lambda r: r[0])
+        best = results[0][2]
+        self.log.append(f"{key}: best {best.short()} {results[0][1] * 1e3:.1f}us "
+                        f"(+host {(results[0][0] - results[0][1]) * 1e3:.1f}); "
+                        + ", ".join(f"{c.short()}={t * 1e3:.1f}+{(s - t) * 1e3:.1f}" for s, t, c in results[1:])
                         + (f"; failed: {'; '.join(errors)}" if errors else ""))
         return best
+
+
+def _host_ms(launch: Callable[[GemmConfig], None], cfg: GemmConfig, calls: int = 8) -> float:
+    """Host milliseconds to issue one launch of ``cfg`` (median of ``calls``, queue drained first)."""
+    import time
+    ts = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        launch(cfg)
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return sorted(ts)[len(ts) // 2] * 1e3
 
 
 TUNER = _Tuner()
@@ -543,6 +782,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
     blockwise = group_size > 0
     if blockwise:
         if a_scale.stride(0) != 1 or a_scale.stride(1) != m:
+            plan_unsafe()
             a_scale = a_scale.t().contiguous().t()
         ws_per_row = False
     else:
@@ -607,6 +847,7 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     def launch(cfg: GemmConfig) -> None:
         out = c
         if cfg.split_k > 1:
+            plan_unsafe()
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)

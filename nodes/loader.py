@@ -71,7 +71,16 @@ def load_diffusion_model(path: str, dtype: Optional[torch.dtype] = None) -> Quan
     return as_quant_patcher(patcher)
 
 
-def load_text_encoder(path: str, clip_type, dtype: Optional[torch.dtype] = None, embedding_directory=None):
+TEXT_ENCODER_ACTIVATIONS = ("bf16", "int8")
+
+
+def load_text_encoder(path: str, clip_type, dtype: Optional[torch.dtype] = None, embedding_directory=None,
+                      activations: str = "bf16"):
+    """``activations``: "bf16" (default) runs the int8 layers weight-only (W8A16) with bfloat16
+    activations -- a text encoder runs once per prompt, and per-token int8 activations added as much
+    error as the weights (docs/NODES.md, "Text encoders"); "int8" uses the kernels' path table (W8A8)."""
+    if activations not in TEXT_ENCODER_ACTIVATIONS:
+        raise ConvertError(f"activations must be one of {', '.join(TEXT_ENCODER_ACTIVATIONS)}, got {activations!r}")
     sd, cfgs = read_state_dict(path)
     options = {"custom_operations": QuantOps,
                "initial_device": comfy.model_management.text_encoder_offload_device()}
@@ -82,6 +91,9 @@ def load_text_encoder(path: str, clip_type, dtype: Optional[torch.dtype] = None,
     if clip is None:
         raise ConvertError(f"{path}: ComfyUI could not detect the text encoder type from its weights")
     check_all_consumed(path, cfgs, clip.cond_stage_model)
+    if activations == "bf16":
+        for _, m in quant_linears(clip.cond_stage_model):
+            m.activation_dtype = torch.bfloat16
     clip.patcher = as_quant_patcher(clip.patcher)
     return clip
 

@@ -71,6 +71,9 @@ class QuantLinearMixin:
     and the diffusion-model ops share it)."""
 
     quant_spec: Optional[FormatSpec] = None
+    # None: the kernels' path table (W8A8 for most shapes). A float dtype: weight-only W8A16 with the
+    # activations in that dtype (the text-encoder loader's "accurate" mode; docs/NODES.md)
+    activation_dtype: Optional[torch.dtype] = None
 
     def _init_quant(self, in_features: int, out_features: int):
         torch.nn.Module.__init__(self)
@@ -210,7 +213,9 @@ class QuantLinearMixin:
     def _cast_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if self.bias is None:
             return None
-        b = self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        b = self.bias
+        if b.device != x.device or b.dtype != x.dtype:  # .to() itself costs microseconds per call
+            b = b.to(device=x.device, dtype=x.dtype, non_blocking=True)
         for f in self.bias_function:
             b = f(b)
         return b
@@ -250,8 +255,14 @@ class QuantLinearMixin:
             path = runtime_path(x.device)
             # under torch.compile the custom ops are traced instead (storage pointers are not traceable)
             run = None if torch.compiler.is_compiling() else self._prepared(x.device)
-            y = (run(x, bias, path) if run is not None
-                 else quantized_linear(x, self.quantized_weight(x.device), bias, path=path))
+            act = self.activation_dtype
+            if act is not None and path is None and run is not None:
+                # weight-only: activations rounded once to ``act``, fp32 accumulation, output in x's dtype
+                y = run(x if x.dtype == act else x.to(act), bias, "w8a16", x.dtype)
+            elif run is not None:
+                y = run(x, bias, path)
+            else:
+                y = quantized_linear(x, self.quantized_weight(x.device), bias, path=path)
         if self.lora_groups or self.has_dense_delta:
             y = self._add_side_paths(x, y)
         return y

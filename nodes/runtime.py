@@ -25,7 +25,8 @@ from ..quant_core.presets import all_presets
 from ..quant_core.pipeline import output_path_in_folder
 from .conversion import model_folder
 from .handles import CALIBRATION_FOLDER, CalibrationStats, temp_dir
-from .loader import DTYPE_CHOICES, load_diffusion_model, load_text_encoder, quantize_loaded_model
+from .loader import (DTYPE_CHOICES, TEXT_ENCODER_ACTIVATIONS, load_diffusion_model, load_text_encoder,
+                     quantize_loaded_model)
 
 log = logging.getLogger("convert_to_quant")
 
@@ -63,17 +64,24 @@ class QuantCLIPLoader:
         import nodes as comfy_nodes  # ComfyUI's nodes.py (pulls in the samplers): only when the UI asks
         types = comfy_nodes.CLIPLoader.INPUT_TYPES()["required"]["type"]
         return {"required": {"clip_name": (_safetensors("text_encoders"),), "type": types,
-                             "compute_dtype": (list(DTYPE_CHOICES), {"default": "default"})}}
+                             "compute_dtype": (list(DTYPE_CHOICES), {"default": "default"})},
+                "optional": {"activations": (list(TEXT_ENCODER_ACTIVATIONS), {
+                    "default": "bf16",
+                    "tooltip": "bf16: int8 weights, bfloat16 activations (W8A16; the most accurate, the "
+                               "default). int8: int8 activations too (W8A8; faster on long prompts, "
+                               "more error)"})}}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, clip_name: str, type: str = "stable_diffusion", compute_dtype: str = "default"):
+    def load(self, clip_name: str, type: str = "stable_diffusion", compute_dtype: str = "default",
+             activations: str = "bf16"):
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
         clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
         clip = load_text_encoder(path, clip_type, DTYPE_CHOICES[compute_dtype],
-                                 embedding_directory=folder_paths.get_folder_paths("embeddings"))
+                                 embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                 activations=activations)
         return (clip,)
 
 

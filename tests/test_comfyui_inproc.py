@@ -385,6 +385,16 @@ def check_text_encoder_loader(c: Ctx):
     out = q_clip.encode_from_tokens(q_clip.tokenize("a photo of a cat sitting on a red chair")).float()
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
     assert cos > 0.99, cos
+    # activations: "bf16" (default) marks every int8 layer weight-only, "int8" leaves the path table
+    assert {m.activation_dtype for _, m in quant_linears(q_clip.cond_stage_model)} == {torch.bfloat16}
+    fast = load_text_encoder(path, comfy.sd.CLIPType.STABLE_DIFFUSION, activations="int8")
+    assert {m.activation_dtype for _, m in quant_linears(fast.cond_stage_model)} == {None}
+    from convert_to_quant.quant_core.errors import ConvertError
+    try:
+        load_text_encoder(path, comfy.sd.CLIPType.STABLE_DIFFUSION, activations="fp4")
+        raise AssertionError("an unknown activations mode was accepted")
+    except ConvertError as e:
+        assert "activations must be one of bf16, int8" in str(e)
     return {"int8_layers": n, "cosine": cos, "rel_err": rel(out, ref)}
 
 

@@ -553,6 +553,46 @@ def test_fast_launch_equals_triton_launch(m, monkeypatch):
     assert launch.LAUNCH_STATS["direct"] - direct_before >= len(calls), "the direct launch path was not taken"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 300, 4100])
+def test_launch_plans_replay_the_same_bits(m, monkeypatch):
+    """PreparedLinear's launch plans (the third call of a shape on replays the recorded launches with
+    fresh pointers) give the bits of the normal path, for every format, path, output with and without
+    bias, aligned and unaligned activations, and follow a path forced by the environment."""
+    w = weight(n=384, k=512)
+    qws = [to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row"))),
+           to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("tensor"))),
+           to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row", True, 256))),
+           to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(128)))]
+    bias = torch.randn(384, device=DEV, dtype=torch.bfloat16)
+    base = torch.randn(m * 512 + 3, device=DEV, dtype=torch.bfloat16)
+    xs = [base[:m * 512].view(m, 512), base[3:].view(m, 512)]
+    plans_before = launch.LAUNCH_STATS["plan"]
+    replays = 0
+    for q in qws:
+        run = K.prepare_linear(q, DEV)
+        for path in (None, "w8a8", "w8a16"):
+            if path:
+                monkeypatch.setenv(K.PATH_ENV, path)
+            else:
+                monkeypatch.delenv(K.PATH_ENV, raising=False)
+            for x in xs:
+                for b in (bias, None):
+                    monkeypatch.setenv(launch.PLANS_ENV, "0")
+                    want = run(x, b)
+                    monkeypatch.delenv(launch.PLANS_ENV)
+                    outs = [run(x, b) for _ in range(4)]  # compile, record + check, replay, replay
+                    for got in outs:
+                        assert torch.equal(got, want), (q.params, path, b is None)
+                    replays += 2
+                    # the same activations at new addresses (fresh pointers are substituted)
+                    x2 = x.clone() * 1.5
+                    assert torch.equal(run(x2, b), K.quantized_linear(x2, q, b))
+                    replays += 1
+    torch.cuda.synchronize()
+    assert launch.LAUNCH_STATS["plan"] - plans_before >= replays, "plans were not replayed"
+
+
 def test_path_table_rules(monkeypatch):
     """The measured small-M rules (docs/KERNELS.md): one launch (W8A16) up to M = 64 always and up to
     M = 512 for weights up to 16M entries; W8A8 beyond, and where nothing was measured."""
