@@ -128,13 +128,24 @@ def _row_scales(s: torch.Tensor, gran: int, n: int) -> torch.Tensor:
     return s.repeat_interleave(gran, dim=2)[:, :, :n] if gran > 1 else s[:, :, :n]
 
 
-def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Steps 3-5 of the module doc in torch from quantized Q/K: output (B, Lq, H, D) in v's dtype. Scores
+def _new_out(b, h, lq, d, v, heads_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(result tensor, its (B, H, Lq, D) view): (B, Lq, H, D) contiguous if ``heads_last`` (ComfyUI's
+    (B, Lq, H·D) is then a free view), else (B, H, Lq, D) contiguous."""
+    if heads_last:
+        out = torch.empty((b, lq, h, d), dtype=v.dtype, device=v.device)
+        return out, out.permute(0, 2, 1, 3)
+    out = torch.empty((b, h, lq, d), dtype=v.dtype, device=v.device)
+    return out, out
+
+
+def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, heads_last: bool = True) -> torch.Tensor:
+    """Steps 3-5 of the module doc in torch from quantized Q/K: output in v's dtype, (B, Lq, H, D)
+    contiguous (``heads_last``) or (B, H, Lq, D). Scores
     are computed exactly (int8 products summed in fp32 are exact for D < 1040; float64 on CUDA, where TF32
     may be on) in chunks of query rows of at most ``REF_CHUNK_BYTES``."""
     b, h, lq, d = qi.shape
     lk = ki.shape[2]
-    out = torch.empty((b, lq, h, d), dtype=v.dtype, device=v.device) if out is None else out
+    out, o4 = _new_out(b, h, lq, d, v, heads_last)
     acc = torch.float64 if qi.device.type != "cpu" else torch.float32
     sq = _row_scales(qs, Q_GRAN, lq)
     sk = _row_scales(ks, K_GRAN, lk)
@@ -149,7 +160,7 @@ def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, out: Optional[torc
         p = torch.exp2(s - m)
         l_ = p.sum(dim=-1, keepdim=True)
         o = torch.matmul(p.to(v.dtype).float(), vf) / l_
-        out[:, r0:r1] = o.transpose(1, 2).to(v.dtype)
+        o4[:, :, r0:r1] = o.to(v.dtype)
     return out
 
 
@@ -338,12 +349,13 @@ def _attn_configs(dev) -> List[AttnConfig]:
     return list(_CONFIGS.get(arch, _CONFIGS["sm80"]))
 
 
-def attention_from_quantized_triton(qi, qs, ki, ks, v, out=None, configs: Optional[List[AttnConfig]] = None):
+def attention_from_quantized_triton(qi, qs, ki, ks, v, heads_last: bool = True,
+                                    configs: Optional[List[AttnConfig]] = None):
+    """``attention_from_quantized`` in one Triton launch (tile config tuned per shape bucket)."""
     b, h, lq, d = qi.shape
     lk = ki.shape[2]
     dev = qi.device
-    out = torch.empty((b, lq, h, d), dtype=v.dtype, device=dev) if out is None else out
-    o = out.permute(0, 2, 1, 3)  # (B, H, Lq, D) view of the (B, Lq, H, D) result
+    out, o = _new_out(b, h, lq, d, v, heads_last)
 
     def launch(cfg: AttnConfig) -> None:
         launch_kernel(int8_attn_fwd_kernel, (triton.cdiv(lq, cfg.BM), b * h),
@@ -386,32 +398,123 @@ def attention_backend(device: torch.device, dtype: torch.dtype, backend: Optiona
     return None
 
 
-def _run(q, k, v, sm_scale: float, backend: str) -> torch.Tensor:
+def _run(q, k, v, sm_scale: float, backend: str, heads_last: bool) -> torch.Tensor:
     if backend == "triton":
-        return attention_from_quantized_triton(*quantize_qk_triton(q, k, sm_scale), v)
-    return attention_from_quantized(*quantize_qk_reference(q, k, sm_scale), v)
+        return attention_from_quantized_triton(*quantize_qk_triton(q, k, sm_scale), v, heads_last)
+    return attention_from_quantized(*quantize_qk_reference(q, k, sm_scale), v, heads_last)
 
 
 @torch.library.custom_op("convert_to_quant::int8_attention", mutates_args=())
-def int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, backend: str) -> torch.Tensor:
+def int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, backend: str,
+                      heads_last: bool) -> torch.Tensor:
     be = attention_backend(q.device, q.dtype, backend or None) or "torch"  # never wrong: torch if nothing else
-    return _run(q, k, v, sm_scale, be)
+    return _run(q, k, v, sm_scale, be, heads_last)
 
 
 @int8_attention_op.register_fake
-def _(q, k, v, sm_scale, backend):
+def _(q, k, v, sm_scale, backend, heads_last):
     b, h, lq, d = q.shape
-    return q.new_empty((b, lq, h, d))
+    return q.new_empty((b, lq, h, d) if heads_last else (b, h, lq, d), dtype=v.dtype)
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sm_scale: Optional[float] = None,
-                   backend: Optional[str] = None) -> torch.Tensor:
+                   backend: Optional[str] = None, heads_last: bool = True) -> torch.Tensor:
     """Softmax(q·kᵀ·sm_scale)·v with the int8 numerics of the module doc. q (B, H, Lq, D), k/v (B, H, Lk, D)
-    (views with a unit last stride; K/V may be longer or shorter than Q). Returns (B, Lq, H, D) contiguous
-    in v's dtype. ``sm_scale`` defaults to D^-0.5. Raises ``AttentionInputError`` for operands it cannot take
-    (``unsupported_reason``) and for a backend that cannot run here."""
+    (views with a unit last stride; K/V may be longer or shorter than Q). Returns, in v's dtype, a contiguous
+    (B, Lq, H, D) (``heads_last``) or (B, H, Lq, D). ``sm_scale`` defaults to D^-0.5. Raises
+    ``AttentionInputError`` for operands it cannot take (``unsupported_reason``) and for a backend that
+    cannot run here."""
     _check_kernel_operands(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if torch.compiler.is_compiling():  # the op decides the backend when it runs (no device queries traced)
-        return torch.ops.convert_to_quant.int8_attention(q, k, v, sm_scale, backend or "")
-    return _run(q, k, v, sm_scale, attention_backend(q.device, q.dtype, backend) or "torch")
+        return torch.ops.convert_to_quant.int8_attention(q, k, v, sm_scale, backend or "", heads_last)
+    return _run(q, k, v, sm_scale, attention_backend(q.device, q.dtype, backend) or "torch", heads_last)
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI's attention override (no ComfyUI import here; nodes/attention.py installs it)
+# ------------------------------------------------------------------------------------------------
+def _comfy_signature(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                     **kwargs):
+    return q, k, v, heads, mask, skip_reshape, skip_output_reshape, kwargs
+
+
+# keyword arguments ComfyUI passes that do not change the result (anything else: the original function)
+_HARMLESS_KWARGS = frozenset(("transformer_options", "_inside_attn_wrapper", "attn_precision"))
+
+
+class Int8AttentionOverride:
+    """``transformer_options["optimized_attention_override"]`` for ComfyUI: ComfyUI's attention functions
+    (``comfy.ldm.modules.attention``, decorated with ``wrap_attn``) call ``override(func, *args, **kwargs)``
+    with their own arguments ``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+    skip_output_reshape=False, transformer_options=...)``: q/k/v (B, L, H·D), or (B, H, L, D) with
+    ``skip_reshape``; output (B, Lq, H·D), or (B, H, Lq, D) with ``skip_output_reshape``.
+
+    Per call: INT8 attention where ``unsupported_reason`` is None and a backend runs here
+    (``attention_backend``), else ``previous(func, ...)`` (an override that was installed before) or the
+    original ``func``, unchanged -- masks, other head dims, float32 on CUDA, devices without the kernel.
+    ``attn_precision`` (an fp32-upcast request) is honoured by construction: scores are exact integers
+    times fp32 scales, softmax is fp32. ``stats`` counts calls per path (eager calls only)."""
+
+    def __init__(self, previous=None, backend: Optional[str] = None):
+        self.previous = previous
+        self.backend = backend
+        self.stats = {}
+
+    def _count(self, key: str):
+        if not torch.compiler.is_compiling():
+            self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _fallback(self, func, args, kwargs, reason: str):
+        self._count("fallback: " + reason)
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        try:
+            q, k, v, heads, mask, skip_reshape, skip_out, extra = _comfy_signature(*args, **kwargs)
+        except TypeError:
+            return self._fallback(func, args, kwargs, "unrecognised arguments")
+        unknown = sorted(set(extra) - _HARMLESS_KWARGS)
+        if unknown:
+            return self._fallback(func, args, kwargs, "argument " + unknown[0])
+        if mask is not None:
+            return self._fallback(func, args, kwargs, "an attention mask")
+        if not all(type(t) is torch.Tensor for t in (q, k, v)):
+            return self._fallback(func, args, kwargs, "non-tensor operands")
+        if skip_reshape:
+            if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+                return self._fallback(func, args, kwargs, "skip_reshape operands not 4-D")
+            q4, k4, v4 = q, k, v
+        else:
+            if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not isinstance(heads, int) or heads < 1:
+                return self._fallback(func, args, kwargs, "operands not (batch, tokens, heads*dim)")
+            hd = q.shape[-1]
+            if hd % heads or k.shape[-1] != hd or v.shape[-1] != hd:
+                return self._fallback(func, args, kwargs, "width not heads x head dim for q, k and v")
+            d = hd // heads
+            q4, k4, v4 = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v))
+        reason = unsupported_reason(q4, k4, v4)
+        if reason is not None:
+            return self._fallback(func, args, kwargs, reason)
+        dev, dt = q4.device, q4.dtype
+        if torch.compiler.is_compiling():
+            usable = dev.type == "cpu" or (dev.type == "cuda" and dt in KERNEL_DTYPES)
+            be = self.backend or ""
+        else:
+            be = attention_backend(dev, dt, self.backend)
+            usable = be is not None
+        if not usable:
+            return self._fallback(func, args, kwargs, f"no INT8 attention for {dt} on {dev.type}")
+        q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+        sm_scale = q4.shape[-1] ** -0.5
+        if torch.compiler.is_compiling():
+            out = torch.ops.convert_to_quant.int8_attention(q4, k4, v4, sm_scale, be, not skip_out)
+        else:
+            self._count("int8 " + be)
+            out = _run(q4, k4, v4, sm_scale, be, not skip_out)
+        if skip_out:
+            return out  # (B, H, Lq, D)
+        b, lq, h, d = out.shape
+        return out.view(b, lq, h * d)
