@@ -461,6 +461,11 @@ class Int8AttentionOverride:
         self.backend = backend
         self.stats = {}
 
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone deep-copies model_options: clones (LoRA loaders, ...) share this override (it
+        # holds no per-model state; ``stats`` then counts the calls of every clone)
+        return self
+
     def _count(self, key: str):
         if not torch.compiler.is_compiling():
             self.stats[key] = self.stats.get(key, 0) + 1

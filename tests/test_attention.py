@@ -404,7 +404,8 @@ def check_loader_option_sets_override(c: Ctx):
     # a LoRA loaded afterwards (what LoraLoaderModelOnly runs) clones the MODEL: the option travels with it
     lora = {k: v for k, v in wan21_lora().items()}
     with_lora, _ = comfy.sd.load_lora_for_models(int8, None, lora, 1.0, 0.0)
-    assert attention_override(with_lora) is ov and with_lora.patches
+    assert attention_override(with_lora) is ov, with_lora.model_options
+    assert len(with_lora.patches) == 16, list(with_lora.patches)[:4]
     assert attention_override(int8) is ov and not int8.patches
     # an override installed by another node first is kept as our fallback; setting int8 twice adds nothing
     other = lambda func, *a, **k: func(*a, **k)  # noqa: E731
