@@ -105,6 +105,7 @@ def main(argv=None) -> int:
         f"Q/K std {args.std}")
 
     results = {}
+    failed = False
     for n in tokens:
         g = torch.Generator(device=dev).manual_seed(0)
 
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
         log(f"check: quantized Q/K equal to the reference: {quant_equal}; output vs reference (heads 0-{hs - 1}): "
             f"rel {rel_ref:.2e}; cosine vs bf16 SDPA {cos:.6f} (target >= 0.999) [{time.time() - t0:.1f} s]")
         r = {"tokens": n, "quant_equal": quant_equal, "rel_vs_reference": rel_ref, "cosine_vs_sdpa": cos}
+        if not quant_equal or not rel_ref < 1e-2:
+            log("CHECK FAILED: the kernel does not compute the reference's numerics (timings follow anyway)")
+            failed = True
 
         # --- timing --------------------------------------------------------------------------------
         def sdpa_flash():
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
         log("\ntuning:\n  " + "\n  ".join(x for x in TUNER.log if "int8_attention" in x))
     log("\nRESULT " + json.dumps({"device": card, "batch": b, "heads": h, "head_dim": d, "backend": backend,
                                   "shapes": results}))
-    return 0
+    return 1 if failed else 0
 
 
 class _null:

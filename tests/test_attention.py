@@ -108,6 +108,18 @@ if __name__ != "__main__":
         c = A.int8_attention(qc, kc, vc, backend="triton")
         assert torch.equal(a, c)
 
+    @needs_triton
+    @pytest.mark.parametrize("d", [64, 128])
+    def test_every_tile_config_matches_the_reference(d):
+        """Every candidate the tuner may pick on this card (GPU: the arch's list; CPU: the interpreter's)."""
+        lq, lk = (300, 389) if DEV.type == "cuda" else (37, 45)
+        q, k, v = operands(2, 2, lq, lk, d, torch.bfloat16, seed=12)
+        quant = A.quantize_qk_triton(q, k, d ** -0.5)
+        ref = A.reference_int8_attention(q, k, v)
+        for cfg in A._CONFIGS[launch.arch_of(DEV)]:
+            out = A.attention_from_quantized_triton(*quant, v, configs=[cfg])
+            assert rel(out, ref) < 8e-3, cfg.short()
+
     @pytest.mark.gpu
     @pytest.mark.parametrize("lq, lk", [(4096, 4096), (2000, 512)])
     def test_gpu_tuned_kernel_long_sequences(lq, lk):
