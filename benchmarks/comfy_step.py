@@ -17,6 +17,9 @@ Needs a ComfyUI source tree (not installed: its folder is put on ``sys.path``) a
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --dry-run     # CPU smoke test, tiny model
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --model flux  # Flux.1-dev-shaped, 1024x1024
     python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --text-encoder  # T5-XXL-shaped, 512 tokens
+    python benchmarks/comfy_step.py --comfyui /path/to/ComfyUI --attention int8 --shapes video_480p_81f
+        # adds "int8+attn8": int8 weights and INT8 attention (the loader's attention=int8 option), and splits
+        # every profiled step into linear layers / attention / the rest
 
 Prints ms/step (median over ``--steps`` after ``--warmup``), output errors against bf16, and the ratios the
 issue targets: bf16 / int8 >= 1.3 and int8+2 LoRAs / int8 <= 1.10. For every model, a profiled bf16 and
@@ -149,7 +152,7 @@ def torch_fallback_bench(args) -> int:
     load_repo_package()
     import torch
     import torch.nn.functional as F
-    from convert_to_quant.kernels import quantized_linear, resolve_backend, runtime_path
+    from convert_to_quant.kernels import int8_attention, quantized_linear, resolve_backend, runtime_path
     from convert_to_quant.quant_core.formats import make_spec, parse_comfy_quant, quantized_weight_from_tensors
     from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
     from convert_to_quant.quant_core.plan import PlanOptions
@@ -194,8 +197,9 @@ def torch_fallback_bench(args) -> int:
         return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
 
     class Block(torch.nn.Module):
-        def __init__(self, i, quant):
+        def __init__(self, i, quant, attention8=False):
             super().__init__()
+            self.int8_attention = attention8
             p = f"blocks.{i}."
             self.lin = torch.nn.ModuleDict({n.replace(".", "_"): Lin(p + n, quant) for n in LORA_TARGETS})
             self.mod = sd[p + "modulation"].to(dtype)
@@ -210,7 +214,10 @@ def torch_fallback_bench(args) -> int:
             q = rms(lin[a + "_q"](x), self.nq[a]).view(b, n, h, -1).transpose(1, 2)
             k = rms(lin[a + "_k"](ctx), self.nk[a]).view(b, ctx.shape[1], h, -1).transpose(1, 2)
             v = lin[a + "_v"](ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+            if self.int8_attention:  # what the loader's attention=int8 option runs (torch path on CPU)
+                o = int8_attention(q, k, v).reshape(b, n, d)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
             return lin[a + "_o"](o)
 
         def forward(self, x, e, ctx):
@@ -222,7 +229,8 @@ def torch_fallback_bench(args) -> int:
             y = F.layer_norm(x, (d,)) * (1 + e[4]) + e[3]
             return x + self.lin["ffn_2"](F.gelu(self.lin["ffn_0"](y), approximate="tanh")) * e[5]
 
-    models = {name: [Block(i, name == "int8") for i in range(args.blocks)] for name in ("float", "int8")}
+    names = ("float", "int8") + (("int8+attn8",) if args.attention == "int8" else ())
+    models = {name: [Block(i, name != "float", name == "int8+attn8") for i in range(args.blocks)] for name in names}
     results = {}
     for shape_name, (f, h, w) in TORCH_DRY_SHAPES.items():
         tokens = f * h * w
@@ -256,8 +264,14 @@ def torch_fallback_bench(args) -> int:
         for n in models:
             log(f"{n:>8}: {ms[n]:9.2f} ms/step (median of {args.steps})")
         log(f"float / int8 step time: {r['float_over_int8']:.3f}x (target >= 0.9)")
+        if "int8+attn8" in outs:
+            c = outs["int8+attn8"].double().flatten()
+            r["cosine_int8_attn8_vs_int8"] = float(F.cosine_similarity(c, a, dim=0))
+            log(f"int8 + INT8 attention vs int8: cosine {r['cosine_int8_attn8_vs_int8']:.6f}; "
+                f"float / (int8 + INT8 attention): {ms['float'] / ms['int8+attn8']:.3f}x")
         log(f"int8 vs float output: rel error {r['rel_err_int8_vs_float']:.5f}, cosine {r['cosine_int8_vs_float']:.6f}")
     log("\nRESULT " + json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "dtype": args.dtype,
+                                  "attention": args.attention,
                                   "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks, "format": args.format,
                                   "path": path or "auto", "shapes": results}))
 
@@ -321,6 +335,8 @@ def profile_split(call, dev, steps: int = 0) -> dict:
                and e.name != "ctq::step"]  # kernels, memcpy / memset; not the step's range on the GPU timeline
     if kernels:
         lin = sum(e.time_range.elapsed_us() for e in kernels if kernel_is_linear(e.name))
+        att = sum(e.time_range.elapsed_us() for e in kernels
+                  if not kernel_is_linear(e.name) and any(a in e.name.lower() for a in ATTN_KERNEL))
         tot = sum(e.time_range.elapsed_us() for e in kernels)
         top = sorted({e.name for e in kernels if kernel_is_linear(e.name)})
         source = "device kernels by name"
@@ -337,10 +353,44 @@ def profile_split(call, dev, steps: int = 0) -> dict:
         steps_ev = [e for e in events if e.name == "ctq::step"]
         tot = sum(e.cpu_time_total for e in steps_ev)
         lin = sum(e.cpu_time_total for e in events if e.device_type == DeviceType.CPU and linear_root(e))
+
+        def attention_root(e):
+            if "attention" not in e.name:
+                return False
+            p = e.cpu_parent
+            while p is not None:
+                if "attention" in p.name:
+                    return False
+                p = p.cpu_parent
+            return True
+        att = sum(e.cpu_time_total for e in events if e.device_type == DeviceType.CPU and attention_root(e))
         top = sorted({e.name for e in events if e.device_type == DeviceType.CPU and linear_root(e)})
         source = "CPU op times by op name (no device kernels profiled)"
     return {"source": source, "linear_ms": lin / 1e3 / steps, "rest_ms": (tot - lin) / 1e3 / steps,
-            "total_ms": tot / 1e3 / steps, "linear_names": top[:12]}
+            "attention_ms": att / 1e3 / steps, "total_ms": tot / 1e3 / steps, "linear_names": top[:12]}
+
+
+def three_way_report(splits: dict, row: dict) -> dict:
+    """Each profiled variant's step as linear layers + attention + everything else (``--attention int8``:
+    where the INT8 attention's gain comes from), and bf16 / variant."""
+    out = {}
+    for name, sp in splits.items():
+        if sp is None:
+            continue
+        other = sp["total_ms"] - sp["linear_ms"] - sp["attention_ms"]
+        out[name] = {"linear_ms": sp["linear_ms"], "attention_ms": sp["attention_ms"], "other_ms": other,
+                     "total_ms": sp["total_ms"]}
+        log(f"split {name:>12}: linear {sp['linear_ms']:8.2f} + attention {sp['attention_ms']:8.2f} + other "
+            f"{other:8.2f} = {sp['total_ms']:8.2f} ms ({sp['source']})")
+    b = out.get("bf16")
+    for name, o in out.items():
+        if b is None or name == "bf16":
+            continue
+        for part in ("linear_ms", "attention_ms", "other_ms"):
+            o[part.replace("_ms", "_speedup")] = b[part] / o[part] if o[part] > 0 else float("nan")
+        log(f"  bf16 / {name}: linear {o['linear_speedup']:.2f}x, attention {o['attention_speedup']:.2f}x, "
+            f"other {o['other_speedup']:.2f}x; step (wall) {row['bf16'] / row[name]:.3f}x")
+    return out
 
 
 def split_report(splits: dict, row: dict) -> dict:
@@ -833,6 +883,9 @@ def main(argv=None) -> int:
                     help="text encoder: the loader's activations mode (bf16: W8A16, its default; int8: W8A8)")
     ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
+    ap.add_argument("--attention", choices=["default", "int8"], default="default",
+                    help="wan: int8 adds a variant 'int8+attn8' (int8 weights + INT8 attention, the loader's "
+                         "attention=int8 option) and a linear / attention / other split of the profiled steps")
     args = ap.parse_args(argv)
     if args.text_encoder or args.model == "flux":
         args.steps = args.steps if args.steps is not None else (2 if args.dry_run else 10)
@@ -868,6 +921,7 @@ def main(argv=None) -> int:
             shapes[s] = SHAPES[s]
     torch, mm, dev, dtype, card = setup_common(args, "Wan-2.1-shaped")
     import comfy.sd
+    from convert_to_quant.nodes.attention import with_attention
     from convert_to_quant.nodes.loader import load_diffusion_model
     from convert_to_quant.nodes.ops import quant_linears
     from convert_to_quant.quant_core.formats import make_spec
@@ -907,7 +961,7 @@ def main(argv=None) -> int:
         mm.unload_all_models()
         mm.soft_empty_cache()
         mm.load_models_gpu([patcher], force_full_load=True)
-        opts = {"wrappers": patcher.wrappers} if patcher.wrappers else {}
+        opts = step_options(patcher)
         times = []
         with torch.inference_mode():
             for i in range(args.warmup + args.steps):
@@ -921,12 +975,25 @@ def main(argv=None) -> int:
                     times.append((time.perf_counter() - s) * 1e3)
         return statistics.median(times), out.float()
 
+    def step_options(patcher):
+        """transformer_options of a sampling step: the model options' (the attention override lives there)
+        plus the patcher's wrappers (TorchCompileModel)."""
+        opts = dict(patcher.model_options.get("transformer_options", {}))
+        if patcher.wrappers:
+            opts["wrappers"] = patcher.wrappers
+        return opts
+
     results = {}
-    variants = [("bf16", lambda: bf16_model()), ("bf16+loras", lambda: with_loras(bf16_model())),
-                ("int8", lambda: int8_model()), ("int8+loras", lambda: with_loras(int8_model()))]
+    lora_v = args.loras > 0
+    variants = [("bf16", lambda: bf16_model())] + ([("bf16+loras", lambda: with_loras(bf16_model()))] if lora_v else [])
+    variants += [("int8", lambda: int8_model())] + ([("int8+loras", lambda: with_loras(int8_model()))] if lora_v else [])
+    attn8 = args.attention == "int8"
+    if attn8:
+        variants += [("int8+attn8", lambda: with_attention(int8_model(), "int8"))]
     if args.compile:
-        variants += [("bf16 compiled", lambda: compiled(bf16_model())), ("int8 compiled", lambda: compiled(int8_model())),
-                     ("int8+loras compiled", lambda: compiled(with_loras(int8_model())))]
+        variants += [("bf16 compiled", lambda: compiled(bf16_model())), ("int8 compiled", lambda: compiled(int8_model()))]
+        variants += [("int8+loras compiled", lambda: compiled(with_loras(int8_model())))] if lora_v else []
+        variants += [("int8+attn8 compiled", lambda: compiled(with_attention(int8_model(), "int8")))] if attn8 else []
     for shape_name, (f, h, w) in shapes.items():
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 16, f, 2 * h, 2 * w, generator=g).to(dev, dtype)
@@ -941,9 +1008,9 @@ def main(argv=None) -> int:
                 sys.exit("error: the int8 model has no int8 layers")
             ms, out = time_steps(m, x, t, ctx)
             row[name], outs[name] = ms, out
-            if name.replace(" compiled", "") in ("bf16", "int8") and not args.no_split:
+            if name.replace(" compiled", "") in ("bf16", "int8", "int8+attn8") and not args.no_split:
                 splits[name] = profile_split(lambda: m.model.apply_model(
-                    x, t, c_crossattn=ctx, transformer_options={"wrappers": m.wrappers} if m.wrappers else {}), dev)
+                    x, t, c_crossattn=ctx, transformer_options=step_options(m)), dev)
             log(f"{name:>22}: {ms:9.2f} ms/step")
             del m
         mm.unload_all_models()
@@ -952,25 +1019,41 @@ def main(argv=None) -> int:
             return float((outs[a] - outs[b]).norm() / outs[b].norm())
         r = {"tokens": tokens, "ms": row,
              "speedup_bf16_over_int8": row["bf16"] / row["int8"],
-             "lora_overhead_int8": row["int8+loras"] / row["int8"],
-             "lora_overhead_bf16": row["bf16+loras"] / row["bf16"],
-             "rel_err_int8_vs_bf16": err("int8", "bf16"),
-             "rel_err_int8_loras_vs_bf16_loras": err("int8+loras", "bf16+loras"),
-             "lora_effect_bf16": err("bf16+loras", "bf16")}
+             "rel_err_int8_vs_bf16": err("int8", "bf16")}
+        if lora_v:
+            r.update(lora_overhead_int8=row["int8+loras"] / row["int8"], lora_overhead_bf16=row["bf16+loras"] / row["bf16"],
+                     rel_err_int8_loras_vs_bf16_loras=err("int8+loras", "bf16+loras"),
+                     lora_effect_bf16=err("bf16+loras", "bf16"))
         if args.compile:
             r["speedup_compiled"] = row["bf16 compiled"] / row["int8 compiled"]
-            r["lora_overhead_int8_compiled"] = row["int8+loras compiled"] / row["int8 compiled"]
+            if lora_v:
+                r["lora_overhead_int8_compiled"] = row["int8+loras compiled"] / row["int8 compiled"]
         results[shape_name] = r
         log(f"speed-up bf16 -> int8: {r['speedup_bf16_over_int8']:.3f}x (target >= 1.3)")
-        log(f"int8 + {args.loras} LoRAs / int8: {r['lora_overhead_int8']:.3f} (target <= 1.10); "
-            f"stock bf16 + LoRAs / bf16: {r['lora_overhead_bf16']:.3f}")
-        log(f"output error vs bf16: int8 {r['rel_err_int8_vs_bf16']:.4f}, with LoRAs "
-            f"{r['rel_err_int8_loras_vs_bf16_loras']:.4f} (LoRA effect {r['lora_effect_bf16']:.4f})")
+        if attn8:
+            r["speedup_bf16_over_int8_attn8"] = row["bf16"] / row["int8+attn8"]
+            r["rel_err_int8_attn8_vs_bf16"] = err("int8+attn8", "bf16")
+            r["rel_err_int8_attn8_vs_int8"] = err("int8+attn8", "int8")
+            log(f"speed-up bf16 -> int8 weights + INT8 attention: {r['speedup_bf16_over_int8_attn8']:.3f}x "
+                f"(target >= 1.45); output rel error vs bf16 {r['rel_err_int8_attn8_vs_bf16']:.4f}, vs int8 "
+                f"{r['rel_err_int8_attn8_vs_int8']:.4f}")
+            if args.compile:
+                r["speedup_compiled_attn8"] = row["bf16 compiled"] / row["int8+attn8 compiled"]
+                log(f"compiled: bf16 -> int8 + INT8 attention {r['speedup_compiled_attn8']:.3f}x")
+        if lora_v:
+            log(f"int8 + {args.loras} LoRAs / int8: {r['lora_overhead_int8']:.3f} (target <= 1.10); "
+                f"stock bf16 + LoRAs / bf16: {r['lora_overhead_bf16']:.3f}")
+            log(f"output error vs bf16: int8 {r['rel_err_int8_vs_bf16']:.4f}, with LoRAs "
+                f"{r['rel_err_int8_loras_vs_bf16_loras']:.4f} (LoRA effect {r['lora_effect_bf16']:.4f})")
         if args.compile:
-            log(f"compiled: speed-up {r['speedup_compiled']:.3f}x, LoRA overhead {r['lora_overhead_int8_compiled']:.3f}")
+            log(f"compiled: speed-up {r['speedup_compiled']:.3f}x"
+                + (f", LoRA overhead {r['lora_overhead_int8_compiled']:.3f}" if lora_v else ""))
         r["time_split"] = split_report(splits, row)
+        if attn8:
+            r["time_split_3way"] = three_way_report(splits, row)
     log("\nRESULT " + json.dumps({"device": card, "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks,
                                   "format": args.format, "loras": args.loras, "lora_rank": args.lora_rank,
+                                  "attention": args.attention,
                                   "shapes": results}))
     os.unlink(qpath)
     os.rmdir(tmp)

@@ -8,6 +8,7 @@ docs/KERNELS.md for numerics, paths and measurements.
     quantized_linear(x, qw, bias=None, path=None)       # dispatches on qw.format (registry below)
     register_linear(format_name, fn)                     # fn(x, qw, bias, path=None, backend=None)
     dequantize(qw, dtype=None)
+    int8_attention(q, k, v, *, sm_scale=None, backend=None)  # INT8 attention, kernels/attention.py
 
 ``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
 sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("dequant" where
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant_core.errors import ConvertError
-from . import dispatch, launch, reference
+from . import attention, dispatch, launch, reference
+from .attention import int8_attention
 from .dispatch import PATH_ENV, PATH_TABLE, PATHS, choose_path, runtime_path
 from .launch import BACKEND_ENV, HAS_TRITON, TUNER, resolve_backend, triton_usable
 
@@ -30,6 +32,7 @@ __all__ = [
     "quantize_activations", "int8_linear", "int8_blockwise_linear", "quantized_linear", "register_linear",
     "registered_formats", "dequantize", "choose_path", "runtime_path", "resolve_backend", "triton_usable", "KernelInputError",
     "KernelFormatError", "PreparedLinear", "prepare_linear", "PATHS", "PATH_TABLE", "PATH_ENV", "BACKEND_ENV", "HAS_TRITON",
+    "int8_attention",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -23,6 +23,7 @@ from ..quant_core.formats import make_spec
 from ..quant_core.plan import PlanOptions
 from ..quant_core.presets import all_presets
 from ..quant_core.pipeline import output_path_in_folder
+from .attention import ATTENTION_CHOICES, ATTENTION_TOOLTIP, with_attention
 from .conversion import model_folder
 from .handles import CALIBRATION_FOLDER, CalibrationStats, temp_dir
 from .loader import (DTYPE_CHOICES, TEXT_ENCODER_ACTIVATIONS, load_diffusion_model, load_text_encoder,
@@ -43,7 +44,9 @@ class QuantDiffusionModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"unet_name": (_safetensors("diffusion_models"),),
-                             "compute_dtype": (list(DTYPE_CHOICES), {"default": "default"})}}
+                             "compute_dtype": (list(DTYPE_CHOICES), {"default": "default"})},
+                "optional": {"attention": (list(ATTENTION_CHOICES), {"default": "default",
+                                                                     "tooltip": ATTENTION_TOOLTIP})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
@@ -51,9 +54,9 @@ class QuantDiffusionModelLoader:
     DESCRIPTION = ("Loads a quantized diffusion model keeping its Linear layers int8 on the device "
                    "(INT8 Triton kernels on CUDA, torch elsewhere). Stock LoRA loaders work on it.")
 
-    def load(self, unet_name: str, compute_dtype: str = "default"):
+    def load(self, unet_name: str, compute_dtype: str = "default", attention: str = "default"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return (load_diffusion_model(path, DTYPE_CHOICES[compute_dtype]),)
+        return (with_attention(load_diffusion_model(path, DTYPE_CHOICES[compute_dtype]), attention),)
 
 
 class QuantCLIPLoader:
@@ -97,7 +100,7 @@ class QuantizeModelOnTheFly:
             "convrot_group_size": (["16", "64", "256", "1024"], {"default": "256"}),
             "block_size": ("INT", {"default": 128, "min": 16, "max": 1024, "step": 16}),
             "preset": (["auto", "none"] + sorted(all_presets()), {"default": "auto"}),
-        }}
+        }, "optional": {"attention": (list(ATTENTION_CHOICES), {"default": "default", "tooltip": ATTENTION_TOOLTIP})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "quantize"
@@ -105,7 +108,8 @@ class QuantizeModelOnTheFly:
     DESCRIPTION = ("Quantizes the diffusion model's Linear layers in memory (LoRAs already applied to the "
                    "MODEL are merged first). Needs RAM for the float model plus the int8 copy.")
 
-    def quantize(self, model, format: str, convrot: bool, convrot_group_size: str, block_size: int, preset: str):
+    def quantize(self, model, format: str, convrot: bool, convrot_group_size: str, block_size: int, preset: str,
+                 attention: str = "default"):
         spec = make_spec(format=format, scaling_mode="block" if format == "int8_blockwise" else "axis",
                          block_size=block_size, convrot=convrot, convrot_groupsize=int(convrot_group_size))
         opts = PlanOptions(spec=spec, presets=() if preset == "none" else (preset,))
@@ -115,7 +119,7 @@ class QuantizeModelOnTheFly:
             check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
         log.info("convert_to_quant: quantized %d layers on the fly (%s)", len(plan.quantized_layers()),
                  spec.describe())
-        return (patcher,)
+        return (with_attention(patcher, attention),)
 
 
 def _to_cpu(v):
