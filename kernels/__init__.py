@@ -117,14 +117,32 @@ def quantize_activations(x: torch.Tensor, convrot_groupsize: int = 0, block_k: i
     return q.reshape(x.shape), s.reshape(lead + ((k // block_k,) if block_k else (1,)))
 
 
+def _check_lora(lora, x: torch.Tensor, n: int, what: str):
+    """``lora`` = (h [..., R] = x · downᵀ, up [N, R]) -> (h as [M, R] rows, up) on x's device, or None."""
+    if lora is None:
+        return None
+    h, up = lora
+    r = h.shape[-1] if isinstance(h, torch.Tensor) and h.dim() >= 1 else -1
+    if (not isinstance(up, torch.Tensor) or r < 16 or r % 16 or tuple(h.shape[:-1]) != tuple(x.shape[:-1])
+            or tuple(up.shape) != (n, r)):
+        raise KernelInputError(f"{what}: lora must be (h [..., R], up [{n}, R]) with h's leading dims those of "
+                               f"x and R a multiple of 16, got h {list(getattr(h, 'shape', []))}, "
+                               f"up {list(getattr(up, 'shape', []))}")
+    if h.dtype != up.dtype or h.dtype not in _FLOAT_DTYPES:
+        raise KernelInputError(f"{what}: lora h and up must share a float dtype, got {h.dtype} and {up.dtype}")
+    h2 = _same_device(h.reshape(-1, r), x.device)
+    return h2, _same_device(up, x.device)
+
+
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, *, convrot_groupsize: int = 0,
                 out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, lora=None) -> torch.Tensor:
     """``y = x · Wᵀ + bias`` for an ``int8_tensorwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
     fp32 0-dim/[1] (tensor) or [N, 1]/[N] (per row). ``convrot_groupsize`` > 0: the stored weight is
     ``W · blockdiag(H)ᵀ`` and the activations are rotated the same way before quantization.
-    ``out_dtype`` defaults to x's dtype."""
+    ``out_dtype`` defaults to x's dtype. ``lora`` = (h, up): adds ``h · upᵀ`` (a low-rank side path,
+    h = x · downᵀ), in the GEMM's epilogue where the kernel runs (docs/KERNELS.md, "LoRA epilogue")."""
     what = "int8_linear"
     n, k = _check_common(x, qdata, bias, what)
     if weight_scale.numel() not in (1, n):
@@ -140,19 +158,20 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor
     ws = _same_device(weight_scale, dev, torch.float32)
     ws = ws if ws.dim() == 1 else ws.reshape(-1)
     bias = _same_device(bias, dev)
+    lora = _check_lora(lora, x, n, what)
     x2 = _as_rows(x, k)
     if _compiling():
         y = torch.ops.convert_to_quant.int8_linear(x2, qdata, ws, bias, convrot_groupsize, out_dtype,
-                                                   path or "", backend or "")
+                                                   path or "", backend or "", *(lora or (None, None)))
     else:
-        y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend)
+        y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 
 def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, *, group_size: int = 128,
                           out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
-                          backend: Optional[str] = None) -> torch.Tensor:
+                          backend: Optional[str] = None, lora=None) -> torch.Tensor:
     """``y = x · Wᵀ + bias`` for an ``int8_blockwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
     fp32 [ceil(N/g), K/g] (one scale per g×g tile). W8A8 quantizes activations per token per g-block
     of K and applies both scales per K block inside the GEMM (fp32 accumulation)."""
@@ -170,12 +189,13 @@ def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: to
     qdata = _same_device(qdata, dev)
     ws = _same_device(weight_scale, dev, torch.float32)
     bias = _same_device(bias, dev)
+    lora = _check_lora(lora, x, n, what)
     x2 = _as_rows(x, k)
     if _compiling():
         y = torch.ops.convert_to_quant.int8_blockwise_linear(x2, qdata, ws, bias, g, out_dtype, path or "",
-                                                             backend or "")
+                                                             backend or "", *(lora or (None, None)))
     else:
-        y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend)
+        y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 
@@ -200,24 +220,31 @@ def registered_formats() -> Tuple[str, ...]:
 
 
 def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, path: Optional[str] = None, *,
-                     backend: Optional[str] = None) -> torch.Tensor:
-    """``y = x · dequant(qw)ᵀ + bias`` with the fastest kernel for ``qw.format``; output in x's dtype."""
+                     backend: Optional[str] = None, lora=None) -> torch.Tensor:
+    """``y = x · dequant(qw)ᵀ + bias (+ h · upᵀ for lora = (h, up))`` with the fastest kernel for
+    ``qw.format``; output in x's dtype."""
     fn = _LINEAR_REGISTRY.get(qw.format)
     if fn is None:
         raise KernelFormatError(f"no linear kernel for weight format {qw.format!r}; registered formats: "
                                 f"{', '.join(registered_formats())}")
-    return fn(x, qw, bias, path=path, backend=backend)
+    if lora is None:
+        return fn(x, qw, bias, path=path, backend=backend)
+    if fn in (_tensorwise_linear, _blockwise_linear):
+        return fn(x, qw, bias, path=path, backend=backend, lora=lora)
+    y = fn(x, qw, bias, path=path, backend=backend)
+    h, up = lora
+    return (y.float() + h.float() @ up.float().t()).to(y.dtype)
 
 
-def _tensorwise_linear(x, qw, bias, path=None, backend=None):
+def _tensorwise_linear(x, qw, bias, path=None, backend=None, lora=None):
     p = qw.params
     return int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=p.convrot_groupsize if p.convrot else 0,
-                       path=path, backend=backend)
+                       path=path, backend=backend, lora=lora)
 
 
-def _blockwise_linear(x, qw, bias, path=None, backend=None):
+def _blockwise_linear(x, qw, bias, path=None, backend=None, lora=None):
     return int8_blockwise_linear(x, qw.qdata, qw.scale, bias, group_size=qw.params.group_size, path=path,
-                                 backend=backend)
+                                 backend=backend, lora=lora)
 
 
 def _fp16_linear(x, qw, bias, path=None, backend=None):
@@ -266,55 +293,69 @@ class PreparedLinear:
             self.plans = {}
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype)."""
+                 out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
+        """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up) as for ``int8_linear``."""
         if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
                 or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
                 or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
-                or (out_dtype is not None and out_dtype not in _FLOAT_DTYPES) or _compiling()):
-            if out_dtype is not None and out_dtype != x.dtype and self.kind is not None:
+                or (out_dtype is not None and out_dtype not in _FLOAT_DTYPES) or _compiling()
+                or (lora is not None and not self._lora_ok(x, lora))):
+            if self.kind is not None and ((out_dtype is not None and out_dtype != x.dtype) or lora is not None):
                 fn = int8_blockwise_linear if self.group else int8_linear
                 extra = {"group_size": self.group} if self.group else {"convrot_groupsize": self.convrot}
-                return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, **extra)
-            return quantized_linear(x, self.qw, bias, path)
+                return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, lora=lora, **extra)
+            y = quantized_linear(x, self.qw, bias, path)
+            return y.to(out_dtype) if out_dtype is not None else y
         out_dtype = out_dtype or x.dtype
         x2 = _as_rows(x, self.k)
+        if lora is not None:
+            lora = (lora[0].reshape(-1, lora[0].shape[-1]), lora[1])
         plans = self.plans
         if plans is None:
-            return self._run(x2, bias, path, out_dtype).reshape(x.shape[:-1] + (self.n,))
+            return self._run(x2, bias, path, out_dtype, lora).reshape(x.shape[:-1] + (self.n,))
         # launch plans (launch.LaunchPlan): the second call of a shape records its launches, and from
         # the third on they are replayed; the key holds everything the launches depend on
         key = (x2.shape[0], x2.dtype, x2.stride(0), x2.data_ptr() & 15,
                None if bias is None else (bias.dtype, bias.data_ptr() & 15), path, out_dtype, launch.env_state(),
-               torch.cuda.current_device())
+               torch.cuda.current_device(),
+               None if lora is None else (lora[0].shape[1], lora[0].data_ptr() & 15, lora[1].data_ptr() & 15))
         plan = plans.get(key)
         if plan.__class__ is launch.LaunchPlan and launch.no_launch_hooks():
-            return plan(x2, bias).reshape(x.shape[:-1] + (self.n,))
+            return plan(x2, bias, lora).reshape(x.shape[:-1] + (self.n,))
         if plan is None:
             if len(plans) >= 512:  # many shapes (e.g. varying prompt lengths): start over
                 plans.clear()
             plans[key] = False  # seen once: the first call compiles and tunes
         elif plan is False and launch.plans_enabled() and not torch.cuda.is_current_stream_capturing():
             with launch.record_launches() as rec:
-                y = self._run(x2, bias, path, out_dtype)
-            plans[key] = self._checked_plan(rec, x2, y, bias)
+                y = self._run(x2, bias, path, out_dtype, lora)
+            plans[key] = self._checked_plan(rec, x2, y, bias, lora)
             return y.reshape(x.shape[:-1] + (self.n,))
-        return self._run(x2, bias, path, out_dtype).reshape(x.shape[:-1] + (self.n,))
+        return self._run(x2, bias, path, out_dtype, lora).reshape(x.shape[:-1] + (self.n,))
+
+    def _lora_ok(self, x: torch.Tensor, lora) -> bool:
+        h, up = lora
+        return (type(h) is torch.Tensor and type(up) is torch.Tensor and h.dtype == up.dtype == x.dtype
+                and h.device == up.device == self.device and up.dim() == 2 and h.dim() == x.dim()
+                and h.shape[:-1] == x.shape[:-1] and up.shape == (self.n, h.shape[-1]) and h.shape[-1] % 16 == 0
+                and h.shape[-1] >= 16 and h.stride(-1) == 1 and up.is_contiguous()
+                and (h.dim() == 1 or h.is_contiguous()))
 
     def _run(self, x2: torch.Tensor, bias: Optional[torch.Tensor], path: Optional[str],
-             out_dtype: torch.dtype) -> torch.Tensor:
+             out_dtype: torch.dtype, lora=None) -> torch.Tensor:
         if self.group:
-            return dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, out_dtype, path)
-        return dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, out_dtype, path)
+            return dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, out_dtype, path,
+                                                     None, lora)
+        return dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, out_dtype, path, None, lora)
 
     @staticmethod
-    def _checked_plan(rec, x2: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]):
+    def _checked_plan(rec, x2: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor], lora=None):
         """The recorded call's plan if replaying it gives the same bits (else ``True``: never plan this
         key; the call keeps the normal path)."""
-        plan = rec.plan(x2, y, bias)
+        plan = rec.plan(x2, y, bias, lora)
         if plan is None:
             return True
-        again = plan(x2, bias)
+        again = plan(x2, bias, lora)
         return plan if torch.equal(again, y) else True
 
 

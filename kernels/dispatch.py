@@ -94,15 +94,33 @@ def _dequant_weight(qdata, w_scale, group_size, convrot_groupsize, dtype, backen
     return ref.dequantize_weight(qdata, w_scale, group_size, convrot_groupsize, dtype)
 
 
+def _with_lora(y: torch.Tensor, lora) -> torch.Tensor:
+    """Where the kernel epilogue does not add it: y + h · upᵀ (fp32 products, y's dtype)."""
+    if lora is None:
+        return y
+    plan_unsafe()
+    h, up = lora
+    return (y.float() + h.float() @ up.float().t()).to(y.dtype)
+
+
+def _lora_fusable(lora, be: str, p: str, x: torch.Tensor) -> bool:
+    return lora is not None and be == "triton" and p in ("w8a8", "w8a16") and x.dtype != torch.float32
+
+
 def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    convrot_groupsize: int, out_dtype: torch.dtype, path: Optional[str] = None,
-                   backend: Optional[str] = None) -> torch.Tensor:
+                   backend: Optional[str] = None, lora=None) -> torch.Tensor:
+    """``lora``: None or (h [M, R], up [N, R]) with h = x · downᵀ, R a multiple of 16 (zero-padded):
+    ``+ h · upᵀ`` is added in fp32 in the GEMM's epilogue on the Triton W8A8/W8A16 paths, after it
+    elsewhere."""
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
     p = resolve_path(path, "row", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
+    if lora is not None and not _lora_fusable(lora, be, p, x):
+        return _with_lora(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":
         plan_unsafe()  # torch work besides kernel launches: no launch plan (launch.LaunchPlan)
     if p == "dequant":
@@ -118,23 +136,25 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
                 plan_unsafe()
                 x = ref.rotate(x, convrot_groupsize).to(x.dtype)
         if be == "triton":
-            return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype)
+            return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype, lora=lora)
         return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
     q, s = quantize_activations_2d(x, convrot_groupsize, 0, be, resolved=True)
     if be == "triton":
-        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype)
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, lora=lora)
     return ref.scaled_int8_mm(q, s, qdata, w_scale, bias, out_dtype)
 
 
 def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
                              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-                             path: Optional[str] = None, backend: Optional[str] = None) -> torch.Tensor:
+                             path: Optional[str] = None, backend: Optional[str] = None, lora=None) -> torch.Tensor:
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
     p = resolve_path(path, "block", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
+    if lora is not None and not _lora_fusable(lora, be, p, x):
+        return _with_lora(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":
         plan_unsafe()
     if p == "dequant":
@@ -144,7 +164,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None).to(out_dtype)
     if p == "w8a16":
         if be == "triton":
-            return launch_w8a16(x, qdata, w_scale, bias, group_size, out_dtype)
+            return launch_w8a16(x, qdata, w_scale, bias, group_size, out_dtype, lora=lora)
         return ref.w8a16_mm(x, qdata, w_scale, bias, group_size, out_dtype)
     if be == "triton" and act_kernel_supports(k, 0, group_size):
         q, s = launch_act_quant(x, 0, group_size, scale_k_major=True)
@@ -152,7 +172,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
         plan_unsafe()
         q, s = ref.quantize_activations(x, 0, group_size)
     if be == "triton":
-        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size)
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size, lora=lora)
     return ref.blockwise_int8_mm(q, s, qdata, w_scale, bias, group_size, out_dtype)
 
 
@@ -183,26 +203,34 @@ def _(x, convrot_groupsize, block_k, backend):
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty(s_shape, dtype=torch.float32)
 
 
+def _lora_pair(h, up):
+    return None if h is None else (h, up)
+
+
 @torch.library.custom_op("convert_to_quant::int8_linear", mutates_args=())
 def int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   convrot_groupsize: int, out_dtype: torch.dtype, path: str, backend: str) -> torch.Tensor:
-    return int8_linear_2d(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, _opt(path), _opt(backend))
+                   convrot_groupsize: int, out_dtype: torch.dtype, path: str, backend: str,
+                   lora_h: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return int8_linear_2d(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, _opt(path), _opt(backend),
+                          _lora_pair(lora_h, lora_up))
 
 
 @int8_linear_op.register_fake
-def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend):
+def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend, lora_h=None, lora_up=None):
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("convert_to_quant::int8_blockwise_linear", mutates_args=())
 def int8_blockwise_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype, path: str,
-                             backend: str) -> torch.Tensor:
-    return int8_blockwise_linear_2d(x, qdata, weight_scale, bias, group_size, out_dtype, _opt(path), _opt(backend))
+                             backend: str, lora_h: Optional[torch.Tensor] = None,
+                             lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return int8_blockwise_linear_2d(x, qdata, weight_scale, bias, group_size, out_dtype, _opt(path), _opt(backend),
+                                    _lora_pair(lora_h, lora_up))
 
 
 @int8_blockwise_linear_op.register_fake
-def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend):
+def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend, lora_h=None, lora_up=None):
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
 
 

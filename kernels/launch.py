@@ -429,8 +429,9 @@ def _describe(args: tuple) -> list:
     return out
 
 
-# argument slots filled per call: the activations, the output, the bias; temporaries follow
-_X, _OUT, _BIAS = 0, 1, 2
+# argument slots filled per call: the activations, the output, the bias, the LoRA pair; temporaries follow
+_X, _OUT, _BIAS, _LH, _LU = 0, 1, 2, 3, 4
+_NSLOTS = 5
 
 
 class LaunchPlan:
@@ -454,7 +455,7 @@ class LaunchPlan:
                 layouts.append((shape, stride, dtype))
             elif layouts[temps[id(ref)]] != (shape, stride, dtype):
                 raise ValueError("one temporary with two layouts")
-            return 3 + temps[id(ref)]
+            return _NSLOTS + temps[id(ref)]
 
         for (run, fn, meta, tail), grid, desc in launches:
             template, subs, descs = [], [], []
@@ -483,7 +484,7 @@ class LaunchPlan:
                         self.keep.append(full)
                         template.append(full)
                     elif obj is None:
-                        descs.append((i, temp_slot(ref, shape, stride, dtype) - 3, shell))
+                        descs.append((i, temp_slot(ref, shape, stride, dtype) - _NSLOTS, shell))
                         template.append(None)
                     else:
                         raise ValueError("a host descriptor over the activations or the output")
@@ -496,10 +497,11 @@ class LaunchPlan:
         self.launches = tuple(plan)
         self.temps = tuple(layouts)
 
-    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], lora=None) -> torch.Tensor:
         dev = self.device
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=dev)
-        vals = [x.data_ptr(), out.data_ptr(), bias.data_ptr() if bias is not None else 0]
+        vals = [x.data_ptr(), out.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                lora[0].data_ptr() if lora is not None else 0, lora[1].data_ptr() if lora is not None else 0]
         tmp = ()
         if self.temps:
             tmp = [torch.empty_strided(shape, stride, dtype=dt, device=dev) for shape, stride, dt in self.temps]
@@ -537,14 +539,17 @@ class record_launches:
         _RECORDING.rec, _RECORDING.unsafe = None, False
         return False
 
-    def plan(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[LaunchPlan]:
+    def plan(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor], lora=None
+             ) -> Optional[LaunchPlan]:
         if not self.ok or out.device.type != "cuda":
             return None
         slots = {x.data_ptr(): _X, out.data_ptr(): _OUT}
-        if bias is not None:
-            if bias.data_ptr() in slots:
+        for t, slot in ((bias, _BIAS),) + (((lora[0], _LH), (lora[1], _LU)) if lora is not None else ()):
+            if t is None:
+                continue
+            if t.data_ptr() in slots:
                 return None
-            slots[bias.data_ptr()] = _BIAS
+            slots[t.data_ptr()] = slot
         try:
             return LaunchPlan(self.launches, out, slots)
         except ValueError:
@@ -763,9 +768,22 @@ def gemm_supports(n: int, k: int, group_size: int = 0) -> bool:
     return n % 16 == 0 and k % 16 == 0 and n > 0 and k > 0 and group_size % 32 == 0
 
 
+def lora_rank_padded(r: int) -> int:
+    """The rank the kernels' LoRA epilogue takes: a power of two, at least 16 (a tensor-core dot)."""
+    return max(16, 1 << max(r - 1, 0).bit_length())
+
+
+def _lora_args(lora, fallback: torch.Tensor):
+    """(h, up, LORA_R, LORA_IEEE) for the GEMM epilogue; ``lora`` = (h [M, R], up [N, R]), R padded."""
+    if lora is None:
+        return fallback, fallback, 0, False
+    h, up = lora
+    return h, up, h.shape[1], h.dtype == torch.float32 or interpreter_active()
+
+
 def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_size: int = 0,
-                     configs: Optional[List[GemmConfig]] = None) -> torch.Tensor:
+                     configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """C = scaled int8 GEMM of row-contiguous ``qa`` [M,K] and ``qw`` [N,K].
 
     ``group_size`` 0: a_scale [M], w_scale scalar or [N] (int32 accumulation). ``group_size`` g:
@@ -788,6 +806,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
     else:
         ws_per_row = w_scale.numel() > 1
     use_tma_ok = dev.type == "cuda" and qa.data_ptr() % 16 == 0 and qw.data_ptr() % 16 == 0
+    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
 
     def launch(cfg: GemmConfig) -> None:
         grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
@@ -805,8 +824,8 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
                 _ensure_allocator()
         launch_kernel(
             tk.int8_gemm_kernel, (grid,),
-            (a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, m, n, k, grid),
-            dict(WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
+            (a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, grid),
+            dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
                  GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
                  WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
                  USE_TMA=tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
@@ -816,7 +835,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
     if configs is not None:
         launch(configs[0])
         return c
-    key = (group_size, m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev)
+    key = (group_size, m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev, lora_r)
 
     def candidates() -> List[GemmConfig]:
         arch = arch_of(dev)
@@ -832,7 +851,8 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
 
 
 def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 group_size: int, out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None) -> torch.Tensor:
+                 group_size: int, out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None,
+                 lora=None) -> torch.Tensor:
     """C = x [M,K] (rows with unit last stride) · dequant(qw [N,K] row-contiguous)ᵀ (+ bias).
     w_scale: scalar or [N] (``group_size`` 0), or [ceil(N/g), K/g] contiguous."""
     m, k = x.shape
@@ -843,6 +863,7 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
         return c
     mode = 2 if group_size else (1 if w_scale.numel() > 1 else 0)
     ieee = x.dtype == torch.float32 or dev.type == "cpu"  # the interpreter's bf16 dot is not exact
+    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
 
     def launch(cfg: GemmConfig) -> None:
         out = c
@@ -853,8 +874,8 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)
         launch_kernel(
             tk.w8a16_gemm_kernel, grid,
-            (x, qw, out, w_scale, w_scale if bias is None else bias, m, n, k, x.stride(0)),
-            dict(WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
+            (x, qw, out, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
+            dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_MODE=mode, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, DOT_IEEE=ieee,
                  EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k,
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
@@ -864,7 +885,7 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     if configs is not None:
         launch(configs[0])
         return c
-    key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev)
+    key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev, lora_r)
 
     def candidates() -> List[GemmConfig]:
         cands = _w8a16_configs(arch_of(dev), m)

@@ -160,8 +160,21 @@ def _int32_to_f32_exact(blk, MAGIC_CVT: tl.constexpr):
         return blk.to(tl.float32)
 
 
+@triton.jit
+def _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr):
+    """out[BM, BN] + h[rm, :R] · up[rn, :R]ᵀ in fp32: the low-rank (LoRA) side path of a linear, added
+    before the output is rounded (h = x · downᵀ [M, R] and up [N, R] row-contiguous, R zero-padded)."""
+    rr = tl.arange(0, LORA_R)
+    h = tl.load(lh_ptr + rm_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+    u = tl.load(lu_ptr + rn_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+    if LORA_IEEE:
+        return tl.dot(h.to(tl.float32), tl.trans(u.to(tl.float32)), out, input_precision="ieee")
+    return tl.dot(h, tl.trans(u), out)
+
+
 @triton.jit(do_not_specialize=["M", "num_programs"])  # one compile serves every token count
-def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num_programs,
+def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, num_programs,
+                     LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCKWISE: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr,
                      WS_TILE_SCALAR: tl.constexpr, MAGIC_CVT: tl.constexpr,
@@ -238,6 +251,8 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num
                 out = out * tl.load(ws_ptr + rn_safe)[None, :]
             else:
                 out = out * tl.load(ws_ptr)
+        if LORA_R > 0:
+            out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -245,9 +260,9 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, num
 
 
 @triton.jit(do_not_specialize=["M"])
-def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
+def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                       M, N, K, stride_am,
-                      WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C = A[M,K] (float) · dequant(B[N,K] int8)ᵀ; the int8 tile is converted exactly to A's dtype in
@@ -304,8 +319,10 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
         acc = acc * tl.load(ws_ptr + rn_safe)[None, :]
     elif WS_MODE == 0:
         acc = acc * tl.load(ws_ptr)
-    if HAS_BIAS:
-        if pid_k == 0:
+    if pid_k == 0:
+        if LORA_R > 0:
+            acc = _lora_epilogue(acc, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
+        if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     cmask = (rm[:, None] < M) & (rn[None, :] < N)

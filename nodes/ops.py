@@ -27,6 +27,7 @@ import comfy.weight_adapter
 
 from ..kernels import dequantize as kernel_dequantize
 from ..kernels import prepare_linear, quantized_linear, runtime_path
+from ..kernels.launch import lora_rank_padded
 from ..quant_core.errors import ConvertError, SafetensorsFormatError
 from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
                                   parse_comfy_quant, quantized_weight_from_tensors)
@@ -177,9 +178,15 @@ class QuantLinearMixin:
                 groups[rows][0].append(down)
                 groups[rows][1].append(up)
             for i, (rows, (downs, ups)) in enumerate(groups.items()):
-                self.register_buffer(f"lora_down_{i}", torch.cat(downs, 0).to(device=device, dtype=dtype),
+                down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+                r = down.shape[0]
+                rp = lora_rank_padded(r)  # zero rows/columns: the kernels' LoRA epilogue takes 16, 32, 64, ...
+                if rp != r:
+                    down = torch.cat([down, down.new_zeros(rp - r, down.shape[1])], 0)
+                    up = torch.cat([up, up.new_zeros(up.shape[0], rp - r)], 1)
+                self.register_buffer(f"lora_down_{i}", down.to(device=device, dtype=dtype).contiguous(),
                                      persistent=False)
-                self.register_buffer(f"lora_up_{i}", torch.cat(ups, 1).to(device=device, dtype=dtype),
+                self.register_buffer(f"lora_up_{i}", up.to(device=device, dtype=dtype).contiguous(),
                                      persistent=False)
                 self.lora_groups.append(rows)
             return "low-rank"
@@ -190,13 +197,28 @@ class QuantLinearMixin:
         self.has_dense_delta = True
         return "dense"
 
-    def _add_side_paths(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _fused_lora(self, x: torch.Tensor):
+        """(h, up) for the kernels' LoRA epilogue: the whole-layer LoRA group (group 0 when it covers
+        every output row), h = x · downᵀ by one skinny GEMM; the int8 GEMM adds h · upᵀ to its fp32
+        accumulator before rounding, so the output is written once (no separate read-modify-write
+        pass over y). None where the group is sliced, absent or in another dtype."""
+        if not self.lora_groups or self.lora_groups[0] is not None:
+            return None
+        down, up = self.lora_down_0, self.lora_up_0
+        if down.dtype != x.dtype or down.device != x.device or x.dtype == torch.float32:
+            return None
+        h = torch.mm(x.reshape(-1, x.shape[-1]), down.t())
+        return h.reshape(x.shape[:-1] + (h.shape[-1],)), up
+
+    def _add_side_paths(self, x: torch.Tensor, y: torch.Tensor, first: int = 0) -> torch.Tensor:
         # y is a fresh GEMM output: accumulate into it in place (one read + one write of y per LoRA
         # group, the up-projection's epilogue does the add) -- at video token counts the side path is
         # memory-bound, and a separate "y + h" would double its traffic
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])  # a view of the contiguous kernel output (a copy otherwise: still right)
         for i, rows in enumerate(self.lora_groups):
+            if i < first:  # already added in the GEMM's epilogue
+                continue
             down = getattr(self, f"lora_down_{i}").to(device=x.device, dtype=x.dtype)
             up = getattr(self, f"lora_up_{i}").to(device=x.device, dtype=x.dtype)
             h = torch.mm(x2, down.t())
@@ -256,13 +278,18 @@ class QuantLinearMixin:
             # under torch.compile the custom ops are traced instead (storage pointers are not traceable)
             run = None if torch.compiler.is_compiling() else self._prepared(x.device)
             act = self.activation_dtype
+            lora = self._fused_lora(x) if self.lora_groups and path is None and act is None else None
+            fused = 1 if lora is not None else 0
             if act is not None and path is None and run is not None:
                 # weight-only: activations rounded once to ``act``, fp32 accumulation, output in x's dtype
                 y = run(x if x.dtype == act else x.to(act), bias, "w8a16", x.dtype)
             elif run is not None:
-                y = run(x, bias, path)
+                y = run(x, bias, path, None, lora)
             else:
-                y = quantized_linear(x, self.quantized_weight(x.device), bias, path=path)
+                y = quantized_linear(x, self.quantized_weight(x.device), bias, path=path, lora=lora)
+            if len(self.lora_groups) > fused or self.has_dense_delta:
+                y = self._add_side_paths(x, y, fused)
+            return y
         if self.lora_groups or self.has_dense_delta:
             y = self._add_side_paths(x, y)
         return y

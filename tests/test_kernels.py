@@ -404,6 +404,10 @@ def test_custom_ops_pass_opcheck():
         (ops.int8_linear.default, (x, qw.qdata, qw.scale.reshape(-1), torch.randn(32), 16, torch.float32, "", "torch")),
         (ops.int8_linear.default, (x, qw.qdata, qw.scale.reshape(-1), None, 16, torch.bfloat16, "w8a16", "torch")),
         (ops.int8_blockwise_linear.default, (x, qb.qdata, qb.scale, None, 32, torch.float32, "", "torch")),
+        (ops.int8_linear.default, (x, qw.qdata, qw.scale.reshape(-1), None, 16, torch.float32, "w8a8", "torch",
+                                   torch.randn(5, 16), torch.randn(32, 16))),
+        (ops.int8_blockwise_linear.default, (x, qb.qdata, qb.scale, None, 32, torch.float32, "", "torch",
+                                             torch.randn(5, 32), torch.randn(32, 32))),
         (ops.dequantize.default, (qw.qdata, qw.scale.reshape(-1), 0, 16, torch.float16, "torch")),
     ]
     for op, args in cases:
@@ -417,9 +421,13 @@ class _TinyQuantMLP(torch.nn.Module):
         self.up = to_dev(Int8Tensorwise.quantize(weight(n=128, k=64, seed=51), Int8Tensorwise.Params("row", True, 64)))
         self.down = to_dev(Int8Blockwise.quantize(weight(n=64, k=128, seed=52), Int8Blockwise.Params(32)))
         self.bias = torch.randn(128, generator=gen(53)).to(DEV)
+        self.lora_down = (torch.randn(16, 64, generator=gen(57)) * 0.1).to(DEV)
+        self.lora_up = (torch.randn(128, 16, generator=gen(58)) * 0.1).to(DEV)
 
     def forward(self, x):
-        h = F.gelu(K.quantized_linear(x, self.up, self.bias, backend=self.backend))
+        d, u = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
+        lora = (x @ d.t(), u)  # a LoRA side path on the first layer (the GEMM epilogue on the GPU)
+        h = F.gelu(K.quantized_linear(x, self.up, self.bias, backend=self.backend, lora=lora))
         qa, sa = K.quantize_activations(h, 0, 32, backend=self.backend)
         return K.quantized_linear(h, self.down, backend=self.backend) + sa.sum()
 
@@ -553,6 +561,39 @@ def test_fast_launch_equals_triton_launch(m, monkeypatch):
     assert launch.LAUNCH_STATS["direct"] - direct_before >= len(calls), "the direct launch path was not taken"
 
 
+# ------------------------------------------------------------------------------------------------
+# LoRA epilogue: y = int8 GEMM + h · upᵀ, the low-rank product added to the fp32 accumulator
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["row", "block"])
+@pytest.mark.parametrize("path", ["w8a8", "w8a16"])
+def test_lora_epilogue_adds_the_low_rank_product(backend, kind, path, monkeypatch):
+    monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", backend)
+    w = weight()
+    qw = to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")) if kind == "row"
+                else Int8Blockwise.quantize(w, Int8Blockwise.Params(32)))
+    x = act(dtype=torch.bfloat16)
+    r = 32
+    down = (torch.randn(r, KD, generator=gen(7)) * 0.05).to(torch.bfloat16).to(DEV)
+    up = (torch.randn(N, r, generator=gen(8)) * 0.5).to(torch.bfloat16).to(DEV)
+    bias = (torch.randn(N, generator=gen(9)) * 0.1).to(torch.bfloat16).to(DEV)
+    h = x @ down.t()
+    y = K.quantized_linear(x, qw, bias, path=path, lora=(h, up))
+    base = K.quantized_linear(x, qw, bias, path=path).double()
+    lora64 = h.double() @ up.double().t()
+    assert lora64.norm() > 0.3 * base.norm()  # the side path is not negligible
+    assert rel(y, base + lora64) < 6e-3  # one rounding of the sum to bf16 (base itself was rounded once)
+    # float64 end to end: dequantized weight, exact activations (W8A8 adds the activation rounding)
+    full = x.double() @ qw.dequantize().double().to(DEV).t() + bias.double() + lora64
+    assert rel(y, full) < (3e-2 if path == "w8a8" else 6e-3)
+    # the loader's call: the same bits as quantized_linear, leading dims kept
+    run = K.prepare_linear(qw, DEV)
+    got = run(x.reshape(1, M, KD), bias, path, None, (h.reshape(1, M, r), up))
+    assert got.shape == (1, M, N) and torch.equal(got.reshape(M, N), y)
+    with pytest.raises(K.KernelInputError, match="lora"):
+        K.quantized_linear(x, qw, bias, path=path, lora=(h[:, :24], up[:, :24]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 64, 300, 4100])
 def test_launch_plans_replay_the_same_bits(m, monkeypatch):
@@ -589,6 +630,17 @@ def test_launch_plans_replay_the_same_bits(m, monkeypatch):
                     x2 = x.clone() * 1.5
                     assert torch.equal(run(x2, b), K.quantized_linear(x2, q, b))
                     replays += 1
+    # with a LoRA pair: new h and a replaced up (re-attached LoRAs) are substituted, never baked in
+    run = K.prepare_linear(qws[0], DEV)
+    x = xs[0]
+    for r in (16, 64):
+        for trial in range(2):
+            h = torch.randn(m, r, device=DEV, dtype=torch.bfloat16)
+            up = torch.randn(384, r, device=DEV, dtype=torch.bfloat16) * (trial + 1)
+            want = K.quantized_linear(x, qws[0], bias, lora=(h, up))
+            for _ in range(4):
+                assert torch.equal(run(x, bias, None, None, (h, up)), want), (r, trial)
+            replays += 2
     torch.cuda.synchronize()
     assert launch.LAUNCH_STATS["plan"] - plans_before >= replays, "plans were not replayed"
 
