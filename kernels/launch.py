@@ -396,7 +396,7 @@ def plans_enabled() -> bool:
 
 # The environment variables that change what a call launches (part of a plan's key).
 _PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
-              "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL")
+              "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT")
 
 
 def env_state() -> tuple:
@@ -894,6 +894,52 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
         return list(dict.fromkeys(cands))
 
     launch(TUNER.pick(key, candidates, launch))
+    return c
+
+
+# W8A8 with the activation quantization inside the GEMM (one launch): for few tokens, where the second
+# launch of the two-kernel W8A8 costs more host time than the GEMM takes (docs/KERNELS.md, "Per call").
+FUSED_ACT_MAX_M = 128
+
+
+def _fused_act_configs(arch: str, m: int) -> List[GemmConfig]:
+    if arch == "interp":
+        return [C(16, 32, 32, 4, 1, GROUP_M=2)]
+    stages = 4 if arch == "sm90" else 3
+    if m <= 16:
+        return [C(16, 64, 128, 4, stages), C(16, 32, 256, 4, 3), C(16, 128, 128, 4, stages), C(16, 64, 256, 4, 3)]
+    if m <= 64:
+        return [C(64, 64, 128, 4, stages), C(32, 64, 128, 4, stages), C(64, 128, 128, 4, 3), C(32, 128, 128, 4, 3)]
+    return [C(64, 128, 128, 4, stages), C(128, 128, 128, 8, 3), C(64, 64, 128, 4, stages), C(128, 64, 128, 4, 3)]
+
+
+def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                      out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
+    """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
+    ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
+    m, k = x.shape
+    n = qw.shape[0]
+    dev = x.device
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0:
+        return c
+    ws_per_row = w_scale.numel() > 1
+    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
+
+    def launch(cfg: GemmConfig) -> None:
+        grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
+        launch_kernel(
+            tk.w8a8_fused_act_kernel, (grid,),
+            (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
+            dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
+                 EVEN_K=k % cfg.BK == 0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+            cfg.num_warps, cfg.num_stages)
+
+    if configs is not None:
+        launch(configs[0])
+        return c
+    key = ("w8a8_fused", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)
+    launch(TUNER.pick(key, lambda: _fused_act_configs(arch_of(dev), m), launch))
     return c
 
 

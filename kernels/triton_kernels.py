@@ -260,6 +260,66 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
 
 
 @triton.jit(do_not_specialize=["M"])
+def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, stride_xm,
+                          LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """W8A8 in one launch for few tokens: each program quantizes its BM activation rows itself (a first
+    pass over K for the per-token absmax, then the rows again, rounded to int8 in registers as the GEMM
+    consumes them) instead of reading a separately quantized copy. Integers, scales and the epilogue
+    are those of ``act_quant_kernel`` + ``int8_gemm_kernel`` (bit-identical output); the cost is reading
+    the activation rows twice per column tile, cheap while they sit in L2 (small M)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm_safe = tl.where(rm < M, rm, 0)
+    rn_safe = tl.where(rn < N, rn, 0)
+    k_tiles = tl.cdiv(K, BK)
+    x_row = x_ptr + rm_safe.to(tl.int64)[:, None] * stride_xm + rk[None, :]
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    x_ptrs = x_row
+    for ki in range(k_tiles):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=rk[None, :] < K - ki * BK, other=0)
+        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        x_ptrs += BK
+    a_s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+    inv = tl.math.div_rn(tl.full(a_s.shape, 1.0, tl.float32), a_s)
+    x_ptrs = x_row
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for ki in range(k_tiles):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = rk[None, :] < K - ki * BK
+            a = tl.load(x_ptrs, mask=kmask, other=0)
+            b = tl.load(b_ptrs, mask=kmask, other=0)
+        q = _round_clamp_int8(a.to(tl.float32) * inv[:, None])
+        acc = tl.dot(q, tl.trans(b), acc, out_dtype=tl.int32)
+        x_ptrs += BK
+        b_ptrs += BK
+    out = acc.to(tl.float32) * a_s[:, None]
+    if WS_PER_ROW:
+        out = out * tl.load(ws_ptr + rn_safe)[None, :]
+    else:
+        out = out * tl.load(ws_ptr)
+    if LORA_R > 0:
+        out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
 def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                       M, N, K, stride_am,
                       LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -562,6 +562,44 @@ def test_fast_launch_equals_triton_launch(m, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# one-launch W8A8 for few tokens (activation quantization inside the GEMM)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
+@pytest.mark.parametrize("m", [1, 37, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_w8a8_equals_two_launches(m, dtype, monkeypatch):
+    """The one-launch W8A8 gives the two-launch path's bits (same integers, scales, epilogue): per-row and
+    tensor-wise weights, bias, a K that is not a multiple of the K tile, an outlier channel. With a LoRA
+    pair the epilogue's small dot may sum in another order on another tile shape: equal to fp32 rounding."""
+    monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", "triton")
+    for k, scaling in ((KD, "row"), (KD + 16, "tensor")):
+        qw = to_dev(Int8Tensorwise.quantize(weight(k=k), Int8Tensorwise.Params(scaling)))
+        x = act(m=m, k=k, dtype=dtype)
+        bias = (torch.randn(N, generator=gen(5)) * 0.1).to(dtype).to(DEV)
+        lora = None
+        if dtype != torch.float32:
+            lora = ((torch.randn(m, 16, generator=gen(6))).to(dtype).to(DEV),
+                    (torch.randn(N, 16, generator=gen(7)) * 0.1).to(dtype).to(DEV))
+        for b in (bias, None):
+            monkeypatch.setenv(dispatch.FUSED_ENV, "0")
+            want = K.quantized_linear(x, qw, b, path="w8a8", lora=lora)
+            monkeypatch.setenv(dispatch.FUSED_ENV, "1")
+            got = K.quantized_linear(x, qw, b, path="w8a8", lora=lora)
+            if lora is None:
+                assert torch.equal(got, want), (k, scaling, b is None)
+            else:
+                assert rel(got, want) < 1e-5, (k, scaling, b is None)
+                monkeypatch.setenv(dispatch.FUSED_ENV, "0")
+                assert torch.equal(K.quantized_linear(x, qw, b, path="w8a8"), K.quantized_linear(x, qw, b, path="w8a8"))
+                no_lora = K.quantized_linear(x, qw, b, path="w8a8")
+                monkeypatch.setenv(dispatch.FUSED_ENV, "1")
+                assert torch.equal(K.quantized_linear(x, qw, b, path="w8a8"), no_lora), (k, scaling, b is None)
+        q, s = K.quantize_activations(x)
+        ref = (q.double() * s.double()) @ qw.dequantize().double().to(DEV).t()
+        assert rel(K.quantized_linear(x, qw, None, path="w8a8"), ref) < 6e-3
+
+
+# ------------------------------------------------------------------------------------------------
 # LoRA epilogue: y = int8 GEMM + h · upᵀ, the low-rank product added to the fp32 accumulator
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
