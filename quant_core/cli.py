@@ -17,6 +17,7 @@ from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_
 from .formats import make_spec
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
+from .cli_compat import FORMAT_CHOICES_UPSTREAM, SCALING_CHOICES, add_upstream_flags
 
 VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
 INT64_MAX = 2 ** 63 - 1
@@ -29,6 +30,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise PlanError(f"{message} (run {self.prog} --help for the flags)")
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse, then map convert-to-quant 1.3.4 spellings onto ours (``cli_compat.normalize``)."""
+        ns = super().parse_args(args, namespace)
+        from .cli_compat import normalize
+        ns.compat_notes = normalize(ns)
+        return ns
 
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False, multiple_of=None):
@@ -77,6 +85,19 @@ SEED = number(int, lo=0, hi=SEED_MAX)
 TILE = number(int, lo=16, hi=4096, multiple_of=16)  # int8_blockwise tiles
 
 
+def manual_seed(text: str):
+    """``--manual_seed``: a seed in [0, 2**64), or convert-to-quant's ``-1`` (random: no seeding)."""
+    if text.strip() == "-1":
+        return None
+    try:
+        return SEED(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or -1: random)") from None
+
+
+manual_seed.__name__ = SEED.__name__ + " or -1 (random)"
+
+
 def _both(name: str) -> List[str]:
     """``--a_b`` and ``--a-b`` for a flag name given with either separator."""
     dashed, underscored = name.replace("_", "-"), name.replace("-", "_")
@@ -108,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("format")
     g.add_argument("--fp16", action="store_true", help="store quantizable layers as plain float16")
-    g.add_argument(*_both("scaling_mode"), choices=["tensor", "axis", "block"], default="axis",
-                   help="int8 scale granularity: tensor (one scale), axis (per output row; loads in stock "
-                        "ComfyUI), block (int8_blockwise tiles; our loader)")
-    g.add_argument(*_both("block_size"), type=TILE, default=128, help="tile size for --scaling_mode block")
+    g.add_argument("--int8", action="store_true",
+                   help="INT8 output (the default format); as in convert-to-quant, --int8 makes tensor the "
+                        "default --scaling_mode")
+    g.add_argument(*_both("scaling_mode"), choices=SCALING_CHOICES, default=None,
+                   metavar="{tensor,axis,row,block}",
+                   help="int8 scale granularity: tensor (one scale), axis or row (per output row; loads in stock "
+                        "ComfyUI), block (int8_blockwise tiles; our loader). Default: axis; tensor with --int8")
+    g.add_argument(*_both("block_size"), type=TILE, default=128,
+                   help="tile size for --scaling_mode block")
     g.add_argument("--convrot", action="store_true",
                    help="rotate weights by the regular Hadamard (core-loadable int8_tensorwise + convrot)")
     g.add_argument(*_both("convrot-group-size"), type=int, choices=CONVROT_GROUP_SIZES, default=256,
@@ -119,20 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simple", action="store_true", help="plain round-to-nearest (the RTN baseline)")
     g.add_argument(*_both("calib_samples"), type=COUNT, default=None,
                    help="number of calibration samples (--example capture)")
-    g.add_argument(*_both("manual_seed"), type=SEED, default=None, help="seed torch's RNG")
+    g.add_argument(*_both("manual_seed"), type=manual_seed, default=None,
+                   help="seed torch's RNG (-1: random, as without it)")
     g.add_argument(*_both("nan-policy"), choices=["error", "keep"], default="error",
                    help="NaN/Inf weights: refuse the file, or keep those layers unquantized")
 
     g = p.add_argument_group("mixed precision")
-    g.add_argument("--fallback", choices=["int8", "fp16"], default=None,
+    g.add_argument("--fallback", choices=["int8", "fp16"] + FORMAT_CHOICES_UPSTREAM, default=None,
+                   metavar="{int8,fp16}",
                    help="format for layers whose shape does not fit the requested one (default: the "
                         "nearest int8 format that fits, then fp16)")
     g.add_argument(*_both("custom-layers"), metavar="REGEX", help="layers to give --custom-type")
     g.add_argument(*_both("exclude-layers"), metavar="REGEX", help="layers to keep in original precision")
-    g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"],
-                   default=None)
+    g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"]
+                   + FORMAT_CHOICES_UPSTREAM, default=None, metavar="{int8,fp16,int8_tensorwise,int8_blockwise}")
     g.add_argument(*_both("custom-block-size"), type=TILE, default=None)
-    g.add_argument(*_both("custom-scaling-mode"), choices=["tensor", "axis", "block"], default=None)
+    g.add_argument(*_both("custom-scaling-mode"), choices=SCALING_CHOICES, default=None,
+                   metavar="{tensor,axis,row,block}")
     g.add_argument(*_both("layer-config"), metavar="FILE",
                    help="JSON {regex: {format, scaling_mode, block_size, convrot, convrot_groupsize, skip}}")
     g.add_argument("--fullmatch", action="store_true", help="regexes must match the whole layer name")
@@ -247,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scaled by 1/sqrt(k) (applied once; off by default; docs/LORA.md)")
     g.add_argument(*_both("merge-lora-strict"), action="store_true",
                    help="LoRA keys that match no layer are an error instead of a warning")
+    add_upstream_flags(p, taken=all_presets())
     return p
 
 
@@ -431,6 +461,8 @@ def run(args, console: Console) -> int:
         from .example import run_example
         return run_example(args, console)
 
+    for note in getattr(args, "compat_notes", ()):
+        console(note, 1)
     opts = options_from_args(args)
     output = args.output or default_output_path(args.input)
     if args.dry_run:

@@ -134,7 +134,7 @@ def test_console_script_is_installed(tmp_path, dit):
 # ------------------------------------------------------------------------------------------------
 # issue 14: every numeric flag checked while parsing; usage errors are one line; files a run reads
 # ------------------------------------------------------------------------------------------------
-NEGATIVE_ALLOWED = {"quality_threshold", "merge_lora_scale"}  # a dB threshold, a LoRA strength
+NEGATIVE_ALLOWED = {"quality_threshold", "merge_lora_scale", "manual_seed"}  # a dB threshold, a LoRA strength, -1 = random (convert-to-quant)
 
 
 def numeric_flags():
