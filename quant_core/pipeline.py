@@ -104,9 +104,10 @@ def resolve_device(name) -> torch.device:
     return torch.device("cuda" if m[2] is None else f"cuda:{int(m[2])}")
 
 
-def default_output_path(input_path: str) -> str:
+def default_output_path(input_path: str, kind: str = "int8") -> str:
+    """``<input stem>_<kind>.safetensors``; ``kind`` names the output format (int8, fp16)."""
     stem, _ = os.path.splitext(input_path)
-    return stem + "_int8.safetensors"
+    return f"{stem}_{kind}.safetensors"
 
 
 def run_inputs(input_path: str, opts: "ConvertOptions") -> List[Tuple[str, Optional[str]]]:
@@ -256,7 +257,8 @@ class ConversionJob:
             limit_heap_growth()
         self.reader = SafetensorsReader(input_path)
         try:
-            self._prepare(output_path or default_output_path(input_path))
+            self._prepare(output_path or default_output_path(
+                input_path, "fp16" if opts.plan.spec.format == "fp16" else "int8"))
         except BaseException:
             if getattr(self, "_own_calibration", False):
                 self.calibration.close()
@@ -406,7 +408,7 @@ class ConversionJob:
             bad = _nonfinite(w)
             if bad:
                 raise BadWeightsError(f"{display_name(key)}: weight has {bad}; refusing to quantize it "
-                                      "(use --nan-policy keep to keep such layers unquantized)")
+                                      "(use nan_policy='keep' to keep such layers unquantized)")
             _check_float32_range(w, key, info.dtype_name)
             w = w.to(torch.float32)
             options = dict(self.opts.optimizer_options or {})
@@ -692,7 +694,7 @@ def _keep_nonfinite_layers(reader, plan: ConversionPlan, merger, log):
             t = merger.apply(lp.weight_key, t)
         bad = _nonfinite(t)
         if bad:
-            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (--nan-policy keep)")
+            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (nan_policy='keep')")
             lp.reason = f"non-finite weights ({bad}) kept unquantized"
             lp.spec = None
 
