@@ -408,6 +408,35 @@ def validate_optimizer_args(args, bad):
     if not args.example and not args.calibration_data and (args.smoothquant or args.bias_correction):
         bad(("--smoothquant" if args.smoothquant else "--bias-correction") + " needs --calibration-data "
             "(real activation statistics; see docs/OPTIMIZERS.md for capturing them)")
+    validate_seed_flags(args, opt, bad)
+
+
+def validate_seed_flags(args, opt: str, bad):
+    """The seed's flags that act only in some runs: refused where they would be ignored."""
+    static = "--input_scale" if args.input_scale else "--static-activations" if args.static_activations else None
+    if static and not args.example and not args.calibration_data:
+        bad(f"{static} stores scales measured on real activations; it needs --calibration-data FILE")
+    if static and args.fp16:
+        bad(f"{static} stores int8 activation scales; --fp16 layers have none")
+    if args.full_precision_matrix_mult:
+        bad("--full_precision_matrix_mult is not available yet: it is a per-layer comfy_quant parameter, which "
+            "the formats get in issue 16's formats/ package; to run a file W8A16 with our loader now, set "
+            "CONVERT_TO_QUANT_KERNEL_PATH=dequant")
+    if args.quip_hadamard is not None and opt != "quip":
+        bad("--quip-hadamard/--no-quip-hadamard choose QuIP's incoherence processing; they need --optimizer quip")
+    if args.quip_hadamard is False and (args.quip_store_transformed or args.convrot):
+        bad("--no-quip-hadamard stores the weights without a rotation; drop --quip-store-transformed/--convrot")
+    if args.quip_seed is not None and not args.quip_store_transformed:
+        bad("--quip-seed seeds int8_quip's random signs; it needs --optimizer quip --quip-store-transformed "
+            "(the default convrot rotation has no random part)")
+    if args.calib_samples is not None and not args.example:
+        bad("--calib_samples sets how many sentences --example captures; a --calibration-data file holds "
+            "the statistics of the samples it was captured on")
+    if args.calib_samples is not None and (args.calibration_data or (opt == "rtn" and not (
+            args.smoothquant or args.bias_correction or static))):
+        bad("--calib_samples has no effect here: the example captures calibration sentences only for a "
+            "calibrated step without --calibration-data (--optimizer gptq, --smoothquant, --bias-correction, "
+            "--input_scale)")
 
 
 def format_spec_from_args(args):
@@ -419,8 +448,8 @@ def format_spec_from_args(args):
         if args.quip_store_transformed:
             return make_spec(format="int8_quip")
         scheme = args.quip_requant_scheme or {"axis": None}.get(args.scaling_mode, args.scaling_mode)
-        if scheme is None:
-            return make_spec(format="int8", scaling_mode="axis", convrot=True,
+        if scheme is None:  # --no-quip-hadamard: LDLQ on the plain weights
+            return make_spec(format="int8", scaling_mode="axis", convrot=args.quip_hadamard is not False,
                              convrot_groupsize=args.convrot_group_size)
         return make_spec(format="int8", scaling_mode=scheme, block_size=args.block_size)
     return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,

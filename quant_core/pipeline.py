@@ -314,7 +314,10 @@ class ConversionJob:
             raise ConvertError(f"unknown NaN policy {opts.nan_policy!r} (error, keep)")
 
         self._prepare_calibrated_steps(plan, log)
-        self.entries = plan.output_entries(extra=self.bias_correction["extra"] if self.bias_correction else None)
+        from .optimizers.input_scale import merge_extra
+        self.entries = plan.output_entries(extra=merge_extra(
+            self.bias_correction["extra"] if self.bias_correction else None,
+            self.input_scales["extra"] if self.input_scales else None))
         self.metadata = dict(reader.metadata)
         qmeta = quantization_metadata(plan)
         if qmeta:
@@ -350,6 +353,11 @@ class ConversionJob:
             from .optimizers.bias_correction import plan_bias_correction
             self.bias_correction = plan_bias_correction(plan, self.calibration)
             notes += self.bias_correction["notes"]
+        self.input_scales = None
+        if oo.get("input_scale") or oo.get("static_activations"):
+            from .optimizers.input_scale import plan_input_scales
+            self.input_scales = plan_input_scales(plan, self.calibration)
+            notes += self.input_scales["notes"]
         self.lora_directions = None
         if oo.get("calibration_lora"):
             from .optimizers.objective import LoraDirections
@@ -435,6 +443,9 @@ class ConversionJob:
             if self.bias_correction and lp.base in self.bias_correction["layers"]:
                 tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
                 res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
+            if self.input_scales and lp.base in self.input_scales["layers"]:
+                from .optimizers.input_scale import input_scale
+                tensors[lp.base + ".input_scale"] = input_scale(stats.absmax).to(w.device)
             deq = _dequantize_written(lp, tensors, info.dtype)
             _check_written_finite(lp, tensors, deq, w)
             lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info, deq)
