@@ -168,6 +168,38 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 
+def int8_linear_static_input(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
+                             input_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``int8_linear`` with a static activation scale (a file's ``<layer>.input_scale``, fp32 scalar):
+    ``x`` is quantized as ``clamp(round(x / input_scale), -127, 127)`` -- one multiply, no per-token
+    abs-max pass -- then multiplied with the int8 weight. On CUDA with ``torch._int_mm`` shapes the
+    product is int8 x int8 -> int32; elsewhere the same integers are multiplied in float32."""
+    what = "int8_linear_static_input"
+    n, k = _check_common(x, qdata, bias, what)
+    if weight_scale.numel() not in (1, n):
+        raise KernelInputError(f"{what}: weight_scale must be a scalar or have {n} entries (per row), "
+                               f"got shape {list(weight_scale.shape)}")
+    if not isinstance(input_scale, torch.Tensor) or input_scale.numel() != 1:
+        raise KernelInputError(f"{what}: input_scale must be a one-element tensor")
+    out_dtype = _out_dtype(x, out_dtype, what)
+    dev = x.device
+    s_in = _same_device(input_scale, dev, torch.float32).reshape(())
+    ws = _same_device(weight_scale, dev, torch.float32).reshape(-1)
+    qdata = _same_device(qdata, dev)
+    x2 = _as_rows(x, k)
+    q = torch.clamp(torch.round(x2.float() / s_in), -127, 127)
+    m = x2.shape[0]
+    if dev.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
+        acc = torch._int_mm(q.to(torch.int8), qdata.t()).float()
+    else:
+        acc = q @ qdata.float().t()
+    y = acc * (ws * s_in)
+    if bias is not None:
+        y = y + _same_device(bias, dev, torch.float32)
+    return y.to(out_dtype).reshape(tuple(x.shape[:-1]) + (n,))
+
+
 def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, *, group_size: int = 128,
                           out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
@@ -238,6 +270,8 @@ def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, p
 
 def _tensorwise_linear(x, qw, bias, path=None, backend=None, lora=None):
     p = qw.params
+    if qw.extra.get("input_scale") is not None and not p.convrot:  # a static activation scale (--input_scale)
+        return int8_linear_static_input(x, qw.qdata, qw.scale, qw.extra["input_scale"], bias)
     return int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=p.convrot_groupsize if p.convrot else 0,
                        path=path, backend=backend, lora=lora)
 
@@ -270,6 +304,8 @@ class PreparedLinear:
         self.qw, self.device = qw, device
         self.plans: Optional[dict] = None
         self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
+        if qw.extra.get("input_scale") is not None:  # static activation scale: quantized_linear runs it
+            self.kind = None
         self.n = self.k = -1
         if self.kind is None:
             return

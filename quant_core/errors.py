@@ -4,6 +4,7 @@ Everything a user can cause (bad file, bad flag, bad path) raises a ``ConvertErr
 message that names the problem and where it is; the CLI prints it without a traceback and exits
 non-zero, the nodes show it as a ComfyUI error. Anything else is a bug and keeps its traceback.
 """
+import re
 
 
 class ConvertError(Exception):
@@ -44,6 +45,24 @@ class CalibrationError(ConvertError):
 
 class ConversionCancelled(ConvertError):
     """The user cancelled the conversion (Ctrl-C, SIGTERM, ComfyUI /interrupt)."""
+
+
+# The Python API's spelling of an option in messages -> the command line's (the CLI prints errors and
+# warnings through ``cli_spelling``); library code names parameters, never flags.
+CLI_SPELLING = {
+    "overwrite=True": "--overwrite",
+    "nan_policy='keep'": "--nan-policy keep",
+    "bias_correction": "--bias-correction",
+    "smoothquant": "--smoothquant",
+    "calibration_data": "--calibration-data",
+    "input_scale": "--input_scale",
+}
+_CLI_RX = re.compile("|".join(r"(?<![\w.-])" + re.escape(k) + r"(?![\w])" for k in CLI_SPELLING))
+
+
+def cli_spelling(msg: str) -> str:
+    """A library message as the command line says it: parameter names become flags."""
+    return _CLI_RX.sub(lambda m: CLI_SPELLING[m.group(0)], msg)
 
 
 def display_name(name) -> str:

@@ -132,13 +132,16 @@ def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION
                                overwrite=overwrite, log=log)
 
 
+CALIBRATED_STEPS = ("smoothquant", "bias_correction", "input_scale", "static_activations")
+
+
 def prepare_calibration(args, opts, console, output: str):
     """Calibrated steps on the example use statistics captured on real sentences (CALIBRATION_SENTENCES,
     disjoint from the evaluation sentences), unless --calibration-data names a file. They are written
     next to ``output`` (``<stem>_calibration.safetensors``); an existing file there is replaced only with
     ``--overwrite``, like the output itself."""
     oo = opts.optimizer_options or {}
-    wants = opts.optimizer != "rtn" or oo.get("smoothquant") or oo.get("bias_correction")
+    wants = opts.optimizer != "rtn" or any(oo.get(k) for k in CALIBRATED_STEPS)
     if not wants or opts.calibration_data:
         return
     n = getattr(args, "calib_samples", None) or len(CALIBRATION_SENTENCES)
@@ -184,7 +187,14 @@ def run_example(args, console) -> int:
     opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
     prepare_calibration(args, opts, console, out)
     console(f"example: quantizing {src}", 1)
-    res = convert_file(src, out, opts, log=lambda m: console(m, 1))
+    from .progress import ProgressBar
+    bar = ProgressBar(console)
+    try:
+        res = convert_file(src, out, opts, log=lambda m: console(m, 1), progress=bar.update if bar else None,
+                           layer_progress=bar.inside if bar else None)
+    finally:
+        if bar:
+            bar.close()
     for line in res.report.summary_lines():
         console(line)
     console(f"wrote {res.output_path}")

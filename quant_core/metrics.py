@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import re
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,7 @@ class QualityReport:
             "layers_quantized": len(q),
             "layers_kept": len(self.layers) - len(q),
             "layers_fallback": sum(1 for l in q if l.fallback),
+            "fallback_reasons": _count(_general_reason(l.fallback) for l in q if l.fallback),
             "formats": formats,
             "mean_sqnr_db": sum(finite) / len(finite) if finite else None,
             "min_sqnr_db": min(finite) if finite else None,
@@ -143,7 +145,9 @@ class QualityReport:
     def summary_lines(self) -> List[str]:
         s = self.summary
         lines = [f"layers quantized: {s.get('layers_quantized')}, kept: {s.get('layers_kept')}"
-                 + (f", fallback: {s.get('layers_fallback')}" if s.get("layers_fallback") else "")]
+                 + (f", fallback: {s.get('layers_fallback')}" if s.get("layers_fallback") else "")
+                 + (" (" + "; ".join(f"{n}: {r}" for r, n in s["fallback_reasons"].items()) + ")"
+                    if s.get("layers_fallback") and s.get("fallback_reasons") else "")]
         if s.get("mean_sqnr_db") is not None:
             lines.append(f"weight SQNR: mean {s['mean_sqnr_db']:.2f} dB, min {s['min_sqnr_db']:.2f} dB "
                          f"({display_name(s.get('min_sqnr_layer'))})")
@@ -218,6 +222,20 @@ def default_file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def _count(items) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for it in items:
+        out[it] = out.get(it, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _general_reason(reason: str) -> str:
+    """A layer's fallback reason without its own sizes, so that layers with the same cause count together
+    ("in_features 100 is not divisible by block size 128 -> ..." -> "in_features not divisible by ...")."""
+    reason = re.sub(r"\bin_features \d+ is not", "in_features not", reason)
+    return re.sub(r",? got (shape )?\[[\d, ]*\]", "", reason)
 
 
 def _atomic_write_text(path: str, text: str, overwrite: bool = True, mode: Optional[int] = None):

@@ -46,7 +46,7 @@ PAUSE_ENV = "CONVERT_TO_QUANT_TEST_PAUSE"
 PAUSE_PHASES = ("lock", "open", "write", "verify", "rename", "report")
 _paused = set()
 
-OVERWRITE_HINT = "pass overwrite=True / --overwrite to replace it"
+OVERWRITE_HINT = "pass overwrite=True to replace it"
 
 
 def _identity(path: str) -> Tuple[str, Optional[Tuple[int, int]]]:

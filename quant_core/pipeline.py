@@ -104,9 +104,10 @@ def resolve_device(name) -> torch.device:
     return torch.device("cuda" if m[2] is None else f"cuda:{int(m[2])}")
 
 
-def default_output_path(input_path: str) -> str:
+def default_output_path(input_path: str, kind: str = "int8") -> str:
+    """``<input stem>_<kind>.safetensors``; ``kind`` names the output format (int8, fp16)."""
     stem, _ = os.path.splitext(input_path)
-    return stem + "_int8.safetensors"
+    return f"{stem}_{kind}.safetensors"
 
 
 def run_inputs(input_path: str, opts: "ConvertOptions") -> List[Tuple[str, Optional[str]]]:
@@ -256,7 +257,8 @@ class ConversionJob:
             limit_heap_growth()
         self.reader = SafetensorsReader(input_path)
         try:
-            self._prepare(output_path or default_output_path(input_path))
+            self._prepare(output_path or default_output_path(
+                input_path, "fp16" if opts.plan.spec.format == "fp16" else "int8"))
         except BaseException:
             if getattr(self, "_own_calibration", False):
                 self.calibration.close()
@@ -312,7 +314,10 @@ class ConversionJob:
             raise ConvertError(f"unknown NaN policy {opts.nan_policy!r} (error, keep)")
 
         self._prepare_calibrated_steps(plan, log)
-        self.entries = plan.output_entries(extra=self.bias_correction["extra"] if self.bias_correction else None)
+        from .optimizers.input_scale import merge_extra
+        self.entries = plan.output_entries(extra=merge_extra(
+            self.bias_correction["extra"] if self.bias_correction else None,
+            self.input_scales["extra"] if self.input_scales else None))
         self.metadata = dict(reader.metadata)
         qmeta = quantization_metadata(plan)
         if qmeta:
@@ -348,6 +353,11 @@ class ConversionJob:
             from .optimizers.bias_correction import plan_bias_correction
             self.bias_correction = plan_bias_correction(plan, self.calibration)
             notes += self.bias_correction["notes"]
+        self.input_scales = None
+        if oo.get("input_scale") or oo.get("static_activations"):
+            from .optimizers.input_scale import plan_input_scales
+            self.input_scales = plan_input_scales(plan, self.calibration)
+            notes += self.input_scales["notes"]
         self.lora_directions = None
         if oo.get("calibration_lora"):
             from .optimizers.objective import LoraDirections
@@ -406,7 +416,7 @@ class ConversionJob:
             bad = _nonfinite(w)
             if bad:
                 raise BadWeightsError(f"{display_name(key)}: weight has {bad}; refusing to quantize it "
-                                      "(use --nan-policy keep to keep such layers unquantized)")
+                                      "(use nan_policy='keep' to keep such layers unquantized)")
             _check_float32_range(w, key, info.dtype_name)
             w = w.to(torch.float32)
             options = dict(self.opts.optimizer_options or {})
@@ -433,6 +443,9 @@ class ConversionJob:
             if self.bias_correction and lp.base in self.bias_correction["layers"]:
                 tensors.update(self._corrected_bias(lp, w, qw, ctx, info.dtype))
                 res.info.setdefault("notes", []).append("bias corrected with the calibration mean")
+            if self.input_scales and lp.base in self.input_scales["layers"]:
+                from .optimizers.input_scale import input_scale
+                tensors[lp.base + ".input_scale"] = input_scale(stats.absmax).to(w.device)
             deq = _dequantize_written(lp, tensors, info.dtype)
             _check_written_finite(lp, tensors, deq, w)
             lq = _layer_quality(lp, w, tensors, info.dtype, self.opts.optimizer, res.info, deq)
@@ -692,7 +705,7 @@ def _keep_nonfinite_layers(reader, plan: ConversionPlan, merger, log):
             t = merger.apply(lp.weight_key, t)
         bad = _nonfinite(t)
         if bad:
-            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (--nan-policy keep)")
+            log(f"warning: {display_name(lp.weight_key)} has {bad}; kept unquantized (nan_policy='keep')")
             lp.reason = f"non-finite weights ({bad}) kept unquantized"
             lp.spec = None
 

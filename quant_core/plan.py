@@ -552,9 +552,6 @@ def build_plan(infos: Dict[str, TensorInfo], opts: PlanOptions) -> ConversionPla
         else:
             names.append(name)
     presets = [presets_mod.get_preset(n) for n in dict.fromkeys(names)]
-    if not opts.presets and family is not None:
-        notes.append(f"detected model family '{family}': consider --{family} (or --preset auto) to keep "
-                     "its sensitive layers in high precision")
     default_skip = presets_mod.default_skip() if opts.default_skip else ()
     exclude = compile_user_regex(opts.exclude_layers, "--exclude-layers") if opts.exclude_layers else None
     custom = compile_user_regex(opts.custom_layers, "--custom-layers") if opts.custom_layers else None
@@ -615,8 +612,29 @@ def build_plan(infos: Dict[str, TensorInfo], opts: PlanOptions) -> ConversionPla
                 lp.fallback_reason = f"{reason_bad} -> {fit.describe() if fit else 'kept'}"
             lp.spec = fit
         layers[base] = lp
+    if not opts.presets and family is not None:
+        changed = _preset_would_change(presets_mod.get_preset(family), infos, layers)
+        if changed:  # only where the preset would decide something differently
+            notes.append(f"detected model family '{family}': its preset (--{family} or --preset auto) would "
+                         f"keep {changed} more tensor(s) in high precision or drop them")
     return ConversionPlan(infos=dict(infos), layers=layers, dropped=dropped, family=family,
                           presets=[p.name for p in presets], notes=notes)
+
+
+def _preset_would_change(preset, infos: Dict[str, TensorInfo], layers: Dict[str, "LayerPlan"]) -> int:
+    """How many tensors ``preset`` would drop, or keep unquantized where this plan quantizes them."""
+    n = 0
+    for key in infos:
+        if any(s in key for s in preset.drop):
+            n += 1
+            continue
+        lp = layers.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if lp is None or lp.spec is None or lp.reason != "default format":
+            continue
+        if (preset.quantize_only and presets_mod.first_match(key, preset.quantize_only) is None) \
+                or any(s in key for s in preset.skip):
+            n += 1
+    return n
 
 
 def layer_config_template(plan: ConversionPlan) -> dict:

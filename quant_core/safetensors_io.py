@@ -369,7 +369,7 @@ class StreamingWriter:
         self._own_lock = None
         self._pause_after = max(1, len(self.entries) // 2)  # the test pause point "write"
         if os.path.exists(self.path) and not overwrite:
-            raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
+            raise OutputPathError(f"{self.path} already exists (pass overwrite=True to replace it)")
         if lock is None:
             lock = self._own_lock = OutputLock(self.path).acquire()
         elif not lock.held or lock.path != os.path.abspath(self.path):
@@ -377,7 +377,7 @@ class StreamingWriter:
         try:
             # under the lock: no other writer of this output runs, so these checks stay true
             if os.path.exists(self.path) and not overwrite:
-                raise OutputPathError(f"{self.path} already exists (pass --overwrite to replace it)")
+                raise OutputPathError(f"{self.path} already exists (pass overwrite=True to replace it)")
             remove_stale(self.tmp)  # a partial of a killed run; one a live process holds is refused
             try:
                 self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

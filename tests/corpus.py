@@ -429,7 +429,7 @@ def _(d):
     return Setup(input=p, output=str(d / "hard.safetensors"), cli=["--overwrite"], options={"overwrite": True})
 
 
-@hostile("output_exists", E.OutputPathError, r"out\.safetensors already exists \(pass overwrite=True / --overwrite")
+@hostile("output_exists", E.OutputPathError, r"out\.safetensors already exists \(pass (overwrite=True|--overwrite)")
 def _(d):
     p = small_model(d / "m.safetensors")
     (d / "out.safetensors").write_bytes(b"precious")
@@ -589,7 +589,7 @@ def _(d):
 
 
 # --- weights ----------------------------------------------------------------------------------------
-@hostile("nan_weight", E.BadWeightsError, r"blocks\.0\.mlp\.fc1\.weight: weight has 1 NaN and 0 Inf values.*--nan-policy keep")
+@hostile("nan_weight", E.BadWeightsError, r"blocks\.0\.mlp\.fc1\.weight: weight has 1 NaN and 0 Inf values.*(--nan-policy keep|nan_policy='keep')")
 def _(d):
     w = torch.randn(64, 64) * 0.02
     w[3, 5] = float("nan")
@@ -1170,7 +1170,7 @@ def _(d):
 
 
 @hostile("auto_report_exists", E.OutputPathError,
-         r"quality report file .*out_quality\.json already exists \(pass overwrite=True / --overwrite to replace it\)")
+         r"quality report file .*out_quality\.json already exists \(pass (overwrite=True|--overwrite) to replace it\)")
 def _(d):
     s = _reads(d, report_auto=True)
     (d / "out_quality.json").write_text("an earlier report")
@@ -1178,7 +1178,7 @@ def _(d):
 
 
 @hostile("report_md_exists", E.OutputPathError,
-         r"quality report file .*rep\.md already exists \(pass overwrite=True / --overwrite to replace it\)")
+         r"quality report file .*rep\.md already exists \(pass (overwrite=True|--overwrite) to replace it\)")
 def _(d):
     s = _reads(d, report=str(d / "rep.json"))
     (d / "rep.md").write_text("notes of mine")

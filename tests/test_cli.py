@@ -134,7 +134,7 @@ def test_console_script_is_installed(tmp_path, dit):
 # ------------------------------------------------------------------------------------------------
 # issue 14: every numeric flag checked while parsing; usage errors are one line; files a run reads
 # ------------------------------------------------------------------------------------------------
-NEGATIVE_ALLOWED = {"quality_threshold", "merge_lora_scale"}  # a dB threshold, a LoRA strength
+NEGATIVE_ALLOWED = {"quality_threshold", "merge_lora_scale", "manual_seed"}  # a dB threshold, a LoRA strength, -1 = random (convert-to-quant)
 
 
 def numeric_flags():
@@ -253,7 +253,7 @@ def test_create_template_never_replaces_what_the_run_reads(tmp_path, capsys):
             (["-o", inp, "--overwrite"], f"layer-config template {inp} is the input file; refusing to overwrite the input"),
             (["-o", cfg, "--layer-config", cfg, "--overwrite"],
              f"layer-config template {cfg} is the layer-config file; refusing to overwrite the layer-config"),
-            (["-o", cfg], f"layer-config template {cfg} already exists (pass overwrite=True / --overwrite")):
+            (["-o", cfg], f"layer-config template {cfg} already exists (pass --overwrite")):
         code, _, err = run_cli(["-i", inp, "--dry-run", "create-template", *flags], capsys)
         assert code == 2 and err.startswith("error: " + want) and err.count("\n") == 1, err
         assert _tree(tmp_path) == before
@@ -276,7 +276,7 @@ def test_reports_replace_files_only_with_overwrite(tmp_path, dit, capsys):
     (tmp_path / "o_quality.md").write_text("my notes")
     code, _, err = run_cli(["-i", dit, "-o", out, "--report-quality"], capsys)
     assert code == 2 and err == (f"error: quality report file {tmp_path / 'o_quality.md'} already exists "
-                                 "(pass overwrite=True / --overwrite to replace it)\n")
+                                 "(pass --overwrite to replace it)\n")
     assert sorted(os.listdir(tmp_path)) == ["flux_tiny.safetensors", "o_quality.md"]
     assert (tmp_path / "o_quality.md").read_text() == "my notes"
     code, _, err = run_cli(["-i", dit, "-o", out, "--report-quality", "--overwrite", "--verbose", "MINIMAL"], capsys)

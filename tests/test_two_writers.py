@@ -373,7 +373,7 @@ def test_example_outputs_are_per_run(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["--example", "-o", str(out), "--verbose", "MINIMAL"]) == 2
     err = capsys.readouterr().err
-    assert error_lines(err) == [f"error: output {out} already exists (pass overwrite=True / --overwrite to replace it)"], err
+    assert error_lines(err) == [f"error: output {out} already exists (pass --overwrite to replace it)"], err
     assert out.read_bytes() == b"precious" and sorted(os.listdir(tmp_path)) == ["ex.safetensors"]
 
 

@@ -30,7 +30,7 @@ def plan_bias_correction(plan, calibration) -> Dict[str, object]:
 
     Returns ``{"layers": set of bases, "extra": {base: [OutputEntry]}, "notes": [...]}``."""
     if calibration is None:
-        raise PlanError("--bias-correction needs --calibration-data: the correction uses the real activation "
+        raise PlanError("bias_correction needs calibration_data: the correction uses the real activation "
                         "mean, which is never invented")
     layers: Set[str] = set()
     extra: Dict[str, List[OutputEntry]] = {}

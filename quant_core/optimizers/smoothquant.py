@@ -83,7 +83,7 @@ def apply_to_plan(plan, calibration, options, log=lambda m: None) -> List[str]:
     """Give every quantized per-row/tensor ``int8_tensorwise`` layer that has calibration statistics the
     ``int8_smoothquant`` format (before the output header is computed). Returns plan notes."""
     if calibration is None:
-        raise PlanError("--smoothquant needs --calibration-data: the smoothing factors come from real "
+        raise PlanError("smoothquant needs calibration_data: the smoothing factors come from real "
                         "activation abs-max values, which are never invented")
     alpha = float(opt(options, "smoothquant_alpha", 0.5))
     if not 0.0 <= alpha <= 1.0:
