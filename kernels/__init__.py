@@ -271,7 +271,11 @@ def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, p
 def _tensorwise_linear(x, qw, bias, path=None, backend=None, lora=None):
     p = qw.params
     if qw.extra.get("input_scale") is not None and not p.convrot:  # a static activation scale (--input_scale)
-        return int8_linear_static_input(x, qw.qdata, qw.scale, qw.extra["input_scale"], bias)
+        y = int8_linear_static_input(x, qw.qdata, qw.scale, qw.extra["input_scale"], bias)
+        if lora is not None:
+            h, up = _check_lora(lora, x, qw.qdata.shape[0], "int8_linear_static_input")
+            y = (y.float() + (h.float() @ up.float().t()).reshape(y.shape)).to(y.dtype)
+        return y
     return int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=p.convrot_groupsize if p.convrot else 0,
                        path=path, backend=backend, lora=lora)
 
