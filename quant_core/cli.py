@@ -227,14 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_both("early-stop-lr"), type=NON_NEGATIVE, default=None,
                    help="stop once the learning rate is below this (default: off)")
     g.add_argument(*_both("early-stop-stall"), type=COUNT, default=None,
-                   help="stop after this many steps without improvement (default: off)")
+                   help="learned rounding: stop a layer after this many steps without a better rounding "
+                        "(default: 50)")
     g.add_argument(*_both("gptq-actorder"), action="store_true",
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     g.add_argument(*_both("gptq-damp"), type=number(float, lo=0, hi=1000, lo_open=True), default=None,
                    help="GPTQ/QuIP/learned-rounding Hessian damping, fraction of mean(diag H) (default 0.03)")
     g.add_argument(*_both("gptq-block-size"), type=COUNT, default=None, help="GPTQ lazy-batch block (default 128)")
     g.add_argument(*_both("rounding-init"), choices=["gptq", "nearest"], default=None,
-                   help="learned rounding starts from GPTQ's error-compensated weights (default) or the weights")
+                   help="learned rounding starts from GPTQ's error-compensated weights or the weights (default: "
+                        "GPTQ with --calibration-data, the weights without)")
     g.add_argument(*_both("polish-sweeps"), type=NON_NEGATIVE_INT, default=None,
                    help="coordinate-descent sweeps that finish learned rounding (default 2; 0: none)")
     g.add_argument(*_both("quip-actorder"), action="store_true", help="QuIP: LDLQ in activation order")

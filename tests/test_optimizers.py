@@ -87,7 +87,7 @@ def test_learned_rounding_itself_lowers_the_objective(minilm_cal, name):
 
 
 def test_lr_schedules_follow_their_documented_rules():
-    from convert_to_quant.quant_core.optimizers.learned_rounding import _Schedule
+    from convert_to_quant.quant_core.optimizers.learned_rounding_legacy import _Schedule  # the rules, host-side
     e = _Schedule("exponential", 0.1, {"lr_gamma": 0.9})
     for _ in range(5):
         e.after_step(1.0)

@@ -4,35 +4,57 @@ With the scales fixed (clipped abs-max search weighted by ``diag(H)``), every we
 ``floor(t)`` or ``floor(t) + 1`` of a continuous target ``t`` (in units of its scale). A continuous
 ``h ∈ [0, 1]`` per weight (start: the fraction of ``t``) is optimized on
 
-    L(h) = tr(D H Dᵀ) / tr(D_rtn H D_rtnᵀ)  +  λ · mean(1 − |2h − 1|^β),    D = S ⊙ (floor(t) + h) − W
+    L(h) = tr(D H Dᵀ) / e_ref  +  λ · mean(1 − |2h − 1|^β),    D = S ⊙ (floor(t) + h) − W
 
-(the layer-output error through the calibration Hessian relative to round-to-nearest, or the weight-only
-SVD-weighted error without data; see ``objective.py``). The regularizer, off for the first 20% of the
-iterations, then pushes ``h`` to 0 or 1 while ``β`` anneals from 20 to 2 (AdaRound, Nagel et al. 2020,
-with ``h`` itself as the variable, projected onto [0, 1]; ``λ`` = 10 because our reconstruction term is
-normalized to round-to-nearest = 1). Every ``eval_every`` steps the *hard* rounding ``floor(t) + (h ≥ ½)``
-is scored on the true objective; the best hard rounding wins, and round-to-nearest is kept if nothing
-beats it.
+(the layer-output error through the calibration Hessian, or the weight-only SVD-weighted error without
+data; see ``objective.py``; ``e_ref`` = the starting point's error). The regularizer, off for the first
+20% of the iterations, then pushes ``h`` to 0 or 1 while ``β`` anneals from 20 to 2 (AdaRound, Nagel et
+al. 2020, with ``h`` itself as the variable, projected onto [0, 1]; ``λ`` = 10). Every ``eval_every``
+steps the *hard* rounding ``floor(t) + (h ≥ ½)`` is scored on the true objective; the best hard rounding
+wins, and round-to-nearest is kept if nothing beats it.
 
-Target ``t`` (``rounding_init``): ``gptq`` (default) -- the error-compensated values of one GPTQ sweep,
-so learning starts from the GPTQ solution and refines it; ``nearest`` -- the weight itself, ``W / S``.
-On a real MiniLM layer choosing only between floor and ceiling of the *original* weight gains far less
-than error feedback does (docs/OPTIMIZERS.md), hence the default.
+The pipeline of one layer (issue 17: GPTQ-like cost; docs/OPTIMIZERS.md has the measurements):
 
-Optimizers: ``original`` -- sign descent (every weight moves by ``lr`` against its gradient; our
-replacement for the seed's custom optimizer); ``adamw`` / ``radam`` -- torch's. Learning-rate schedules
-(``--lr_schedule``): ``adaptive`` -- "bold driver": ×(1/lr_gamma) after a step that did not raise the loss
-by more than ``lr_threshold`` (relative), ×lr_factor after one that did (then ``lr_cooldown`` steps
-without change), capped at 10× the initial rate; ``exponential`` -- ×lr_gamma every step; ``plateau`` --
-×lr_factor when the hard objective has not improved by ``lr_threshold`` for ``lr_patience`` evaluations
-(then ``lr_cooldown`` evaluations of cooldown). All stay ≥ ``lr_min``. Early stopping:
-``--early-stop-loss`` (hard objective relative to round-to-nearest ≤ value), ``--early-stop-lr`` (rate ≤
-value), ``--early-stop-stall`` (steps without a better hard rounding).
+1. **start** from the best cheap solution (``--rounding-init``, default ``auto``): GPTQ's
+   error-compensated values with calibration data, the weight itself (round-to-nearest) without;
+2. **learn** (``--num_iter`` steps at most) with the whole iteration on the device: every row of the
+   layer in one tensor program, the gradient ``D H`` as one GEMM (bf16 operands on CUDA, fp32
+   accumulation: only its direction matters; the hard objective is always fp32), the regularizer's
+   gradient in closed form (no autograd), the optimizers (sign descent, AdamW, RAdam) and the
+   learning-rate schedules as tensor arithmetic, best-rounding bookkeeping with ``torch.where`` -- so
+   there is no host sync per step. On CUDA a chunk of ``eval_every`` steps plus the evaluation is
+   captured once into a CUDA graph and replayed. Stop criteria are evaluated on the device after every
+   evaluation exactly as documented; a stopped layer freezes (later steps change nothing), and the host
+   looks at the flag only every ``SYNC_EVERY`` steps, so the result does not depend on when it looks;
+3. **early stop by default**: ``--early-stop-stall`` defaults to ``DEFAULT_STALL`` steps without a better
+   hard rounding (an explicit value is honoured; one ≥ ``--num_iter`` switches it off);
+4. **polish**: coordinate descent on the hard rounding (every weight takes its best integer with the
+   others fixed; never raises the objective), its column sweep replayed from a CUDA graph like GPTQ's;
+5. **scale refit** (per-row and per-tensor scales): with the integers fixed, the scale that minimizes
+   ``tr(D H Dᵀ)`` is closed-form; kept only where it lowers the objective, then polished again.
+
+Optimizers: ``original`` -- sign descent (every weight moves by ``lr`` against its gradient);
+``adamw`` / ``radam`` -- the update rules of ``torch.optim.AdamW`` (no weight decay) / ``RAdam``, written
+out as tensor arithmetic (tests compare them with torch's). Learning-rate schedules (``--lr_schedule``):
+``adaptive`` -- "bold driver": ×(1/lr_gamma) after a step that did not raise the loss by more than
+``lr_threshold`` (relative), ×lr_factor after one that did (then ``lr_cooldown`` steps without change),
+capped at 10× the initial rate; ``exponential`` -- ×lr_gamma every step; ``plateau`` -- ×lr_factor when the
+hard objective has not improved by ``lr_threshold`` for ``lr_patience`` evaluations (then ``lr_cooldown``
+evaluations of cooldown). All stay ≥ ``lr_min``. Early stopping: ``--early-stop-loss`` (hard objective
+relative to the start ≤ value), ``--early-stop-lr`` (rate ≤ value), ``--early-stop-stall`` (steps without a
+better hard rounding).
+
+``CTQ_LEARNED_ROUNDING=legacy`` (benchmarks only) runs the algorithm as it was before issue 17
+(``learned_rounding_legacy.py``) for the before/after comparison.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
+import threading
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,182 +63,404 @@ from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
 from . import LayerContext, OptimizerResult, register_optimizer
-from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
+from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
 from ..memory import storage_weight
 from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
+METHODS = ("original", "adamw", "radam")
 WARMUP = 0.2
 BETA_START, BETA_END = 20.0, 2.0
 DEFAULT_REG = 10.0
-ROUNDING_INITS = ("gptq", "nearest")
+ROUNDING_INITS = ("auto", "gptq", "nearest")
 DEFAULT_POLISH = 2
+DEFAULT_STALL = 50  # --early-stop-stall default (steps without a better hard rounding)
+SYNC_EVERY = 50  # steps between host looks at the stop flag
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass
+class Knobs:
+    """Every option learned rounding reads, read in ONE place (``knobs``)."""
+
+    num_iter: int
+    lr: float
+    eval_every: int
+    reg: float
+    schedule: str
+    lr_gamma: float
+    lr_factor: float
+    lr_patience: int
+    lr_cooldown: int
+    lr_threshold: float
+    lr_min: float
+    stop_loss: Optional[float]
+    stop_lr: Optional[float]
+    stop_stall: Optional[int]
+    allow_tf32: bool
+    bf16_grad: bool
+    rounding_init: str
+    polish_sweeps: int
+    damp: float
+    gptq_block: int
+    gptq_actorder: bool
+    row_segments: int
+    hessian_device: Optional[str]
+
+
+def knobs(o) -> Knobs:
+    o = o or {}
+    schedule = str(opt(o, "lr_schedule", "adaptive"))
+    if schedule not in SCHEDULES:
+        raise PlanError(f"unknown --lr_schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    init = str(opt(o, "rounding_init", "auto"))
+    if init not in ROUNDING_INITS:
+        raise PlanError(f"unknown rounding init {init!r} ({', '.join(ROUNDING_INITS)})")
+    stall = opt(o, "early_stop_stall", DEFAULT_STALL)
+    return Knobs(
+        num_iter=int(opt(o, "num_iter", 1000)), lr=float(opt(o, "lr", 8.0773e-3)),
+        eval_every=max(1, int(opt(o, "eval_every", 10))), reg=float(opt(o, "round_reg", DEFAULT_REG)),
+        schedule=schedule, lr_gamma=float(opt(o, "lr_gamma", 0.99)), lr_factor=float(opt(o, "lr_factor", 0.5)),
+        lr_patience=int(opt(o, "lr_patience", 10)), lr_cooldown=int(opt(o, "lr_cooldown", 0)),
+        lr_threshold=float(opt(o, "lr_threshold", 0.0)), lr_min=float(opt(o, "lr_min", 1e-8)),
+        stop_loss=None if o.get("early_stop_loss") is None else float(o["early_stop_loss"]),
+        stop_lr=None if o.get("early_stop_lr") is None else float(o["early_stop_lr"]),
+        stop_stall=int(stall) if stall else None,
+        allow_tf32=bool(opt(o, "allow_tf32", True)), bf16_grad=bool(opt(o, "allow_tf32", True)),
+        rounding_init=init, polish_sweeps=int(opt(o, "polish_sweeps", DEFAULT_POLISH)),
+        damp=float(opt(o, "gptq_damp", DEFAULT_DAMP)), gptq_block=int(opt(o, "gptq_block_size", DEFAULT_BLOCK)),
+        gptq_actorder=bool(opt(o, "gptq_actorder", False)), row_segments=int(opt(o, "row_segments", 1)),
+        hessian_device=opt(o, "hessian_device", None))
 
 
 @contextlib.contextmanager
-def _fast_matmul(device: torch.device, allow: bool):
-    """TF32 for the per-step gradient GEMM on CUDA (the hard objective is always scored in fp32)."""
-    if device.type != "cuda" or not allow:
+def _tf32(device: torch.device, allow: bool):
+    if device.type != "cuda":
         yield
         return
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = allow
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-class _Schedule:
-    def __init__(self, kind: str, lr: float, o: dict):
-        if kind not in SCHEDULES:
-            raise PlanError(f"unknown --lr_schedule {kind!r} ({', '.join(SCHEDULES)})")
-        self.kind, self.lr0, self.lr = kind, lr, lr
-        self.gamma = float(opt(o, "lr_gamma", 0.99))
-        self.factor = float(opt(o, "lr_factor", 0.5))
-        self.patience = int(opt(o, "lr_patience", 10))
-        self.cooldown = int(opt(o, "lr_cooldown", 0))
-        self.threshold = float(opt(o, "lr_threshold", 0.0))
-        self.lr_min = float(opt(o, "lr_min", 1e-8))
-        self._last = None
-        self._cool = 0
-        self._best = None
-        self._bad = 0
-
-    def after_step(self, loss: float):
-        if self.kind == "exponential":
-            self.lr *= self.gamma
-        elif self.kind == "adaptive":
-            if self._cool > 0:
-                self._cool -= 1
-            elif self._last is not None and loss > self._last * (1.0 + self.threshold):
-                self.lr *= self.factor
-                self._cool = self.cooldown
-            else:
-                self.lr = min(self.lr / self.gamma, 10.0 * self.lr0)
-            self._last = loss
-        self.lr = max(self.lr, self.lr_min)
-
-    def after_eval(self, hard: float):
-        if self.kind != "plateau":
-            return
-        if self._best is None or hard < self._best * (1.0 - self.threshold):
-            self._best, self._bad = hard, 0
-            return
-        if self._cool > 0:
-            self._cool -= 1
-            return
-        self._bad += 1
-        if self._bad > self.patience:
-            self.lr = max(self.lr * self.factor, self.lr_min)
-            self._bad, self._cool = 0, self.cooldown
+# ------------------------------------------------------------------------------------------------
+# the learning phase: state on the device, one iteration = tensor arithmetic only
+# ------------------------------------------------------------------------------------------------
+STOP_CODES = {0: "num_iter", 1: "early_stop_loss", 2: "early_stop_stall", 3: "early_stop_lr"}
 
 
-def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tensor, method: str, options: dict,
-                   e_ref: float, target: Optional[torch.Tensor] = None) -> tuple:
+class _Learner:
+    """All state of one layer's learning phase as tensors on its device; ``chunk(n, eval)`` runs ``n``
+    steps (then one evaluation of the hard rounding) without reading anything back to the host."""
+
+    def __init__(self, ws, h, full, method, k: Knobs, e_ref: float, target):
+        dev = ws.device
+        f64 = dict(device=dev, dtype=torch.float64)
+        self.k, self.method = k, method
+        self.ws, self.h, self.full = ws, h, full
+        self.h_grad = h.to(torch.bfloat16) if k.bf16_grad else None  # knobs_for: CUDA only
+        self.e_ref = float(e_ref)
+        x = ws / full if target is None else target
+        base = torch.floor(x)
+        fixed = (base < -QMAX) | (base > QMAX - 1)  # clipped weights: their integer is ±127, not learned
+        self.base = torch.where(fixed, torch.round(x).clamp(-QMAX, QMAX), base)
+        self.free = (~fixed).float()
+        self.n_free = max(float(self.free.sum()), 1.0)
+        self.soft = torch.where(fixed, torch.zeros_like(x), x - base).contiguous()
+        self.m = torch.zeros_like(self.soft) if method != "original" else None
+        self.v = torch.zeros_like(self.soft) if method != "original" else None
+        self.warm = int(WARMUP * k.num_iter)
+        self.it = torch.zeros((), **f64)  # steps taken (the iteration index of the old loop)
+        self.t = torch.zeros((), **f64)  # optimizer steps (== it while active)
+        self.lr = torch.full((), k.lr, **f64)
+        self.active = torch.ones((), device=dev, dtype=torch.bool)
+        self.code = torch.zeros((), device=dev, dtype=torch.int64)
+        self.last_loss = torch.full((), float("nan"), **f64)
+        self.cool = torch.zeros((), **f64)
+        self.plat_best = torch.full((), float("inf"), **f64)
+        self.plat_bad = torch.zeros((), **f64)
+        self.stalled = torch.zeros((), **f64)
+        self.eager_steps = 0  # host-side count of eager steps (>= self.it): skips the regularizer in warm-up
+        self.best_q = self.hard()
+        self.best_e = self._hard_error(self.best_q)
+        self.start_e = self.best_e.clone()
+
+    def hard(self):
+        return self.base + (self.soft >= 0.5).float() * self.free
+
+    def _hard_error(self, q):
+        with _tf32(self.ws.device, False):  # the true objective: full fp32
+            d = q * self.full - self.ws
+            return ((d @ self.h) * d).sum(dtype=torch.float64)
+
+    def _step(self, eager: bool):
+        k, a = self.k, self.active
+        af = a.double()
+        self.it += af
+        d = (self.base + self.soft * self.free) * self.full - self.ws
+        if self.h_grad is not None:
+            g = (d.to(torch.bfloat16) @ self.h_grad).float()
+        else:
+            with _tf32(self.ws.device, k.allow_tf32):
+                g = d @ self.h
+        loss = (d * g).sum(dtype=torch.float64) / self.e_ref
+        grad = (2.0 / self.e_ref) * g * self.full * self.free
+        # AdaRound regularizer λ·mean(1 − |2h − 1|^β) and its gradient, on after the warm-up
+        if eager:
+            self.eager_steps += 1
+        if not (eager and self.eager_steps <= self.warm):  # (skipped where it is multiplied by 0)
+            loss, grad = self._regularize(loss, grad)
+        self._apply(grad, loss, af, a)
+
+    def _regularize(self, loss, grad):
+        k = self.k
+        on = (self.it > self.warm).double()
+        tt = ((self.it - self.warm) / max(k.num_iter - self.warm, 1)).clamp(0.0, 1.0)
+        beta = BETA_START + (BETA_END - BETA_START) * tt
+        u = 2.0 * self.soft - 1.0
+        au = u.abs()
+        bf = beta.float()
+        r = (1.0 - au.pow(bf)) * self.free
+        loss = loss + on * (k.reg / self.n_free) * r.sum(dtype=torch.float64)
+        grad = grad + ((on * (-2.0 * k.reg / self.n_free)) * beta).float() * au.pow(bf - 1.0) * torch.sign(u) * self.free
+        return loss, grad
+
+    def _apply(self, grad, loss, af, a):
+        k = self.k
+        lr_eff = (self.lr * af).float()
+        if self.method == "original":  # sign descent: every weight moves by lr against its gradient
+            self.soft.sub_(lr_eff * torch.sign(grad))
+        else:
+            b1, b2 = ADAM_BETAS
+            self.t += af
+            t = self.t.clamp(min=1.0)
+            self.m.lerp_(grad, ((1.0 - b1) * af).float())
+            self.v.add_(((1.0 - b2) * af).float() * (grad * grad - self.v))
+            bc1 = 1.0 - torch.pow(b1, t)
+            bc2 = 1.0 - torch.pow(b2, t)
+            if self.method == "adamw":
+                upd = (self.m / bc1.float()) / (self.v.sqrt() / bc2.sqrt().float() + ADAM_EPS)
+            else:  # radam
+                rho_inf = 2.0 / (1.0 - b2) - 1.0
+                rho_t = rho_inf - 2.0 * t * torch.pow(b2, t) / bc2
+                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(min=0).sqrt()
+                adapt = bc2.sqrt().float() / (self.v.sqrt() + ADAM_EPS)
+                upd = (self.m / bc1.float()) * torch.where(rho_t > 5.0, rect.float() * adapt, torch.ones_like(adapt))
+            self.soft.sub_(lr_eff * upd)
+        self.soft.clamp_(0.0, 1.0)
+        # learning-rate schedule (every step)
+        lr = self.lr
+        if k.schedule == "exponential":
+            new = lr * k.lr_gamma
+        elif k.schedule == "adaptive":
+            cooling = self.cool > 0
+            worse = (~torch.isnan(self.last_loss)) & (loss > self.last_loss * (1.0 + k.lr_threshold))
+            new = torch.where(cooling, lr, torch.where(worse, lr * k.lr_factor, torch.clamp(lr / k.lr_gamma, max=10.0 * k.lr)))
+            cool = torch.where(cooling, self.cool - 1, torch.where(worse, torch.full_like(self.cool, k.lr_cooldown), self.cool))
+            self.cool.copy_(torch.where(a, cool, self.cool))
+            self.last_loss.copy_(torch.where(a, loss, self.last_loss))
+        else:
+            new = lr
+        self.lr.copy_(torch.where(a, new.clamp(min=k.lr_min), lr))
+        self.loss = loss
+
+    def _eval(self):
+        k, a = self.k, self.active
+        q = self.hard()
+        e = self._hard_error(q)
+        better = a & (e < self.best_e)
+        self.best_q.copy_(torch.where(better, q, self.best_q))
+        self.best_e.copy_(torch.where(better, e, self.best_e))
+        self.stalled.copy_(torch.where(better, torch.zeros_like(self.stalled),
+                                       torch.where(a, self.stalled + k.eval_every, self.stalled)))
+        if k.schedule == "plateau":
+            imp = e < self.plat_best * (1.0 - k.lr_threshold)
+            cooling = self.cool > 0
+            bad = self.plat_bad + 1
+            cut = (~imp) & (~cooling) & (bad > k.lr_patience)
+            nb = torch.where(imp | cut, torch.zeros_like(bad), torch.where(cooling, self.plat_bad, bad))
+            nc = torch.where(imp, self.cool, torch.where(cooling, self.cool - 1,
+                                                         torch.where(cut, torch.full_like(self.cool, k.lr_cooldown), self.cool)))
+            nlr = torch.where(cut, (self.lr * k.lr_factor).clamp(min=k.lr_min), self.lr)
+            self.plat_best.copy_(torch.where(a & imp, e, self.plat_best))
+            self.plat_bad.copy_(torch.where(a, nb, self.plat_bad))
+            self.cool.copy_(torch.where(a, nc, self.cool))
+            self.lr.copy_(torch.where(a, nlr, self.lr))
+        code = self.code
+        if k.stop_loss is not None:
+            code = torch.where((code == 0) & a & (self.best_e / self.e_ref <= k.stop_loss), torch.ones_like(code), code)
+        if k.stop_stall is not None:
+            code = torch.where((code == 0) & a & (self.stalled >= k.stop_stall), torch.full_like(code, 2), code)
+        self.code.copy_(code)
+        self.active.copy_(a & (code == 0))
+
+    def _lr_check(self):
+        if self.k.stop_lr is not None:
+            hit = self.active & (self.lr <= self.k.stop_lr)
+            self.code.copy_(torch.where(hit, torch.full_like(self.code, 3), self.code))
+            self.active.copy_(self.active & ~hit)
+
+    def chunk(self, steps: int, evaluate: bool, eager: bool = True):
+        for i in range(steps):
+            self._step(eager)
+            if evaluate and i == steps - 1:
+                self._eval()
+            self._lr_check()
+
+
+class _ChunkGraph:
+    """``_Learner.chunk(n, True)`` captured into a CUDA graph on the learner's own (static) tensors."""
+
+    def __init__(self, learner: _Learner, steps: int):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            learner.chunk(steps, True, eager=False)
+
+    def replay(self):
+        self.graph.replay()
+
+
+def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tensor, method: str, options,
+                   e_ref: float, target: Optional[torch.Tensor] = None, cuda_graphs: Optional[bool] = None) -> tuple:
     """Optimize the rounding of ``ws`` (storage space) under ``tr(D H Dᵀ)``; returns
     (best integers, best objective, info). ``target``: the values (in units of the scale) whose floor
-    and ceiling are the two choices per weight; default ``ws / full_scale``."""
-    o = options or {}
-    num_iter = int(opt(o, "num_iter", 1000))
-    lr = float(opt(o, "lr", 8.0773e-3))
-    eval_every = max(1, int(opt(o, "eval_every", 10)))
-    reg = float(opt(o, "round_reg", DEFAULT_REG))
-    sched = _Schedule(str(opt(o, "lr_schedule", "adaptive")), lr, o)
-    stop_loss = o.get("early_stop_loss")
-    stop_lr = o.get("early_stop_lr")
-    stop_stall = o.get("early_stop_stall")
-
-    x = ws / full_scale if target is None else target
-    base = torch.floor(x)
-    frac = x - base
-    fixed = (base < -QMAX) | (base > QMAX - 1)  # clipped weights: their integer is ±127, not learned
-    base = torch.where(fixed, torch.round(x).clamp(-QMAX, QMAX), base)
-    soft = torch.where(fixed, torch.zeros_like(frac), frac).clone().requires_grad_(True)
-    free = (~fixed).float()
-    n_free = max(float(free.sum()), 1.0)
-
-    if method == "adamw":
-        optim = torch.optim.AdamW([soft], lr=lr, weight_decay=0.0)
-    elif method == "radam":
-        optim = torch.optim.RAdam([soft], lr=lr)
+    and ceiling are the two choices per weight; default ``ws / full_scale``. ``options``: the option
+    dict or a ``Knobs``."""
+    k = options if isinstance(options, Knobs) else knobs(options)
+    if method not in METHODS:
+        raise PlanError(f"unknown learned-rounding method {method!r} ({', '.join(METHODS)})")
+    L = _Learner(ws, h_obj, full_scale, method, k, e_ref, target)
+    n, E = k.num_iter, k.eval_every
+    use_graph = (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs) and ws.device.type == "cuda" and n >= 2 * E
+    graph = None
+    if use_graph:
+        # the capture records the chunk without running it: the first chunk runs eagerly on a side
+        # stream (lazy initialisations, as for GPTQ's sweep), then the rest replays the captured one
+        side = torch.cuda.Stream(ws.device)
+        side.wait_stream(torch.cuda.current_stream(ws.device))
+        with torch.cuda.stream(side):
+            L.chunk(E, True)
+        torch.cuda.current_stream(ws.device).wait_stream(side)
+        done = E
+        try:
+            graph = _ChunkGraph(L, E)
+        except Exception:  # no graph (memory, driver): the eager loop computes the same
+            graph = None
     else:
-        optim = None
-
-    def hard_q():
-        return base + (soft.detach() >= 0.5).float() * free
-
-    best_q = hard_q()
-    best_e = quad_error(best_q * full_scale - ws, h_obj)
-    stalled = 0
-    stop_reason = "num_iter"
-    last_loss = None
-    warm = int(WARMUP * num_iter)
-    it = 0
-    with _fast_matmul(ws.device, bool(opt(o, "allow_tf32", True))):
-        for it in range(1, num_iter + 1):
-            checkpoint((it - 1) / num_iter)  # cancel / progress (rate-limited)
-            d = (base + soft.detach() * free) * full_scale - ws
-            g = d @ h_obj
-            rec = float((d * g).sum(dtype=torch.float64)) / e_ref
-            grad_h = (2.0 / e_ref) * g * full_scale * free
-            if it > warm:
-                t = (it - warm) / max(num_iter - warm, 1)
-                beta = BETA_START + (BETA_END - BETA_START) * t
-                with torch.enable_grad():
-                    r = (1.0 - (2.0 * soft - 1.0).abs().pow(beta)) * free
-                    reg_loss = reg * r.sum() / n_free
-                    (reg_grad,) = torch.autograd.grad(reg_loss, soft)
-                grad_h = grad_h + reg_grad
-                loss = rec + float(reg_loss.detach())
-            else:
-                loss = rec
-            for pg in (optim.param_groups if optim is not None else ()):
-                pg["lr"] = sched.lr
-            if optim is None:  # "original": sign descent, every weight moves by lr against its gradient
-                with torch.no_grad():
-                    soft.sub_(sched.lr * torch.sign(grad_h))
-            else:
-                soft.grad = grad_h
-                optim.step()
-            with torch.no_grad():
-                soft.clamp_(0.0, 1.0)
-            sched.after_step(loss)
-            last_loss = loss
-            if it % eval_every == 0 or it == num_iter:
-                q = hard_q()
-                e = quad_error(q * full_scale - ws, h_obj)
-                if e < best_e:
-                    best_q, best_e = q, e
-                    stalled = 0
-                else:
-                    stalled += eval_every
-                sched.after_eval(e)
-                if stop_loss is not None and best_e / e_ref <= float(stop_loss):
-                    stop_reason = "early_stop_loss"
-                    break
-                if stop_stall is not None and stalled >= int(stop_stall):
-                    stop_reason = "early_stop_stall"
-                    break
-            if stop_lr is not None and sched.lr <= float(stop_lr):
-                stop_reason = "early_stop_lr"
+        done = 0
+    since_sync = 0
+    while done < n:
+        steps = min(E, n - done)
+        checkpoint(done / max(n, 1))  # cancel / progress (rate-limited)
+        if graph is not None and steps == E:
+            graph.replay()
+        else:
+            L.chunk(steps, True)
+        done += steps
+        since_sync += steps
+        if since_sync >= SYNC_EVERY:
+            since_sync = 0
+            if not bool(L.active):  # one host look per SYNC_EVERY steps
                 break
-    return best_q, best_e, {"iterations": it, "stop": stop_reason, "final_lr": sched.lr,
-                            "final_loss": last_loss, "method": method, "schedule": sched.kind,
-                            "last_q": hard_q()}
+    code = int(L.code)
+    info = {"iterations": int(L.it), "stop": STOP_CODES[code], "final_lr": float(L.lr),
+            "final_loss": None if n == 0 else float(L.loss), "method": method, "schedule": k.schedule,
+            "early_stop_stall": k.stop_stall, "last_q": L.hard()}
+    return L.best_q, float(L.best_e), info
+
+
+# ------------------------------------------------------------------------------------------------
+# polish: coordinate descent on the hard rounding (column sweep replayed from a CUDA graph on CUDA)
+# ------------------------------------------------------------------------------------------------
+def _polish_block(qt, gt_blk, st, hd, hb, upd, changed):
+    """Columns ``j0..j1`` of one sweep: ``qt``/``st``/``hd`` are the block's rows of the transposed
+    integers / scales / diag(H); ``gt_blk`` the block's gradient rows (updated rank-1 in place);
+    ``hb`` the block's [cols, cols] part of H; ``upd`` receives the scaled changes."""
+    for j in range(qt.shape[0]):
+        new = (qt[j] - torch.round(gt_blk[j] / (st[j] * hd[j]))).clamp_(-QMAX, QMAX)
+        dq = new - qt[j]
+        changed += torch.count_nonzero(dq)
+        qt[j] = new
+        d = upd[j]
+        torch.mul(dq, st[j], out=d)
+        gt_blk.addr_(hb[j], d)
+
+
+class _PolishGraph:
+    def __init__(self, device, cols, rows):
+        f = dict(device=device, dtype=torch.float32)
+        self.q, self.g, self.s = torch.zeros(cols, rows, **f), torch.zeros(cols, rows, **f), torch.ones(cols, rows, **f)
+        self.hd, self.hb = torch.ones(cols, **f), torch.eye(cols, **f)
+        self.upd = torch.zeros(cols, rows, **f)
+        self.changed = torch.zeros((), dtype=torch.int64, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _polish_block(self.q.clone(), self.g.clone(), self.s, self.hd, self.hb, self.upd.clone(),
+                          self.changed.clone())
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            _polish_block(self.q, self.g, self.s, self.hd, self.hb, self.upd, self.changed)
+        self.nbytes = 4 * cols * rows * 4
+
+    def __call__(self, qt, gt_blk, st, hd, hb, upd, changed):
+        self.q.copy_(qt)
+        self.g.copy_(gt_blk)
+        self.s.copy_(st)
+        self.hd.copy_(hd)
+        self.hb.copy_(hb)
+        self.changed.zero_()
+        self.graph.replay()
+        qt.copy_(self.q)
+        gt_blk.copy_(self.g)
+        upd.copy_(self.upd)
+        changed += self.changed
+
+
+GRAPH_CACHE_BYTES = 256 << 20
+_graphs: "collections.OrderedDict[tuple, Optional[_PolishGraph]]" = collections.OrderedDict()
+_graphs_lock = threading.Lock()
+
+
+def _polish_graph(device, cols, rows):
+    key = (str(device), cols, rows, threading.get_ident())
+    with _graphs_lock:
+        if key in _graphs:
+            _graphs.move_to_end(key)
+            return _graphs[key]
+        try:
+            g = _PolishGraph(device, cols, rows)
+        except Exception:
+            g = None
+        _graphs[key] = g
+        while len(_graphs) > 1 and sum(v.nbytes for v in _graphs.values() if v is not None) > GRAPH_CACHE_BYTES:
+            _graphs.popitem(last=False)
+        return g
+
+
+def clear_graphs() -> None:
+    with _graphs_lock:
+        _graphs.clear()
 
 
 def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch.Tensor, sweeps: int,
-           block: int = 128) -> torch.Tensor:
+           block: int = 128, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
     """Coordinate descent on the hard rounding: each weight in turn takes the integer that minimizes
     ``tr(D H Dᵀ)`` with all others fixed (all rows at once, one input column at a time). Never raises the
     objective; a sweep costs about one GPTQ pass. Like GPTQ it works on transposed (column-contiguous)
-    copies and updates the gradient lazily: rank-1 inside a block of columns, one GEMM per block."""
+    copies and updates the gradient lazily: rank-1 inside a block of columns, one GEMM per block; on
+    CUDA each block's column loop is replayed from a CUDA graph (same kernels, same integers)."""
     n = ws.shape[1]
+    use_graph = (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs) and ws.device.type == "cuda"
     qt = q.T.contiguous()
     st = full_scale.expand_as(ws).T.contiguous()
-    gt = ((q * full_scale - ws) @ h).T.contiguous()  # [n, out]: gradient / 2 of every row's error
-    hd = h.diagonal().clamp(min=1e-30)
+    with _tf32(ws.device, False):
+        gt = ((q * full_scale - ws) @ h).T.contiguous()  # [n, out]: gradient / 2 of every row's error
+    hd = h.diagonal().clamp(min=1e-30).contiguous()
     for _ in range(sweeps):
         # no host sync inside the sweep (a zero change adds exact zeros): one check per sweep
         changed = torch.zeros((), dtype=torch.int64, device=qt.device)
@@ -224,32 +468,59 @@ def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch
             checkpoint()
             j1 = min(j0 + block, n)
             upd = torch.empty(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
-            for j in range(j0, j1):
-                new = (qt[j] - torch.round(gt[j] / (st[j] * hd[j]))).clamp_(-QMAX, QMAX)
-                dq = new - qt[j]
-                changed += torch.count_nonzero(dq)
-                qt[j] = new
-                d = upd[j - j0]
-                torch.mul(dq, st[j], out=d)
-                gt[j0:j1].addr_(h[j, j0:j1], d)
-            if j0 > 0:
-                gt[:j0].addmm_(h[j0:j1, :j0].T, upd)
-            if j1 < n:
-                gt[j1:].addmm_(h[j0:j1, j1:].T, upd)
+            fn = _polish_graph(qt.device, j1 - j0, qt.shape[1]) if use_graph else None
+            (fn or _polish_block)(qt[j0:j1], gt[j0:j1], st[j0:j1], hd[j0:j1], h[j0:j1, j0:j1].contiguous(),
+                                  upd, changed)
+            with _tf32(ws.device, False):
+                if j0 > 0:
+                    gt[:j0].addmm_(h[j0:j1, :j0].T, upd)
+                if j1 < n:
+                    gt[j1:].addmm_(h[j0:j1, j1:].T, upd)
         if not int(changed):
             break
     return qt.T.contiguous()
 
 
+# ------------------------------------------------------------------------------------------------
+# scale refit: with the integers fixed, the per-row (per-tensor) scale minimizing tr(D H Dᵀ)
+# ------------------------------------------------------------------------------------------------
+def refit_scale(q: torch.Tensor, ws: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, spec: FormatSpec):
+    """``s = (q H wᵀ) / (q H qᵀ)`` per row (or over the whole tensor): the least-squares scale for fixed
+    integers. Returns the new scale, or ``None`` for formats whose scales are not per row / tensor."""
+    scaling = getattr(spec.params, "scaling", None)
+    with _tf32(ws.device, False):
+        qh = q @ h
+    if scaling == "row" and tuple(scale.shape) == (ws.shape[0], 1):
+        num = (qh * ws).sum(dim=1, dtype=torch.float64)
+        den = (qh * q).sum(dim=1, dtype=torch.float64)
+        s = torch.where(den > 0, num / den.clamp(min=1e-300), scale.reshape(-1).double())
+        s = torch.where(s > 0, s, scale.reshape(-1).double())
+        return s.to(scale.dtype).reshape(scale.shape)
+    if scaling == "tensor" and scale.numel() == 1:
+        num, den = float((qh * ws).sum(dtype=torch.float64)), float((qh * q).sum(dtype=torch.float64))
+        if den > 0 and num > 0:
+            return torch.full_like(scale, num / den)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# one layer
+# ------------------------------------------------------------------------------------------------
 def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
+    if os.environ.get("CTQ_LEARNED_ROUNDING") == "legacy":  # benchmarks only: the pre-issue-17 algorithm
+        from .learned_rounding_legacy import legacy_learned_rounding
+        return legacy_learned_rounding(method, w, spec, ctx)
     t0 = time.perf_counter()
+    k = knobs(ctx.options)
+    # reduced-precision gradient GEMM (bf16 operands, fp32 accumulation) only on CUDA, where it pays
+    k.bf16_grad = k.bf16_grad and torch.device(ctx.device).type == "cuda" and w.device.type == "cuda"
     w = w.float()
     ws = storage_weight(w, spec, ctx.options)
     obj = layer_objective(w, spec, ctx)
     # the learned objective carries GPTQ's damping too: a ridge toward plain weight error that keeps the
     # rounding from fitting the calibration tokens too closely
     h_fit = obj.H.clone()
-    h_fit.diagonal().add_(float(opt(ctx.options, "gptq_damp", DEFAULT_DAMP)) * float(obj.H.diagonal().mean()))
+    h_fit.diagonal().add_(k.damp * float(obj.H.diagonal().mean()))
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
     q_rtn = rtn_integers(ws, base_full)
@@ -257,45 +528,51 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
 
     scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
-    e_ref = max(e_rtn, 1e-30)
-    init = str(opt(ctx.options, "rounding_init", "gptq"))
-    if init not in ROUNDING_INITS:
-        raise PlanError(f"unknown rounding init {init!r} ({', '.join(ROUNDING_INITS)})")
-    target, e_init = None, None
+    init = k.rounding_init
+    if init == "auto":  # the best cheap start: GPTQ with calibration data, round-to-nearest without
+        init = "gptq" if obj.source == "calibration" else "nearest"
+    target = None
     if init == "gptq":
-        # one error-feedback sweep gives the continuous starting point: floor/ceil of the *original*
-        # weight cannot compensate errors across correlated channels (docs/OPTIMIZERS.md measures it)
-        o = ctx.options or {}
         with progress_span(0.0, 0.2):
-            q0, ginfo = gptq_quantize(ws, obj.H, full, int(opt(o, "gptq_block_size", DEFAULT_BLOCK)),
-                                      bool(opt(o, "gptq_actorder", False)),
-                                      float(opt(o, "gptq_damp", DEFAULT_DAMP)), int(opt(o, "row_segments", 1)),
-                                      factor_device=opt(o, "hessian_device", None), return_target=True)
+            q0, ginfo = gptq_quantize(ws, obj.H, full, k.gptq_block, k.gptq_actorder, k.damp, k.row_segments,
+                                      factor_device=k.hessian_device, return_target=True)
         target = ginfo["target"]
-        e_init = quad_error(q0 * full - ws, h_fit)
         del q0
-    # normalize by the starting point's error: the regularizer weight is relative to what is left to gain
-    with progress_span(0.2 if init == "gptq" else 0.0, 0.95):
-        q, e, info = learn_rounding(ws, h_fit, full, method, ctx.options, max(e_init, 1e-30) if e_init else e_ref,
-                                    target)
+    # the regularizer weight is relative to the starting point's error (what is left to gain)
+    x0 = ws / full if target is None else target
+    q_start = torch.round(x0).clamp_(-QMAX, QMAX)
+    e_init = quad_error(q_start * full - ws, h_fit)
+    del q_start, x0
+    with progress_span(0.2 if init == "gptq" else 0.0, 0.9):
+        q, e, info = learn_rounding(ws, h_fit, full, method, k, max(e_init, 1e-30), target)
     del target
     last_q = info.pop("last_q")
-    sweeps = int(opt(ctx.options, "polish_sweeps", DEFAULT_POLISH))
+    info["objective_learned"] = e
+    sweeps = k.polish_sweeps
     if sweeps > 0:
-        # polish both the best rounding seen and where the learning ended (binarized by the
-        # regularizer): they are different local optima, either may win
-        info["objective_learned"] = e
-        candidates = [polish(q, ws, full, h_fit, sweeps)]
-        if not torch.equal(last_q, q):
-            candidates.append(polish(last_q, ws, full, h_fit, sweeps))
+        # polish the best rounding seen and, when the learning ran its whole schedule (the regularizer
+        # binarized it), where it ended: different local optima, either may win. A layer stopped early
+        # ended half-way through the relaxation: only its best rounding is worth a polish.
+        with progress_span(0.9, 0.97):
+            candidates = [polish(q, ws, full, h_fit, sweeps)]
+            if info["stop"] == "num_iter" and not torch.equal(last_q, q):
+                candidates.append(polish(last_q, ws, full, h_fit, sweeps))
         errs = [quad_error(c * full - ws, h_fit) for c in candidates]
-        k = min(range(len(errs)), key=errs.__getitem__)
-        q, e = candidates[k], errs[k]
-        info["polished"] = ["best rounding seen", "final learned rounding"][k]
+        j = min(range(len(errs)), key=errs.__getitem__)
+        q, e = candidates[j], errs[j]
+        info["polished"] = ["best rounding seen", "final learned rounding"][j]
     del last_q
-    info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps})
-    if e_init is not None:
-        info["objective_init"] = e_init
+    # the scale that fits the chosen integers best (per-row / per-tensor formats), then a last polish
+    new_scale = refit_scale(q, ws, h_fit, scale, spec)
+    if new_scale is not None:
+        new_full = spec.cls.expand_scale(new_scale, ws.shape, spec.params)
+        q2 = polish(q, ws, new_full, h_fit, max(sweeps, 1)) if sweeps > 0 else q
+        e2 = quad_error(q2 * new_full - ws, h_fit)
+        info["scale_refit"] = bool(e2 < e)
+        if e2 < e:
+            q, e, scale, full = q2, e2, new_scale, new_full
+    info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps,
+                 "objective_init": e_init})
     if not e < e_rtn:
         q, scale, full, e = q_rtn, base_scale, base_full, e_rtn
         info["notes_extra"] = "learned rounding did not improve on round-to-nearest; kept round-to-nearest"
@@ -309,7 +586,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
 
 @register_optimizer("original")
 def learned_rounding_original(w, spec, ctx):
-    """Learned rounding with RMS-normalized gradient descent (the seed's default optimizer name)."""
+    """Learned rounding with sign descent (the seed's default optimizer name)."""
     return _learned_rounding("original", w, spec, ctx)
 
 
