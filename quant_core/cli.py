@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
-from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
+from .ranks import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
 from .formats import make_spec
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
@@ -408,11 +408,8 @@ def options_from_args(args):
 
 
 def report_path_for(args, output: str) -> Optional[str]:
-    if args.report_quality is None:
-        return None
-    if args.report_quality == "auto":
-        return os.path.splitext(output)[0] + "_quality.json"
-    return args.report_quality
+    from .metrics import quality_report_path
+    return quality_report_path(args.report_quality, output)
 
 
 def run(args, console: Console) -> int:
@@ -428,8 +425,12 @@ def run(args, console: Console) -> int:
         import torch
         torch.manual_seed(args.manual_seed)
     if args.example:
-        from .example import run_example
-        return run_example(args, console)
+        from .example import model_file, run_example
+        args.input = model_file()
+        if not args.preset and not any(getattr(args, k) for k in vars(args) if k.startswith("preset_")):
+            args.preset = ["auto"]
+        return run_example(options_from_args(args), console, output=args.output,
+                           report_quality=args.report_quality, calib_samples=args.calib_samples)
 
     opts = options_from_args(args)
     output = args.output or default_output_path(args.input)
@@ -468,9 +469,9 @@ def run(args, console: Console) -> int:
     opts.report_path = report_path_for(args, output)
     from .distributed import distributed_env
     rank_info = distributed_env()
-    if args.devices and rank_info is None:  # launch one process per device; they meet again below
-        from .launcher import launch, parse_devices
-        return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
+    if args.devices and rank_info is None:  # the launcher (the command's entry) starts the ranks
+        raise PlanError("--devices starts one process per device from the convert_to_quant command "
+                        "(python -m convert_to_quant); this call is not one of its ranks")
     if rank_info is not None and rank_info.rank != 0:
         console.level = min(console.level, 0)  # rank 0 reports for all ranks
     bar = _progress_bar(console)

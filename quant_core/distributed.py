@@ -11,7 +11,7 @@ rank), largest estimated cost first; everything only copied (biases, norms, kept
 counter in the group's store (``WorkQueue``), so a slower rank simply takes fewer. ``--schedule static``:
 units fixed per rank in advance (``assign_work``). The processes are started by ``launcher.py``.
 Each rank quantizes its layers on its own device with the same per-layer math and seeds as a
-one-process run (``memory.layer_rng``), and sends the finished tensors to rank 0, which
+one-process run (``seeding.layer_rng``), and sends the finished tensors to rank 0, which
 writes them into the one output file through the same ``StreamingWriter`` at the offsets the plan
 fixed. The file is byte-identical to the one-process run on the same kind of device (tested on CPU
 with gloo; ``benchmarks/scale.py`` compares SHA-256 on GPUs).
@@ -37,15 +37,14 @@ import torch
 
 from . import errors as _errors
 from .errors import ConvertError, PlanError
-from .launcher import _free_port, _supervise, launch, parse_devices, strip_devices_flag  # noqa: F401 (re-exported)
-from .memory import CALIBRATED_OPTIMIZERS, Prefetcher, WriteBehind, free_vram, policy_from_options
+from .ranks import _free_port, _supervise, launch, parse_devices, strip_devices_flag  # noqa: F401 (re-exported)
+from .memory import free_vram, policy_from_options
+from .optimizers.base import optimizer_cost
+from .streaming import Prefetcher, WriteBehind
 from .metrics import LayerQuality
 
 ITEM, DONE, ERROR = 0, 1, 2
 _NO_LAYER = type("NoLayer", (), {"spec": None})()
-# a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
-# GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
-SWEEP_STEP_COST = 8192
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,9 +84,7 @@ def rank_device(option: str, info: RankInfo) -> str:
 def layer_cost(shape: Sequence[int], optimizer: str) -> float:
     out = int(shape[0]) if shape else 1
     inn = int(math.prod(shape[1:])) if len(shape) > 1 else 1
-    if optimizer in CALIBRATED_OPTIMIZERS:
-        return float(inn) * (out + SWEEP_STEP_COST) + float(inn) ** 3 / 4096.0
-    return float(out) * inn
+    return optimizer_cost(optimizer).time(out, inn)  # declared beside the optimizer
 
 
 @dataclasses.dataclass

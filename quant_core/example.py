@@ -132,7 +132,7 @@ def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION
                                overwrite=overwrite, log=log)
 
 
-def prepare_calibration(args, opts, console, output: str):
+def prepare_calibration(opts, console, output: str, calib_samples=None):
     """Calibrated steps on the example use statistics captured on real sentences (CALIBRATION_SENTENCES,
     disjoint from the evaluation sentences), unless --calibration-data names a file. They are written
     next to ``output`` (``<stem>_calibration.safetensors``); an existing file there is replaced only with
@@ -141,7 +141,7 @@ def prepare_calibration(args, opts, console, output: str):
     wants = opts.optimizer != "rtn" or oo.get("smoothquant") or oo.get("bias_correction")
     if not wants or opts.calibration_data:
         return
-    n = getattr(args, "calib_samples", None) or len(CALIBRATION_SENTENCES)
+    n = calib_samples or len(CALIBRATION_SENTENCES)
     if n < 1:
         raise ConvertError(f"calib_samples must be at least 1, got {n}")
     sentences = CALIBRATION_SENTENCES[:n]
@@ -167,22 +167,21 @@ def default_output() -> str:
     return os.path.join(d, "all-MiniLM-L6-v2_int8.safetensors")
 
 
-def run_example(args, console) -> int:
-    from .cli import options_from_args, report_path_for
+def run_example(opts, console, output=None, report_quality=None, calib_samples=None) -> int:
+    """Convert MiniLM with ``opts`` (built by the CLI from its flags, input = ``model_file()``), then
+    print the quality of the written file. ``output``: the user's ``-o``; ``report_quality``: the
+    ``--report-quality`` value; ``calib_samples``: how many calibration sentences to capture."""
+    from .metrics import quality_report_path
     from .pipeline import convert_file
 
     src = model_file()
-    args.input = src
-    if not args.preset and not any(getattr(args, k) for k in vars(args) if k.startswith("preset_")):
-        args.preset = ["auto"]
-    opts = options_from_args(args)
-    if args.output:  # the user's file: replaced only with --overwrite (checked before any work)
+    if output:  # the user's file: replaced only with --overwrite (checked before any work)
         from .pipeline import validate_paths
-        out = validate_paths(src, args.output, opts.overwrite)
+        out = validate_paths(src, output, opts.overwrite)
     else:
         out = default_output()  # a fresh folder of this run's own
-    opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
-    prepare_calibration(args, opts, console, out)
+    opts.report_path = quality_report_path(report_quality, out) or os.path.splitext(out)[0] + "_quality.json"
+    prepare_calibration(opts, console, out, calib_samples)
     console(f"example: quantizing {src}", 1)
     res = convert_file(src, out, opts, log=lambda m: console(m, 1))
     for line in res.report.summary_lines():

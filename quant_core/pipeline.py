@@ -23,8 +23,9 @@ from .errors import (BadWeightsError, CalibrationError, ConvertError, OutputPath
 from .formats import quantized_weight_from_tensors
 from .fp8_input import InputView
 from .metrics import LayerQuality, QualityReport, error_stats
-from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
-                     policy_from_options, run_guarded)
+from .memory import place_layer, policy_from_options, run_guarded
+from .seeding import enable_deterministic_gpu_math, layer_rng
+from .streaming import Prefetcher, WriteBehind
 from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
 from .optimizers.gptq import IndefiniteHessianError
 from .paths import check_run_files

@@ -30,8 +30,8 @@ import torch
 from ..checkpoint import cancellable, checkpoint, interruptible
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
-from . import LayerContext, OptimizerResult, register_optimizer
-from ..memory import storage_weight
+from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
+from .rtn import storage_weight
 from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 DEFAULT_BLOCK = 128
@@ -301,7 +301,28 @@ def finish_info(info: dict, obj, t0: float) -> dict:
     return info
 
 
-@register_optimizer("gptq")
+# a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
+# GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
+SWEEP_STEP_COST = 8192
+
+
+def sweep_estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
+    """GPTQ/LDLQ working set: w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt
+    per segment, and on a GPU the captured block sweep's static buffers (6 x 128 columns,
+    ``GRAPH_CACHE_BYTES``); the Hessian, its copies and the float64 factorization."""
+    n = out * inn
+    rot = 4 * n if rotated else 0
+    return LayerEstimate(weight=24 * n + rot + 3072 * out, sweep=12 * n,
+                         hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=20 * inn * inn)
+
+
+SWEEP_COST = OptimizerCost(
+    sweep_estimate, row_sweep=True,
+    time=lambda out, inn: float(inn) * (out + SWEEP_STEP_COST) + float(inn) ** 3 / 4096.0,
+    release=clear_graphs)
+
+
+@register_optimizer("gptq", SWEEP_COST)
 def gptq(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     """GPTQ in the planned format (see the module docstring)."""
     t0 = time.perf_counter()

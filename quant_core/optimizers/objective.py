@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import checkpoint
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
+from ..bf16 import rotate_bf16
 from ..hadamard import rotate_groups
 
 DEFAULT_CLIP_GRID = (1.0, 0.99, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8, 0.75, 0.7)
@@ -90,7 +91,6 @@ def layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, transform=None) -> O
     notes: List[str] = []
     rot = transform or (lambda h: to_storage_hessian(h, spec))
     if opts.get("bf16_hessian"):  # memory policy: rotate the Hessian in bf16 (quant_core/memory.py)
-        from ..memory import rotate_bf16
         rot_f32 = rot
         rot = lambda h: rotate_bf16(h, rot_f32)  # noqa: E731
     stats = ctx.stats

@@ -30,9 +30,9 @@ import torch
 
 from ..formats import FormatSpec
 from ..formats_extra import Int8QuIP, random_signs
-from . import LayerContext, OptimizerResult, register_optimizer
-from .gptq import finish_info, quantize_with_objective
-from ..memory import storage_weight
+from .base import LayerContext, OptimizerResult, register_optimizer
+from .gptq import SWEEP_COST, finish_info, quantize_with_objective
+from .rtn import storage_weight
 from .objective import layer_objective, opt
 
 
@@ -51,7 +51,7 @@ def _checkpoint_plan(w: torch.Tensor, options):
     return segments, factor_device
 
 
-@register_optimizer("quip")
+@register_optimizer("quip", SWEEP_COST)
 def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     t0 = time.perf_counter()
     o = ctx.options or {}

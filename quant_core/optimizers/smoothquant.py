@@ -26,7 +26,7 @@ from ..calibration import LayerStats
 from ..errors import CalibrationError, PlanError
 from ..formats import FormatSpec, Int8Tensorwise
 from ..formats_extra import Int8SmoothQuant
-from . import LayerContext, OptimizerFn, OptimizerResult
+from .base import LayerContext, OptimizerFn, OptimizerResult
 from .objective import opt, output_sqnr_db
 
 SMOOTHQUANT_FORMAT = Int8SmoothQuant.name

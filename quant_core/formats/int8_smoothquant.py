@@ -1,0 +1,98 @@
+"""Formats whose runtime needs an extra per-layer tensor carry their own format name, so stock ComfyUI
+refuses them with "Unsupported quantization format" instead of computing a wrong result (FORMATS.md).
+
+``int8_smoothquant`` (SmoothQuant, ``--smoothquant``)
+    ``W ≈ (q · S) · diag(1/f)``: the stored integers are those of the smoothed weight ``W · diag(f)``;
+    the runtime divides the activations by ``f`` (``x' = x / f``), which moves activation outliers into
+    the weight, then runs the int8 W8A8 GEMM. Keys: ``weight`` int8 ``[out, in]``, ``weight_scale``
+    float32 ``[out, 1]`` (per row) or ``[]`` (tensor), ``smooth_scale`` float32 ``[in]`` (``f > 0``),
+    ``comfy_quant`` ``{"format": "int8_smoothquant"}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PlanError, SafetensorsFormatError
+from .base import QuantFormat, QuantizedWeight, comfy_quant_bytes, expand_row_or_tensor_scale, row_or_tensor_scale
+
+
+def _row_or_tensor_scale_shape(shape, scaling):
+    return (shape[0], 1) if scaling == "row" else ()
+
+
+class Int8SmoothQuant(QuantFormat):
+    name = "int8_smoothquant"
+    core_loadable = False
+    description = ("SmoothQuant: int8 weights of W·diag(f) with per-row or tensor scale, plus the "
+                   "per-input-channel factors f the runtime divides activations by (our loader only)")
+
+    @dataclass(frozen=True)
+    class Params:
+        scaling: str = "row"
+
+        def __post_init__(self):
+            if self.scaling not in ("row", "tensor"):
+                raise PlanError(f"int8_smoothquant scaling must be 'row' or 'tensor', got {self.scaling!r}")
+
+    @staticmethod
+    def linear(x, qw, bias, path=None, backend=None):
+        return smoothquant_linear(x, qw, bias, path=path, backend=backend)
+
+    @classmethod
+    def output_spec(cls, base, shape, params, orig_dtype):
+        return [(f"{base}.weight", torch.int8, tuple(shape)),
+                (f"{base}.weight_scale", torch.float32, _row_or_tensor_scale_shape(shape, params.scaling)),
+                (f"{base}.smooth_scale", torch.float32, (shape[1],)),
+                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+
+    @classmethod
+    def comfy_quant(cls, params):
+        return {"format": cls.name}
+
+    @classmethod
+    def params_from_config(cls, cfg, tensors):
+        scale = tensors.get("weight_scale")
+        q = tensors.get("weight")
+        f = tensors.get("smooth_scale")
+        if f is None:
+            raise SafetensorsFormatError("int8_smoothquant layer without its smooth_scale tensor")
+        if q is not None and (f.dim() != 1 or f.shape[0] != q.shape[1]):
+            raise SafetensorsFormatError(f"smooth_scale has shape {list(f.shape)}, expected [{q.shape[1]}]")
+        if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+            raise SafetensorsFormatError("smooth_scale must be finite and positive")
+        scaling = "tensor" if scale is not None and scale.dim() == 0 else "row"
+        return cls.Params(scaling=scaling)
+
+    @classmethod
+    def compute_scale(cls, ws, params):
+        return row_or_tensor_scale(ws, params.scaling)
+
+    @classmethod
+    def expand_scale(cls, scale, shape, params):
+        return expand_row_or_tensor_scale(scale, shape, params.scaling)
+
+    @classmethod
+    def quantize(cls, w, params, orig_dtype=None):
+        raise PlanError("int8_smoothquant needs smoothing factors from calibration data; "
+                        "use optimizers.smoothquant.quantize_smoothed")
+
+    @classmethod
+    def pack_smoothed(cls, q, scale, factors, params, orig_dtype) -> QuantizedWeight:
+        qw = QuantizedWeight(cls.name, params, q.to(torch.int8).contiguous(), scale.float().contiguous(),
+                             orig_dtype, {"smooth_scale": factors.float().contiguous()})
+        return qw
+
+    @classmethod
+    def dequantize(cls, qw):
+        f = qw.extra["smooth_scale"].float().to(qw.qdata.device)
+        return cls.dequantize_storage(qw) / f.reshape(1, -1)
+
+
+def smoothquant_linear(x, qw, bias, path=None, backend=None):
+    """x / f, then the int8_tensorwise W8A8 linear on the smoothed weight."""
+    from ... import kernels
+    f = qw.extra["smooth_scale"].to(device=x.device, dtype=torch.float32)
+    xs = (x.float() / f).to(x.dtype)
+    return kernels.int8_linear(xs, qw.qdata, qw.scale, bias, path=path, backend=backend)
