@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from .errors import ConversionCancelled, ConvertError, OutputPathError, PlanError, display_name, terminal_text
 from .ranks import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
-from .formats import make_spec
+from .formats import spec_from_choice
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
 
@@ -330,20 +330,14 @@ def validate_optimizer_args(args, bad):
 
 
 def format_spec_from_args(args):
-    if args.fp16:
-        return make_spec(format="fp16")
-    if getattr(args, "optimizer", None) == "quip":
-        # QuIP keeps its incoherence in the file: core convrot by default, our int8_quip on request;
-        # an explicit tensor/block scheme is honoured (LDLQ without rotation, noted per layer)
-        if args.quip_store_transformed:
-            return make_spec(format="int8_quip")
-        scheme = args.quip_requant_scheme or {"axis": None}.get(args.scaling_mode, args.scaling_mode)
-        if scheme is None:
-            return make_spec(format="int8", scaling_mode="axis", convrot=True,
-                             convrot_groupsize=args.convrot_group_size)
-        return make_spec(format="int8", scaling_mode=scheme, block_size=args.block_size)
-    return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
-                     convrot=args.convrot, convrot_groupsize=args.convrot_group_size)
+    """The flags' format choice, through the one choice -> spec function the nodes and layer-config use.
+    ``--quip-requant-scheme X`` is QuIP's name for ``--scaling_mode X``; ``--quip-store-transformed``
+    names the format ``int8_quip``."""
+    optimizer = default_optimizer(args)
+    fmt = "fp16" if args.fp16 else "int8_quip" if args.quip_store_transformed else "int8"
+    scaling = (args.quip_requant_scheme if optimizer == "quip" else None) or args.scaling_mode
+    return spec_from_choice(fmt, scaling, args.block_size, args.convrot, args.convrot_group_size,
+                            optimizer=optimizer, smoothquant=args.smoothquant)
 
 
 OPTIMIZER_KNOBS = (
@@ -380,12 +374,8 @@ def options_from_args(args):
     custom_spec = None
     if args.custom_layers:
         ctype = args.custom_type or ("fp16" if args.fp16 else "int8")
-        if ctype == "fp16":
-            custom_spec = make_spec(format="fp16")
-        else:
-            mode = args.custom_scaling_mode or ("block" if ctype == "int8_blockwise" else args.scaling_mode)
-            custom_spec = make_spec(format="int8", scaling_mode=mode,
-                                    block_size=args.custom_block_size or args.block_size)
+        custom_spec = spec_from_choice(ctype, args.custom_scaling_mode or args.scaling_mode,
+                                       args.custom_block_size or args.block_size, smoothquant=args.smoothquant)
     plan = PlanOptions(
         spec=spec, presets=selected_presets(args), default_skip=not args.no_default_skip,
         custom_layers=args.custom_layers, custom_spec=custom_spec, exclude_layers=args.exclude_layers,

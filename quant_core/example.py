@@ -138,7 +138,8 @@ def prepare_calibration(opts, console, output: str, calib_samples=None):
     next to ``output`` (``<stem>_calibration.safetensors``); an existing file there is replaced only with
     ``--overwrite``, like the output itself."""
     oo = opts.optimizer_options or {}
-    wants = opts.optimizer != "rtn" or oo.get("smoothquant") or oo.get("bias_correction")
+    wants = (opts.optimizer != "rtn" or opts.plan.spec.format == "int8_smoothquant" or oo.get("smoothquant")
+             or oo.get("bias_correction"))
     if not wants or opts.calibration_data:
         return
     n = calib_samples or len(CALIBRATION_SENTENCES)

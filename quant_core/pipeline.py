@@ -73,6 +73,19 @@ class ConversionResult:
     lora_report: Any = None
 
 
+def plan_options_for(opts: "ConvertOptions") -> PlanOptions:
+    """``opts.plan`` with the options' ``smoothquant`` applied to its format choices (the API's way of
+    asking for SmoothQuant; the CLI and the nodes already chose ``int8_smoothquant`` through
+    ``formats.spec_from_choice``): the plan is built once, with the final formats."""
+    oo = opts.optimizer_options or {}
+    if not oo.get("smoothquant"):
+        return opts.plan
+    from .formats import with_smoothquant
+    p = opts.plan
+    return dataclasses.replace(p, spec=with_smoothquant(p.spec),
+                               custom_spec=with_smoothquant(p.custom_spec) if p.custom_spec is not None else None)
+
+
 def check_options(opts: "ConvertOptions") -> None:
     """Options whose bad values would only show once the model is written (the report's JSON refuses
     a NaN threshold): checked before any work."""
@@ -272,7 +285,7 @@ class ConversionJob:
         # the file as the float model it stands for: fp8 layers dequantized, their scale keys consumed,
         # anything else quantized refused (fp8_input: the one place that decides what an input means)
         self.reader = reader = InputView(reader)
-        self.plan = plan = build_plan(reader.infos, opts.plan)
+        self.plan = plan = build_plan(reader.infos, plan_options_for(opts))
         plan.notes[:0] = reader.notes
         for note in plan.notes:
             log(note)
@@ -341,8 +354,8 @@ class ConversionJob:
         --calibration-lora weighting: all decided before the header is computed."""
         oo = self.opts.optimizer_options or {}
         notes = []
-        if oo.get("smoothquant"):
-            from .optimizers.smoothquant import apply_to_plan
+        from .optimizers.smoothquant import apply_to_plan, plans_smoothquant
+        if plans_smoothquant(plan):
             notes += apply_to_plan(plan, self.calibration, oo)
         self.bias_correction = None
         if oo.get("bias_correction"):

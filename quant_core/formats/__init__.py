@@ -32,7 +32,8 @@ from .int8_blockwise import Int8Blockwise
 from .int8_quip import Int8QuIP
 from .int8_smoothquant import Int8SmoothQuant
 from .int8_tensorwise import Int8Tensorwise
-from .spec import FormatSpec, fallback_chain, make_spec, resolve_fit  # noqa: F401
+from .spec import FormatSpec, fallback_chain, resolve_fit  # noqa: F401
+from .choice import make_spec, spec_from_choice, with_smoothquant  # noqa: F401
 
 _ALL = (Int8Tensorwise, Int8Blockwise, FP16, Int8SmoothQuant, Int8QuIP)
 for _cls in _ALL:

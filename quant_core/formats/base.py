@@ -75,6 +75,7 @@ class QuantFormat:
 
     name: ClassVar[str]
     core_loadable: ClassVar[bool] = False  # does stock ComfyUI (comfy-kitchen) load it?
+    on_grid: ClassVar[bool] = True  # values on a grid with scales (what optimizers choose); fp16: none
     description: ClassVar[str] = ""
 
     @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from .base import QuantFormat, QuantizedWeight
 class FP16(QuantFormat):
     name = "fp16"
     core_loadable = True
+    on_grid = False  # nothing for an optimizer to choose: every optimizer stores the plain conversion
     description = "plain float16 weight (no quantization metadata)"
 
     @classmethod

@@ -1,5 +1,5 @@
-"""A format plus its parameters (``FormatSpec``): what the plan assigns to a layer, how a user's choice
-becomes one (``make_spec``), and what to fall back to when a layer's shape does not fit.
+"""A format plus its parameters (``FormatSpec``): what the plan assigns to a layer, and what to fall
+back to when a layer's shape does not fit.
 """
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Type
 
-from ..errors import PlanError
 from .base import QuantFormat, get_format
 from .fp16 import FP16
 from .int8_blockwise import Int8Blockwise
@@ -30,30 +29,6 @@ class FormatSpec:
 
     def replace(self, **changes) -> "FormatSpec":
         return FormatSpec(self.format, dataclasses.replace(self.params, **changes))
-
-
-def make_spec(format: str = "int8_tensorwise", scaling_mode: str = "axis", block_size: int = 128,
-              convrot: bool = False, convrot_groupsize: int = 256) -> FormatSpec:
-    """Build a FormatSpec from the CLI's vocabulary.
-
-    ``format``: int8 | int8_tensorwise | int8_blockwise | fp16 (or any registered name);
-    ``scaling_mode``: tensor | axis | block (block selects int8_blockwise).
-    """
-    fmt = {"int8": Int8Tensorwise.name}.get(format, format)
-    if fmt == Int8Tensorwise.name and scaling_mode == "block":
-        fmt = Int8Blockwise.name
-    if fmt == Int8Tensorwise.name:
-        if scaling_mode not in ("tensor", "axis", "row"):
-            raise PlanError(f"unknown scaling mode {scaling_mode!r} (tensor, axis, block)")
-        return FormatSpec(fmt, Int8Tensorwise.Params(
-            scaling="tensor" if scaling_mode == "tensor" else "row",
-            convrot=convrot, convrot_groupsize=convrot_groupsize))
-    if convrot:
-        raise PlanError(f"--convrot is only available with int8_tensorwise per-row scaling, not {fmt}")
-    if fmt == Int8Blockwise.name:
-        return FormatSpec(fmt, Int8Blockwise.Params(group_size=block_size))
-    cls = get_format(fmt)
-    return FormatSpec(fmt, cls.Params())
 
 
 def fallback_chain(spec: FormatSpec) -> List[FormatSpec]:

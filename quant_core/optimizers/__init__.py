@@ -27,6 +27,8 @@ def run_optimizer(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     """Run optimizer ``fn`` on one layer as the pipeline does: formats that transform the weight before
     quantizing it (SmoothQuant) wrap the optimizer, and every result reports its output SQNR on the
     calibration activations when there are any (round-to-nearest included, for comparison)."""
+    if not spec.cls.on_grid:  # fp16 (asked for, or a layer's fallback): the format's own conversion
+        fn = rtn.rtn
     if spec.format == SMOOTHQUANT_FORMAT:
         return quantize_smoothed(fn, w, spec, ctx)
     res = fn(w, spec, ctx)

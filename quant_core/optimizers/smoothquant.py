@@ -79,26 +79,32 @@ def quantize_smoothed(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: L
     return OptimizerResult(qw, info)
 
 
+def plans_smoothquant(plan) -> bool:
+    return any(lp.spec.format == SMOOTHQUANT_FORMAT for lp in plan.quantized_layers())
+
+
 def apply_to_plan(plan, calibration, options, log=lambda m: None) -> List[str]:
-    """Give every quantized per-row/tensor ``int8_tensorwise`` layer that has calibration statistics the
-    ``int8_smoothquant`` format (before the output header is computed). Returns plan notes."""
+    """Layers the plan gave ``int8_smoothquant`` (``formats.spec_from_choice``) but that have no
+    calibration statistics are stored as ``int8_tensorwise`` with the same scaling (before the output
+    header is computed); the factors come from real activation abs-max values, never invented ones.
+    Returns plan notes."""
     if calibration is None:
-        raise PlanError("--smoothquant needs --calibration-data: the smoothing factors come from real "
-                        "activation abs-max values, which are never invented")
+        raise PlanError("int8_smoothquant needs --calibration-data (or the Quantize node's calibration input): "
+                        "the smoothing factors come from real activation abs-max values, which are never invented")
     alpha = float(opt(options, "smoothquant_alpha", 0.5))
     if not 0.0 <= alpha <= 1.0:
         raise PlanError(f"--smoothquant-alpha must be in [0, 1], got {alpha}")
     smoothed, no_stats, other = 0, [], []
     for lp in plan.quantized_layers():
         spec = lp.spec
-        if spec.format != Int8Tensorwise.name or spec.params.convrot:
+        if spec.format != SMOOTHQUANT_FORMAT:
             if spec.format != "fp16":
                 other.append(lp.base)
             continue
         if calibration.resolve(lp.base) is None:
             no_stats.append(lp.base)
+            lp.spec = FormatSpec(Int8Tensorwise.name, Int8Tensorwise.Params(scaling=spec.params.scaling))
             continue
-        lp.spec = FormatSpec(SMOOTHQUANT_FORMAT, Int8SmoothQuant.Params(scaling=spec.params.scaling))
         smoothed += 1
     notes = [f"SmoothQuant (alpha {alpha:g}): {smoothed} layers stored as {SMOOTHQUANT_FORMAT} "
              "(our loader only; stock ComfyUI refuses the format)"]
