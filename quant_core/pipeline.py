@@ -26,7 +26,7 @@ from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import place_layer, policy_from_options, run_guarded
 from .seeding import enable_deterministic_gpu_math, layer_rng
 from .streaming import Prefetcher, WriteBehind
-from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
+from .optimizers import LayerContext, LayerDecisions, OptimizerOptions, get_optimizer, run_optimizer
 from .optimizers.gptq import IndefiniteHessianError
 from .paths import check_run_files
 from .plan import ConversionPlan, PlanOptions, build_plan
@@ -279,7 +279,8 @@ class ConversionJob:
 
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
-        check_optimizer_options(opts.optimizer_options)
+        # typed, checked once (unknown keys / wrong types name the key); per-layer decisions go apart
+        self.options = OptimizerOptions.from_dict(opts.optimizer_options)
         check_options(opts)
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite, opts)
         # the file as the float model it stands for: fp8 layers dequantized, their scale keys consumed,
@@ -356,7 +357,7 @@ class ConversionJob:
         notes = []
         from .optimizers.smoothquant import apply_to_plan, plans_smoothquant
         if plans_smoothquant(plan):
-            notes += apply_to_plan(plan, self.calibration, oo)
+            notes += apply_to_plan(plan, self.calibration, self.options)
         self.bias_correction = None
         if oo.get("bias_correction"):
             from .optimizers.bias_correction import plan_bias_correction
@@ -365,11 +366,7 @@ class ConversionJob:
         self.lora_directions = None
         if oo.get("calibration_lora"):
             from .optimizers.objective import LoraDirections
-            lam = oo.get("calibration_lora_weight")
-            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
-                                    or not (math.isfinite(lam) and lam >= 0)):
-                raise PlanError(f"calibration_lora_weight (--calibration-lora-weight) must be a finite number "
-                                f">= 0, got {lam!r}")
+            # its weight is typed and range-checked once, in optimizers/options.py
             self.lora_directions = LoraDirections(
                 oo["calibration_lora"], {k: (i.dtype, i.shape) for k, i in self.reader.infos.items()})
         for n in notes:
@@ -423,13 +420,15 @@ class ConversionJob:
                                       "(use --nan-policy keep to keep such layers unquantized)")
             _check_float32_range(w, key, info.dtype_name)
             w = w.to(torch.float32)
-            options = dict(self.opts.optimizer_options or {})
-            options.update(pl.option_overrides())
-            options["bf16_hadamard"] = rotated and policy.use_bf16(
-                "hadamard", w.numel(), pl.device, exact_input=info.dtype == torch.bfloat16 and t.dtype == torch.bfloat16)
-            options["bf16_hessian"] = rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device)
-            ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
-                               log=self.log, lora_delta=lora_delta, stats=stats)
+            decisions = LayerDecisions(
+                row_segments=pl.row_segments,
+                hessian_device=str(pl.hessian_device) if pl.hessian_device is not None else None,
+                bf16_hadamard=rotated and policy.use_bf16(
+                    "hadamard", w.numel(), pl.device,
+                    exact_input=info.dtype == torch.bfloat16 and t.dtype == torch.bfloat16),
+                bf16_hessian=rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device))
+            ctx = LayerContext(base=lp.base, device=pl.device, options=self.options, decisions=decisions,
+                               orig_dtype=info.dtype, log=self.log, lora_delta=lora_delta, stats=stats)
             with layer_rng(lp.base, pl.device, seed):
                 try:
                     res = run_optimizer(self.optimizer, w, lp.spec, ctx)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .options import LayerDecisions, OptimizerOptions  # noqa: F401
 from .base import (OPTIMIZER_COSTS, OPTIMIZER_OPTIONS, OPTIMIZERS, LayerContext, OptimizerFn, OptimizerResult,  # noqa: F401
                    check_optimizer_options, get_optimizer, register_optimizer)
 from ..formats import FormatSpec

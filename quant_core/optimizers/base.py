@@ -3,25 +3,34 @@ memory and time estimate, declared beside it) and the check of the options dict.
 the optimizers package, so every optimizer module can import it."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..errors import PlanError, display_name
+from ..errors import PlanError
 from ..formats import FormatSpec, QuantizedWeight
+from .options import LayerDecisions, OptimizerOptions, layer_options, option_kinds
 
 
 @dataclass
 class LayerContext:
+    """One layer's inputs to an optimizer. ``options``: the typed ``OptimizerOptions`` (a dict is
+    checked and converted; its decision keys become ``decisions``); ``decisions``: what the pipeline
+    decided for this layer (row segments, Hessian device, bf16 rotations), apart from the options."""
+
     base: str
     device: torch.device = torch.device("cpu")
     stats: Optional[Any] = None  # calibration statistics for this layer's input, if any
-    options: Dict[str, Any] = field(default_factory=dict)  # optimizer knobs from the CLI / node
+    options: OptimizerOptions = field(default_factory=OptimizerOptions)  # from the CLI / node / API
     orig_dtype: torch.dtype = torch.bfloat16
     log: Callable[[str], None] = lambda msg: None
     lora_delta: Optional[torch.Tensor] = None  # --calibration-lora: this layer's LoRA weight delta, if any
+    decisions: Optional[LayerDecisions] = None
+
+    def __post_init__(self):
+        self.options = layer_options(self.options, self.decisions)
+        self.decisions = self.options.decisions
 
 
 @dataclass
@@ -97,58 +106,11 @@ def get_optimizer(name: str) -> OptimizerFn:
         raise PlanError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}") from None
 
 
-# Every key ``ConvertOptions.optimizer_options`` may hold (the CLI's optimizer/memory flags, the node's
-# optimizer_options JSON, the API's dict) and its JSON type. ``None`` always means "the default".
-# ``check_optimizer_options`` refuses unknown keys and wrong types: no silent coercion.
-_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
-OPTIMIZER_OPTIONS: Dict[str, Any] = {
-    **dict.fromkeys(("num_iter", "min_k", "max_k", "lr_patience", "lr_cooldown", "early_stop_stall",
-                     "gptq_block_size", "polish_sweeps", "quip_seed", "quip_checkpoint_threshold",
-                     "quip_checkpoint_segments", "bf16_threshold", "bf16_hadamard_threshold",
-                     "bf16_hessian_threshold", "calib_samples", "manual_seed", "eval_every", "row_segments"), _INT),
-    **dict.fromkeys(("lr", "top_p", "lr_gamma", "lr_factor", "lr_min", "lr_threshold", "early_stop_loss",
-                     "early_stop_lr", "gptq_damp", "smoothquant_alpha", "calibration_lora_weight",
-                     "round_reg"), _FLOAT),
-    **dict.fromkeys(("gptq_actorder", "quip_actorder", "quip_hadamard", "quip_store_transformed",
-                     "quip_checkpointed", "smoothquant", "static_activations", "bias_correction", "input_scale",
-                     "full_precision_matrix_mult", "no_memory_limits", "allow_tf32", "scale_search",
-                     "bf16_hadamard", "bf16_hessian"), _BOOL),
-    **dict.fromkeys(("calibration_lora", "hessian_device"), _STR),
-    "lr_schedule": ("adaptive", "exponential", "plateau"),
-    "rounding_init": ("gptq", "nearest"),
-    "quip_requant_scheme": ("tensor", "block"),
-    "streaming_mode": ("off", "minimal", "balanced", "aggressive", "auto"),
-    "bf16_compute": ("auto", "on", "off"),
-}
+# Every key ``ConvertOptions.optimizer_options`` may hold and its JSON kind, from the typed options
+# (``options.py``); ``check_optimizer_options`` refuses unknown keys, wrong types and out-of-range values.
+OPTIMIZER_OPTIONS: Dict[str, Any] = option_kinds()
 
 
 def check_optimizer_options(options: Optional[Dict[str, Any]], where: str = "optimizer_options") -> None:
     """Refuse an options dict with unknown keys or values of the wrong JSON type, naming the key."""
-    if options is None:
-        return
-    if not isinstance(options, dict):
-        raise PlanError(f"{where} must be an object of option names, got {type(options).__name__}")
-    unknown = [k for k in options if k not in OPTIMIZER_OPTIONS]
-    if unknown:
-        shown = ", ".join(repr(k) if isinstance(k, str) else display_name(repr(k)) for k in unknown[:5])
-        raise PlanError(f"{where}: unknown option(s) {shown}; known: {', '.join(sorted(OPTIMIZER_OPTIONS))}")
-    for key, v in options.items():
-        kind = OPTIMIZER_OPTIONS[key]
-        if v is None:
-            continue
-        if isinstance(kind, tuple):
-            ok, what = isinstance(v, str) and v in kind, "one of " + ", ".join(kind)
-        elif kind == _BOOL:
-            ok, what = isinstance(v, bool), kind
-        elif kind == _INT:
-            ok, what = isinstance(v, int) and not isinstance(v, bool), kind
-        elif kind == _FLOAT:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            what = "a finite number"
-        else:
-            ok, what = isinstance(v, str), kind
-        if not ok:
-            shown = repr(v) if isinstance(v, str) else type(v).__name__ + " " + display_name(repr(v)[:80])
-            raise PlanError(f"{where}: option {key!r} must be {what}, got {shown}")
-
-
+    OptimizerOptions.from_dict(options, where)

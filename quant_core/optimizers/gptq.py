@@ -32,7 +32,7 @@ from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
 from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
 from .rtn import storage_weight
-from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
+from .objective import clip_grid, layer_objective, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 DEFAULT_BLOCK = 128
 DEFAULT_DAMP = 0.03  # chosen on MiniLM held-out sentences from {1%, 3%, 10%, 30%} (docs/OPTIMIZERS.md)
@@ -256,14 +256,13 @@ def quantize_with_objective(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext
                             actorder: bool, row_segments: int = 1, label: str = "gptq", factor_device=None):
     """GPTQ/LDLQ of storage-space ``ws`` under ``obj``; returns (integers, scale, info). Keeps the
     round-to-nearest result if GPTQ does not lower the objective (it practically always does)."""
-    opts = ctx.options or {}
+    g = ctx.options.gptq
     scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
-    block = int(opt(opts, "gptq_block_size", DEFAULT_BLOCK))
-    damp = float(opt(opts, "gptq_damp", DEFAULT_DAMP))
+    block, damp = g.gptq_block_size, g.gptq_damp
     # the memory policy (quant_core.memory.place_layer) may ask for more row segments / a CPU factorization
-    row_segments = max(int(row_segments), int(opt(opts, "row_segments", 1)))
-    factor_device = factor_device or opt(opts, "hessian_device", None)
+    row_segments = max(int(row_segments), ctx.decisions.row_segments)
+    factor_device = factor_device or ctx.decisions.hessian_device
     # placements that save memory (row segments, factorization on the CPU) keep no captured sweeps
     constrained = row_segments > 1 or factor_device is not None
     if constrained:  # and hold none from earlier layers: this layer's estimate does not count them
@@ -327,8 +326,8 @@ def gptq(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
     """GPTQ in the planned format (see the module docstring)."""
     t0 = time.perf_counter()
     w = w.float()
-    ws = storage_weight(w, spec, ctx.options)
+    ws = storage_weight(w, spec, ctx.decisions)
     obj = layer_objective(w, spec, ctx)
-    q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, bool(opt(ctx.options, "gptq_actorder", False)))
+    q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, ctx.options.gptq.gptq_actorder)
     qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
     return OptimizerResult(qw, finish_info(info, obj, t0))

@@ -27,7 +27,7 @@ from ..errors import CalibrationError, PlanError
 from ..formats import FormatSpec, Int8Tensorwise
 from ..formats_extra import Int8SmoothQuant
 from .base import LayerContext, OptimizerFn, OptimizerResult
-from .objective import opt, output_sqnr_db
+from .objective import output_sqnr_db
 
 SMOOTHQUANT_FORMAT = Int8SmoothQuant.name
 F_MIN, F_MAX = 1e-4, 1e4
@@ -59,7 +59,7 @@ def quantize_smoothed(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: L
     t0 = time.perf_counter()
     if ctx.stats is None:
         raise CalibrationError(f"{ctx.base}: SmoothQuant needs calibration statistics for this layer")
-    alpha = float(opt(ctx.options, "smoothquant_alpha", 0.5))
+    alpha = ctx.options.calibrated.smoothquant_alpha
     w = w.float()
     f = smoothing_factors(ctx.stats.absmax, w, alpha)
     ws = w * f.reshape(1, -1)
@@ -91,9 +91,7 @@ def apply_to_plan(plan, calibration, options, log=lambda m: None) -> List[str]:
     if calibration is None:
         raise PlanError("int8_smoothquant needs --calibration-data (or the Quantize node's calibration input): "
                         "the smoothing factors come from real activation abs-max values, which are never invented")
-    alpha = float(opt(options, "smoothquant_alpha", 0.5))
-    if not 0.0 <= alpha <= 1.0:
-        raise PlanError(f"--smoothquant-alpha must be in [0, 1], got {alpha}")
+    alpha = options.calibrated.smoothquant_alpha  # typed, range checked once (optimizers/options.py)
     smoothed, no_stats, other = 0, [], []
     for lp in plan.quantized_layers():
         spec = lp.spec
