@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("format")
     g.add_argument("--fp16", action="store_true", help="store quantizable layers as plain float16")
+    g.add_argument("--fp8", action="store_true",
+                   help="store quantizable layers as float8_e4m3fn with one float32 scale per tensor (ComfyUI "
+                        "core's fp8 format; rtn or gptq)")
     g.add_argument(*_both("scaling_mode"), choices=["tensor", "axis", "block"], default="axis",
                    help="int8 scale granularity: tensor (one scale), axis (per output row; loads in stock "
                         "ComfyUI), block (int8_blockwise tiles; our loader)")
@@ -272,6 +275,9 @@ def validate_args(args, parser: argparse.ArgumentParser):
 
     if not args.example and not args.input and not args.list_presets:
         bad("-i/--input is required (or use --example)")
+    if args.fp8 and (args.fp16 or args.convrot or args.scaling_mode not in ("axis", "tensor")):
+        bad("--fp8 stores float8_e4m3fn with one scale per tensor; it cannot be combined with --fp16, --convrot "
+            "or --scaling_mode block")
     if args.fp16 and (args.convrot or args.scaling_mode != "axis"):
         bad("--fp16 stores plain float16; it cannot be combined with --convrot or --scaling_mode")
     if args.convrot and args.scaling_mode != "axis":
@@ -334,7 +340,7 @@ def format_spec_from_args(args):
     ``--quip-requant-scheme X`` is QuIP's name for ``--scaling_mode X``; ``--quip-store-transformed``
     names the format ``int8_quip``."""
     optimizer = default_optimizer(args)
-    fmt = "fp16" if args.fp16 else "int8_quip" if args.quip_store_transformed else "int8"
+    fmt = "fp16" if args.fp16 else "fp8" if args.fp8 else "int8_quip" if args.quip_store_transformed else "int8"
     scaling = (args.quip_requant_scheme if optimizer == "quip" else None) or args.scaling_mode
     return spec_from_choice(fmt, scaling, args.block_size, args.convrot, args.convrot_group_size,
                             optimizer=optimizer, smoothquant=args.smoothquant)

@@ -73,6 +73,18 @@ class ConversionResult:
     lora_report: Any = None
 
 
+def check_optimizer_fits_plan(optimizer: str, plan) -> None:
+    """An optimizer that only chooses between integers (learned rounding: floor / ceil) cannot write a
+    format on another grid (float8): refused before anything is read, naming both."""
+    from .optimizers.base import optimizer_cost
+    if not optimizer_cost(optimizer).integer_grid_only:
+        return
+    other = sorted({lp.spec.format for lp in plan.quantized_layers() if lp.spec.cls.grid_round is not None})
+    if other:
+        raise PlanError(f"optimizer {optimizer} rounds to integers (floor or ceiling); it cannot write "
+                        f"{', '.join(other)}: use rtn or gptq for that format")
+
+
 def plan_options_for(opts: "ConvertOptions") -> PlanOptions:
     """``opts.plan`` with the options' ``smoothquant`` applied to its format choices (the API's way of
     asking for SmoothQuant; the CLI and the nodes already chose ``int8_smoothquant`` through
@@ -291,6 +303,7 @@ class ConversionJob:
         for note in plan.notes:
             log(note)
         self.optimizer = get_optimizer(opts.optimizer)
+        check_optimizer_fits_plan(opts.optimizer, plan)
         self.device = resolve_device(opts.device)
         if self.device.type == "cuda":
             enable_deterministic_gpu_math()
@@ -665,7 +678,8 @@ def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tenso
     the convrot rotation of rows near float32's largest value); nothing non-finite is ever written."""
     what = None
     for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        # (1-byte floats -- fp8 weights -- have no isfinite: their values are checked as the dequantized weight)
+        if v.is_floating_point() and v.element_size() > 1 and not bool(torch.isfinite(v).all()):
             what = f"{display_name(k)} would hold {_nonfinite(v)}"
             break
     if what is None and not bool(torch.isfinite(deq).all()):

@@ -28,6 +28,7 @@ from .base import (FORMATS, QMAX, SCALE_MIN, QuantFormat, QuantizedWeight, Tenso
                    expand_row_or_tensor_scale, get_format, parse_comfy_quant, quantized_weight_from_tensors,
                    register_format, round_to_int8, row_or_tensor_scale)
 from .fp16 import FP16
+from .fp8 import Float8E4M3
 from .int8_blockwise import Int8Blockwise
 from .int8_quip import Int8QuIP
 from .int8_smoothquant import Int8SmoothQuant
@@ -35,6 +36,6 @@ from .int8_tensorwise import Int8Tensorwise
 from .spec import FormatSpec, fallback_chain, resolve_fit  # noqa: F401
 from .choice import make_spec, spec_from_choice, with_smoothquant  # noqa: F401
 
-_ALL = (Int8Tensorwise, Int8Blockwise, FP16, Int8SmoothQuant, Int8QuIP)
+_ALL = (Int8Tensorwise, Int8Blockwise, FP16, Int8SmoothQuant, Int8QuIP, Float8E4M3)
 for _cls in _ALL:
     register_format(_cls)

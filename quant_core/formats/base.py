@@ -76,6 +76,9 @@ class QuantFormat:
     name: ClassVar[str]
     core_loadable: ClassVar[bool] = False  # does stock ComfyUI (comfy-kitchen) load it?
     on_grid: ClassVar[bool] = True  # values on a grid with scales (what optimizers choose); fp16: none
+    storage_dtype: ClassVar[torch.dtype] = torch.int8  # dtype of the stored ``weight``
+    # the nearest grid value of x (float32, in units of the scale); None: integers in [-127, 127]
+    grid_round: ClassVar[Optional[Any]] = None
     description: ClassVar[str] = ""
 
     @dataclass(frozen=True)
@@ -141,8 +144,16 @@ class QuantFormat:
 
     @classmethod
     def round_storage(cls, x: torch.Tensor) -> torch.Tensor:
-        """Values on the format's grid, nearest (ties to even), from storage-space ``x / S``."""
+        """Values on the format's grid, nearest (ties to even), from storage-space ``x / S``, in the
+        stored dtype."""
         return round_to_int8(x)
+
+    @classmethod
+    def grid_values(cls, x: torch.Tensor) -> torch.Tensor:
+        """The nearest grid values of ``x`` as float32 (int8: ``round`` then clamp to ±127)."""
+        if cls.grid_round is None:
+            return torch.round(x).clamp_(-QMAX, QMAX)
+        return cls.grid_round(x)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, params, orig_dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
@@ -226,8 +237,9 @@ def quantized_weight_from_tensors(base: str, cfg: dict, tensors: Dict[str, torch
         raise SafetensorsFormatError(f"{display_name(base)}: quantized layer needs weight and weight_scale tensors")
     params = cls.params_from_config(cfg, tensors)
     q, scale = tensors["weight"], tensors["weight_scale"]
-    if q.dtype != torch.int8 or q.dim() != 2:
-        raise SafetensorsFormatError(f"{display_name(base + '.weight')}: expected a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+    if q.dtype != cls.storage_dtype or q.dim() != 2:
+        want = str(cls.storage_dtype).replace("torch.", "")
+        raise SafetensorsFormatError(f"{display_name(base + '.weight')}: expected a 2-D {want} tensor, got {q.dtype} {list(q.shape)}")
     expected = {spec[0][len(base) + 1:]: spec for spec in cls.output_spec(base, tuple(q.shape), params, orig_dtype)}
     want = expected.get("weight_scale")
     if want is not None and tuple(scale.shape) != tuple(want[2]):

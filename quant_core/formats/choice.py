@@ -6,7 +6,8 @@ SmoothQuant).
 
 The vocabulary (``docs/FORMATS.md``):
 
-* ``format``: a registered format name, or ``int8`` (= ``int8_tensorwise``); ``None`` = ``int8``;
+* ``format``: a registered format name, or ``int8`` (= ``int8_tensorwise``), ``fp8`` (= ``float8_e4m3fn``,
+  per-tensor scale); ``None`` = ``int8``;
 * ``scaling``: ``axis`` / ``row`` (one scale per output row: the same thing under two names),
   ``tensor``, or ``block`` (int8: selects ``int8_blockwise``); ignored by formats without a scale choice;
 * ``block_size``: the tile of ``int8_blockwise``; ``convrot`` / ``convrot_groupsize``: the regular-
@@ -28,7 +29,7 @@ from .int8_smoothquant import Int8SmoothQuant
 from .int8_tensorwise import Int8Tensorwise
 from .spec import FormatSpec
 
-FORMAT_ALIASES = {"int8": Int8Tensorwise.name}
+FORMAT_ALIASES = {"int8": Int8Tensorwise.name, "fp8": "float8_e4m3fn"}
 SCALINGS = {"axis": "row", "row": "row", "tensor": "tensor", "block": "block"}
 RTN_OPTIMIZERS = (None, "rtn")
 

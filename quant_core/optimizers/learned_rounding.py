@@ -313,7 +313,7 @@ def _estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
     return LayerEstimate(weight=40 * n + (4 * n if rotated else 0), sweep=0, hessian=12 * inn * inn, factor=0)
 
 
-COST = OptimizerCost(_estimate)
+COST = OptimizerCost(_estimate, integer_grid_only=True)
 
 
 @register_optimizer("original", COST)

@@ -165,7 +165,7 @@ def search_scales(ws: torch.Tensor, spec: FormatSpec, col_weight: Optional[torch
         checkpoint()
         s = base * c
         full = spec.cls.expand_scale(s, ws.shape, spec.params)
-        e = (ws - torch.round(ws / full).clamp_(-QMAX, QMAX) * full).pow_(2)
+        e = (ws - spec.cls.grid_values(ws / full) * full).pow_(2)
         if cw is not None:
             e = e * cw
         err = reduce_to_scale(e, s, spec)

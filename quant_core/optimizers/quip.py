@@ -78,6 +78,6 @@ def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
             obj.notes.append(f"format {spec.describe()} holds no rotation: LDLQ without incoherence processing")
         q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, actorder, segments, label="quip",
                                                  factor_device=factor_device)
-        qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
+        qw = spec.cls.pack(q, scale, spec.params, ctx.orig_dtype)
         info["incoherence"] = info_inc
     return OptimizerResult(qw, finish_info(info, obj, t0))
