@@ -25,6 +25,7 @@ FORMATS = {
     "int8_blockwise/64": (("int8_blockwise", "axis", 64, False, "256"), ["--scaling_mode", "block", "--block_size", "64"]),
     "fp16": (("fp16", "axis", 128, False, "256"), ["--fp16"]),
     "int8_quip": (("int8_quip", "axis", 128, False, "256"), ["--quip-store-transformed"]),
+    "float8_e4m3fn": (("float8_e4m3fn", "axis", 128, False, "256"), ["--fp8"]),
 }
 NUM_ITER = 12  # learned rounding: enough steps to change integers, few enough for a quick test
 
@@ -67,6 +68,14 @@ def test_cli_and_node_write_the_same_bytes(model, tmp_path, capsys, choice, opti
         if optimizer != "rtn":
             with pytest.raises(PlanError, match="use optimizer quip"):
                 _node(model, str(tmp_path / "n.safetensors"), widgets, optimizer)
+        assert not list(tmp_path.iterdir())
+        return
+    if choice == "float8_e4m3fn" and optimizer in ("original", "adamw", "radam"):
+        # learned rounding chooses between integers: both refuse the fp8 grid, with the same message
+        assert _cli(model, str(tmp_path / "c.safetensors"), flags, optimizer) == 2
+        assert "rounds to integers" in capsys.readouterr().err
+        with pytest.raises(PlanError, match="rounds to integers"):
+            _node(model, str(tmp_path / "n.safetensors"), widgets, optimizer)
         assert not list(tmp_path.iterdir())
         return
     c, n = tmp_path / "cli.safetensors", tmp_path / "node.safetensors"
