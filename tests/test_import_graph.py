@@ -162,3 +162,28 @@ def test_the_walker_finds_a_circle_and_a_lazy_import(tmp_path):
     (pkg / "a.py").write_text("import importlib\nM = importlib.import_module('.missing', __package__)\n")
     with pytest.raises(AssertionError, match="missing"):
         import_edges(package_modules(str(root)))
+
+
+def test_readme_architecture_table_names_every_module():
+    """README's architecture table names every module of the package (issue 16: a newcomer finds any
+    format, optimizer, node or kernel path from it). A row may name several files of one folder:
+    ``quant_core/lora.py``, ``lora_keys.py``."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## Architecture"):]
+    section = section[: section.index("\n## ", 1)]
+    named = set()
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            continue
+        cell = line.split("|")[1]
+        folder = ""
+        for name in (p.strip("` ") for p in cell.split(",")):
+            if "/" in name:
+                folder = name.rsplit("/", 1)[0] + "/"
+                named.add(name)
+            elif name.endswith(".py"):
+                named.add(folder + name)
+    missing = sorted(os.path.relpath(p, ROOT) for p in package_modules().values()
+                     if os.path.relpath(p, ROOT) not in named)
+    assert not missing, "modules missing from README's architecture table: " + ", ".join(missing)
