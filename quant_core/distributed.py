@@ -382,20 +382,31 @@ class _Source:
         return None if self.queue is None else len(self.queue.taken)
 
 
+def _processed(job, inputs, before: Optional[Callable[[], None]] = None):
+    """``(key, tensors, layer, seconds)`` for each ``(key, tensor)`` the read-ahead yields: the tensor is
+    handed to ``job.process`` through ``job.prefetched`` and no other reference to it is kept, so the
+    layer can free it as soon as it is on the device."""
+    for key, t in inputs:
+        if before is not None:
+            before()
+        job.prefetched = {key: t}
+        del t
+        t1 = time.perf_counter()
+        tensors, layer = job.process(key)
+        job.prefetched = {}
+        yield key, tensors, layer, time.perf_counter() - t1
+        del tensors, layer
+
+
 def _run_worker(job, source: _Source, info: RankInfo):
     import torch.distributed as dist
     sender = _Sender()
     t0, busy, n = time.perf_counter(), 0.0, 0
     try:
         with source.prefetcher(job) as inputs:
-            for key, t in inputs:
-                job.prefetched = {key: t}
-                del t
-                t1 = time.perf_counter()
-                tensors, layer = job.process(key)
-                busy += time.perf_counter() - t1
+            for key, tensors, layer, seconds in _processed(job, inputs):
+                busy += seconds
                 n += 1
-                job.prefetched = {}
                 sender.put(ITEM, {"key": key, "tensors": list(tensors), "layer": _layer_to_json(layer)}, tensors)
                 del tensors
     except LostRank0:
@@ -489,15 +500,9 @@ def _run_rank0(job, source: _Source, info: RankInfo, progress, log):
             for th in threads:
                 th.start()
             with source.prefetcher(job) as inputs:
-                for key, t in inputs:
-                    check()
-                    job.prefetched = {key: t}
-                    del t
-                    t1 = time.perf_counter()
-                    tensors, layer = job.process(key)
-                    busy += time.perf_counter() - t1
+                for key, tensors, layer, seconds in _processed(job, inputs, check):
+                    busy += seconds
                     n_mine += 1
-                    job.prefetched = {}
                     out.put(tensors)
                     del tensors
                     on_layer(key, layer)

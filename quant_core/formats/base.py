@@ -58,6 +58,16 @@ def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def check_scaling(fmt: str, scaling) -> None:
+    """The rule of every row-or-tensor scaled format's ``Params``."""
+    if scaling not in ("row", "tensor"):
+        raise PlanError(f"{fmt} scaling must be 'row' or 'tensor', got {scaling!r}")
+
+
+def row_or_tensor_scale_shape(shape, scaling: str) -> Tuple[int, ...]:
+    return (shape[0], 1) if scaling == "row" else ()
+
+
 def row_or_tensor_scale(ws: torch.Tensor, scaling: str) -> torch.Tensor:
     """Abs-max scale per output row (``[out, 1]``) or for the whole tensor (0-dim)."""
     if scaling == "row":
@@ -93,12 +103,28 @@ class QuantFormat:
         return None
 
     @classmethod
-    def output_spec(cls, base: str, shape, params, orig_dtype: torch.dtype) -> List[TensorSpec]:
+    def scale_shape(cls, shape, params) -> Tuple[int, ...]:
+        """Shape of ``weight_scale`` for a weight of ``shape``."""
         raise NotImplementedError
 
     @classmethod
+    def extra_specs(cls, shape, params) -> List[TensorSpec]:
+        """``(suffix, dtype, shape)`` of the per-format tensors written between ``weight_scale`` and
+        ``comfy_quant`` (SmoothQuant's factors, QuIP's signs)."""
+        return []
+
+    @classmethod
+    def output_spec(cls, base: str, shape, params, orig_dtype: torch.dtype) -> List[TensorSpec]:
+        """The keys written for one layer: ``weight``, ``weight_scale``, the format's extra tensors, and
+        the ``comfy_quant`` JSON."""
+        return ([(f"{base}.weight", cls.storage_dtype, tuple(shape)),
+                 (f"{base}.weight_scale", torch.float32, tuple(cls.scale_shape(shape, params)))]
+                + [(f"{base}.{suffix}", dt, tuple(s)) for suffix, dt, s in cls.extra_specs(shape, params)]
+                + [(f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))])
+
+    @classmethod
     def comfy_quant(cls, params) -> Optional[dict]:
-        return None
+        return {"format": cls.name}
 
     @classmethod
     def describe(cls, params) -> str:

@@ -14,6 +14,10 @@ class FP16(QuantFormat):
     description = "plain float16 weight (no quantization metadata)"
 
     @classmethod
+    def comfy_quant(cls, params):
+        return None
+
+    @classmethod
     def output_spec(cls, base, shape, params, orig_dtype):
         return [(f"{base}.weight", torch.float16, tuple(shape))]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import SCALE_MIN, QuantFormat, QuantizedWeight, comfy_quant_bytes
+from .base import SCALE_MIN, QuantFormat, QuantizedWeight
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -55,14 +55,8 @@ class Float8E4M3(QuantFormat):
         return "float8_e4m3fn/tensor"
 
     @classmethod
-    def output_spec(cls, base, shape, params, orig_dtype):
-        return [(f"{base}.weight", FP8_DTYPE, tuple(shape)),
-                (f"{base}.weight_scale", torch.float32, ()),
-                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
-
-    @classmethod
-    def comfy_quant(cls, params):
-        return {"format": cls.name}
+    def scale_shape(cls, shape, params):
+        return ()
 
     @classmethod
     def params_from_config(cls, cfg, tensors):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PlanError
-from .base import QuantFormat, _absmax_scale, _round_temp_to_int8, comfy_quant_bytes
+from .base import QuantFormat, _absmax_scale, _round_temp_to_int8
 
 
 class Int8Blockwise(QuantFormat):
@@ -39,12 +39,6 @@ class Int8Blockwise(QuantFormat):
     def scale_shape(cls, shape, params):
         g = params.group_size
         return (math.ceil(shape[0] / g), math.ceil(shape[1] / g))
-
-    @classmethod
-    def output_spec(cls, base, shape, params, orig_dtype):
-        return [(f"{base}.weight", torch.int8, tuple(shape)),
-                (f"{base}.weight_scale", torch.float32, cls.scale_shape(shape, params)),
-                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
 
     @classmethod
     def comfy_quant(cls, params):

@@ -19,8 +19,7 @@ from typing import Optional
 import torch
 
 from ..errors import PlanError, SafetensorsFormatError
-from .base import (QuantFormat, QuantizedWeight, comfy_quant_bytes, expand_row_or_tensor_scale, round_to_int8,
-                   row_or_tensor_scale)
+from .base import QuantFormat, QuantizedWeight, expand_row_or_tensor_scale, round_to_int8, row_or_tensor_scale
 
 QUIP_MAX_BLOCK = 4096
 
@@ -82,12 +81,12 @@ class Int8QuIP(QuantFormat):
         return reason
 
     @classmethod
-    def output_spec(cls, base, shape, params, orig_dtype):
-        return [(f"{base}.weight", torch.int8, tuple(shape)),
-                (f"{base}.weight_scale", torch.float32, (shape[0], 1)),
-                (f"{base}.quip_sign_in", torch.int8, (shape[1],)),
-                (f"{base}.quip_sign_out", torch.int8, (shape[0],)),
-                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+    def scale_shape(cls, shape, params):
+        return (shape[0], 1)
+
+    @classmethod
+    def extra_specs(cls, shape, params):
+        return [("quip_sign_in", torch.int8, (shape[1],)), ("quip_sign_out", torch.int8, (shape[0],))]
 
     @classmethod
     def comfy_quant(cls, params):

@@ -15,11 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PlanError, SafetensorsFormatError
-from .base import QuantFormat, QuantizedWeight, comfy_quant_bytes, expand_row_or_tensor_scale, row_or_tensor_scale
-
-
-def _row_or_tensor_scale_shape(shape, scaling):
-    return (shape[0], 1) if scaling == "row" else ()
+from .base import (QuantFormat, QuantizedWeight, check_scaling, expand_row_or_tensor_scale, row_or_tensor_scale,
+                   row_or_tensor_scale_shape)
 
 
 class Int8SmoothQuant(QuantFormat):
@@ -33,23 +30,19 @@ class Int8SmoothQuant(QuantFormat):
         scaling: str = "row"
 
         def __post_init__(self):
-            if self.scaling not in ("row", "tensor"):
-                raise PlanError(f"int8_smoothquant scaling must be 'row' or 'tensor', got {self.scaling!r}")
+            check_scaling("int8_smoothquant", self.scaling)
 
     @staticmethod
     def linear(x, qw, bias, path=None, backend=None):
         return smoothquant_linear(x, qw, bias, path=path, backend=backend)
 
     @classmethod
-    def output_spec(cls, base, shape, params, orig_dtype):
-        return [(f"{base}.weight", torch.int8, tuple(shape)),
-                (f"{base}.weight_scale", torch.float32, _row_or_tensor_scale_shape(shape, params.scaling)),
-                (f"{base}.smooth_scale", torch.float32, (shape[1],)),
-                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+    def scale_shape(cls, shape, params):
+        return row_or_tensor_scale_shape(shape, params.scaling)
 
     @classmethod
-    def comfy_quant(cls, params):
-        return {"format": cls.name}
+    def extra_specs(cls, shape, params):
+        return [("smooth_scale", torch.float32, (shape[1],))]
 
     @classmethod
     def params_from_config(cls, cfg, tensors):

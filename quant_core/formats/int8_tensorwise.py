@@ -7,11 +7,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from ..errors import PlanError
 from ..hadamard import CONVROT_GROUP_SIZES, rotate_groups_exact
-from .base import QuantFormat, comfy_quant_bytes, expand_row_or_tensor_scale, row_or_tensor_scale
+from .base import (QuantFormat, check_scaling, expand_row_or_tensor_scale, row_or_tensor_scale,
+                   row_or_tensor_scale_shape)
 
 
 class Int8Tensorwise(QuantFormat):
@@ -27,8 +26,7 @@ class Int8Tensorwise(QuantFormat):
         convrot_groupsize: int = 256
 
         def __post_init__(self):
-            if self.scaling not in ("row", "tensor"):
-                raise PlanError(f"int8_tensorwise scaling must be 'row' or 'tensor', got {self.scaling!r}")
+            check_scaling("int8_tensorwise", self.scaling)
             if self.convrot:
                 if self.scaling != "row":
                     raise PlanError("convrot needs per-row scaling (--scaling_mode axis); "
@@ -47,11 +45,8 @@ class Int8Tensorwise(QuantFormat):
         return reason
 
     @classmethod
-    def output_spec(cls, base, shape, params, orig_dtype):
-        scale_shape = (shape[0], 1) if params.scaling == "row" else ()
-        return [(f"{base}.weight", torch.int8, tuple(shape)),
-                (f"{base}.weight_scale", torch.float32, scale_shape),
-                (f"{base}.comfy_quant", torch.uint8, (len(comfy_quant_bytes(cls.comfy_quant(params))),))]
+    def scale_shape(cls, shape, params):
+        return row_or_tensor_scale_shape(shape, params.scaling)
 
     @classmethod
     def comfy_quant(cls, params):

@@ -9,7 +9,6 @@ from typing import Any, List, Optional, Tuple, Type
 
 from .base import QuantFormat, get_format
 from .fp16 import FP16
-from .int8_blockwise import Int8Blockwise
 from .int8_tensorwise import Int8Tensorwise
 
 
