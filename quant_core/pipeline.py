@@ -24,9 +24,9 @@ from .formats import quantized_weight_from_tensors
 from .fp8_input import InputView
 from .metrics import LayerQuality, QualityReport, error_stats
 from .memory import place_layer, policy_from_options, run_guarded
-from .seeding import enable_deterministic_gpu_math, layer_rng
+from .seeding import enable_deterministic_gpu_math
 from .streaming import Prefetcher, WriteBehind
-from .optimizers import LayerContext, LayerDecisions, OptimizerOptions, get_optimizer, run_optimizer
+from .optimizers import LayerContext, LayerDecisions, OptimizerOptions, get_optimizer, quantize_layer
 from .optimizers.gptq import IndefiniteHessianError
 from .paths import check_run_files
 from .plan import ConversionPlan, PlanOptions, build_plan
@@ -442,14 +442,13 @@ class ConversionJob:
                 bf16_hessian=rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device))
             ctx = LayerContext(base=lp.base, device=pl.device, options=self.options, decisions=decisions,
                                orig_dtype=info.dtype, log=self.log, lora_delta=lora_delta, stats=stats)
-            with layer_rng(lp.base, pl.device, seed):
-                try:
-                    res = run_optimizer(self.optimizer, w, lp.spec, ctx)
-                except IndefiniteHessianError as e:
-                    src = (f"{self.calibration.describe()}, statistics {display_name(stats.name)}"
-                           if stats is not None else "the weight-only objective")
-                    raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
-                                           f"{src}: {e}") from None
+            try:
+                res = quantize_layer(self.optimizer, w, lp.spec, ctx, seed)
+            except IndefiniteHessianError as e:
+                src = (f"{self.calibration.describe()}, statistics {display_name(stats.name)}"
+                       if stats is not None else "the weight-only objective")
+                raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
+                                       f"{src}: {e}") from None
             qw = res.qw
             if qw.format != lp.spec.format or qw.params != lp.spec.params:
                 raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "

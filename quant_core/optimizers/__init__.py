@@ -12,12 +12,15 @@ some (Hessian XᵀX, activation abs-max and mean) and is ``None`` otherwise: nev
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .options import LayerDecisions, OptimizerOptions  # noqa: F401
 from .base import (OPTIMIZER_COSTS, OPTIMIZER_OPTIONS, OPTIMIZERS, LayerContext, OptimizerFn, OptimizerResult,  # noqa: F401
                    check_optimizer_options, get_optimizer, register_optimizer)
 from ..formats import FormatSpec
+from ..seeding import layer_rng
 from .objective import output_sqnr_db
 from .smoothquant import SMOOTHQUANT_FORMAT, quantize_smoothed
 # the optimizers, one module each, registered on import
@@ -37,3 +40,12 @@ def run_optimizer(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         h = ctx.stats.hessian_mean(device=w.device)
         res.info["output_sqnr_db"] = output_sqnr_db(w.float(), res.qw.dequantize().to(w.device), h)
     return res
+
+
+def quantize_layer(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: LayerContext,
+                   seed: Optional[int] = None) -> OptimizerResult:
+    """One layer, the one way every caller runs it (the pipeline, so both multi-rank loops through
+    ``ConversionJob.process``, and ``model_quant``): ``run_optimizer`` with the layer's own random
+    numbers (``seeding.layer_rng``: they depend on its name and ``--manual_seed`` only)."""
+    with layer_rng(ctx.base, ctx.device, seed):
+        return run_optimizer(fn, w, spec, ctx)
