@@ -210,6 +210,23 @@ class QuantFormat:
         return out
 
 
+class RowOrTensorScaled(QuantFormat):
+    """Formats with one float32 scale per output row (``[out, 1]``) or per tensor (``[]``), chosen by
+    ``params.scaling`` (checked by ``check_scaling`` in their ``Params``)."""
+
+    @classmethod
+    def scale_shape(cls, shape, params):
+        return row_or_tensor_scale_shape(shape, params.scaling)
+
+    @classmethod
+    def compute_scale(cls, ws, params):
+        return row_or_tensor_scale(ws, params.scaling)
+
+    @classmethod
+    def expand_scale(cls, scale, shape, params):
+        return expand_row_or_tensor_scale(scale, shape, params.scaling)
+
+
 # ----------------------------------------------------------------------------------------------
 # registry (filled by ``formats/__init__.py``, one explicit list)
 # ----------------------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PlanError, SafetensorsFormatError
-from .base import (QuantFormat, QuantizedWeight, check_scaling, expand_row_or_tensor_scale, row_or_tensor_scale,
-                   row_or_tensor_scale_shape)
+from .base import QuantizedWeight, RowOrTensorScaled, check_scaling
 
 
-class Int8SmoothQuant(QuantFormat):
+class Int8SmoothQuant(RowOrTensorScaled):
     name = "int8_smoothquant"
     core_loadable = False
     description = ("SmoothQuant: int8 weights of W·diag(f) with per-row or tensor scale, plus the "
@@ -35,10 +34,6 @@ class Int8SmoothQuant(QuantFormat):
     @staticmethod
     def linear(x, qw, bias, path=None, backend=None):
         return smoothquant_linear(x, qw, bias, path=path, backend=backend)
-
-    @classmethod
-    def scale_shape(cls, shape, params):
-        return row_or_tensor_scale_shape(shape, params.scaling)
 
     @classmethod
     def extra_specs(cls, shape, params):
@@ -58,13 +53,6 @@ class Int8SmoothQuant(QuantFormat):
         scaling = "tensor" if scale is not None and scale.dim() == 0 else "row"
         return cls.Params(scaling=scaling)
 
-    @classmethod
-    def compute_scale(cls, ws, params):
-        return row_or_tensor_scale(ws, params.scaling)
-
-    @classmethod
-    def expand_scale(cls, scale, shape, params):
-        return expand_row_or_tensor_scale(scale, shape, params.scaling)
 
     @classmethod
     def quantize(cls, w, params, orig_dtype=None):

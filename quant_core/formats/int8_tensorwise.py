@@ -9,11 +9,10 @@ from typing import Optional
 
 from ..errors import PlanError
 from ..hadamard import CONVROT_GROUP_SIZES, rotate_groups_exact
-from .base import (QuantFormat, check_scaling, expand_row_or_tensor_scale, row_or_tensor_scale,
-                   row_or_tensor_scale_shape)
+from .base import RowOrTensorScaled, check_scaling
 
 
-class Int8Tensorwise(QuantFormat):
+class Int8Tensorwise(RowOrTensorScaled):
     name = "int8_tensorwise"
     core_loadable = True
     description = ("int8 weights, float32 scale per tensor or per output row, optional regular-"
@@ -43,10 +42,6 @@ class Int8Tensorwise(QuantFormat):
             reason = (f"in_features {shape[1]} is not divisible by convrot group "
                       f"{params.convrot_groupsize}")
         return reason
-
-    @classmethod
-    def scale_shape(cls, shape, params):
-        return row_or_tensor_scale_shape(shape, params.scaling)
 
     @classmethod
     def comfy_quant(cls, params):
@@ -86,10 +81,3 @@ class Int8Tensorwise(QuantFormat):
     def from_storage(cls, w, params):
         return rotate_groups_exact(w, params.convrot_groupsize) if params.convrot else w
 
-    @classmethod
-    def compute_scale(cls, ws, params):
-        return row_or_tensor_scale(ws, params.scaling)
-
-    @classmethod
-    def expand_scale(cls, scale, shape, params):
-        return expand_row_or_tensor_scale(scale, shape, params.scaling)
