@@ -417,7 +417,7 @@ class ConversionJob:
         policy = self.memory
         if device is not None and torch.device(device) != policy.device:
             policy = dataclasses.replace(policy, device=torch.device(device))
-        rotated = bool(getattr(lp.spec.params, "convrot", False)) or lp.spec.format == "int8_quip"
+        rotated = lp.spec.cls.rotated(lp.spec.params)
         placement = place_layer(info.shape, self.opts.optimizer, policy, rotated)
         lora_delta = self.lora_directions.delta(key, t) if self.lora_directions is not None else None
         stats = self.calibration.for_layer(lp.base) if self.calibration is not None else None
@@ -687,7 +687,7 @@ def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tenso
         return
     amax = float(w.abs().amax()) if w.numel() else 0.0
     why = ""
-    if getattr(lp.spec.params, "convrot", False) or lp.spec.format == "int8_quip":
+    if lp.spec.cls.rotated(lp.spec.params):
         why = (f" the rotation multiplies values by up to sqrt(group size) and the weight's largest "
                f"magnitude is {amax:.6g}, beyond float32's range after rotation;")
     raise BadWeightsError(f"{display_name(lp.weight_key)}: quantizing it as {lp.spec.describe()} overflows "

@@ -132,6 +132,12 @@ class QuantFormat:
         return cls.name
 
     @classmethod
+    def rotated(cls, params) -> bool:
+        """Do the stored values live in a rotated (Hadamard) space? (memory estimates, bf16 rotations,
+        the overflow message)"""
+        return False
+
+    @classmethod
     def smaller_variants(cls, params) -> list:
         """Parameters of this format, in order, to try when a layer's shape does not fit ``params``
         (``formats.spec.fallback_chain``); none by default."""

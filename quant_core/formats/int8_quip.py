@@ -74,6 +74,10 @@ class Int8QuIP(QuantFormat):
         return quip_linear(x, qw, bias, path=path, backend=backend)
 
     @classmethod
+    def rotated(cls, params) -> bool:
+        return True
+
+    @classmethod
     def check_fits(cls, shape, params) -> Optional[str]:
         reason = super().check_fits(shape, params)
         if reason is None and (shape[0] % 16 or shape[1] % 16):

@@ -56,6 +56,10 @@ class Int8Tensorwise(RowOrTensorScaled):
         return f"int8_tensorwise/{params.scaling}" + (f"+convrot{params.convrot_groupsize}" if params.convrot else "")
 
     @classmethod
+    def rotated(cls, params) -> bool:
+        return bool(params.convrot)
+
+    @classmethod
     def smaller_variants(cls, params) -> list:
         """convrot g -> convrot with the next smaller power-of-4 group -> per-row without convrot."""
         if not params.convrot:
