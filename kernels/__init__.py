@@ -256,6 +256,11 @@ def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, p
     """``y = x · dequant(qw)ᵀ + bias (+ h · upᵀ for lora = (h, up))`` with the fastest kernel for
     ``qw.format``; output in x's dtype."""
     fn = _LINEAR_REGISTRY.get(qw.format)
+    if fn is None:  # a format that carries its runtime linear beside it (quant_core/formats/<name>.py)
+        try:
+            fn = qw.format_cls.linear
+        except (AttributeError, ConvertError):  # not a registered format
+            fn = None
     if fn is None:
         raise KernelFormatError(f"no linear kernel for weight format {qw.format!r}; registered formats: "
                                 f"{', '.join(registered_formats())}")

@@ -21,12 +21,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..quant_core.errors import ConvertError, PlanError
-from ..quant_core.formats import FORMATS, make_spec
-from ..quant_core.optimizers import OPTIMIZERS, check_optimizer_options
+from ..quant_core.errors import ConvertError
+from ..quant_core.formats import FORMATS
+from ..quant_core.node_options import quantize_node_options
+from ..quant_core.optimizers import OPTIMIZERS
 from ..quant_core.paths import OutputLock, publish_file
-from ..quant_core.pipeline import ConversionJob, ConvertOptions, output_path_in_folder
-from ..quant_core.plan import PlanOptions, build_plan, parse_layer_config
+from ..quant_core.pipeline import ConversionJob, output_path_in_folder
+from ..quant_core.plan import PlanOptions, build_plan
 from ..quant_core.presets import all_presets, detect_family
 from ..quant_core.safetensors_io import SafetensorsReader
 from .chart import render_sqnr_chart, sqnr_bars
@@ -179,22 +180,6 @@ def _preset_choices() -> List[str]:
     return ["auto", "none"] + sorted(all_presets())
 
 
-def _plan_options(fmt: str, scaling: str, block_size: int, convrot: bool, convrot_group_size: int, preset: str,
-                  layer_config: str, exclude_layers: str) -> PlanOptions:
-    spec = make_spec(format=fmt, scaling_mode="block" if fmt == "int8_blockwise" else scaling,
-                     block_size=block_size, convrot=convrot, convrot_groupsize=int(convrot_group_size))
-    rules = ()
-    if layer_config and layer_config.strip():
-        try:
-            data = json.loads(layer_config)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise PlanError(f"layer_config is not valid JSON: {e}") from None
-        rules = parse_layer_config(data, spec, where="layer_config")
-    presets = () if preset == "none" else (preset,)
-    return PlanOptions(spec=spec, presets=presets, layer_config=rules,
-                       exclude_layers=exclude_layers.strip() or None if exclude_layers else None)
-
-
 NO_CALIBRATION_FILE = "none"
 
 
@@ -269,31 +254,12 @@ class QuantQuantize:
                  convrot_group_size: str, preset: str, optimizer: str, num_iter: int, lr: float, device: str,
                  layer_config: str = "", exclude_layers: str = "", optimizer_options: str = "",
                  quality_threshold: float = 30.0, calibration=None, calibration_file: str = "none"):
-        if format == "int8_quip" and optimizer not in ("rtn", "quip"):
-            raise PlanError(f"format int8_quip stores QuIP's rotated weight with its random signs: use optimizer "
-                            f"quip (or rtn), not {optimizer}")
-        calibration_path = _calibration_path(calibration, calibration_file)
-        if format == "int8_smoothquant" and calibration_path is None:
-            raise PlanError("format int8_smoothquant needs calibration statistics: connect Capture Calibration "
-                            "to Quantize's calibration input or pick a calibration_file")
-        plan_opts = _plan_options(format, scaling, block_size, convrot, int(convrot_group_size), preset,
-                                  layer_config, exclude_layers)
-        knobs = {"num_iter": num_iter, "lr": lr}
-        if optimizer_options and optimizer_options.strip():
-            try:
-                extra = json.loads(optimizer_options)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise PlanError(f"optimizer_options is not valid JSON: {e}") from None
-            if not isinstance(extra, dict):
-                raise PlanError("optimizer_options must be a JSON object")
-            check_optimizer_options(extra, "optimizer_options")
-            knobs.update(extra)
-        opts = ConvertOptions(
-            plan=plan_opts, optimizer=optimizer, optimizer_options=knobs,
-            calibration_data=calibration_path,
-            loras=[p for _, p, _ in weights.loras], lora_strengths=[s for _, _, s in weights.loras],
-            device=device, quality_threshold=quality_threshold,
-            extra_metadata={"convert_to_quant.source": os.path.basename(weights.path)})
+        opts = quantize_node_options(
+            format, scaling, block_size, convrot, convrot_group_size, preset, optimizer, num_iter, lr, device,
+            layer_config, exclude_layers, optimizer_options, quality_threshold,
+            _calibration_path(calibration, calibration_file), [(p, s) for _, p, s in weights.loras])
+        opts.extra_metadata = {"convert_to_quant.source": os.path.basename(weights.path)}
+        plan_opts, calibration_path = opts.plan, opts.calibration_data
         tmp = new_temp_path(folder_paths.get_output_directory())
         messages: List[str] = []
         # ComfyUI runs nodes under torch.inference_mode(); the learned-rounding optimizers need autograd

@@ -19,7 +19,7 @@ import comfy.utils
 import folder_paths
 
 from ..quant_core.errors import ConvertError, OutputPathError
-from ..quant_core.formats import make_spec
+from ..quant_core.formats import spec_from_choice
 from ..quant_core.plan import PlanOptions
 from ..quant_core.presets import all_presets
 from ..quant_core.pipeline import output_path_in_folder
@@ -110,8 +110,7 @@ class QuantizeModelOnTheFly:
 
     def quantize(self, model, format: str, convrot: bool, convrot_group_size: str, block_size: int, preset: str,
                  attention: str = "default"):
-        spec = make_spec(format=format, scaling_mode="block" if format == "int8_blockwise" else "axis",
-                         block_size=block_size, convrot=convrot, convrot_groupsize=int(convrot_group_size))
+        spec = spec_from_choice(format, None, block_size, convrot, int(convrot_group_size))
         opts = PlanOptions(spec=spec, presets=() if preset == "none" else (preset,))
         bar = comfy.utils.ProgressBar(1)
         patcher, plan = quantize_loaded_model(

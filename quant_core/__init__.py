@@ -7,8 +7,9 @@ import importlib
 _EXPORTS = {
     "ConvertError": ".errors",
     "FORMATS": ".formats", "FormatSpec": ".formats", "QuantizedWeight": ".formats", "get_format": ".formats",
-    "make_spec": ".formats", "register_format": ".formats",
+    "make_spec": ".formats", "register_format": ".formats", "spec_from_choice": ".formats",
     "OPTIMIZERS": ".optimizers", "get_optimizer": ".optimizers", "register_optimizer": ".optimizers",
+    "OptimizerOptions": ".optimizers",
     "ConversionJob": ".pipeline", "ConvertOptions": ".pipeline", "convert_file": ".pipeline",
     "PlanOptions": ".plan", "build_plan": ".plan",
     "all_presets": ".presets", "detect_family": ".presets",

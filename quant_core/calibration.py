@@ -136,9 +136,6 @@ class CalibrationData:
     def path(self) -> Optional[str]:
         return self._reader.path if self._reader is not None else None
 
-    def layer_names(self) -> List[str]:
-        return list(self.layers)
-
     def group_names(self) -> List[str]:
         return list(dict.fromkeys(self.layers.values()))
 

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 from .errors import (ConversionCancelled, ConvertError, OutputPathError, PlanError, cli_spelling, display_name,
                      terminal_text)
-from .launcher import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
-from .formats import make_spec
+from .ranks import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gate
+from .formats import spec_from_choice
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
 from .progress import ProgressBar
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8", action="store_true",
                    help="INT8 output (the default format); as in convert-to-quant, --int8 makes tensor the "
                         "default --scaling_mode")
+    g.add_argument("--fp8", action="store_true",
+                   help="store quantizable layers as float8_e4m3fn with one float32 scale per tensor (ComfyUI "
+                        "core's fp8 format; rtn or gptq)")
     g.add_argument(*_both("scaling_mode"), choices=SCALING_CHOICES, default=None,
                    metavar="{tensor,axis,row,block}",
                    help="int8 scale granularity: tensor (one scale), axis or row (per output row; loads in stock "
@@ -355,6 +358,9 @@ def validate_args(args, parser: argparse.ArgumentParser):
 
     if not args.example and not args.input and not args.list_presets:
         bad("-i/--input is required (or use --example)")
+    if args.fp8 and (args.fp16 or args.convrot or args.scaling_mode not in ("axis", "tensor")):
+        bad("--fp8 stores float8_e4m3fn with one scale per tensor; it cannot be combined with --fp16, --convrot "
+            "or --scaling_mode block")
     if args.fp16 and (args.convrot or args.scaling_mode != "axis"):
         bad("--fp16 stores plain float16; it cannot be combined with --convrot or --scaling_mode")
     if args.convrot and args.scaling_mode != "axis":
@@ -442,20 +448,16 @@ def validate_seed_flags(args, opt: str, bad):
 
 
 def format_spec_from_args(args):
-    if args.fp16:
-        return make_spec(format="fp16")
-    if getattr(args, "optimizer", None) == "quip":
-        # QuIP keeps its incoherence in the file: core convrot by default, our int8_quip on request;
-        # an explicit tensor/block scheme is honoured (LDLQ without rotation, noted per layer)
-        if args.quip_store_transformed:
-            return make_spec(format="int8_quip")
-        scheme = args.quip_requant_scheme or {"axis": None}.get(args.scaling_mode, args.scaling_mode)
-        if scheme is None:  # --no-quip-hadamard: LDLQ on the plain weights
-            return make_spec(format="int8", scaling_mode="axis", convrot=args.quip_hadamard is not False,
-                             convrot_groupsize=args.convrot_group_size)
-        return make_spec(format="int8", scaling_mode=scheme, block_size=args.block_size)
-    return make_spec(format="int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
-                     convrot=args.convrot, convrot_groupsize=args.convrot_group_size)
+    """The flags' format choice, through the one choice -> spec function the nodes and layer-config use.
+    ``--quip-requant-scheme X`` is QuIP's name for ``--scaling_mode X``; ``--quip-store-transformed``
+    names the format ``int8_quip``; ``--no-quip-hadamard`` is QuIP without its rotation (LDLQ on the
+    plain weights)."""
+    optimizer = default_optimizer(args)
+    fmt = "fp16" if args.fp16 else "fp8" if args.fp8 else "int8_quip" if args.quip_store_transformed else "int8"
+    scaling = (args.quip_requant_scheme if optimizer == "quip" else None) or args.scaling_mode
+    rule_optimizer = None if optimizer == "quip" and args.quip_hadamard is False else optimizer
+    return spec_from_choice(fmt, scaling, args.block_size, args.convrot, args.convrot_group_size,
+                            optimizer=rule_optimizer, smoothquant=args.smoothquant)
 
 
 OPTIMIZER_KNOBS = (
@@ -492,12 +494,8 @@ def options_from_args(args):
     custom_spec = None
     if args.custom_layers:
         ctype = args.custom_type or ("fp16" if args.fp16 else "int8")
-        if ctype == "fp16":
-            custom_spec = make_spec(format="fp16")
-        else:
-            mode = args.custom_scaling_mode or ("block" if ctype == "int8_blockwise" else args.scaling_mode)
-            custom_spec = make_spec(format="int8", scaling_mode=mode,
-                                    block_size=args.custom_block_size or args.block_size)
+        custom_spec = spec_from_choice(ctype, args.custom_scaling_mode or args.scaling_mode,
+                                       args.custom_block_size or args.block_size, smoothquant=args.smoothquant)
     plan = PlanOptions(
         spec=spec, presets=selected_presets(args), default_skip=not args.no_default_skip,
         custom_layers=args.custom_layers, custom_spec=custom_spec, exclude_layers=args.exclude_layers,
@@ -525,11 +523,8 @@ def output_kind(args) -> str:
 
 
 def report_path_for(args, output: str) -> Optional[str]:
-    if args.report_quality is None:
-        return None
-    if args.report_quality == "auto":
-        return os.path.splitext(output)[0] + "_quality.json"
-    return args.report_quality
+    from .metrics import quality_report_path
+    return quality_report_path(args.report_quality, output)
 
 
 def run(args, console: Console) -> int:
@@ -545,8 +540,12 @@ def run(args, console: Console) -> int:
         import torch
         torch.manual_seed(args.manual_seed)
     if args.example:
-        from .example import run_example
-        return run_example(args, console)
+        from .example import model_file, run_example
+        args.input = model_file()
+        if not args.preset and not any(getattr(args, k) for k in vars(args) if k.startswith("preset_")):
+            args.preset = ["auto"]
+        return run_example(options_from_args(args), console, output=args.output,
+                           report_quality=args.report_quality, calib_samples=args.calib_samples)
 
     for note in getattr(args, "compat_notes", ()):
         console(note, 1)
@@ -587,9 +586,9 @@ def run(args, console: Console) -> int:
     opts.report_path = report_path_for(args, output)
     from .distributed import distributed_env
     rank_info = distributed_env()
-    if args.devices and rank_info is None:  # launch one process per device; they meet again below
-        from .launcher import launch, parse_devices
-        return launch(parse_devices(args.devices), getattr(args, "argv", sys.argv[1:]))
+    if args.devices and rank_info is None:  # the launcher (the command's entry) starts the ranks
+        raise PlanError("--devices starts one process per device from the convert_to_quant command "
+                        "(python -m convert_to_quant); this call is not one of its ranks")
     if rank_info is not None and rank_info.rank != 0:
         console.level = min(console.level, 0)  # rank 0 reports for all ranks
     bar = ProgressBar(console)

@@ -23,7 +23,7 @@ from typing import List
 
 from .errors import PlanError
 
-FP8_NOT_YET = "FP8 output is not in this version yet (it comes as --fp8)"
+FP8_HERE = "FP8 output here is --fp8 (ComfyUI core's float8_e4m3fn, one scale per tensor)"
 
 # upstream flags without an equivalent here: (option strings, takes a value, what to use instead)
 _REFUSED = [
@@ -39,9 +39,9 @@ _REFUSED = [
      "belongs to --convert-fp8-scaled, which is not a mode here; for a new file use --full_precision_matrix_mult"),
     (("--convert-int8-scaled", "--convert_int8_scaled"), False,
      "legacy .scale_weight INT8 files are not read here; convert the original float model instead"),
-    (("--legacy_input_add", "--legacy-input-add"), False, f"legacy fp8_scaled files are not written here; {FP8_NOT_YET}"),
-    (("--cleanup-fp8-scaled", "--cleanup_fp8_scaled"), False, f"legacy fp8_scaled files are not written here; {FP8_NOT_YET}"),
-    (("--scaled-fp8-marker", "--scaled_fp8_marker"), True, f"legacy fp8_scaled files are not written here; {FP8_NOT_YET}"),
+    (("--legacy_input_add", "--legacy-input-add"), False, f"legacy fp8_scaled files are not written here; {FP8_HERE}"),
+    (("--cleanup-fp8-scaled", "--cleanup_fp8_scaled"), False, f"legacy fp8_scaled files are not written here; {FP8_HERE}"),
+    (("--scaled-fp8-marker", "--scaled_fp8_marker"), True, f"legacy fp8_scaled files are not written here; {FP8_HERE}"),
     (("--actcal",), False, "simulated activation calibration is not a mode here; capture real statistics "
      "(--calibration-data FILE) and store them with --input_scale"),
     (("--actcal-samples", "--actcal_samples"), True, "belongs to --actcal, which is not a mode here (see --input_scale)"),
@@ -166,7 +166,7 @@ def normalize(args) -> List[str]:
         raise PlanError("--int8 and --fp16 choose different output formats; give one of them")
     if mode in ("row", "block2d") and not int8:
         raise PlanError(f"--scaling_mode {mode} without --int8 is convert-to-quant's FP8 "
-                        f"{'per-row' if mode == 'row' else 'block'} scaling; {FP8_NOT_YET}. For INT8 give "
+                        f"{'per-row' if mode == 'row' else 'block'} scaling, which is not written here; {FP8_HERE}. For INT8 give "
                         f"--int8 --scaling_mode {mode} (= --scaling_mode {'axis' if mode == 'row' else 'block'})")
     if mode == "block3d" or args.custom_scaling_mode == "block3d":
         raise PlanError("scaling mode block3d (convert-to-quant's legacy FP8 3-D groups) is not supported; "
@@ -179,7 +179,8 @@ def normalize(args) -> List[str]:
                                                                             args.custom_scaling_mode)
     for flag, value in (("--custom-type", args.custom_type), ("--fallback", args.fallback)):
         if value == "fp8":
-            raise PlanError(f"{flag} fp8: {FP8_NOT_YET}; use {flag} int8 or fp16")
+            raise PlanError(f"{flag} fp8: per-layer FP8 is not supported; {FP8_HERE} for the whole model, or use "
+                            f"{flag} int8 or fp16")
         if value in FORMAT_CHOICES_UPSTREAM:
             raise PlanError(f"{flag} {value}: {value.upper()} is not supported here; use {flag} int8 or fp16")
     if int8 and args.fallback:

@@ -11,7 +11,7 @@ rank), largest estimated cost first; everything only copied (biases, norms, kept
 counter in the group's store (``WorkQueue``), so a slower rank simply takes fewer. ``--schedule static``:
 units fixed per rank in advance (``assign_work``). The processes are started by ``launcher.py``.
 Each rank quantizes its layers on its own device with the same per-layer math and seeds as a
-one-process run (``memory.layer_rng``), and sends the finished tensors to rank 0, which
+one-process run (``seeding.layer_rng``), and sends the finished tensors to rank 0, which
 writes them into the one output file through the same ``StreamingWriter`` at the offsets the plan
 fixed. The file is byte-identical to the one-process run on the same kind of device (tested on CPU
 with gloo; ``benchmarks/scale.py`` compares SHA-256 on GPUs).
@@ -37,15 +37,14 @@ import torch
 
 from . import errors as _errors
 from .errors import ConvertError, PlanError
-from .launcher import _free_port, _supervise, launch, parse_devices, strip_devices_flag  # noqa: F401 (re-exported)
-from .memory import CALIBRATED_OPTIMIZERS, Prefetcher, WriteBehind, free_vram, policy_from_options
+from .ranks import _free_port, _supervise, launch, parse_devices, strip_devices_flag  # noqa: F401 (re-exported)
+from .memory import free_vram, policy_from_options
+from .optimizers.base import optimizer_cost
+from .streaming import Prefetcher, WriteBehind
 from .metrics import LayerQuality
 
 ITEM, DONE, ERROR = 0, 1, 2
 _NO_LAYER = type("NoLayer", (), {"spec": None})()
-# a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
-# GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
-SWEEP_STEP_COST = 8192
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,9 +84,7 @@ def rank_device(option: str, info: RankInfo) -> str:
 def layer_cost(shape: Sequence[int], optimizer: str) -> float:
     out = int(shape[0]) if shape else 1
     inn = int(math.prod(shape[1:])) if len(shape) > 1 else 1
-    if optimizer in CALIBRATED_OPTIMIZERS:
-        return float(inn) * (out + SWEEP_STEP_COST) + float(inn) ** 3 / 4096.0
-    return float(out) * inn
+    return optimizer_cost(optimizer).time(out, inn)  # declared beside the optimizer
 
 
 @dataclasses.dataclass
@@ -385,20 +382,31 @@ class _Source:
         return None if self.queue is None else len(self.queue.taken)
 
 
+def _processed(job, inputs, before: Optional[Callable[[], None]] = None):
+    """``(key, tensors, layer, seconds)`` for each ``(key, tensor)`` the read-ahead yields: the tensor is
+    handed to ``job.process`` through ``job.prefetched`` and no other reference to it is kept, so the
+    layer can free it as soon as it is on the device."""
+    for key, t in inputs:
+        if before is not None:
+            before()
+        job.prefetched = {key: t}
+        del t
+        t1 = time.perf_counter()
+        tensors, layer = job.process(key)
+        job.prefetched = {}
+        yield key, tensors, layer, time.perf_counter() - t1
+        del tensors, layer
+
+
 def _run_worker(job, source: _Source, info: RankInfo):
     import torch.distributed as dist
     sender = _Sender()
     t0, busy, n = time.perf_counter(), 0.0, 0
     try:
         with source.prefetcher(job) as inputs:
-            for key, t in inputs:
-                job.prefetched = {key: t}
-                del t
-                t1 = time.perf_counter()
-                tensors, layer = job.process(key)
-                busy += time.perf_counter() - t1
+            for key, tensors, layer, seconds in _processed(job, inputs):
+                busy += seconds
                 n += 1
-                job.prefetched = {}
                 sender.put(ITEM, {"key": key, "tensors": list(tensors), "layer": _layer_to_json(layer)}, tensors)
                 del tensors
     except LostRank0:
@@ -492,15 +500,9 @@ def _run_rank0(job, source: _Source, info: RankInfo, progress, log):
             for th in threads:
                 th.start()
             with source.prefetcher(job) as inputs:
-                for key, t in inputs:
-                    check()
-                    job.prefetched = {key: t}
-                    del t
-                    t1 = time.perf_counter()
-                    tensors, layer = job.process(key)
-                    busy += time.perf_counter() - t1
+                for key, tensors, layer, seconds in _processed(job, inputs, check):
+                    busy += seconds
                     n_mine += 1
-                    job.prefetched = {}
                     out.put(tensors)
                     del tensors
                     on_layer(key, layer)

@@ -135,16 +135,17 @@ def capture_minilm_calibration(path: str, sentences: Sequence[str] = CALIBRATION
 CALIBRATED_STEPS = ("smoothquant", "bias_correction", "input_scale", "static_activations")
 
 
-def prepare_calibration(args, opts, console, output: str):
+def prepare_calibration(opts, console, output: str, calib_samples=None):
     """Calibrated steps on the example use statistics captured on real sentences (CALIBRATION_SENTENCES,
     disjoint from the evaluation sentences), unless --calibration-data names a file. They are written
     next to ``output`` (``<stem>_calibration.safetensors``); an existing file there is replaced only with
     ``--overwrite``, like the output itself."""
     oo = opts.optimizer_options or {}
-    wants = opts.optimizer != "rtn" or any(oo.get(k) for k in CALIBRATED_STEPS)
+    wants = (opts.optimizer != "rtn" or opts.plan.spec.format == "int8_smoothquant"
+             or any(oo.get(k) for k in CALIBRATED_STEPS))
     if not wants or opts.calibration_data:
         return
-    n = getattr(args, "calib_samples", None) or len(CALIBRATION_SENTENCES)
+    n = calib_samples or len(CALIBRATION_SENTENCES)
     if n < 1:
         raise ConvertError(f"calib_samples must be at least 1, got {n}")
     sentences = CALIBRATION_SENTENCES[:n]
@@ -170,22 +171,21 @@ def default_output() -> str:
     return os.path.join(d, "all-MiniLM-L6-v2_int8.safetensors")
 
 
-def run_example(args, console) -> int:
-    from .cli import options_from_args, report_path_for
+def run_example(opts, console, output=None, report_quality=None, calib_samples=None) -> int:
+    """Convert MiniLM with ``opts`` (built by the CLI from its flags, input = ``model_file()``), then
+    print the quality of the written file. ``output``: the user's ``-o``; ``report_quality``: the
+    ``--report-quality`` value; ``calib_samples``: how many calibration sentences to capture."""
+    from .metrics import quality_report_path
     from .pipeline import convert_file
 
     src = model_file()
-    args.input = src
-    if not args.preset and not any(getattr(args, k) for k in vars(args) if k.startswith("preset_")):
-        args.preset = ["auto"]
-    opts = options_from_args(args)
-    if args.output:  # the user's file: replaced only with --overwrite (checked before any work)
+    if output:  # the user's file: replaced only with --overwrite (checked before any work)
         from .pipeline import validate_paths
-        out = validate_paths(src, args.output, opts.overwrite)
+        out = validate_paths(src, output, opts.overwrite)
     else:
         out = default_output()  # a fresh folder of this run's own
-    opts.report_path = report_path_for(args, out) or os.path.splitext(out)[0] + "_quality.json"
-    prepare_calibration(args, opts, console, out)
+    opts.report_path = quality_report_path(report_quality, out) or os.path.splitext(out)[0] + "_quality.json"
+    prepare_calibration(opts, console, out, calib_samples)
     console(f"example: quantizing {src}", 1)
     from .progress import ProgressBar
     bar = ProgressBar(console)
@@ -203,5 +203,9 @@ def run_example(args, console) -> int:
     ev = evaluate_file(res.output_path)
     console(f"sentence-embedding cosine vs the original model on {len(EVAL_SENTENCES)} sentences:")
     console(f"  weights dequantized (W8A16): mean {ev['w8a16_mean_cosine']:.6f}, min {ev['w8a16_min_cosine']:.6f}")
-    console(f"  int8 activations   (W8A8):  mean {ev['w8a8_mean_cosine']:.6f}, min {ev['w8a8_min_cosine']:.6f}")
+    if opts.plan.spec.format.startswith("int8"):
+        console(f"  int8 activations   (W8A8):  mean {ev['w8a8_mean_cosine']:.6f}, min {ev['w8a8_min_cosine']:.6f}")
+    else:  # fp8: the loader's path on this machine (fp8 GEMM on sm89+ GPUs, the dequantized weight elsewhere)
+        console(f"  {opts.plan.spec.format} runtime (our loader): mean {ev['w8a8_mean_cosine']:.6f}, "
+                f"min {ev['w8a8_min_cosine']:.6f}")
     return 0

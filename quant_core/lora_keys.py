@@ -582,7 +582,3 @@ class BaseIndex:
                     return Resolution(name=cand, error=f"the name {cand!r} fits several layers of the model")
                 return Resolution(targets=targets, name=cand)
         return Resolution(error="no layer of the model has this name")
-
-
-def lora_tag(module: str) -> Optional[str]:
-    return lora_name_candidates(module)[0]

@@ -197,6 +197,15 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def quality_report_path(report_quality: Optional[str], output: str) -> Optional[str]:
+    """``--report-quality`` as a path: none, ``auto`` (``<output stem>_quality.json``) or the path given."""
+    if report_quality is None:
+        return None
+    if report_quality == "auto":
+        return os.path.splitext(output)[0] + "_quality.json"
+    return report_quality
+
+
 def report_file_paths(path: str) -> List[str]:
     """The JSON and Markdown files ``QualityReport.write(path)`` creates."""
     base, ext = os.path.splitext(path)

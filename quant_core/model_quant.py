@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import checkpoint_scope
 from .errors import BadWeightsError, ConvertError, display_name
-from .optimizers import LayerContext, get_optimizer
+from .optimizers import LayerContext, OptimizerOptions, get_optimizer, quantize_layer
 from .plan import ConversionPlan, PlanOptions, build_plan
 from .safetensors_io import DTYPE_NAMES, TensorInfo, itemsize
 
@@ -43,6 +43,7 @@ def quantize_tensors(tensors: Mapping[str, torch.Tensor], plan: ConversionPlan, 
     """Output state dict: planned layers as their format's tensors (on the CPU), dropped tensors left
     out, everything else the input tensor object itself. Non-finite weights raise ``BadWeightsError``."""
     opt_fn = get_optimizer(optimizer)
+    options = OptimizerOptions.from_dict(optimizer_options)  # checked once, before the first layer
     dropped = set(plan.dropped)
     out: Dict[str, torch.Tensor] = {}
     layers = plan.quantized_layers()
@@ -60,9 +61,9 @@ def quantize_tensors(tensors: Mapping[str, torch.Tensor], plan: ConversionPlan, 
         w = t.detach().to(device=dev, dtype=torch.float32)
         if not bool(torch.isfinite(w).all()):
             raise BadWeightsError(f"{display_name(key)}: weight has NaN/Inf values; refusing to quantize it")
-        ctx = LayerContext(base=lp.base, device=dev, options=dict(optimizer_options or {}), orig_dtype=t.dtype)
+        ctx = LayerContext(base=lp.base, device=dev, options=options, orig_dtype=t.dtype)
         with checkpoint_scope(check_cancel):  # also inside the optimizer's loops (rate-limited)
-            qw = opt_fn(w, lp.spec, ctx).qw
+            qw = quantize_layer(opt_fn, w, lp.spec, ctx, options["manual_seed"]).qw
         del w
         for k, v in lp.spec.cls.tensors(lp.base, qw).items():
             out[k] = v.detach().cpu()

@@ -23,9 +23,10 @@ from .errors import (BadWeightsError, CalibrationError, ConvertError, OutputPath
 from .formats import quantized_weight_from_tensors
 from .fp8_input import InputView
 from .metrics import LayerQuality, QualityReport, error_stats
-from .memory import (Prefetcher, WriteBehind, enable_deterministic_gpu_math, layer_rng, place_layer,
-                     policy_from_options, run_guarded)
-from .optimizers import LayerContext, check_optimizer_options, get_optimizer, run_optimizer
+from .memory import place_layer, policy_from_options, run_guarded
+from .seeding import enable_deterministic_gpu_math
+from .streaming import Prefetcher, WriteBehind
+from .optimizers import LayerContext, LayerDecisions, OptimizerOptions, get_optimizer, quantize_layer
 from .optimizers.gptq import IndefiniteHessianError
 from .paths import check_run_files
 from .plan import ConversionPlan, PlanOptions, build_plan
@@ -70,6 +71,31 @@ class ConversionResult:
     seconds: float
     report_paths: List[str] = field(default_factory=list)
     lora_report: Any = None
+
+
+def check_optimizer_fits_plan(optimizer: str, plan) -> None:
+    """An optimizer that only chooses between integers (learned rounding: floor / ceil) cannot write a
+    format on another grid (float8): refused before anything is read, naming both."""
+    from .optimizers.base import optimizer_cost
+    if not optimizer_cost(optimizer).integer_grid_only:
+        return
+    other = sorted({lp.spec.format for lp in plan.quantized_layers() if lp.spec.cls.grid_round is not None})
+    if other:
+        raise PlanError(f"optimizer {optimizer} rounds to integers (floor or ceiling); it cannot write "
+                        f"{', '.join(other)}: use rtn or gptq for that format")
+
+
+def plan_options_for(opts: "ConvertOptions") -> PlanOptions:
+    """``opts.plan`` with the options' ``smoothquant`` applied to its format choices (the API's way of
+    asking for SmoothQuant; the CLI and the nodes already chose ``int8_smoothquant`` through
+    ``formats.spec_from_choice``): the plan is built once, with the final formats."""
+    oo = opts.optimizer_options or {}
+    if not oo.get("smoothquant"):
+        return opts.plan
+    from .formats import with_smoothquant
+    p = opts.plan
+    return dataclasses.replace(p, spec=with_smoothquant(p.spec),
+                               custom_spec=with_smoothquant(p.custom_spec) if p.custom_spec is not None else None)
 
 
 def check_options(opts: "ConvertOptions") -> None:
@@ -267,17 +293,19 @@ class ConversionJob:
 
     def _prepare(self, output_path: str):
         opts, reader, log = self.opts, self.reader, self.log
-        check_optimizer_options(opts.optimizer_options)
+        # typed, checked once (unknown keys / wrong types name the key); per-layer decisions go apart
+        self.options = OptimizerOptions.from_dict(opts.optimizer_options)
         check_options(opts)
         self.output_path = validate_paths(reader.path, output_path, opts.overwrite, opts)
         # the file as the float model it stands for: fp8 layers dequantized, their scale keys consumed,
         # anything else quantized refused (fp8_input: the one place that decides what an input means)
         self.reader = reader = InputView(reader)
-        self.plan = plan = build_plan(reader.infos, opts.plan)
+        self.plan = plan = build_plan(reader.infos, plan_options_for(opts))
         plan.notes[:0] = reader.notes
         for note in plan.notes:
             log(note)
         self.optimizer = get_optimizer(opts.optimizer)
+        check_optimizer_fits_plan(opts.optimizer, plan)
         self.device = resolve_device(opts.device)
         if self.device.type == "cuda":
             enable_deterministic_gpu_math()
@@ -345,9 +373,9 @@ class ConversionJob:
         --calibration-lora weighting: all decided before the header is computed."""
         oo = self.opts.optimizer_options or {}
         notes = []
-        if oo.get("smoothquant"):
-            from .optimizers.smoothquant import apply_to_plan
-            notes += apply_to_plan(plan, self.calibration, oo)
+        from .optimizers.smoothquant import apply_to_plan, plans_smoothquant
+        if plans_smoothquant(plan):
+            notes += apply_to_plan(plan, self.calibration, self.options)
         self.bias_correction = None
         if oo.get("bias_correction"):
             from .optimizers.bias_correction import plan_bias_correction
@@ -361,11 +389,7 @@ class ConversionJob:
         self.lora_directions = None
         if oo.get("calibration_lora"):
             from .optimizers.objective import LoraDirections
-            lam = oo.get("calibration_lora_weight")
-            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
-                                    or not (math.isfinite(lam) and lam >= 0)):
-                raise PlanError(f"calibration_lora_weight (--calibration-lora-weight) must be a finite number "
-                                f">= 0, got {lam!r}")
+            # its weight is typed and range-checked once, in optimizers/options.py
             self.lora_directions = LoraDirections(
                 oo["calibration_lora"], {k: (i.dtype, i.shape) for k, i in self.reader.infos.items()})
         for n in notes:
@@ -403,7 +427,7 @@ class ConversionJob:
         policy = self.memory
         if device is not None and torch.device(device) != policy.device:
             policy = dataclasses.replace(policy, device=torch.device(device))
-        rotated = bool(getattr(lp.spec.params, "convrot", False)) or lp.spec.format == "int8_quip"
+        rotated = lp.spec.cls.rotated(lp.spec.params)
         placement = place_layer(info.shape, self.opts.optimizer, policy, rotated)
         lora_delta = self.lora_directions.delta(key, t) if self.lora_directions is not None else None
         stats = self.calibration.for_layer(lp.base) if self.calibration is not None else None
@@ -419,21 +443,22 @@ class ConversionJob:
                                       "(use nan_policy='keep' to keep such layers unquantized)")
             _check_float32_range(w, key, info.dtype_name)
             w = w.to(torch.float32)
-            options = dict(self.opts.optimizer_options or {})
-            options.update(pl.option_overrides())
-            options["bf16_hadamard"] = rotated and policy.use_bf16(
-                "hadamard", w.numel(), pl.device, exact_input=info.dtype == torch.bfloat16 and t.dtype == torch.bfloat16)
-            options["bf16_hessian"] = rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device)
-            ctx = LayerContext(base=lp.base, device=pl.device, options=options, orig_dtype=info.dtype,
-                               log=self.log, lora_delta=lora_delta, stats=stats)
-            with layer_rng(lp.base, pl.device, seed):
-                try:
-                    res = run_optimizer(self.optimizer, w, lp.spec, ctx)
-                except IndefiniteHessianError as e:
-                    src = (f"{self.calibration.describe()}, statistics {display_name(stats.name)}"
-                           if stats is not None else "the weight-only objective")
-                    raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
-                                           f"{src}: {e}") from None
+            decisions = LayerDecisions(
+                row_segments=pl.row_segments,
+                hessian_device=str(pl.hessian_device) if pl.hessian_device is not None else None,
+                bf16_hadamard=rotated and policy.use_bf16(
+                    "hadamard", w.numel(), pl.device,
+                    exact_input=info.dtype == torch.bfloat16 and t.dtype == torch.bfloat16),
+                bf16_hessian=rotated and policy.use_bf16("hessian", w.shape[1] ** 2, pl.device))
+            ctx = LayerContext(base=lp.base, device=pl.device, options=self.options, decisions=decisions,
+                               orig_dtype=info.dtype, log=self.log, lora_delta=lora_delta, stats=stats)
+            try:
+                res = quantize_layer(self.optimizer, w, lp.spec, ctx, seed)
+            except IndefiniteHessianError as e:
+                src = (f"{self.calibration.describe()}, statistics {display_name(stats.name)}"
+                       if stats is not None else "the weight-only objective")
+                raise CalibrationError(f"{display_name(lp.base)}: optimizer {self.opts.optimizer} cannot use "
+                                       f"{src}: {e}") from None
             qw = res.qw
             if qw.format != lp.spec.format or qw.params != lp.spec.params:
                 raise ConvertError(f"internal error: optimizer {self.opts.optimizer} returned "
@@ -665,7 +690,8 @@ def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tenso
     the convrot rotation of rows near float32's largest value); nothing non-finite is ever written."""
     what = None
     for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        # (1-byte floats -- fp8 weights -- have no isfinite: their values are checked as the dequantized weight)
+        if v.is_floating_point() and v.element_size() > 1 and not bool(torch.isfinite(v).all()):
             what = f"{display_name(k)} would hold {_nonfinite(v)}"
             break
     if what is None and not bool(torch.isfinite(deq).all()):
@@ -674,7 +700,7 @@ def _check_written_finite(lp, tensors: Dict[str, torch.Tensor], deq: torch.Tenso
         return
     amax = float(w.abs().amax()) if w.numel() else 0.0
     why = ""
-    if getattr(lp.spec.params, "convrot", False) or lp.spec.format == "int8_quip":
+    if lp.spec.cls.rotated(lp.spec.params):
         why = (f" the rotation multiplies values by up to sqrt(group size) and the weight's largest "
                f"magnitude is {amax:.6g}, beyond float32's range after rotation;")
     raise BadWeightsError(f"{display_name(lp.weight_key)}: quantizing it as {lp.spec.describe()} overflows "

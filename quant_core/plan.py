@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import presets as presets_mod
 from .errors import PlanError, UnsupportedInputError, display_name
-from .formats import FP16, FormatSpec, make_spec, resolve_fit
+from .formats import FP16, FormatSpec, make_spec, resolve_fit, spec_from_choice
 from .safetensors_io import FLOAT_DTYPES, OutputEntry, TensorInfo
 
 MAX_REGEX_LEN = 1000
@@ -392,24 +392,15 @@ def spec_from_settings(cfg: dict, default_spec: FormatSpec, where: str) -> Forma
     d = default_spec
     fmt = cfg.get("format", d.format)
     dp = d.params
-    scaling = cfg.get("scaling_mode")
-    if scaling is None:
-        if d.format == "int8_blockwise":
-            scaling = "block"
-        elif d.format == "int8_tensorwise":
-            scaling = "tensor" if dp.scaling == "tensor" else "axis"
-        else:
-            scaling = "axis"
-    if fmt == "int8_blockwise":
-        scaling = "block"
-    elif fmt in ("int8", "int8_tensorwise") and scaling == "block" and "format" in cfg:
+    # an entry's unset fields inherit the run's format choice (its scaling, tile, rotation)
+    scaling = cfg.get("scaling_mode", getattr(dp, "scaling", None))
+    if fmt in ("int8", "int8_tensorwise") and scaling == "block" and "format" in cfg:
         raise PlanError(f"{where}: format {fmt} with scaling_mode block; use int8_blockwise")
     try:
-        return make_spec(
-            format=fmt, scaling_mode=scaling,
-            block_size=cfg.get("block_size", getattr(dp, "group_size", 128)),
+        return spec_from_choice(
+            fmt, scaling, cfg.get("block_size", getattr(dp, "group_size", None)),
             convrot=cfg.get("convrot", getattr(dp, "convrot", False) if fmt == d.format else False),
-            convrot_groupsize=cfg.get("convrot_groupsize", getattr(dp, "convrot_groupsize", 256)))
+            convrot_groupsize=cfg.get("convrot_groupsize", getattr(dp, "convrot_groupsize", None)))
     except PlanError as e:
         raise PlanError(f"{where}: {e}") from None
 

@@ -30,9 +30,9 @@ import torch
 from ..checkpoint import cancellable, checkpoint, interruptible
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
-from . import LayerContext, OptimizerResult, register_optimizer
-from ..memory import storage_weight
-from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
+from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
+from .rtn import storage_weight
+from .objective import clip_grid, layer_objective, output_sqnr_db, quad_error, search_scales
 
 DEFAULT_BLOCK = 128
 DEFAULT_DAMP = 0.03  # chosen on MiniLM held-out sentences from {1%, 3%, 10%, 30%} (docs/OPTIMIZERS.md)
@@ -96,17 +96,18 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int) -> Tuple[tor
 
 
 def _sweep_block(w1: torch.Tensor, s1: torch.Tensor, u1: torch.Tensor, q1: torch.Tensor,
-                 x1: Optional[torch.Tensor], err1: torch.Tensor) -> None:
+                 x1: Optional[torch.Tensor], err1: torch.Tensor, grid=None) -> None:
     """One block of the sweep, column by column (rows of the transposed weight ``w1`` [cols, rows],
     updated in place): round with the scales ``s1``, write the integers to ``q1`` (and the values
     before rounding to ``x1``), and push each column's scaled error onto the later columns of the
-    block along ``u1`` (the block's part of the upper Cholesky factor of ``H⁻¹``)."""
+    block along ``u1`` (the block's part of the upper Cholesky factor of ``H⁻¹``). ``grid``: the
+    format's nearest-grid-value function (``QuantFormat.grid_round``; None: int8 integers)."""
     cols = w1.shape[0]
     for i in range(cols):
         row = w1[i]
         sc = s1[i]
         xr = row / sc
-        qr = torch.round(xr).clamp_(-QMAX, QMAX)
+        qr = torch.round(xr).clamp_(-QMAX, QMAX) if grid is None else grid(xr)
         q1[i] = qr
         if x1 is not None:
             x1[i] = xr
@@ -120,7 +121,7 @@ class _SweepGraph:
     """``_sweep_block`` captured once per (device, columns, rows, with targets) into a CUDA graph on
     static buffers; calling it copies a block in, replays, and copies the results out."""
 
-    def __init__(self, device: torch.device, cols: int, rows: int, target: bool):
+    def __init__(self, device: torch.device, cols: int, rows: int, target: bool, grid=None):
         f = dict(device=device, dtype=torch.float32)
         self.w, self.s, self.u = torch.zeros(cols, rows, **f), torch.ones(cols, rows, **f), torch.eye(cols, **f)
         self.q, self.e = torch.empty(cols, rows, **f), torch.empty(cols, rows, **f)
@@ -128,12 +129,12 @@ class _SweepGraph:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisations)
-            _sweep_block(self.w.clone(), self.s, self.u, self.q, self.x, self.e)
+            _sweep_block(self.w.clone(), self.s, self.u, self.q, self.x, self.e, grid)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the read-ahead thread may allocate page-locked memory meanwhile
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            _sweep_block(self.w, self.s, self.u, self.q, self.x, self.e)
+            _sweep_block(self.w, self.s, self.u, self.q, self.x, self.e, grid)
         self.nbytes = (5 + target) * cols * rows * 4
 
     def __call__(self, w1, s1, u1, q1, x1, err1) -> None:
@@ -155,17 +156,17 @@ _graphs: "collections.OrderedDict[tuple, Optional[_SweepGraph]]" = collections.O
 _graphs_lock = threading.Lock()
 
 
-def _graph_for(device: torch.device, cols: int, rows: int, target: bool) -> Optional[_SweepGraph]:
+def _graph_for(device: torch.device, cols: int, rows: int, target: bool, grid=None) -> Optional[_SweepGraph]:
     """The cached graph for this block shape, captured on first use; ``None`` (use the eager loop)
     where capturing failed, e.g. out of memory."""
     # per thread: the static buffers must not be shared by two conversions running at once
-    key = (str(device), cols, rows, target, threading.get_ident())
+    key = (str(device), cols, rows, target, threading.get_ident(), grid)
     with _graphs_lock:
         if key in _graphs:
             _graphs.move_to_end(key)
             return _graphs[key]
         try:
-            g = _SweepGraph(device, cols, rows, target)
+            g = _SweepGraph(device, cols, rows, target, grid)
         except Exception:  # no graph for this shape (memory, driver): the eager loop computes the same
             g = None
         _graphs[key] = g
@@ -182,8 +183,8 @@ def clear_graphs() -> None:
 
 def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, block_size: int = DEFAULT_BLOCK,
                   actorder: bool = False, damp: float = DEFAULT_DAMP, row_segments: int = 1,
-                  factor_device=None, return_target: bool = False, cuda_graphs: Optional[bool] = None
-                  ) -> Tuple[torch.Tensor, dict]:
+                  factor_device=None, return_target: bool = False, cuda_graphs: Optional[bool] = None,
+                  grid=None) -> Tuple[torch.Tensor, dict]:
     """Integers (float tensor of values in [-127, 127]) for the storage-space weight ``ws`` [out, in]
     with per-element scales ``full_scale``, minimizing ``tr(D H Dᵀ)`` greedily (GPTQ/LDLQ).
     ``return_target``: also return (in ``info["target"]``) the error-compensated values each weight
@@ -193,7 +194,7 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
     updates inside a block several times faster than on column slices. On a GPU each block's column
     sweep is replayed from a CUDA graph (``cuda_graphs``, default ``CUDA_GRAPHS``): the same kernels
     on the same values, so the integers are bit-identical to the eager loop, without ~10 launches
-    from Python per column."""
+    from Python per column. ``grid``: the format's ``grid_round`` (None: int8 integers in ±127)."""
     out, n = ws.shape
     if cuda_graphs is None:
         cuda_graphs = CUDA_GRAPHS
@@ -231,9 +232,12 @@ def gptq_quantize(ws: torch.Tensor, h: torch.Tensor, full_scale: torch.Tensor, b
             checkpoint((r0 * n + (r1 - r0) * i1) / (out * n))  # cancel / progress (rate-limited)
             i2 = min(i1 + block_size, n)
             err1 = torch.empty_like(wt[i1:i2])
-            sweep = _graph_for(wt.device, i2 - i1, r1 - r0, xt is not None) if cuda_graphs else None
-            (sweep or _sweep_block)(wt[i1:i2], st[i1:i2], u[i1:i2, i1:i2], qt[i1:i2],
-                                    None if xt is None else xt[i1:i2], err1)
+            sweep = _graph_for(wt.device, i2 - i1, r1 - r0, xt is not None, grid) if cuda_graphs else None
+            if sweep is not None:
+                sweep(wt[i1:i2], st[i1:i2], u[i1:i2, i1:i2], qt[i1:i2], None if xt is None else xt[i1:i2], err1)
+            else:
+                _sweep_block(wt[i1:i2], st[i1:i2], u[i1:i2, i1:i2], qt[i1:i2], None if xt is None else xt[i1:i2],
+                             err1, grid)
             if i2 < n:
                 wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
         if perm is not None:
@@ -256,23 +260,22 @@ def quantize_with_objective(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext
                             actorder: bool, row_segments: int = 1, label: str = "gptq", factor_device=None):
     """GPTQ/LDLQ of storage-space ``ws`` under ``obj``; returns (integers, scale, info). Keeps the
     round-to-nearest result if GPTQ does not lower the objective (it practically always does)."""
-    opts = ctx.options or {}
+    g = ctx.options.gptq
     scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
-    block = int(opt(opts, "gptq_block_size", DEFAULT_BLOCK))
-    damp = float(opt(opts, "gptq_damp", DEFAULT_DAMP))
+    block, damp = g.gptq_block_size, g.gptq_damp
     # the memory policy (quant_core.memory.place_layer) may ask for more row segments / a CPU factorization
-    row_segments = max(int(row_segments), int(opt(opts, "row_segments", 1)))
-    factor_device = factor_device or opt(opts, "hessian_device", None)
+    row_segments = max(int(row_segments), ctx.decisions.row_segments)
+    factor_device = factor_device or ctx.decisions.hessian_device
     # placements that save memory (row segments, factorization on the CPU) keep no captured sweeps
     constrained = row_segments > 1 or factor_device is not None
     if constrained:  # and hold none from earlier layers: this layer's estimate does not count them
         clear_graphs()
     q, info = gptq_quantize(ws, obj.H, full, block, actorder, damp, row_segments, factor_device=factor_device,
-                            cuda_graphs=False if constrained else None)
+                            cuda_graphs=False if constrained else None, grid=spec.cls.grid_round)
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
-    q_rtn = rtn_integers(ws, base_full)
+    q_rtn = spec.cls.grid_values(ws / base_full)
     e_rtn = quad_error(q_rtn * base_full - ws, obj.H)
     e_opt = quad_error(q * full - ws, obj.H)
     info.update({"objective": obj.source, "objective_rtn": e_rtn, "objective_after": e_opt})
@@ -301,13 +304,34 @@ def finish_info(info: dict, obj, t0: float) -> dict:
     return info
 
 
-@register_optimizer("gptq")
+# a calibrated layer's time is mostly its column sweep (one step per input column, ~launch-bound on a
+# GPU) plus work on the whole matrix; round-to-nearest is bound by bytes
+SWEEP_STEP_COST = 8192
+
+
+def sweep_estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
+    """GPTQ/LDLQ working set: w, ws, q_all, scale search (2 full temporaries), q_rtn; sweep: wt, st, qt
+    per segment, and on a GPU the captured block sweep's static buffers (6 x 128 columns,
+    ``GRAPH_CACHE_BYTES``); the Hessian, its copies and the float64 factorization."""
+    n = out * inn
+    rot = 4 * n if rotated else 0
+    return LayerEstimate(weight=24 * n + rot + 3072 * out, sweep=12 * n,
+                         hessian=12 * inn * inn + (4 * inn * inn if rotated else 0), factor=20 * inn * inn)
+
+
+SWEEP_COST = OptimizerCost(
+    sweep_estimate, row_sweep=True,
+    time=lambda out, inn: float(inn) * (out + SWEEP_STEP_COST) + float(inn) ** 3 / 4096.0,
+    release=clear_graphs)
+
+
+@register_optimizer("gptq", SWEEP_COST)
 def gptq(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     """GPTQ in the planned format (see the module docstring)."""
     t0 = time.perf_counter()
     w = w.float()
-    ws = storage_weight(w, spec, ctx.options)
+    ws = storage_weight(w, spec, ctx.decisions)
     obj = layer_objective(w, spec, ctx)
-    q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, bool(opt(ctx.options, "gptq_actorder", False)))
-    qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
+    q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, ctx.options.gptq.gptq_actorder)
+    qw = spec.cls.pack(q, scale, spec.params, ctx.orig_dtype)
     return OptimizerResult(qw, finish_info(info, obj, t0))

@@ -62,9 +62,9 @@ import torch
 from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
-from . import LayerContext, OptimizerResult, register_optimizer
+from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
 from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
-from ..memory import storage_weight
+from .rtn import storage_weight
 from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
@@ -584,19 +584,28 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     return OptimizerResult(qw, finish_info(info, obj, t0))
 
 
-@register_optimizer("original")
+def _estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
+    # w, floors, h, grad, two Adam moments, scale matrix, hard rounding, D and D·H
+    n = out * inn
+    return LayerEstimate(weight=40 * n + (4 * n if rotated else 0), sweep=0, hessian=12 * inn * inn, factor=0)
+
+
+COST = OptimizerCost(_estimate, integer_grid_only=True)
+
+
+@register_optimizer("original", COST)
 def learned_rounding_original(w, spec, ctx):
     """Learned rounding with sign descent (the seed's default optimizer name)."""
     return _learned_rounding("original", w, spec, ctx)
 
 
-@register_optimizer("adamw")
+@register_optimizer("adamw", COST)
 def learned_rounding_adamw(w, spec, ctx):
     """Learned rounding with AdamW."""
     return _learned_rounding("adamw", w, spec, ctx)
 
 
-@register_optimizer("radam")
+@register_optimizer("radam", COST)
 def learned_rounding_radam(w, spec, ctx):
     """Learned rounding with RAdam."""
     return _learned_rounding("radam", w, spec, ctx)

@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import checkpoint
 from ..errors import CalibrationError
 from ..formats import QMAX, FormatSpec
+from ..bf16 import rotate_bf16
 from ..hadamard import rotate_groups
 
 DEFAULT_CLIP_GRID = (1.0, 0.99, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8, 0.75, 0.7)
@@ -86,11 +87,10 @@ def lora_gram(delta: torch.Tensor) -> torch.Tensor:
 def layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, transform=None) -> Objective:
     """Build the objective for ``w`` in ``spec``'s storage space. ``transform(H) -> H'`` overrides the
     format's own Hessian rotation (QuIP's randomized Hadamard)."""
-    opts = ctx.options or {}
+    oo = ctx.options.objective
     notes: List[str] = []
     rot = transform or (lambda h: to_storage_hessian(h, spec))
-    if opts.get("bf16_hessian"):  # memory policy: rotate the Hessian in bf16 (quant_core/memory.py)
-        from ..memory import rotate_bf16
+    if ctx.decisions.bf16_hessian:  # memory policy: rotate the Hessian in bf16 (quant_core/memory.py)
         rot_f32 = rot
         rot = lambda h: rotate_bf16(h, rot_f32)  # noqa: E731
     stats = ctx.stats
@@ -103,8 +103,7 @@ def layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, transform=None) -> O
         h = h_data
         source = "calibration"
     else:
-        h = rot(svd_proxy_hessian(w, opts.get("top_p", 0.2) or 0.2, opts.get("min_k", 64) or 64,
-                                  opts.get("max_k", 1024) or 1024).to(w.device))
+        h = rot(svd_proxy_hessian(w, oo.top_p or 0.2, oo.min_k, oo.max_k).to(w.device))
         source = "weight-only"
         notes.append("weight-only objective (no calibration statistics for this layer)")
     g = getattr(ctx, "lora_delta", None)
@@ -112,7 +111,7 @@ def layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, transform=None) -> O
         gram = rot(lora_gram(g.to(w.device)))
         tg = float(gram.diagonal().sum())
         if tg > 0:
-            lam = float(opt(opts, "calibration_lora_weight", 1.0))
+            lam = oo.calibration_lora_weight
             h = h + (lam * float(h.diagonal().sum()) / tg) * gram
             notes.append(f"objective weighted by the LoRA's input directions (λ={lam:g})")
     return Objective(h, h_data, source, notes)
@@ -166,7 +165,7 @@ def search_scales(ws: torch.Tensor, spec: FormatSpec, col_weight: Optional[torch
         checkpoint()
         s = base * c
         full = spec.cls.expand_scale(s, ws.shape, spec.params)
-        e = (ws - torch.round(ws / full).clamp_(-QMAX, QMAX) * full).pow_(2)
+        e = (ws - spec.cls.grid_values(ws / full) * full).pow_(2)
         if cw is not None:
             e = e * cw
         err = reduce_to_scale(e, s, spec)
@@ -209,4 +208,4 @@ class LoraDirections:
 
 def clip_grid(options) -> Sequence[float]:
     """The clipping factors the scale search tries (``scale_search`` false: abs-max scales only)."""
-    return DEFAULT_CLIP_GRID if opt(options, "scale_search", True) else (1.0,)
+    return DEFAULT_CLIP_GRID if opt(options, "scale_search", True) else (1.0,)  # a Mapping of options

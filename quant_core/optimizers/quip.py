@@ -30,9 +30,9 @@ import torch
 
 from ..formats import FormatSpec
 from ..formats_extra import Int8QuIP, random_signs
-from . import LayerContext, OptimizerResult, register_optimizer
-from .gptq import finish_info, quantize_with_objective
-from ..memory import storage_weight
+from .base import LayerContext, OptimizerResult, register_optimizer
+from .gptq import SWEEP_COST, finish_info, quantize_with_objective
+from .rtn import storage_weight
 from .objective import layer_objective, opt
 
 
@@ -51,15 +51,15 @@ def _checkpoint_plan(w: torch.Tensor, options):
     return segments, factor_device
 
 
-@register_optimizer("quip")
+@register_optimizer("quip", SWEEP_COST)
 def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     t0 = time.perf_counter()
-    o = ctx.options or {}
+    o = ctx.options.quip
     w = w.float()
-    actorder = bool(opt(o, "quip_actorder", False))
-    segments, factor_device = _checkpoint_plan(w, o)
+    actorder = o.quip_actorder
+    segments, factor_device = _checkpoint_plan(w, ctx.options)  # the options, as a Mapping
     if spec.format == Int8QuIP.name:
-        seed = int(opt(o, "quip_seed", 0))
+        seed = o.quip_seed
         sign_out = random_signs(w.shape[0], seed, ctx.base + ":out", device=w.device)
         sign_in = random_signs(w.shape[1], seed, ctx.base + ":in", device=w.device)
         wt = Int8QuIP.transform(w, sign_out, sign_in)
@@ -69,7 +69,7 @@ def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
         qw = Int8QuIP.pack_transformed(q.to(torch.int8), scale, sign_out, sign_in, spec.params, ctx.orig_dtype)
         info["incoherence"] = "randomized block Hadamard, both sides"
     else:
-        ws = storage_weight(w, spec, o)
+        ws = storage_weight(w, spec, ctx.decisions)
         obj = layer_objective(w, spec, ctx)
         if getattr(spec.params, "convrot", False):
             info_inc = f"regular Hadamard g={spec.params.convrot_groupsize}, input side (core convrot)"
@@ -78,6 +78,6 @@ def quip(w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResul
             obj.notes.append(f"format {spec.describe()} holds no rotation: LDLQ without incoherence processing")
         q, scale, info = quantize_with_objective(w, spec, ctx, ws, obj, actorder, segments, label="quip",
                                                  factor_device=factor_device)
-        qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
+        qw = spec.cls.pack(q, scale, spec.params, ctx.orig_dtype)
         info["incoherence"] = info_inc
     return OptimizerResult(qw, finish_info(info, obj, t0))

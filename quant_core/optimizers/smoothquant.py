@@ -26,8 +26,8 @@ from ..calibration import LayerStats
 from ..errors import CalibrationError, PlanError
 from ..formats import FormatSpec, Int8Tensorwise
 from ..formats_extra import Int8SmoothQuant
-from . import LayerContext, OptimizerFn, OptimizerResult
-from .objective import opt, output_sqnr_db
+from .base import LayerContext, OptimizerFn, OptimizerResult
+from .objective import output_sqnr_db
 
 SMOOTHQUANT_FORMAT = Int8SmoothQuant.name
 F_MIN, F_MAX = 1e-4, 1e4
@@ -59,7 +59,7 @@ def quantize_smoothed(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: L
     t0 = time.perf_counter()
     if ctx.stats is None:
         raise CalibrationError(f"{ctx.base}: SmoothQuant needs calibration statistics for this layer")
-    alpha = float(opt(ctx.options, "smoothquant_alpha", 0.5))
+    alpha = ctx.options.calibrated.smoothquant_alpha
     w = w.float()
     f = smoothing_factors(ctx.stats.absmax, w, alpha)
     ws = w * f.reshape(1, -1)
@@ -79,26 +79,30 @@ def quantize_smoothed(fn: OptimizerFn, w: torch.Tensor, spec: FormatSpec, ctx: L
     return OptimizerResult(qw, info)
 
 
+def plans_smoothquant(plan) -> bool:
+    return any(lp.spec.format == SMOOTHQUANT_FORMAT for lp in plan.quantized_layers())
+
+
 def apply_to_plan(plan, calibration, options, log=lambda m: None) -> List[str]:
-    """Give every quantized per-row/tensor ``int8_tensorwise`` layer that has calibration statistics the
-    ``int8_smoothquant`` format (before the output header is computed). Returns plan notes."""
+    """Layers the plan gave ``int8_smoothquant`` (``formats.spec_from_choice``) but that have no
+    calibration statistics are stored as ``int8_tensorwise`` with the same scaling (before the output
+    header is computed); the factors come from real activation abs-max values, never invented ones.
+    Returns plan notes."""
     if calibration is None:
-        raise PlanError("smoothquant needs calibration_data: the smoothing factors come from real "
+        raise PlanError("int8_smoothquant needs calibration_data: the smoothing factors come from real "
                         "activation abs-max values, which are never invented")
-    alpha = float(opt(options, "smoothquant_alpha", 0.5))
-    if not 0.0 <= alpha <= 1.0:
-        raise PlanError(f"--smoothquant-alpha must be in [0, 1], got {alpha}")
+    alpha = options.calibrated.smoothquant_alpha  # typed, range checked once (optimizers/options.py)
     smoothed, no_stats, other = 0, [], []
     for lp in plan.quantized_layers():
         spec = lp.spec
-        if spec.format != Int8Tensorwise.name or spec.params.convrot:
+        if spec.format != SMOOTHQUANT_FORMAT:
             if spec.format != "fp16":
                 other.append(lp.base)
             continue
         if calibration.resolve(lp.base) is None:
             no_stats.append(lp.base)
+            lp.spec = FormatSpec(Int8Tensorwise.name, Int8Tensorwise.Params(scaling=spec.params.scaling))
             continue
-        lp.spec = FormatSpec(SMOOTHQUANT_FORMAT, Int8SmoothQuant.Params(scaling=spec.params.scaling))
         smoothed += 1
     notes = [f"SmoothQuant (alpha {alpha:g}): {smoothed} layers stored as {SMOOTHQUANT_FORMAT} "
              "(our loader only; stock ComfyUI refuses the format)"]
