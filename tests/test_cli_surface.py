@@ -11,6 +11,7 @@ import torch
 from convert_to_quant import __version__
 from convert_to_quant.quant_core import cli
 from convert_to_quant.quant_core.errors import OutputPathError
+from convert_to_quant.quant_core.formats import spec_from_choice
 from convert_to_quant.quant_core.pipeline import ConvertOptions, convert_file
 from convert_to_quant.quant_core.plan import PlanOptions, build_plan
 from convert_to_quant.quant_core.safetensors_io import TensorInfo
@@ -67,7 +68,7 @@ def test_fp16_default_name_says_fp16(tmp_path, dit, capsys):
     assert not (tmp_path / "flux_tiny_int8.safetensors").exists()
     assert "flux_tiny_fp16.safetensors" in out
     # the API names it the same way
-    res = convert_file(dit, None, ConvertOptions(plan=PlanOptions(spec=cli.make_spec(format="fp16")),
+    res = convert_file(dit, None, ConvertOptions(plan=PlanOptions(spec=spec_from_choice("fp16")),
                                                  overwrite=True))
     assert res.output_path.endswith("flux_tiny_fp16.safetensors")
 

@@ -45,9 +45,9 @@ import torch
 from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
-from . import LayerContext, OptimizerResult
+from .base import LayerContext, OptimizerResult
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
-from ..memory import storage_weight
+from .rtn import storage_weight
 from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
