@@ -101,7 +101,19 @@ def evaluate_file(quantized_path: str, sentences: Sequence[str] = EVAL_SENTENCES
     c16 = cosines(ref, embed(w16_model, tok, sentences))
     a8_model, _ = load_model(weights)
     quantize_model_linears(a8_model, qlayers)
-    c8 = cosines(ref, embed(a8_model, tok, sentences))
+    # a file written with --input_scale is evaluated with its static scales (what they do to the output;
+    # our loader uses them only when asked: kernels.static_input_enabled)
+    static = any("input_scale" in qw.extra for qw in qlayers.values())
+    old = os.environ.get("CONVERT_TO_QUANT_STATIC_INPUT")
+    if static:
+        os.environ["CONVERT_TO_QUANT_STATIC_INPUT"] = "1"
+    try:
+        c8 = cosines(ref, embed(a8_model, tok, sentences))
+    finally:
+        if static and old is None:
+            os.environ.pop("CONVERT_TO_QUANT_STATIC_INPUT", None)
+        elif static:
+            os.environ["CONVERT_TO_QUANT_STATIC_INPUT"] = old
     return {"w8a16_mean_cosine": sum(c16) / len(c16), "w8a16_min_cosine": min(c16),
             "w8a8_mean_cosine": sum(c8) / len(c8), "w8a8_min_cosine": min(c8)}
 

@@ -107,10 +107,11 @@ def test_static_kernel_matches_float64_reference():
     assert (x.abs() > 127 * s).any()  # clipping was exercised
 
 
-def test_runtime_uses_the_static_scale(tiny, tmp_path):
-    """Our loader's linear (kernels.quantized_linear, PreparedLinear) runs a layer that has an
-    input_scale with it, and one without it per token: the two differ, and the static one equals the
-    static kernel."""
+def test_runtime_uses_the_static_scale(tiny, tmp_path, monkeypatch):
+    """With CONVERT_TO_QUANT_STATIC_INPUT=1 our loader's linear (kernels.quantized_linear, PreparedLinear)
+    runs a layer that has an input_scale with it, and one without it per token: the two differ, and the
+    static one equals the static kernel. By default (measured slower and less accurate) the stored scale
+    is not used: per token, like a layer without one."""
     _, src, cal, batches = tiny
     out = str(tmp_path / "o.safetensors")
     opts = ConvertOptions(plan=PlanOptions(spec=make_spec(scaling_mode="tensor"), default_skip=False),
@@ -120,11 +121,14 @@ def test_runtime_uses_the_static_scale(tiny, tmp_path):
     qw = qlayers["fc1"]
     assert "input_scale" in qw.extra
     x = batches[0].reshape(-1, 64)
+    dynamic = kernels.int8_linear(x, qw.qdata, qw.scale, None)
+    assert torch.equal(kernels.quantized_linear(x, qw, None), dynamic)
+    assert torch.equal(kernels.prepare_linear(qw)(x), dynamic)
+    monkeypatch.setenv(kernels.STATIC_INPUT_ENV, "1")
     static = kernels.quantized_linear(x, qw, None)
     want = kernels.int8_linear_static_input(x, qw.qdata, qw.scale, qw.extra["input_scale"], None)
     assert torch.equal(static, want)
     assert torch.equal(kernels.prepare_linear(qw)(x), want)
-    dynamic = kernels.int8_linear(x, qw.qdata, qw.scale, None)
     assert not torch.equal(static, dynamic)
 
 
