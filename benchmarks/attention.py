@@ -17,7 +17,6 @@ Prints one ``RESULT {json}`` line at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -32,14 +31,9 @@ def log(*a):
 
 
 def load_repo_package():
-    if "convert_to_quant" in sys.modules:
-        return sys.modules["convert_to_quant"]
-    spec = importlib.util.spec_from_file_location("convert_to_quant", os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["convert_to_quant"] = pkg
-    spec.loader.exec_module(pkg)
-    return pkg
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from comfy_step import load_repo_package as load  # one definition (ComfyUI not needed)
+    return load()
 
 
 def cosine(a, b):

@@ -265,6 +265,11 @@ def main(argv=None) -> int:
                                                         "ours_triton_launch") if c in res)
         gr = " / ".join(f"{res[c][2]:.1f}" for c in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch") if c in res)
         log(f"| {name} {m}×{k}→{n} | " + " | ".join(cells) + f" | {cpu} | {gr} |")
+    return report_failures(failures)
+
+
+def report_failures(failures) -> int:
+    """The exit status of a benchmark that checks correctness first: 1 with the failures listed, else 0."""
     if failures:
         log("CORRECTNESS FAILURES: " + "; ".join(failures))
         return 1

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from per_call import log, measure  # noqa: E402
+from per_call import log, measure, report_failures  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -75,11 +75,7 @@ def main(argv=None) -> int:
         for name, (sync, cpu, err) in res.items():
             log(f"  {name:<18} {sync:9.1f} us per call ({b / sync:5.2f}x bf16), host {cpu:7.1f} us, "
                 f"rel err vs float64 {err:.2e}")
-    if failures:
-        log("CORRECTNESS FAILURES: " + "; ".join(failures))
-        return 1
-    log("all correctness checks passed")
-    return 0
+    return report_failures(failures)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,27 @@ def _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R: tl.constexpr, 
     return tl.dot(h, tl.trans(u), out)
 
 
+@triton.jit
+def _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW: tl.constexpr):
+    """int32 accumulator -> fp32 times the per-token activation scales and the weight scale(s)."""
+    out = acc.to(tl.float32) * a_s[:, None]
+    if WS_PER_ROW:
+        return out * tl.load(ws_ptr + rn_safe)[None, :]
+    return out * tl.load(ws_ptr)
+
+
+@triton.jit
+def _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
+                LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The shared epilogue: + LoRA (fp32), + bias, one rounding to the output dtype, masked store."""
+    if LORA_R > 0:
+        out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 @triton.jit(do_not_specialize=["M", "num_programs"])  # one compile serves every token count
 def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, num_programs,
                      LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr,
@@ -245,18 +266,9 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
         if BLOCKWISE:
             out = acc
         else:
-            a_s = tl.load(as_ptr + rm_safe)
-            out = acc.to(tl.float32) * a_s[:, None]
-            if WS_PER_ROW:
-                out = out * tl.load(ws_ptr + rn_safe)[None, :]
-            else:
-                out = out * tl.load(ws_ptr)
-        if LORA_R > 0:
-            out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+            out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
+        _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
+                    LORA_R, LORA_IEEE, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -306,17 +318,8 @@ def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         acc = tl.dot(q, tl.trans(b), acc, out_dtype=tl.int32)
         x_ptrs += BK
         b_ptrs += BK
-    out = acc.to(tl.float32) * a_s[:, None]
-    if WS_PER_ROW:
-        out = out * tl.load(ws_ptr + rn_safe)[None, :]
-    else:
-        out = out * tl.load(ws_ptr)
-    if LORA_R > 0:
-        out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out = _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW)
+    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])

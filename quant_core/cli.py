@@ -18,7 +18,7 @@ from .ranks import INTERRUPTED_LINE, arm_interrupts, disarm_interrupts, wait_gat
 from .formats import spec_from_choice
 from .hadamard import CONVROT_GROUP_SIZES
 from .presets import all_presets
-from .progress import ProgressBar
+from .progress import ProgressBar, print_result
 from .. import __version__
 from .cli_compat import FORMAT_CHOICES_UPSTREAM, SCALING_CHOICES, add_upstream_flags
 
@@ -605,11 +605,7 @@ def run(args, console: Console) -> int:
     finally:
         if bar:
             bar.close()
-    for line in res.report.summary_lines():
-        console(line)
-    console(f"wrote {res.output_path}")
-    for p in res.report_paths:
-        console(f"report: {p}")
+    print_result(res, console)
     return 0
 
 

@@ -199,7 +199,7 @@ def run_example(opts, console, output=None, report_quality=None, calib_samples=N
     opts.report_path = quality_report_path(report_quality, out) or os.path.splitext(out)[0] + "_quality.json"
     prepare_calibration(opts, console, out, calib_samples)
     console(f"example: quantizing {src}", 1)
-    from .progress import ProgressBar
+    from .progress import ProgressBar, print_result
     bar = ProgressBar(console)
     try:
         res = convert_file(src, out, opts, log=lambda m: console(m, 1), progress=bar.update if bar else None,
@@ -207,11 +207,7 @@ def run_example(opts, console, output=None, report_quality=None, calib_samples=N
     finally:
         if bar:
             bar.close()
-    for line in res.report.summary_lines():
-        console(line)
-    console(f"wrote {res.output_path}")
-    for p in res.report_paths:
-        console(f"report: {p}")
+    print_result(res, console)
     ev = evaluate_file(res.output_path)
     console(f"sentence-embedding cosine vs the original model on {len(EVAL_SENTENCES)} sentences:")
     console(f"  weights dequantized (W8A16): mean {ev['w8a16_mean_cosine']:.6f}, min {ev['w8a16_min_cosine']:.6f}")

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .errors import ConvertError, SafetensorsFormatError, UnsupportedInputError, display_name
-from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsReader, TensorInfo, itemsize
+from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsReader, TensorIndex, TensorInfo, itemsize
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # comfy_quant format -> dtype
@@ -174,7 +174,7 @@ def analyse(reader: SafetensorsReader) -> Tuple[Dict[str, Dequant], set, List[st
     return deq, consumed, notes
 
 
-class InputView:
+class InputView(TensorIndex):
     """A ``SafetensorsReader`` seen as the float model the file stands for (see the module doc).
     ``infos`` / ``info`` / ``keys`` / ``get`` / ``metadata`` are the logical ones; a dequantized tensor's
     ``TensorInfo`` has its output dtype and that dtype's size (``begin`` kept, for file order)."""
@@ -195,15 +195,6 @@ class InputView:
         self.metadata = dict(reader.metadata)
         if any(d.layout.startswith("comfy_quant") for d in self.dequant.values()):
             self.metadata.pop("_quantization_metadata", None)  # described the fp8 input, not the output
-
-    def keys(self) -> List[str]:
-        return list(self.infos)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.infos
-
-    def info(self, key: str) -> TensorInfo:
-        return self.infos[key]
 
     def transformed(self, key: str) -> bool:
         """True when ``get(key)`` is not the file's bytes (it cannot be copied as a byte stream)."""

@@ -52,3 +52,12 @@ class ProgressBar:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def print_result(res, console) -> None:
+    """What a finished conversion prints: the report's summary, the written file, the report files."""
+    for line in res.report.summary_lines():
+        console(line)
+    console(f"wrote {res.output_path}")
+    for p in res.report_paths:
+        console(f"report: {p}")

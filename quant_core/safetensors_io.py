@@ -166,7 +166,22 @@ def check_input_path(path: str) -> str:
     return p
 
 
-class SafetensorsReader:
+class TensorIndex:
+    """Key access over ``self.infos`` (name -> ``TensorInfo``), shared by the reader and the views over it."""
+
+    infos: Dict[str, "TensorInfo"]
+
+    def keys(self) -> List[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def info(self, key: str) -> "TensorInfo":
+        return self.infos[key]
+
+
+class SafetensorsReader(TensorIndex):
     """Lazy, validated reader. Use as a context manager; ``get(key)`` returns an owned tensor."""
 
     def __init__(self, path: str):
@@ -202,16 +217,7 @@ class SafetensorsReader:
         self.file_size = size
         self.infos, self.metadata = parse_header(raw, size - self.data_start, where)
 
-    # --- access ---------------------------------------------------------------------------------
-    def keys(self) -> List[str]:
-        return list(self.infos)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.infos
-
-    def info(self, key: str) -> TensorInfo:
-        return self.infos[key]
-
+    # --- access (keys / in / info: TensorIndex) -------------------------------------------------
     def get(self, key: str, pin: bool = False) -> torch.Tensor:
         """The tensor, in memory it owns. ``pin=True`` reads straight into page-locked memory (CUDA's
         caching host allocator), so the copy to the GPU runs at full bus speed and asynchronously."""

@@ -161,17 +161,23 @@ def _graph_for(device: torch.device, cols: int, rows: int, target: bool, grid=No
     where capturing failed, e.g. out of memory."""
     # per thread: the static buffers must not be shared by two conversions running at once
     key = (str(device), cols, rows, target, threading.get_ident(), grid)
-    with _graphs_lock:
-        if key in _graphs:
-            _graphs.move_to_end(key)
-            return _graphs[key]
+    return cached_graph(_graphs, _graphs_lock, key, lambda: _SweepGraph(device, cols, rows, target, grid))
+
+
+def cached_graph(cache: "collections.OrderedDict", lock: threading.Lock, key: tuple, capture):
+    """``cache[key]``, captured by ``capture()`` on a miss (None where capturing failed -- memory, driver:
+    the eager loop computes the same); least recently used graphs are dropped beyond GRAPH_CACHE_BYTES."""
+    with lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
         try:
-            g = _SweepGraph(device, cols, rows, target, grid)
-        except Exception:  # no graph for this shape (memory, driver): the eager loop computes the same
+            g = capture()
+        except Exception:
             g = None
-        _graphs[key] = g
-        while len(_graphs) > 1 and sum(v.nbytes for v in _graphs.values() if v is not None) > GRAPH_CACHE_BYTES:
-            _graphs.popitem(last=False)
+        cache[key] = g
+        while len(cache) > 1 and sum(v.nbytes for v in cache.values() if v is not None) > GRAPH_CACHE_BYTES:
+            cache.popitem(last=False)
         return g
 
 

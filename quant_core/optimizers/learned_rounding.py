@@ -63,7 +63,7 @@ from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
 from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
-from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
+from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, cached_graph, finish_info, gptq_quantize
 from .rtn import storage_weight
 from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
@@ -421,25 +421,13 @@ class _PolishGraph:
         changed += self.changed
 
 
-GRAPH_CACHE_BYTES = 256 << 20
 _graphs: "collections.OrderedDict[tuple, Optional[_PolishGraph]]" = collections.OrderedDict()
 _graphs_lock = threading.Lock()
 
 
 def _polish_graph(device, cols, rows):
-    key = (str(device), cols, rows, threading.get_ident())
-    with _graphs_lock:
-        if key in _graphs:
-            _graphs.move_to_end(key)
-            return _graphs[key]
-        try:
-            g = _PolishGraph(device, cols, rows)
-        except Exception:
-            g = None
-        _graphs[key] = g
-        while len(_graphs) > 1 and sum(v.nbytes for v in _graphs.values() if v is not None) > GRAPH_CACHE_BYTES:
-            _graphs.popitem(last=False)
-        return g
+    return cached_graph(_graphs, _graphs_lock, (str(device), cols, rows, threading.get_ident()),
+                        lambda: _PolishGraph(device, cols, rows))
 
 
 def clear_graphs() -> None:
