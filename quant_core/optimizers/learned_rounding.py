@@ -509,13 +509,15 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     # rounding from fitting the calibration tokens too closely
     h_fit = obj.H.clone()
     h_fit.diagonal().add_(k.damp * float(obj.H.diagonal().mean()))
+    float_grid = spec.cls.grid_round is not None  # float8: a non-uniform grid (see grid_spacing)
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
-    q_rtn = rtn_integers(ws, base_full)
+    q_rtn = spec.cls.grid_values(ws / base_full)
     e_rtn = quad_error(q_rtn * base_full - ws, h_fit)
 
     scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
+    value_full = full
     init = k.rounding_init
     if init == "auto":  # the best cheap start: GPTQ with calibration data, round-to-nearest without
         init = "gptq" if obj.source == "calibration" else "nearest"
@@ -523,9 +525,19 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     if init == "gptq":
         with progress_span(0.0, 0.2):
             q0, ginfo = gptq_quantize(ws, obj.H, full, k.gptq_block, k.gptq_actorder, k.damp, k.row_segments,
-                                      factor_device=k.hessian_device, return_target=True)
+                                      factor_device=k.hessian_device, return_target=True,
+                                      grid=spec.cls.grid_round)
         target = ginfo["target"]
         del q0
+    if float_grid:
+        # on a float grid every weight chooses between the two grid values around its target (GPTQ's
+        # error-compensated value, or the weight), consecutive multiples of the local spacing there:
+        # learning and polish run on those "integers" with the spacing folded into an elementwise scale;
+        # the result is snapped back to the grid at the end
+        step = grid_spacing(ws / value_full if target is None else target)
+        full = value_full * step
+        if target is not None:
+            target = target / step
     # the regularizer weight is relative to the starting point's error (what is left to gain)
     x0 = ws / full if target is None else target
     q_start = torch.round(x0).clamp_(-QMAX, QMAX)
@@ -550,8 +562,12 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         q, e = candidates[j], errs[j]
         info["polished"] = ["best rounding seen", "final learned rounding"][j]
     del last_q
+    if float_grid:  # back to grid values in units of the scale (snapped: polish may leave the two choices)
+        q = spec.cls.grid_values(q * step)
+        full = value_full
+        e = quad_error(q * full - ws, h_fit)
     # the scale that fits the chosen integers best (per-row / per-tensor formats), then a last polish
-    new_scale = refit_scale(q, ws, h_fit, scale, spec)
+    new_scale = None if float_grid else refit_scale(q, ws, h_fit, scale, spec)
     if new_scale is not None:
         new_full = spec.cls.expand_scale(new_scale, ws.shape, spec.params)
         q2 = polish(q, ws, new_full, h_fit, max(sweeps, 1)) if sweeps > 0 else q
@@ -566,10 +582,18 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         info["notes_extra"] = "learned rounding did not improve on round-to-nearest; kept round-to-nearest"
     info["objective_after"] = e
     info["objective_gain_db"] = _gain_db(e_rtn, e)
-    info["changed_fraction"] = float((q != rtn_integers(ws, full)).float().mean())
+    info["changed_fraction"] = float((q != spec.cls.grid_values(ws / full)).float().mean())
     info["output_sqnr_db"] = output_sqnr_db(ws, q * full, obj.H_data)
-    qw = spec.cls.pack(q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
+    qw = spec.cls.pack(q if float_grid else q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
     return OptimizerResult(qw, finish_info(info, obj, t0))
+
+
+def grid_spacing(t: torch.Tensor) -> torch.Tensor:
+    """The float8 E4M3 grid's spacing at ``t`` (in units of the scale): 2^(e - 3) in the binade
+    [2^e, 2^(e+1)), 2^-9 below the smallest normal 2^-6. ``floor(t / step) * step`` and the next multiple
+    are then the two grid values around ``t`` (both exact E4M3 values)."""
+    e = torch.floor(torch.log2(t.abs().clamp(min=2.0 ** -6)))
+    return torch.exp2(e - 3)
 
 
 def _estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
@@ -578,7 +602,7 @@ def _estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
     return LayerEstimate(weight=40 * n + (4 * n if rotated else 0), sweep=0, hessian=12 * inn * inn, factor=0)
 
 
-COST = OptimizerCost(_estimate, integer_grid_only=True)
+COST = OptimizerCost(_estimate)
 
 
 @register_optimizer("original", COST)
