@@ -11,7 +11,6 @@ docs/KERNELS.md); the function argument ``path=`` or env ``CONVERT_TO_QUANT_KERN
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch

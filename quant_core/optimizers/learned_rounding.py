@@ -49,10 +49,7 @@ better hard rounding).
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -63,9 +60,9 @@ from ..checkpoint import checkpoint, progress_span
 from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
 from .base import LayerContext, LayerEstimate, OptimizerCost, OptimizerResult, register_optimizer
-from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, cached_graph, finish_info, gptq_quantize
-from .rtn import storage_weight
-from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
+from .gptq import CUDA_GRAPHS, DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
+from .polish import _tf32, best_polished, polish
+from .objective import clip_grid, damped_layer_objective, opt, output_sqnr_db, quad_error, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
 METHODS = ("original", "adamw", "radam")
@@ -131,19 +128,6 @@ def knobs(o) -> Knobs:
         damp=float(opt(o, "gptq_damp", DEFAULT_DAMP)), gptq_block=int(opt(o, "gptq_block_size", DEFAULT_BLOCK)),
         gptq_actorder=bool(opt(o, "gptq_actorder", False)), row_segments=int(opt(o, "row_segments", 1)),
         hessian_device=opt(o, "hessian_device", None))
-
-
-@contextlib.contextmanager
-def _tf32(device: torch.device, allow: bool):
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,103 +357,6 @@ def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
-# polish: coordinate descent on the hard rounding (column sweep replayed from a CUDA graph on CUDA)
-# ------------------------------------------------------------------------------------------------
-def _polish_block(qt, gt_blk, st, hd, hb, upd, changed):
-    """Columns ``j0..j1`` of one sweep: ``qt``/``st``/``hd`` are the block's rows of the transposed
-    integers / scales / diag(H); ``gt_blk`` the block's gradient rows (updated rank-1 in place);
-    ``hb`` the block's [cols, cols] part of H; ``upd`` receives the scaled changes."""
-    for j in range(qt.shape[0]):
-        new = (qt[j] - torch.round(gt_blk[j] / (st[j] * hd[j]))).clamp_(-QMAX, QMAX)
-        dq = new - qt[j]
-        changed += torch.count_nonzero(dq)
-        qt[j] = new
-        d = upd[j]
-        torch.mul(dq, st[j], out=d)
-        gt_blk.addr_(hb[j], d)
-
-
-class _PolishGraph:
-    def __init__(self, device, cols, rows):
-        f = dict(device=device, dtype=torch.float32)
-        self.q, self.g, self.s = torch.zeros(cols, rows, **f), torch.zeros(cols, rows, **f), torch.ones(cols, rows, **f)
-        self.hd, self.hb = torch.ones(cols, **f), torch.eye(cols, **f)
-        self.upd = torch.zeros(cols, rows, **f)
-        self.changed = torch.zeros((), dtype=torch.int64, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            _polish_block(self.q.clone(), self.g.clone(), self.s, self.hd, self.hb, self.upd.clone(),
-                          self.changed.clone())
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            _polish_block(self.q, self.g, self.s, self.hd, self.hb, self.upd, self.changed)
-        self.nbytes = 4 * cols * rows * 4
-
-    def __call__(self, qt, gt_blk, st, hd, hb, upd, changed):
-        self.q.copy_(qt)
-        self.g.copy_(gt_blk)
-        self.s.copy_(st)
-        self.hd.copy_(hd)
-        self.hb.copy_(hb)
-        self.changed.zero_()
-        self.graph.replay()
-        qt.copy_(self.q)
-        gt_blk.copy_(self.g)
-        upd.copy_(self.upd)
-        changed += self.changed
-
-
-_graphs: "collections.OrderedDict[tuple, Optional[_PolishGraph]]" = collections.OrderedDict()
-_graphs_lock = threading.Lock()
-
-
-def _polish_graph(device, cols, rows):
-    return cached_graph(_graphs, _graphs_lock, (str(device), cols, rows, threading.get_ident()),
-                        lambda: _PolishGraph(device, cols, rows))
-
-
-def clear_graphs() -> None:
-    with _graphs_lock:
-        _graphs.clear()
-
-
-def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch.Tensor, sweeps: int,
-           block: int = 128, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
-    """Coordinate descent on the hard rounding: each weight in turn takes the integer that minimizes
-    ``tr(D H Dᵀ)`` with all others fixed (all rows at once, one input column at a time). Never raises the
-    objective; a sweep costs about one GPTQ pass. Like GPTQ it works on transposed (column-contiguous)
-    copies and updates the gradient lazily: rank-1 inside a block of columns, one GEMM per block; on
-    CUDA each block's column loop is replayed from a CUDA graph (same kernels, same integers)."""
-    n = ws.shape[1]
-    use_graph = (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs) and ws.device.type == "cuda"
-    qt = q.T.contiguous()
-    st = full_scale.expand_as(ws).T.contiguous()
-    with _tf32(ws.device, False):
-        gt = ((q * full_scale - ws) @ h).T.contiguous()  # [n, out]: gradient / 2 of every row's error
-    hd = h.diagonal().clamp(min=1e-30).contiguous()
-    for _ in range(sweeps):
-        # no host sync inside the sweep (a zero change adds exact zeros): one check per sweep
-        changed = torch.zeros((), dtype=torch.int64, device=qt.device)
-        for j0 in range(0, n, block):
-            checkpoint()
-            j1 = min(j0 + block, n)
-            upd = torch.empty(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
-            fn = _polish_graph(qt.device, j1 - j0, qt.shape[1]) if use_graph else None
-            (fn or _polish_block)(qt[j0:j1], gt[j0:j1], st[j0:j1], hd[j0:j1], h[j0:j1, j0:j1].contiguous(),
-                                  upd, changed)
-            with _tf32(ws.device, False):
-                if j0 > 0:
-                    gt[:j0].addmm_(h[j0:j1, :j0].T, upd)
-                if j1 < n:
-                    gt[j1:].addmm_(h[j0:j1, j1:].T, upd)
-        if not int(changed):
-            break
-    return qt.T.contiguous()
-
-
-# ------------------------------------------------------------------------------------------------
 # scale refit: with the integers fixed, the per-row (per-tensor) scale minimizing tr(D H Dᵀ)
 # ------------------------------------------------------------------------------------------------
 def refit_scale(q: torch.Tensor, ws: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, spec: FormatSpec):
@@ -502,13 +389,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     k = knobs(ctx.options)
     # reduced-precision gradient GEMM (bf16 operands, fp32 accumulation) only on CUDA, where it pays
     k.bf16_grad = k.bf16_grad and torch.device(ctx.device).type == "cuda" and w.device.type == "cuda"
-    w = w.float()
-    ws = storage_weight(w, spec, ctx.options)
-    obj = layer_objective(w, spec, ctx)
-    # the learned objective carries GPTQ's damping too: a ridge toward plain weight error that keeps the
-    # rounding from fitting the calibration tokens too closely
-    h_fit = obj.H.clone()
-    h_fit.diagonal().add_(k.damp * float(obj.H.diagonal().mean()))
+    w, ws, obj, h_fit = damped_layer_objective(w, spec, ctx, k.damp)
     float_grid = spec.cls.grid_round is not None  # float8: a non-uniform grid (see grid_spacing)
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
@@ -554,12 +435,8 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         # binarized it), where it ended: different local optima, either may win. A layer stopped early
         # ended half-way through the relaxation: only its best rounding is worth a polish.
         with progress_span(0.9, 0.97):
-            candidates = [polish(q, ws, full, h_fit, sweeps)]
-            if info["stop"] == "num_iter" and not torch.equal(last_q, q):
-                candidates.append(polish(last_q, ws, full, h_fit, sweeps))
-        errs = [quad_error(c * full - ws, h_fit) for c in candidates]
-        j = min(range(len(errs)), key=errs.__getitem__)
-        q, e = candidates[j], errs[j]
+            starts = [q] + ([last_q] if info["stop"] == "num_iter" and not torch.equal(last_q, q) else [])
+            q, e, j = best_polished(starts, ws, full, h_fit, sweeps, quad_error)
         info["polished"] = ["best rounding seen", "final learned rounding"][j]
     del last_q
     if float_grid:  # back to grid values in units of the scale (snapped: polish may leave the two choices)

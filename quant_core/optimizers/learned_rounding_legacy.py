@@ -47,8 +47,8 @@ from ..errors import PlanError
 from ..formats import QMAX, FormatSpec
 from .base import LayerContext, OptimizerResult
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, _gain_db, finish_info, gptq_quantize
-from .rtn import storage_weight
-from .objective import clip_grid, layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
+from .polish import _tf32, best_polished, polish as shared_polish
+from .objective import clip_grid, damped_layer_objective, opt, output_sqnr_db, quad_error, rtn_integers, search_scales
 
 SCHEDULES = ("adaptive", "exponential", "plateau")
 WARMUP = 0.2
@@ -61,15 +61,8 @@ DEFAULT_POLISH = 2
 @contextlib.contextmanager
 def _fast_matmul(device: torch.device, allow: bool):
     """TF32 for the per-step gradient GEMM on CUDA (the hard objective is always scored in fp32)."""
-    if device.type != "cuda" or not allow:
+    with _tf32(device, True) if allow else contextlib.nullcontext():
         yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class _Schedule:
@@ -211,50 +204,14 @@ def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tens
                             "last_q": hard_q()}
 
 
-def polish(q: torch.Tensor, ws: torch.Tensor, full_scale: torch.Tensor, h: torch.Tensor, sweeps: int,
-           block: int = 128) -> torch.Tensor:
-    """Coordinate descent on the hard rounding: each weight in turn takes the integer that minimizes
-    ``tr(D H Dᵀ)`` with all others fixed (all rows at once, one input column at a time). Never raises the
-    objective; a sweep costs about one GPTQ pass. Like GPTQ it works on transposed (column-contiguous)
-    copies and updates the gradient lazily: rank-1 inside a block of columns, one GEMM per block."""
-    n = ws.shape[1]
-    qt = q.T.contiguous()
-    st = full_scale.expand_as(ws).T.contiguous()
-    gt = ((q * full_scale - ws) @ h).T.contiguous()  # [n, out]: gradient / 2 of every row's error
-    hd = h.diagonal().clamp(min=1e-30)
-    for _ in range(sweeps):
-        # no host sync inside the sweep (a zero change adds exact zeros): one check per sweep
-        changed = torch.zeros((), dtype=torch.int64, device=qt.device)
-        for j0 in range(0, n, block):
-            checkpoint()
-            j1 = min(j0 + block, n)
-            upd = torch.empty(j1 - j0, qt.shape[1], device=qt.device, dtype=qt.dtype)
-            for j in range(j0, j1):
-                new = (qt[j] - torch.round(gt[j] / (st[j] * hd[j]))).clamp_(-QMAX, QMAX)
-                dq = new - qt[j]
-                changed += torch.count_nonzero(dq)
-                qt[j] = new
-                d = upd[j - j0]
-                torch.mul(dq, st[j], out=d)
-                gt[j0:j1].addr_(h[j, j0:j1], d)
-            if j0 > 0:
-                gt[:j0].addmm_(h[j0:j1, :j0].T, upd)
-            if j1 < n:
-                gt[j1:].addmm_(h[j0:j1, j1:].T, upd)
-        if not int(changed):
-            break
-    return qt.T.contiguous()
+def polish(q, ws, full_scale, h, sweeps, block: int = 128):
+    """The coordinate-descent polish (``polish.polish``), eager as before issue 17 (no CUDA graphs)."""
+    return shared_polish(q, ws, full_scale, h, sweeps, block, cuda_graphs=False)
 
 
 def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     t0 = time.perf_counter()
-    w = w.float()
-    ws = storage_weight(w, spec, ctx.options)
-    obj = layer_objective(w, spec, ctx)
-    # the learned objective carries GPTQ's damping too: a ridge toward plain weight error that keeps the
-    # rounding from fitting the calibration tokens too closely
-    h_fit = obj.H.clone()
-    h_fit.diagonal().add_(float(opt(ctx.options, "gptq_damp", DEFAULT_DAMP)) * float(obj.H.diagonal().mean()))
+    w, ws, obj, h_fit = damped_layer_objective(w, spec, ctx, float(opt(ctx.options, "gptq_damp", DEFAULT_DAMP)))
     base_scale = spec.cls.compute_scale(ws, spec.params)
     base_full = spec.cls.expand_scale(base_scale, ws.shape, spec.params)
     q_rtn = rtn_integers(ws, base_full)
@@ -290,12 +247,8 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         # polish both the best rounding seen and where the learning ended (binarized by the
         # regularizer): they are different local optima, either may win
         info["objective_learned"] = e
-        candidates = [polish(q, ws, full, h_fit, sweeps)]
-        if not torch.equal(last_q, q):
-            candidates.append(polish(last_q, ws, full, h_fit, sweeps))
-        errs = [quad_error(c * full - ws, h_fit) for c in candidates]
-        k = min(range(len(errs)), key=errs.__getitem__)
-        q, e = candidates[k], errs[k]
+        starts = [q] + ([last_q] if not torch.equal(last_q, q) else [])
+        q, e, k = best_polished(starts, ws, full, h_fit, sweeps, quad_error)
         info["polished"] = ["best rounding seen", "final learned rounding"][k]
     del last_q
     info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps})

@@ -209,3 +209,16 @@ class LoraDirections:
 def clip_grid(options) -> Sequence[float]:
     """The clipping factors the scale search tries (``scale_search`` false: abs-max scales only)."""
     return DEFAULT_CLIP_GRID if opt(options, "scale_search", True) else (1.0,)  # a Mapping of options
+
+
+def damped_layer_objective(w: torch.Tensor, spec: FormatSpec, ctx, damp: float):
+    """(w as float32, its storage-space weight, the layer objective, the objective's matrix with GPTQ's
+    damping added): learned rounding fits the damped matrix -- a ridge toward plain weight error that
+    keeps the rounding from fitting the calibration tokens too closely."""
+    from .rtn import storage_weight
+    w = w.float()
+    ws = storage_weight(w, spec, ctx.options)
+    obj = layer_objective(w, spec, ctx)
+    h_fit = obj.H.clone()
+    h_fit.diagonal().add_(damp * float(obj.H.diagonal().mean()))
+    return w, ws, obj, h_fit
