@@ -71,7 +71,7 @@ class OptimizerCost:
     row_sweep: bool = False
     time: Callable[[int, int], float] = lambda out, inn: float(out) * inn
     release: Optional[Callable[[], None]] = None  # drops caches it keeps between layers (GPU memory)
-    integer_grid_only: bool = False  # chooses floor / ceil of integers: no float8 grid yet
+    integer_grid_only: bool = False  # only rounds to integers: refused for float8 before any work (none today)
 
 
 def _rtn_estimate(out: int, inn: int, rotated: bool) -> LayerEstimate:
