@@ -280,19 +280,14 @@ def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, p
         return fn(x, qw, bias, path=path, backend=backend)
     if fn in (_tensorwise_linear, _blockwise_linear):
         return fn(x, qw, bias, path=path, backend=backend, lora=lora)
-    y = fn(x, qw, bias, path=path, backend=backend)
-    h, up = lora
-    return (y.float() + h.float() @ up.float().t()).to(y.dtype)
+    return dispatch.with_lora(fn(x, qw, bias, path=path, backend=backend), lora)
 
 
 def _tensorwise_linear(x, qw, bias, path=None, backend=None, lora=None):
     p = qw.params
     if qw.extra.get("input_scale") is not None and not p.convrot and static_input_enabled():
         y = int8_linear_static_input(x, qw.qdata, qw.scale, qw.extra["input_scale"], bias)
-        if lora is not None:
-            h, up = _check_lora(lora, x, qw.qdata.shape[0], "int8_linear_static_input")
-            y = (y.float() + (h.float() @ up.float().t()).reshape(y.shape)).to(y.dtype)
-        return y
+        return dispatch.with_lora(y, _check_lora(lora, x, qw.qdata.shape[0], "int8_linear_static_input"))
     return int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=p.convrot_groupsize if p.convrot else 0,
                        path=path, backend=backend, lora=lora)
 

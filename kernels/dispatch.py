@@ -95,13 +95,14 @@ def _dequant_weight(qdata, w_scale, group_size, convrot_groupsize, dtype, backen
     return ref.dequantize_weight(qdata, w_scale, group_size, convrot_groupsize, dtype)
 
 
-def _with_lora(y: torch.Tensor, lora) -> torch.Tensor:
+def with_lora(y: torch.Tensor, lora) -> torch.Tensor:
     """Where the kernel epilogue does not add it: y + h · upᵀ (fp32 products, y's dtype)."""
     if lora is None:
         return y
     plan_unsafe()
     h, up = lora
-    return (y.float() + h.float() @ up.float().t()).to(y.dtype)
+    add = h.reshape(-1, h.shape[-1]).float() @ up.float().t()
+    return (y.float() + add.reshape(y.shape)).to(y.dtype)
 
 
 def _lora_fusable(lora, be: str, p: str, x: torch.Tensor) -> bool:
@@ -121,7 +122,7 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
     if lora is not None and not _lora_fusable(lora, be, p, x):
-        return _with_lora(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be), lora)
+        return with_lora(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":
         plan_unsafe()  # torch work besides kernel launches: no launch plan (launch.LaunchPlan)
     if p == "dequant":
@@ -157,7 +158,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
     if lora is not None and not _lora_fusable(lora, be, p, x):
-        return _with_lora(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be), lora)
+        return with_lora(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":
         plan_unsafe()
     if p == "dequant":

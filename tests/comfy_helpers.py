@@ -43,6 +43,36 @@ SKIP_REASON = ("needs a real ComfyUI: set COMFYUI_DIR (a ComfyUI source checkout
                "with its requirements) -- see docs/NODES.md")
 
 
+def run_check_script(script: str, checks, prefix: str, timeout: int = 900) -> Dict[str, dict]:
+    """Run ``script`` (a test file whose ``__main__`` runs named checks inside ComfyUI) with COMFYUI_PYTHON
+    in the ComfyUI folder; its ``<prefix>{json}`` lines become ``{check: result}`` (plus ``_stderr``)."""
+    import pytest
+    comfy_dir, python = comfy_env()
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["COMFYUI_DIR"] = comfy_dir
+    proc = subprocess.run([python, os.path.abspath(script), *checks], cwd=comfy_dir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    out: Dict[str, dict] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(prefix):
+            r = json.loads(line[len(prefix):])
+            out[r["check"]] = r
+    if not out:
+        pytest.fail(f"check runner produced no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    out["_stderr"] = proc.stderr
+    return out
+
+
+def check_detail(results: Dict[str, dict], name: str):
+    """The detail of check ``name`` from ``run_check_script``; fails the test if it did not run or failed."""
+    r = results.get(name)
+    assert r is not None, f"check {name} did not run:\n{results['_stderr'][-4000:]}"
+    assert r["ok"], f"{name} failed:\n{r.get('error')}"
+    return r["detail"]
+
+
 # ------------------------------------------------------------------------------------------------
 # a test-only node pack: CONDITIONING without a text encoder
 # ------------------------------------------------------------------------------------------------

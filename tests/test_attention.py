@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -31,7 +30,7 @@ if __name__ != "__main__":
     from convert_to_quant.kernels import launch
 
     sys.path.insert(0, HERE)
-    from comfy_helpers import SKIP_REASON, comfy_env  # noqa: E402
+    from comfy_helpers import SKIP_REASON, check_detail, comfy_env, run_check_script  # noqa: E402
 
     DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     TRITON_OK = launch.triton_usable(DEV)
@@ -312,28 +311,9 @@ if __name__ != "__main__":
 
     @pytest.fixture(scope="module")
     def comfy_results():
-        comfy_dir, python = comfy_env()
-        env = dict(os.environ)
-        env.pop("TRITON_INTERPRET", None)
-        env["COMFYUI_DIR"] = comfy_dir
-        proc = subprocess.run([python, os.path.abspath(__file__), *CHECKS], cwd=comfy_dir, env=env,
-                              capture_output=True, text=True, timeout=900)
-        out = {}
-        for line in proc.stdout.splitlines():
-            if line.startswith(RESULT):
-                r = json.loads(line[len(RESULT):])
-                out[r["check"]] = r
-        if not out:
-            pytest.fail(f"check runner produced no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                        f"{proc.stderr[-5000:]}")
-        out["_stderr"] = proc.stderr
-        return out
+        return run_check_script(__file__, CHECKS, RESULT)
 
-    def _check(results, name):
-        r = results.get(name)
-        assert r is not None, f"check {name} did not run:\n{results['_stderr'][-4000:]}"
-        assert r["ok"], f"{name} failed:\n{r.get('error')}"
-        return r["detail"]
+    _check = check_detail
 
     @comfy
     @pytest.mark.comfyui

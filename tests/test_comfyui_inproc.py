@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -26,34 +25,15 @@ if __name__ != "__main__":
     import pytest
 
     sys.path.insert(0, HERE)
-    from comfy_helpers import SKIP_REASON, comfy_env
+    from comfy_helpers import SKIP_REASON, check_detail, comfy_env, run_check_script
 
     pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfy_env() is None, reason=SKIP_REASON)]
 
     @pytest.fixture(scope="module")
     def results():
-        comfy_dir, python = comfy_env()
-        env = dict(os.environ)
-        env.pop("TRITON_INTERPRET", None)
-        env["COMFYUI_DIR"] = comfy_dir
-        proc = subprocess.run([python, os.path.abspath(__file__), *CHECKS], cwd=comfy_dir, env=env,
-                              capture_output=True, text=True, timeout=900)
-        out = {}
-        for line in proc.stdout.splitlines():
-            if line.startswith(RESULT):
-                r = json.loads(line[len(RESULT):])
-                out[r["check"]] = r
-        if not out:
-            pytest.fail(f"check runner produced no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                        f"{proc.stderr[-5000:]}")
-        out["_stderr"] = proc.stderr
-        return out
+        return run_check_script(__file__, CHECKS, RESULT)
 
-    def _assert_check(results, name):
-        r = results.get(name)
-        assert r is not None, f"check {name} did not run:\n{results['_stderr'][-4000:]}"
-        assert r["ok"], f"{name} failed:\n{r.get('error')}"
-        return r["detail"]
+    _assert_check = check_detail
 
     def test_int8_model_matches_float(results):
         d = _assert_check(results, "int8_model_matches_float")
