@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print where the host time of one 'ours' call goes (cProfile, pieces timed alone)")
+    ap.add_argument("--tuner-log", action="store_true", help="print the tuner's measured configs at the end")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["CONVERT_TO_QUANT_KERNEL_BACKEND"] = "torch"
@@ -220,6 +221,13 @@ def main(argv=None) -> int:
             finally:
                 os.environ.pop("CONVERT_TO_QUANT_FUSED_ACT", None)
 
+        def w8a16_noswap(i):  # W8A16 before the swapped kernel (its own tuner key)
+            os.environ[L.SWAP_ENV] = "0"
+            try:
+                return forced("w8a16")(i)
+            finally:
+                os.environ.pop(L.SWAP_ENV, None)
+
         variants = {"bf16": bf16, "ours": ours, "ours_generic": generic}
         if dev.type == "cuda":
             variants["ours_no_plan"] = no_plan
@@ -228,6 +236,8 @@ def main(argv=None) -> int:
             variants.update({p: forced(p) for p in PATH_VARIANTS})
             if m <= 128:
                 variants["w8a8_2launch"] = two_launch_w8a8
+            if dev.type == "cuda":
+                variants["w8a16_noswap"] = w8a16_noswap
         # correctness against float64 with the dequantized weights (bf16 output tolerance)
         ref = (xs[0].double() @ lay[0][2].dequantize().to(dev).double().T + lay[0][1].double())
         for vname, fn in variants.items():
@@ -239,7 +249,8 @@ def main(argv=None) -> int:
                                     "ours_triton_launch") else 1e-2
             if not err < tol:  # W8A8 adds the activation rounding (~1e-2); NaN fails
                 failures.append(f"{name}/{vname}: rel err {err:.2e} vs float64")
-        res = {v: measure(fn, args.calls, dev, graph=v in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch"))
+        res = {v: measure(fn, args.calls, dev, graph=v in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch",
+                                                                  "w8a16_noswap"))
                for v, fn in variants.items()}
         if args.profile:
             profile_call(name, ours, lay[0][2], xs[0], dev, K, L)
@@ -255,7 +266,7 @@ def main(argv=None) -> int:
     cols = list(dict.fromkeys(c for _, _, res in rows for c in res))
     log("")
     log("per synchronised call, us (x = bf16 sync / variant sync); cpu = host us to issue one call")
-    log("| shape M×K→N | " + " | ".join(cols) + " | cpu bf16 / ours / no-plan / generic / triton-launch | graph bf16 / ours / w8a8 / w8a16 (/ w8a8 2-launch) |")
+    log("| shape M×K→N | " + " | ".join(cols) + " | cpu bf16 / ours / no-plan / generic / triton-launch | graph bf16 / ours / w8a8 / w8a16 (/ w8a8 2-launch) / w8a16 no swap |")
     log("|" + "---|" * (len(cols) + 3))
     for name, (m, k, n), res in rows:
         b = res["bf16"][0]
@@ -263,8 +274,13 @@ def main(argv=None) -> int:
                  for c in cols]
         cpu = " / ".join(f"{res[c][1]:.1f}" for c in ("bf16", "ours", "ours_no_plan", "ours_generic",
                                                         "ours_triton_launch") if c in res)
-        gr = " / ".join(f"{res[c][2]:.1f}" for c in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch") if c in res)
+        gr = " / ".join(f"{res[c][2]:.1f}" for c in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch", "w8a16_noswap")
+                      if c in res)
         log(f"| {name} {m}×{k}→{n} | " + " | ".join(cells) + f" | {cpu} | {gr} |")
+    if args.tuner_log:
+        log("\ntuner (GPU us + extra host us per config):")
+        for line in L.TUNER.log:
+            log("  " + line)
     return report_failures(failures)
 
 

@@ -151,12 +151,13 @@ class GemmConfig:
     ctas_per_sm: int = 1  # persistent grid = SMs x this (small tiles: two CTAs interleave on one SM)
     split_k: int = 1  # W8A16 only: programs per output tile along K (fp32 atomics)
     rot_impl: int = 0  # activation kernel only: convrot implementation (triton_kernels._rotate_row)
+    swap: bool = False  # W8A16 only: w8a16_swap_kernel (weight tile as the MMA's register operand)
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
         s += ("", "/tmah", "/tma")[self.tma] + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
         return (s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
-                + (f"/rot{self.rot_impl}" if self.rot_impl else ""))
+                + (f"/rot{self.rot_impl}" if self.rot_impl else "") + ("/swap" if self.swap else ""))
 
 
 C = GemmConfig
@@ -216,16 +217,34 @@ def _w8a16_configs(arch: str, m: int) -> List[GemmConfig]:
     # small M streams the weight: enough bytes in flight (many programs, long K tiles) matter more
     # than tile efficiency (the MMA rows beyond M are wasted anyway)
     if m <= 16:
-        return [C(16, 32, 256, 4, stages), C(16, 16, 512, 4, 3), C(16, 32, 512, 4, 3), C(16, 64, 128, 4, stages),
-                C(16, 16, 128, 4, 6), C(16, 32, 128, 4, 6)]
-    if m <= 64:
-        return [C(64, 64, 128, 4, stages), C(64, 32, 256, 4, 3), C(32, 32, 256, 4, stages),
-                C(64, 32, 128, 4, 6), C(32, 64, 128, 4, stages)]
-    if m <= 256:
-        return [C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages), C(128, 64, 128, 4, 3),
-                C(64, 64, 256, 4, 3)]
-    # large M is W8A8's ground (the path table never picks W8A16 there): two sane tiles suffice
-    return [C(128, 128, 64, 8, stages), C(64, 128, 64, 4, stages)]
+        cands = [C(16, 32, 256, 4, stages), C(16, 16, 512, 4, 3), C(16, 32, 512, 4, 3), C(16, 64, 128, 4, stages),
+                 C(16, 16, 128, 4, 6), C(16, 32, 128, 4, 6)]
+    elif m <= 64:
+        cands = [C(64, 64, 128, 4, stages), C(64, 32, 256, 4, 3), C(32, 32, 256, 4, stages),
+                 C(64, 32, 128, 4, 6), C(32, 64, 128, 4, stages)]
+    elif m <= 256:
+        cands = [C(64, 64, 128, 4, stages), C(64, 128, 64, 4, stages), C(128, 64, 128, 4, 3),
+                 C(64, 64, 256, 4, 3)]
+    else:  # large M is W8A8's ground (the path table never picks W8A16 there): two sane tiles suffice
+        cands = [C(128, 128, 64, 8, stages), C(64, 128, 64, 4, stages)]
+    if arch == "sm90":  # the swapped kernel: BN weight rows are wgmma's M side (64 per warpgroup)
+        cands = _W8A16_SWAP_SM90[min(b for b in _W8A16_SWAP_SM90 if b >= min(m, 1024))] + cands
+    return cands
+
+
+SWAP_ENV = "CONVERT_TO_QUANT_W8A16_SWAP"  # "0": W8A16 without the swapped kernel (benchmarks compare)
+# sm90 candidates of w8a16_swap_kernel by largest M: BM (tokens) is wgmma's N side, BN its M side
+_W8A16_SWAP_SM90 = {
+    16: [C(16, 64, 256, 4, 4, swap=True), C(16, 64, 128, 4, 6, swap=True), C(16, 128, 128, 4, 4, swap=True),
+         C(16, 64, 512, 4, 3, swap=True)],
+    32: [C(32, 64, 256, 4, 4, swap=True), C(32, 64, 128, 4, 6, swap=True), C(32, 128, 128, 4, 4, swap=True)],
+    64: [C(64, 64, 256, 4, 3, swap=True), C(64, 64, 128, 4, 4, swap=True), C(64, 128, 128, 4, 4, swap=True),
+         C(32, 64, 256, 4, 4, swap=True)],
+    256: [C(64, 128, 128, 4, 4, swap=True), C(128, 64, 128, 4, 4, swap=True), C(128, 128, 64, 4, 4, swap=True),
+          C(64, 64, 128, 4, 4, swap=True)],
+    1024: [C(128, 128, 64, 4, 4, swap=True), C(128, 128, 128, 8, 3, swap=True), C(256, 128, 64, 8, 3, swap=True),
+           C(128, 128, 128, 4, 3, swap=True)],
+}
 
 
 def m_bucket(m: int) -> int:
@@ -396,7 +415,8 @@ def plans_enabled() -> bool:
 
 # The environment variables that change what a call launches (part of a plan's key).
 _PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
-              "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT")
+              "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT",
+              "CONVERT_TO_QUANT_W8A16_SWAP")
 
 
 def env_state() -> tuple:
@@ -871,6 +891,15 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             plan_unsafe()
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
+        if cfg.swap:
+            launch_kernel(
+                tk.w8a16_swap_kernel, (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN),),
+                (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
+                dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_MODE=mode, GROUP=max(group_size, 1),
+                     HAS_BIAS=bias is not None, DOT_IEEE=ieee, EVEN_K=k % cfg.BK == 0,
+                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+                cfg.num_warps, cfg.num_stages)
+            return
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)
         launch_kernel(
             tk.w8a16_gemm_kernel, grid,
@@ -885,10 +914,11 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     if configs is not None:
         launch(configs[0])
         return c
-    key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev, lora_r)
+    swap = env_get(SWAP_ENV) != "0"
+    key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev, lora_r, swap)
 
     def candidates() -> List[GemmConfig]:
-        cands = _w8a16_configs(arch_of(dev), m)
+        cands = [cfg for cfg in _w8a16_configs(arch_of(dev), m) if swap or not cfg.swap]
         if group_size:
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK, 16)) for cfg in cands]
         return list(dict.fromkeys(cands))

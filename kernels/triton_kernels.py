@@ -395,6 +395,77 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
+@triton.jit(do_not_specialize=["M"])
+def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
+                      M, N, K, stride_am,
+                      LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """W8A16 with the operands swapped, for few tokens: each program computes Cᵀ[BN, BM] =
+    dequant(B)[BN, K] · A[BM, K]ᵀ. The converted weight tile is the MMA's *first* operand, which
+    Hopper's wgmma reads from registers -- where the int8 -> float conversion leaves it -- so the
+    activations alone go through shared memory (``w8a16_gemm_kernel`` makes the converted weight the
+    second operand, which wgmma must read from shared memory: a store and a barrier per K step). The
+    token tile BM is the MMA's N side (16 and up); the weight rows BN its M side (64 per warpgroup).
+    Same numerics and scale modes as ``w8a16_gemm_kernel`` (no split-K)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm_safe = tl.where(rm < M, rm, 0)
+    rn_safe = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = rk[None, :] < K - k0
+            a = tl.load(a_ptrs, mask=kmask, other=0)
+            b = tl.load(b_ptrs, mask=kmask, other=0)
+        if DOT_IEEE:
+            w = b.to(tl.float32)
+            at = tl.trans(a.to(tl.float32))
+        else:
+            w = b.to(a.dtype)
+            at = tl.trans(a)
+        if WS_MODE == 2:
+            if DOT_IEEE:
+                part = tl.dot(w, at, input_precision="ieee")
+            else:
+                part = tl.dot(w, at)
+            w_s = tl.load(ws_ptr + (rn_safe // GROUP) * (K // GROUP) + tl.minimum(k0, K - 1) // GROUP)
+            acc += part * w_s[:, None]
+        else:
+            if DOT_IEEE:
+                acc = tl.dot(w, at, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, at, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if WS_MODE == 1:
+        acc = acc * tl.load(ws_ptr + rn_safe)[:, None]
+    elif WS_MODE == 0:
+        acc = acc * tl.load(ws_ptr)
+    if LORA_R > 0:  # Cᵀ += up[rn, :R] · h[rm, :R]ᵀ
+        rr = tl.arange(0, LORA_R)
+        h = tl.load(lh_ptr + rm_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+        u = tl.load(lu_ptr + rn_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+        if LORA_IEEE:
+            acc = tl.dot(u.to(tl.float32), tl.trans(h.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(u, tl.trans(h), acc)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
 @triton.jit
 def dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_on, stride_sn, stride_sk,
                    WS_MODE: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
