@@ -369,7 +369,7 @@ class PreparedLinear:
         # the third on they are replayed; the key holds everything the launches depend on
         key = (x2.shape[0], x2.dtype, x2.stride(0), x2.data_ptr() & 15,
                None if bias is None else (bias.dtype, bias.data_ptr() & 15), path, out_dtype, launch.env_state(),
-               launch.stream_key(),
+               torch.cuda.current_device(),
                None if lora is None else (lora[0].shape[1], lora[0].data_ptr() & 15, lora[1].data_ptr() & 15))
         plan = plans.get(key)
         if plan.__class__ is launch.LaunchPlan and launch.no_launch_hooks():

@@ -233,43 +233,18 @@ def _w8a16_configs(arch: str, m: int) -> List[GemmConfig]:
 
 
 SWAP_ENV = "CONVERT_TO_QUANT_W8A16_SWAP"  # "0": W8A16 without the swapped kernel (benchmarks compare)
-# sm90 candidates of w8a16_swap_kernel by largest M: BM (tokens) is wgmma's N side, BN its M side;
-# split_k: programs per tile along K, reduced in the kernel (see w8a16_swap_kernel). BM = 256 gave
-# wrong results with several M tiles on the H200 (triton 3.6), so the token tile stops at 128.
+# sm90 candidates of w8a16_swap_kernel by largest M: BM (tokens) is wgmma's N side, BN its M side
 _W8A16_SWAP_SM90 = {
-    16: [C(16, 64, 128, 4, 4, swap=True, split_k=4), C(16, 64, 128, 4, 4, swap=True, split_k=8),
-         C(16, 64, 256, 4, 4, swap=True, split_k=4), C(16, 128, 128, 4, 4, swap=True, split_k=4),
-         C(16, 64, 128, 4, 4, swap=True, split_k=2), C(16, 64, 256, 4, 4, swap=True)],
-    32: [C(32, 64, 128, 4, 4, swap=True, split_k=4), C(32, 64, 128, 4, 4, swap=True, split_k=2),
+    16: [C(16, 64, 256, 4, 4, swap=True), C(16, 64, 128, 4, 6, swap=True), C(16, 128, 128, 4, 4, swap=True),
+         C(16, 64, 512, 4, 3, swap=True)],
+    32: [C(32, 64, 256, 4, 4, swap=True), C(32, 64, 128, 4, 6, swap=True), C(32, 128, 128, 4, 4, swap=True)],
+    64: [C(64, 64, 256, 4, 3, swap=True), C(64, 64, 128, 4, 4, swap=True), C(64, 128, 128, 4, 4, swap=True),
          C(32, 64, 256, 4, 4, swap=True)],
-    64: [C(64, 64, 128, 4, 4, swap=True, split_k=4), C(64, 64, 128, 4, 4, swap=True, split_k=2),
-         C(32, 64, 128, 4, 4, swap=True, split_k=4), C(64, 64, 256, 4, 3, swap=True), C(32, 64, 256, 4, 4, swap=True)],
-    256: [C(128, 64, 128, 4, 4, swap=True), C(128, 64, 128, 4, 4, swap=True, split_k=2),
-          C(64, 64, 128, 4, 4, swap=True, split_k=2), C(128, 128, 64, 8, 4, swap=True, split_k=2)],
-    1024: [C(128, 128, 128, 8, 3, swap=True), C(128, 128, 64, 4, 4, swap=True), C(128, 64, 128, 4, 4, swap=True),
-           C(128, 128, 128, 8, 3, swap=True, split_k=2)],
+    256: [C(64, 128, 128, 4, 4, swap=True), C(128, 64, 128, 4, 4, swap=True), C(128, 128, 64, 4, 4, swap=True),
+          C(64, 64, 128, 4, 4, swap=True)],
+    1024: [C(128, 128, 64, 4, 4, swap=True), C(128, 128, 128, 8, 3, swap=True), C(256, 128, 64, 8, 3, swap=True),
+           C(128, 128, 128, 4, 3, swap=True)],
 }
-
-# Split-K tile counters: int32 zeros per (device, stream), each launch leaves its tiles' counters at
-# zero again. Kernels on one stream run one after another; another stream gets its own counters.
-_COUNTERS: Dict[tuple, torch.Tensor] = {}
-
-
-def stream_key() -> tuple:
-    """(current CUDA device, its current raw stream): what a launch plan's stream-bound buffers (the
-    split-K counters) depend on."""
-    d = torch.cuda.current_device()
-    return d, _raw_stream(d)
-
-
-def split_counters(dev: torch.device, tiles: int) -> torch.Tensor:
-    idx = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)
-    key = (dev.type, idx, _raw_stream(idx) if dev.type == "cuda" and _raw_stream is not None else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        plan_unsafe()  # zeroing is device work of its own: this call is not a plan to replay
-        buf = _COUNTERS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
-    return buf
 
 
 def m_bucket(m: int) -> int:
@@ -917,17 +892,12 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
         if cfg.swap:
-            tiles = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
-            part, cnt = w_scale, w_scale
-            if cfg.split_k > 1:
-                part = torch.empty((tiles * cfg.split_k * cfg.BM * cfg.BN,), dtype=torch.float32, device=dev)
-                cnt = split_counters(dev, tiles)
             launch_kernel(
-                tk.w8a16_swap_kernel, (tiles * cfg.split_k,),
-                (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, part, cnt, m, n, k, x.stride(0)),
+                tk.w8a16_swap_kernel, (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN),),
+                (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
                 dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_MODE=mode, GROUP=max(group_size, 1),
-                     HAS_BIAS=bias is not None, DOT_IEEE=ieee, EVEN_K=k % (cfg.BK * cfg.split_k) == 0,
-                     SPLIT_K=cfg.split_k, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+                     HAS_BIAS=bias is not None, DOT_IEEE=ieee, EVEN_K=k % cfg.BK == 0,
+                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
                 cfg.num_warps, cfg.num_stages)
             return
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)

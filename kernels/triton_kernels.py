@@ -395,33 +395,11 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
-@triton.jit
-def _swap_epilogue(acc, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                   LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Cᵀ tile [BN, BM] (fp32): weight scale, + LoRA (up[rn] · h[rm]ᵀ), + bias, one rounding, store."""
-    if WS_MODE == 1:
-        acc = acc * tl.load(ws_ptr + rn_safe)[:, None]
-    elif WS_MODE == 0:
-        acc = acc * tl.load(ws_ptr)
-    if LORA_R > 0:
-        rr = tl.arange(0, LORA_R)
-        h = tl.load(lh_ptr + rm_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
-        u = tl.load(lu_ptr + rn_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
-        if LORA_IEEE:
-            acc = tl.dot(u.to(tl.float32), tl.trans(h.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(u, tl.trans(h), acc)
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None]
-    c_ptrs = c_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
-
-
 @triton.jit(do_not_specialize=["M"])
-def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, part_ptr, cnt_ptr,
+def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                       M, N, K, stride_am,
                       LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """W8A16 with the operands swapped, for few tokens: each program computes Cᵀ[BN, BM] =
     dequant(B)[BN, K] · A[BM, K]ᵀ. The converted weight tile is the MMA's *first* operand, which
@@ -429,31 +407,20 @@ def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, par
     activations alone go through shared memory (``w8a16_gemm_kernel`` makes the converted weight the
     second operand, which wgmma must read from shared memory: a store and a barrier per K step). The
     token tile BM is the MMA's N side (16 and up); the weight rows BN its M side (64 per warpgroup).
-
-    SPLIT_K > 1 (one launch, deterministic): the SPLIT_K programs of a tile each cover a K range and
-    store their fp32 partial into ``part_ptr`` [tiles, SPLIT_K, BN, BM]; each then increments the
-    tile's counter (``cnt_ptr`` [tiles] int32, zero between launches); the one that sees SPLIT_K - 1
-    sums the partials in split order, resets the counter and runs the epilogue. Few-token calls get
-    SPLIT_K times the programs and a SPLIT_K times shorter K loop: the weight streams at the card's
-    bandwidth instead of one loop's latency. Same numerics and scale modes as ``w8a16_gemm_kernel``."""
+    Same numerics and scale modes as ``w8a16_gemm_kernel`` (no split-K)."""
     pid = tl.program_id(0)
-    tile = pid // SPLIT_K
-    pid_k = pid % SPLIT_K
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
-    pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rm_safe = tl.where(rm < M, rm, 0)
     rn_safe = tl.where(rn < N, rn, 0)
-    k_steps = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)
-    k_start = pid_k * k_steps * BK
-    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + (k_start + rk)[None, :]
-    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
+    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for ki in range(k_steps):
-        k0 = k_start + ki * BK
+    for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -481,22 +448,22 @@ def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, par
                 acc = tl.dot(w, at, acc)
         a_ptrs += BK
         b_ptrs += BK
-    if SPLIT_K == 1:
-        _swap_epilogue(acc, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                       LORA_R, LORA_IEEE, WS_MODE, HAS_BIAS)
-    else:
-        ri = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        tile_base = part_ptr + tile.to(tl.int64) * (SPLIT_K * BN * BM)
-        tl.store(tile_base + pid_k * (BN * BM) + ri, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if seen == SPLIT_K - 1:  # the last of the tile's programs: sum in split order (deterministic)
-            total = tl.load(tile_base + ri, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(tile_base + s * (BN * BM) + ri, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-            _swap_epilogue(total, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                           LORA_R, LORA_IEEE, WS_MODE, HAS_BIAS)
+    if WS_MODE == 1:
+        acc = acc * tl.load(ws_ptr + rn_safe)[:, None]
+    elif WS_MODE == 0:
+        acc = acc * tl.load(ws_ptr)
+    if LORA_R > 0:  # Cᵀ += up[rn, :R] · h[rm, :R]ᵀ
+        rr = tl.arange(0, LORA_R)
+        h = tl.load(lh_ptr + rm_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+        u = tl.load(lu_ptr + rn_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
+        if LORA_IEEE:
+            acc = tl.dot(u.to(tl.float32), tl.trans(h.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(u, tl.trans(h), acc)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn_safe).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
 @triton.jit

@@ -6,7 +6,6 @@ same tests run the compiled kernels on the GPU. Known interpreter quirk: its fp3
 truncates, so bf16 outputs are compared with a bf16-ulp tolerance and the tight checks use fp32 outputs.
 """
 import math
-from dataclasses import replace
 import os
 
 import pytest
@@ -490,28 +489,22 @@ def test_w8a16_split_k_matches_float64(group):
             assert rel(y, ref64) < (1e-5 if out_dtype == torch.float32 else 6e-3)
 
 
-def _swap_configs(every: bool = False, group: int = 0):
-    """The swapped W8A16 kernel's configs to check: small ones the interpreter runs (one launch, and
-    split-K over an uneven number of K steps), and on an sm90 GPU one tuned candidate (``every``: all of
-    them; they compile to wgmma with the weight tile in registers). Block-wise: BK shrunk to divide the
-    group, as the launcher does."""
-    st = 1 if DEV.type == "cpu" else 3
-    cfgs = [GemmConfig(16, 32, 32, 4, st, GROUP_M=2, swap=True),
-            GemmConfig(16, 32, 32, 4, st, GROUP_M=2, swap=True, split_k=3)]
+def _swap_configs(every: bool = False):
+    """The swapped W8A16 kernel's configs to check: a small one the interpreter runs, and on an sm90
+    GPU one tuned candidate (``every``: all of them; they compile to wgmma with the weight tile in
+    registers)."""
+    cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True)]
     if DEV.type == "cuda" and launch.arch_of(DEV) == "sm90":
         tuned = [c for cs in launch._W8A16_SWAP_SM90.values() for c in cs]
-        cfgs += tuned if every else [c for c in tuned if c.split_k > 1][:1]
-    if group:
-        cfgs = [replace(c, BK=launch._largest_pow2_divisor(group, c.BK, 16)) for c in cfgs]
+        cfgs += tuned if every else tuned[:1]
     return list(dict.fromkeys(cfgs))
 
 
 @pytest.mark.parametrize("kind", ["tensor", "row", "block"])
 def test_w8a16_swapped_kernel_matches_float64(kind):
-    """w8a16_swap_kernel (Cᵀ = dequant(W) · xᵀ, the weight as the MMA's first operand, optionally
-    split along K and reduced in the same launch): every scale mode, bias or not, a LoRA pair in its
-    epilogue, ragged M and N, K not a multiple of BK (block-wise K must be), fp32 and bf16 outputs,
-    against float64; split-K gives the same bits on every call (the tile counters reset themselves)."""
+    """w8a16_swap_kernel (Cᵀ = dequant(W) · xᵀ, the weight as the MMA's first operand): every scale
+    mode, bias or not, a LoRA pair in its epilogue, ragged M and N, K not a multiple of BK (block-wise
+    K must be), fp32 and bf16 outputs, against float64; and the auto path's tuner may pick it."""
     if not TRITON_OK:
         pytest.skip("triton unusable here")
     k = 256 if kind == "block" else 200
@@ -523,11 +516,11 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
     bias = torch.randn(N, generator=gen(72)).to(DEV)
     r = 16
     up = (torch.randn(N, r, generator=gen(73)) * 0.5).to(DEV)
-    deq = qw.dequantize().double().cpu()
-    for m in (1, 5, 37) + ((300,) if DEV.type == "cuda" else ()):
+    for m in (1, 5, 37):
         x = act(m=m, k=k, dtype=torch.float32, seed=70 + m)
         h = (torch.randn(m, r, generator=gen(74)) * 0.3).to(DEV)
-        for cfg in _swap_configs(group=group):
+        deq = qw.dequantize().double().cpu()
+        for cfg in _swap_configs():
             for b in (None, bias):
                 for lora in (None, (h, up)):
                     ref = x.double().cpu() @ deq.T
@@ -537,23 +530,17 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
                         ref = ref + h.double().cpu() @ up.double().cpu().T
                     y = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg], lora=lora)
                     assert y.shape == (m, N) and rel(y, ref) < 1e-5, (cfg.short(), m, b is None, lora is None)
-                    if cfg.split_k > 1:
-                        again = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg],
-                                                    lora=lora)
-                        assert torch.equal(again, y), cfg.short()
         if kind == "row":  # every tuned candidate on one specialization (each compiles once)
             ref = x.double().cpu() @ deq.T + bias.double().cpu() + h.double().cpu() @ up.double().cpu().T
             for cfg in _swap_configs(every=True):
                 y = launch.launch_w8a16(x, qw.qdata, scale, bias, 0, torch.float32, configs=[cfg], lora=(h, up))
                 assert rel(y, ref) < 1e-5, (cfg.short(), m)
         xb = x.to(torch.bfloat16)
-        for cfg in _swap_configs(group=group):
+        for cfg in _swap_configs():
             yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.bfloat16,
                                      configs=[cfg])
             refb = xb.double().cpu() @ deq.T + bias.to(torch.bfloat16).double().cpu()
             assert yb.dtype == torch.bfloat16 and rel(yb, refb) < 6e-3, cfg.short()
-    counters = [t for key, t in launch._COUNTERS.items() if key[0] == DEV.type]
-    assert counters and all(int(t.abs().sum()) == 0 for t in counters)  # every tile counter back at zero
 
 
 # ------------------------------------------------------------------------------------------------
