@@ -6,6 +6,7 @@ same tests run the compiled kernels on the GPU. Known interpreter quirk: its fp3
 truncates, so bf16 outputs are compared with a bf16-ulp tolerance and the tight checks use fp32 outputs.
 """
 import math
+from dataclasses import replace
 import os
 
 import pytest
@@ -489,14 +490,16 @@ def test_w8a16_split_k_matches_float64(group):
             assert rel(y, ref64) < (1e-5 if out_dtype == torch.float32 else 6e-3)
 
 
-def _swap_configs(every: bool = False):
+def _swap_configs(every: bool = False, group: int = 0):
     """The swapped W8A16 kernel's configs to check: a small one the interpreter runs, and on an sm90
     GPU one tuned candidate (``every``: all of them; they compile to wgmma with the weight tile in
-    registers)."""
+    registers). Block-wise: BK shrunk to divide the group, as the launcher does."""
     cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True)]
     if DEV.type == "cuda" and launch.arch_of(DEV) == "sm90":
         tuned = [c for cs in launch._W8A16_SWAP_SM90.values() for c in cs]
         cfgs += tuned if every else tuned[:1]
+    if group:
+        cfgs = [replace(c, BK=launch._largest_pow2_divisor(group, c.BK, 16)) for c in cfgs]
     return list(dict.fromkeys(cfgs))
 
 
@@ -516,11 +519,11 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
     bias = torch.randn(N, generator=gen(72)).to(DEV)
     r = 16
     up = (torch.randn(N, r, generator=gen(73)) * 0.5).to(DEV)
-    for m in (1, 5, 37):
+    for m in (1, 5, 37) + ((300,) if DEV.type == "cuda" else ()):  # several token tiles on a GPU
         x = act(m=m, k=k, dtype=torch.float32, seed=70 + m)
         h = (torch.randn(m, r, generator=gen(74)) * 0.3).to(DEV)
         deq = qw.dequantize().double().cpu()
-        for cfg in _swap_configs():
+        for cfg in _swap_configs(group=group):
             for b in (None, bias):
                 for lora in (None, (h, up)):
                     ref = x.double().cpu() @ deq.T
@@ -536,7 +539,7 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
                 y = launch.launch_w8a16(x, qw.qdata, scale, bias, 0, torch.float32, configs=[cfg], lora=(h, up))
                 assert rel(y, ref) < 1e-5, (cfg.short(), m)
         xb = x.to(torch.bfloat16)
-        for cfg in _swap_configs():
+        for cfg in _swap_configs(group=group):
             yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.bfloat16,
                                      configs=[cfg])
             refb = xb.double().cpu() @ deq.T + bias.to(torch.bfloat16).double().cpu()
