@@ -364,8 +364,8 @@ class PreparedLinear:
         out_dtype = out_dtype or x.dtype
         fb = self.fallback
         if (fb is not None and lora is None and resolve_backend(self.device) == "torch"
-                and dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1), self.device,
-                                          self.n * self.k, x.dtype) == "dequant"):
+                and dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
+                                          self.device, self.n * self.k, x.dtype) == "dequant"):
             return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
         if lora is not None:
