@@ -221,8 +221,9 @@ def _scratch(parts: Dict[str, Tuple[int, torch.dtype]], budget: int) -> Dict[str
     if not ok or sum(t.numel() * t.element_size() for t in bufs.values()) > max(budget, need):
         st.views = {}  # the cached views hold the old storage: drop them with it
         st.bufs = bufs = {}
-        for r, (n, d) in parts.items():
-            bufs[r] = torch.empty(n, dtype=d)
+        with torch.inference_mode(False):  # normal tensors: written in and out of inference mode alike
+            for r, (n, d) in parts.items():
+                bufs[r] = torch.empty(n, dtype=d)
     return {r: bufs[r] if bufs[r].numel() == n else bufs[r][:n] for r, (n, _) in parts.items()}
 
 

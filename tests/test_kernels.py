@@ -914,6 +914,21 @@ def test_prepared_cpu_scratch_is_per_thread_and_kept_out_of_autograd():
     assert torch.equal(seen["y"], y.detach())
 
 
+def test_prepared_cpu_scratch_made_in_inference_mode_is_usable_outside_it():
+    # ComfyUI samples under inference_mode, other callers under no_grad: the reused buffers serve both
+    qw, _, _ = _fallback_weight("row")
+    prep = _prepared_cpu(qw)
+    x = act(m=M, dtype=torch.float32, seed=86).cpu()
+    reference.release_scratch()
+    with torch.inference_mode():
+        y1 = prep(x, None, "dequant")
+    with torch.no_grad():
+        y2 = prep(x, None, "dequant")
+    y3 = prep(x, None, "dequant")  # grad mode, x without grad: the scratch again
+    assert torch.equal(y1, y2) and torch.equal(y2, y3)
+    assert reference.scratch_bytes() == N * KD * 4
+
+
 @pytest.mark.parametrize("rows", [10, 32, 70, 83])
 def test_block_tile_scales_broadcast_over_chunk_edges(rows):
     # 83 rows in 32-row tiles: chunks that start mid-tile, cover whole tiles, and end in the partial last tile
