@@ -5,7 +5,6 @@ Every function takes 2-D operands (the public API in ``__init__`` flattens leadi
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Dict, Optional, Tuple
 
