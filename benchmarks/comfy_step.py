@@ -33,7 +33,10 @@ modulation; no RoPE) with every Linear either float (``F.linear``, what ComfyUI'
 or int8, computed exactly as our loader's ops do it (``nodes/ops.py``: the stored tensors rebuilt with
 ``quantized_weight_from_tensors``, then ``quantized_linear(x, qw, bias, path=runtime_path(x.device))``):
 
-    python benchmarks/comfy_step.py --dry-run [--dtype float32|bfloat16] [--format convrot] [--threads 2]
+    python benchmarks/comfy_step.py --dry-run [--dtype float32|bfloat16] [--format all|convrot|...] [--threads 2]
+
+Each round steps every model once (float, then each int8 format; the order rotated per round); printed are
+min / median / max ms per step and, per format, the quartiles over rounds of that round's float / int8 time.
 """
 from __future__ import annotations
 
@@ -147,12 +150,35 @@ def load_repo_package():
     return pkg
 
 
+# --dry-run without ComfyUI: the int8 weight formats (label -> make_spec keywords)
+FALLBACK_FORMATS = {
+    "int8_tensorwise": ("per-row", {}),  # int8_tensorwise with the CLI's default per-row scales
+    "int8_pertensor": ("tensor-wise", {"scaling_mode": "tensor"}),
+    "convrot": ("convrot", {"convrot": True, "convrot_groupsize": 256}),
+    "int8_blockwise": ("block-wise", {"scaling_mode": "block", "block_size": 128}),
+}
+
+
+def quartiles(v):
+    """(min, lower quartile, median, upper quartile, max) of the values ``v``."""
+    import statistics
+    s = sorted(v)
+    if len(s) < 2:
+        return (s[0],) * 5
+    q1, q2, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    return s[0], q1, q2, q3, s[-1]
+
+
 def torch_fallback_bench(args) -> int:
-    """--dry-run without ComfyUI: tiny Wan blocks on CPU, int8 through our runtime linear vs float."""
+    """--dry-run without ComfyUI: tiny Wan blocks on CPU, int8 through our runtime linear vs float.
+
+    Every round runs one step of each model (float and each int8 format) back to back, the order rotated
+    from round to round, so load on a shared machine hits all of them alike; a format's ratio is the
+    median over rounds of that round's float time / its time (and the spread of those ratios)."""
     load_repo_package()
     import torch
     import torch.nn.functional as F
-    from convert_to_quant.kernels import int8_attention, quantized_linear, resolve_backend, runtime_path
+    from convert_to_quant.kernels import int8_attention, prepare_linear, resolve_backend, runtime_path
     from convert_to_quant.quant_core.formats import make_spec, parse_comfy_quant, quantized_weight_from_tensors
     from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
     from convert_to_quant.quant_core.plan import PlanOptions
@@ -163,45 +189,48 @@ def torch_fallback_bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     sd = wan_state_dict(args.dim, args.ffn, args.blocks, 4096, "cpu", torch.float32)
     sd = {k: v for k, v in sd.items() if k.startswith("blocks.")}
-    spec = {"int8_tensorwise": make_spec(), "convrot": make_spec(convrot=True, convrot_groupsize=256),
-            "int8_blockwise": make_spec(scaling_mode="block", block_size=128)}[args.format]
-    plan = plan_for_tensors(sd, PlanOptions(spec=spec, presets=("auto",)))
-    qsd = quantize_tensors(sd, plan, device=dev)
+    fmts = list(FALLBACK_FORMATS) if args.format == "all" else [args.format]
+    qsds = {}
+    for f in fmts:
+        plan = plan_for_tensors(sd, PlanOptions(spec=make_spec(**FALLBACK_FORMATS[f][1]), presets=("auto",)))
+        qsds[f] = quantize_tensors(sd, plan, device=dev)
     path = runtime_path(dev)
     log(f"device: cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}; kernel backend "
         f"{resolve_backend(dev)}, runtime path {path or 'auto'}")
     log(f"model: Wan-2.1-shaped blocks (pure torch, no ComfyUI), dim {args.dim}, ffn {args.ffn}, "
-        f"{max(1, args.dim // 128)} heads, {args.blocks} blocks; {args.dtype}; format {args.format}; "
-        f"{len(plan.quantized_layers())} int8 layers")
+        f"{max(1, args.dim // 128)} heads, {args.blocks} blocks; {args.dtype}; formats "
+        f"{', '.join(FALLBACK_FORMATS[f][0] for f in fmts)}; {len(plan.quantized_layers())} int8 layers")
 
     class Lin(torch.nn.Module):
-        """nn.Linear's F.linear on a float weight, or what QuantLinearMixin.forward_quantized runs."""
+        """nn.Linear's F.linear on a float weight, or what QuantLinearMixin.forward_quantized runs (its
+        PreparedLinear, called with runtime_path(x.device))."""
 
-        def __init__(self, base, quant):
+        def __init__(self, base, qsd):
             super().__init__()
             self.bias = sd[base + ".bias"].to(dtype)
-            self.qw = None
-            if quant and base + ".comfy_quant" in qsd:
+            self.run = None
+            if qsd is not None and base + ".comfy_quant" in qsd:
                 parts = {k[len(base) + 1:]: v for k, v in qsd.items()
                          if k.startswith(base + ".") and k[len(base) + 1:] not in ("bias", "comfy_quant")}
-                self.qw = quantized_weight_from_tensors(base, parse_comfy_quant(qsd[base + ".comfy_quant"]), parts)
+                qw = quantized_weight_from_tensors(base, parse_comfy_quant(qsd[base + ".comfy_quant"]), parts)
+                self.run = prepare_linear(qw, dev)
             else:
                 self.weight = sd[base + ".weight"].to(dtype)
 
         def forward(self, x):
-            if self.qw is None:
+            if self.run is None:
                 return F.linear(x, self.weight, self.bias)
-            return quantized_linear(x, self.qw, self.bias, path=runtime_path(x.device))
+            return self.run(x, self.bias, runtime_path(x.device))
 
     def rms(x, w):
         return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
 
     class Block(torch.nn.Module):
-        def __init__(self, i, quant, attention8=False):
+        def __init__(self, i, qsd, attention8=False):
             super().__init__()
             self.int8_attention = attention8
             p = f"blocks.{i}."
-            self.lin = torch.nn.ModuleDict({n.replace(".", "_"): Lin(p + n, quant) for n in LORA_TARGETS})
+            self.lin = torch.nn.ModuleDict({n.replace(".", "_"): Lin(p + n, qsd) for n in LORA_TARGETS})
             self.mod = sd[p + "modulation"].to(dtype)
             self.nq = {a: sd[f"{p}{a}.norm_q.weight"].to(dtype) for a in ("self_attn", "cross_attn")}
             self.nk = {a: sd[f"{p}{a}.norm_k.weight"].to(dtype) for a in ("self_attn", "cross_attn")}
@@ -229,8 +258,13 @@ def torch_fallback_bench(args) -> int:
             y = F.layer_norm(x, (d,)) * (1 + e[4]) + e[3]
             return x + self.lin["ffn_2"](F.gelu(self.lin["ffn_0"](y), approximate="tanh")) * e[5]
 
-    names = ("float", "int8") + (("int8+attn8",) if args.attention == "int8" else ())
-    models = {name: [Block(i, name != "float", name == "int8+attn8") for i in range(args.blocks)] for name in names}
+    label = {f: "int8" if len(fmts) == 1 else FALLBACK_FORMATS[f][0] for f in fmts}
+    models = {"float": [Block(i, None) for i in range(args.blocks)]}
+    for f in fmts:
+        models[label[f]] = [Block(i, qsds[f]) for i in range(args.blocks)]
+    if args.attention == "int8":
+        models["int8+attn8"] = [Block(i, qsds[fmts[0]], True) for i in range(args.blocks)]
+    names = list(models)
     results = {}
     for shape_name, (f, h, w) in TORCH_DRY_SHAPES.items():
         tokens = f * h * w
@@ -245,34 +279,55 @@ def torch_fallback_bench(args) -> int:
                 y = blk(y, e, ctx)
             return y
 
-        times = {n: [] for n in models}
+        times = {n: [] for n in names}
         outs = {}
+        load = [os.getloadavg()[0]]  # other work on the machine: the spread of the ratios shows what it did
         with torch.inference_mode():
-            for i in range(args.warmup + args.steps):  # interleaved, so load on a shared machine hits both
-                for n, blocks in models.items():
+            for i in range(args.warmup + args.steps):
+                for j in range(len(names)):  # A/B/A/B, the order rotated each round
+                    n = names[(i + j) % len(names)]
                     s = time.perf_counter()
-                    outs[n] = step(blocks)
+                    outs[n] = step(models[n])
                     if i >= args.warmup:
                         times[n].append((time.perf_counter() - s) * 1e3)
-        ms = {n: statistics.median(t) for n, t in times.items()}
-        a, b = outs["int8"].double().flatten(), outs["float"].double().flatten()
-        r = {"tokens": tokens, "ms": ms, "float_over_int8": ms["float"] / ms["int8"],
-             "rel_err_int8_vs_float": float((a - b).norm() / b.norm()),
-             "cosine_int8_vs_float": float(F.cosine_similarity(a, b, dim=0))}
-        results[shape_name] = r
-        log(f"\n== {shape_name}: {tokens} tokens per sample, batch 2 (cond + uncond) ==")
-        for n in models:
-            log(f"{n:>8}: {ms[n]:9.2f} ms/step (median of {args.steps})")
-        log(f"float / int8 step time: {r['float_over_int8']:.3f}x (target >= 0.9)")
+        load.append(os.getloadavg()[0])
+        log(f"\n== {shape_name}: {tokens} tokens per sample, batch 2 (cond + uncond); {args.steps} rounds "
+            f"after {args.warmup} warm-up; load average {load[0]:.2f} before, {load[1]:.2f} after ==")
+        log(f"{'':>12}  ms/step: {'min':>8} {'median':>8} {'max':>8}   float/int8 per round: "
+            f"{'min':>6} {'q1':>6} {'median':>6} {'q3':>6} {'max':>6}   rel err, cosine vs float")
+        b = outs["float"].double().flatten()
+        r = {"tokens": tokens, "rounds": args.steps, "ms": {}, "ratio": {}, "ratio_of_min": {}, "rel_err_vs_float": {},
+             "cosine_vs_float": {}, "load_average": load}
+        for n in names:
+            qt = quartiles(times[n])
+            r["ms"][n] = {"min": qt[0], "median": qt[2], "max": qt[4]}
+            line = f"{n:>12}           {qt[0]:8.2f} {qt[2]:8.2f} {qt[4]:8.2f}"
+            if n != "float":
+                ratios = [a / c for a, c in zip(times["float"], times[n])]
+                rq = quartiles(ratios)
+                r["ratio"][n] = dict(zip(("min", "q1", "median", "q3", "max"), rq))
+                r["ratio_of_min"][n] = min(times["float"]) / qt[0]
+                a = outs[n].double().flatten()
+                r["rel_err_vs_float"][n] = float((a - b).norm() / b.norm())
+                r["cosine_vs_float"][n] = float(F.cosine_similarity(a, b, dim=0))
+                line += ("                         " + " ".join(f"{v:6.3f}" for v in rq)
+                         + f"   {r['rel_err_vs_float'][n]:.5f}, {r['cosine_vs_float'][n]:.6f}"
+                         + f"   (min/min {r['ratio_of_min'][n]:.3f})")
+            log(line)
+        if "int8" in r["ratio"]:  # the single-format keys of earlier versions
+            r["float_over_int8"] = r["ratio"]["int8"]["median"]
+        worst = min(r["ratio"], key=lambda n: r["ratio"][n]["median"] if n != "int8+attn8" else 9)
+        log(f"float / int8 step time, median of the per-round ratios: worst {worst} "
+            f"{r['ratio'][worst]['median']:.3f}x (target >= 0.9)")
         if "int8+attn8" in outs:
             c = outs["int8+attn8"].double().flatten()
+            a = outs[label[fmts[0]]].double().flatten()
             r["cosine_int8_attn8_vs_int8"] = float(F.cosine_similarity(c, a, dim=0))
-            log(f"int8 + INT8 attention vs int8: cosine {r['cosine_int8_attn8_vs_int8']:.6f}; "
-                f"float / (int8 + INT8 attention): {ms['float'] / ms['int8+attn8']:.3f}x")
-        log(f"int8 vs float output: rel error {r['rel_err_int8_vs_float']:.5f}, cosine {r['cosine_int8_vs_float']:.6f}")
+            log(f"int8 + INT8 attention vs int8: cosine {r['cosine_int8_attn8_vs_int8']:.6f}")
+        results[shape_name] = r
     log("\nRESULT " + json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "dtype": args.dtype,
                                   "attention": args.attention,
-                                  "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks, "format": args.format,
+                                  "dim": args.dim, "ffn": args.ffn, "blocks": args.blocks, "formats": fmts,
                                   "path": path or "auto", "shapes": results}))
 
 
@@ -863,10 +918,13 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--shapes", default="image_720p,video_480p_33f",
                     help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--format", choices=["int8_tensorwise", "convrot", "int8_blockwise"], default="int8_tensorwise")
+    ap.add_argument("--format", choices=["int8_tensorwise", "int8_pertensor", "convrot", "int8_blockwise", "all"],
+                    default="int8_tensorwise",
+                    help="int8_tensorwise: per-row scales; int8_pertensor: one scale (CPU fallback benchmark only); "
+                         "all: every format of the CPU fallback benchmark in one interleaved run")
     ap.add_argument("--loras", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=None, help="default 10 (dry run: 2, fallback benchmark: 9)")
+    ap.add_argument("--steps", type=int, default=None, help="default 10 (dry run: 2; fallback benchmark: 41 rounds)")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (dry run: 1)")
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks this script end to end")
@@ -895,6 +953,9 @@ def main(argv=None) -> int:
             continue
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
+    fallback_bench = args.dry_run and not args.comfyui and not args.text_encoder and args.model == "wan"
+    if args.format in ("int8_pertensor", "all") and not fallback_bench:
+        sys.exit(f"error: --format {args.format} is for the CPU fallback benchmark (--dry-run without --comfyui)")
     if args.text_encoder:
         return run_text_encoder(args)
     if args.model == "flux":
@@ -902,7 +963,7 @@ def main(argv=None) -> int:
 
     dry = (256, 512, 2, 2, 1) if args.dry_run else (5120, 13824, 4, 10, 3)
     if args.dry_run and not args.comfyui:
-        dry = (256, 512, 2, 9, 1)
+        dry = (256, 512, 2, 41, 3)  # rounds of interleaved steps: medians stable to ~1% at 20 ms steps
     for name, v in zip(("dim", "ffn", "blocks", "steps", "warmup"), dry):
         if getattr(args, name) is None:
             setattr(args, name, v)

@@ -314,11 +314,12 @@ class PreparedLinear:
     tens-of-microseconds GEMM. Anything unusual about ``x`` (another device, dtype, width, tracing
     under torch.compile) takes ``quantized_linear``, which checks and handles it."""
 
-    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans")
+    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans", "fallback")
 
     def __init__(self, qw, device: torch.device):
         self.qw, self.device = qw, device
         self.plans: Optional[dict] = None
+        self.fallback: Optional[reference.DequantLinear] = None
         self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
         if qw.extra.get("input_scale") is not None and static_input_enabled():  # quantized_linear runs it
             self.kind = None
@@ -343,6 +344,8 @@ class PreparedLinear:
             self.convrot, self.group = 0, int(qw.params.group_size)
         if self.device.type == "cuda":
             self.plans = {}
+        else:  # the torch dequant path with the scale views made once (CPU, MPS, ...)
+            self.fallback = reference.DequantLinear(self.qdata, self.scale, self.group, self.convrot)
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
                  out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
@@ -359,6 +362,11 @@ class PreparedLinear:
             y = quantized_linear(x, self.qw, bias, path)
             return y.to(out_dtype) if out_dtype is not None else y
         out_dtype = out_dtype or x.dtype
+        fb = self.fallback
+        if (fb is not None and lora is None and resolve_backend(self.device) == "torch"
+                and dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
+                                          self.device, self.n * self.k, x.dtype) == "dequant"):
+            return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
         if lora is not None:
             lora = (lora[0].reshape(-1, lora[0].shape[-1]), lora[1])

@@ -5,19 +5,20 @@ Every function takes 2-D operands (the public API in ``__init__`` flattens leadi
 """
 from __future__ import annotations
 
-import os
+import threading
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..quant_core.hadamard import regular_hadamard
+from .launch import env_get
 
 QMAX = 127.0
 SCALE_MIN = 1e-30
 
 # the dequant path (``dequant_linear``) dequantizes at most this many bytes of fp32 weight rows at a time
-DEQUANT_CHUNK_BYTES = 16 << 20  # in L3 while the GEMM reads it; >= 300 rows up to K = 13824
+DEQUANT_CHUNK_BYTES = 8 << 20  # stays in L3 beside x and y while the GEMM reads it; >= 150 fp32 rows up to K = 13824
 DEQUANT_CHUNK_ENV = "CONVERT_TO_QUANT_DEQUANT_CHUNK_MB"  # overrides it, in MiB (fractions allowed)
 
 _HADAMARD: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -50,9 +51,8 @@ def rotate_fast(x: torch.Tensor, group_size: int) -> torch.Tensor:
         return rotate(x, group_size)
     a = 16
     b = group_size // a
-    xf = x.float().reshape(-1, a, b)
-    y = torch.matmul(hadamard(a, x.device), torch.matmul(xf, hadamard(b, x.device)))
-    return y.reshape(x.shape)
+    z = torch.mm(x.float().reshape(-1, b), hadamard(b, x.device)).view(-1, a, b)
+    return torch.bmm(hadamard(a, x.device).expand(z.shape[0], a, a), z).reshape(x.shape)
 
 
 def _round_int8(v: torch.Tensor) -> torch.Tensor:
@@ -159,34 +159,145 @@ def w8a16_mm(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Opt
 # ------------------------------------------------------------------------------------------------
 # the dequant path without Triton: dequantize rows of the weight to x's dtype, F.linear, chunk by chunk
 # ------------------------------------------------------------------------------------------------
-def dequant_chunk_rows(n: int, k: int, chunk_bytes: Optional[int] = None) -> int:
-    """Weight rows per dequantization chunk: as many as fit ``chunk_bytes`` of fp32 (default
-    ``DEQUANT_CHUNK_BYTES``, or env ``CONVERT_TO_QUANT_DEQUANT_CHUNK_MB`` in MiB), at least one."""
-    if chunk_bytes is None:
-        env = os.environ.get(DEQUANT_CHUNK_ENV)
-        if env:
-            try:
-                mib = float(env)
-            except ValueError:
-                mib = float("nan")
-            if not mib > 0 or mib == float("inf"):
-                raise ValueError(f"{DEQUANT_CHUNK_ENV} must be a positive number of MiB, got {env!r}")
-            chunk_bytes = int(mib * (1 << 20))
-        else:
-            chunk_bytes = DEQUANT_CHUNK_BYTES
-    return max(1, min(n, int(chunk_bytes) // (4 * max(k, 1))))
+def dequant_budget_bytes(chunk_bytes: Optional[int] = None) -> int:
+    """The dequant path's scratch budget in bytes: ``chunk_bytes``, else env
+    ``CONVERT_TO_QUANT_DEQUANT_CHUNK_MB`` (MiB, fractions allowed), else ``DEQUANT_CHUNK_BYTES``."""
+    if chunk_bytes is not None:
+        return int(chunk_bytes)
+    env = env_get(DEQUANT_CHUNK_ENV)
+    if not env:
+        return DEQUANT_CHUNK_BYTES
+    try:
+        mib = float(env)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0 or mib == float("inf"):
+        raise ValueError(f"{DEQUANT_CHUNK_ENV} must be a positive number of MiB, got {env!r}")
+    return int(mib * (1 << 20))
+
+
+def dequant_row_bytes(k: int, dtype: torch.dtype = torch.float32, convrot_groupsize: int = 0) -> int:
+    """Scratch bytes per weight row of the dequant path: the fp32 row, a second fp32 row to un-rotate
+    into (convrot), and the row in x's dtype when that is not fp32."""
+    return k * (4 + (4 if convrot_groupsize else 0) + (0 if dtype == torch.float32 else dtype.itemsize))
+
+
+def dequant_chunk_rows(n: int, k: int, chunk_bytes: Optional[int] = None, row_bytes: Optional[int] = None) -> int:
+    """Weight rows per dequantization chunk: as many as fit the budget (``dequant_budget_bytes``) with
+    ``row_bytes`` of scratch per row (default one fp32 row, 4·K), at least one."""
+    return max(1, min(n, dequant_budget_bytes(chunk_bytes) // (row_bytes or 4 * max(k, 1))))
+
+
+class _Scratch(threading.local):
+    def __init__(self):
+        self.bufs: Dict[str, torch.Tensor] = {}  # role -> flat CPU buffer
+        self.views: Dict[tuple, tuple] = {}  # (n, k, dtype, convrot, budget) -> (rows, work, tmp, out) on bufs
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch_bytes() -> int:
+    """Bytes of the dequant path's scratch buffers that this thread holds."""
+    return sum(t.numel() * t.element_size() for t in _SCRATCH.bufs.values())
+
+
+def release_scratch() -> None:
+    """Free this thread's dequant scratch (the next call allocates it again)."""
+    _SCRATCH.views = {}
+    _SCRATCH.bufs = {}
+
+
+def _scratch(parts: Dict[str, Tuple[int, torch.dtype]], budget: int) -> Dict[str, torch.Tensor]:
+    """Flat CPU buffers ``role -> numel, dtype``, reused from this thread's earlier calls. What the thread
+    holds never exceeds ``max(budget, this call's need)`` bytes: a set that does not fit (or is too
+    small) is freed before the new one is made, so two generations are never alive together."""
+    st = _SCRATCH
+    bufs = st.bufs
+    need = sum(n * d.itemsize for n, d in parts.values())
+    ok = all((t := bufs.get(r)) is not None and t.dtype == d and t.numel() >= n for r, (n, d) in parts.items())
+    if not ok or sum(t.numel() * t.element_size() for t in bufs.values()) > max(budget, need):
+        st.views = {}  # the cached views hold the old storage: drop them with it
+        st.bufs = bufs = {}
+        with torch.inference_mode(False):  # normal tensors: written in and out of inference mode alike
+            for r, (n, d) in parts.items():
+                bufs[r] = torch.empty(n, dtype=d)
+    return {r: bufs[r] if bufs[r].numel() == n else bufs[r][:n] for r, (n, _) in parts.items()}
+
+
+def _dequant_buffers(n: int, k: int, dt: torch.dtype, g: int, budget: int, device: torch.device, reuse: bool):
+    """(rows per chunk, fp32 work [rows, K], fp32 tmp [rows, K] or None (convrot only), out [rows, K]: the
+    buffer the weight ends in, in ``dt``). ``reuse``: this thread's scratch (views cached per shape)."""
+    key = (n, k, dt, g, budget)
+    if reuse:
+        v = _SCRATCH.views.get(key)
+        if v is not None:
+            return v
+    rows = max(1, min(n, budget // dequant_row_bytes(k, dt, g)))
+    parts = {"work": (rows * k, torch.float32)}
+    if g:
+        parts["tmp"] = (rows * k, torch.float32)
+    if dt != torch.float32:
+        parts["low"] = (rows * k, dt)
+    if reuse:
+        bufs = _scratch(parts, budget)
+    else:
+        bufs = {r: torch.empty(c, dtype=d, device=device) for r, (c, d) in parts.items()}
+    work = bufs["work"].view(rows, k)
+    tmp = bufs["tmp"].view(rows, k) if g else None
+    if dt != torch.float32:
+        out = bufs["low"].view(rows, k)
+    else:  # the buffer the fp32 weight ends in (convrot g < 256: the product's output)
+        out = tmp if g and g < 256 else work
+    v = (rows, work, tmp, out)
+    if reuse:
+        _SCRATCH.views[key] = v
+    return v
+
+
+def _tile_scale_(w: torch.Tensor, w_scale: torch.Tensor, row0: int, g: int) -> None:
+    """``w`` [rows, K] (rows ``row0:row0 + rows`` of a block-wise weight) *= its g×g tile scales
+    (``w_scale`` [ceil(N/g), K/g]) as broadcast multiplies on views: the partial tile at the start, all
+    whole tiles in one op, the partial tile at the end; the scale is never expanded."""
+    rows, k = w.shape
+    kb = k // g
+    r1 = row0 + rows
+    a = min(r1, -(-row0 // g) * g)  # end of the leading partial tile
+    b = max(a, (r1 // g) * g)  # start of the trailing partial tile
+    if a > row0:
+        w[:a - row0].view(a - row0, kb, g).mul_(w_scale[row0 // g].view(1, kb, 1))
+    if b > a:
+        t0, t1 = a // g, b // g
+        w[a - row0:b - row0].view(t1 - t0, g, kb, g).mul_(w_scale[t0:t1].view(t1 - t0, 1, kb, 1))
+    if r1 > b:
+        w[b - row0:].view(r1 - b, kb, g).mul_(w_scale[b // g].view(1, kb, 1))
+
+
+def _unrotate_into(dst: torch.Tensor, src: torch.Tensor, g: int, tmp: Optional[torch.Tensor]) -> None:
+    """``dst`` := ``src · blockdiag(H_g)`` (fp32 [rows, K]). g >= 256 goes through H_16 ⊗ H_g/16 as
+    ``rotate_fast`` does (the same two products, written into the buffers): ``tmp`` is a third buffer of
+    src's shape and ``dst`` may be ``src``; g < 256 is one product, ``dst`` distinct from ``src``."""
+    if g >= 256:
+        a, b = 16, g // 16
+        torch.mm(src.view(-1, b), hadamard(b, src.device), out=tmp.view(-1, b))
+        t3 = tmp.view(-1, a, b)  # bmm on the expanded H_a: ~8% faster than matmul's broadcast here
+        torch.bmm(hadamard(a, src.device).expand(t3.shape[0], a, a), t3, out=dst.view(-1, a, b))
+    else:
+        torch.mm(src.view(-1, g), hadamard(g, src.device), out=dst.view(-1, g))
 
 
 def dequantize_rows_into(out: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, row0: int,
                          group_size: int = 0, convrot_groupsize: int = 0,
-                         work: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out`` [rows, K] := rows ``row0 : row0 + rows`` of the dequantized weight, ``q.float() · scale``
-    (then un-rotated for convrot) rounded once to ``out.dtype`` -- ``dequantize_weight``'s numerics.
+                         work: Optional[torch.Tensor] = None, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out`` [rows, K] (contiguous) := rows ``row0 : row0 + rows`` of the dequantized weight,
+    ``q.float() · scale`` (then un-rotated for convrot) rounded once to ``out.dtype`` --
+    ``dequantize_weight``'s numerics.
 
-    ``q`` holds those rows (int8); ``w_scale`` is the whole weight's fp32 scale (scalar, [N] per row, or
-    [ceil(N/g), K/g] tiles with ``group_size``). Computed as an exact int8 -> fp32 copy and an in-place
-    fp32 multiply (``work``: an fp32 buffer of at least ``rows`` rows, used when ``out`` is not fp32): two
-    vectorized passes, several times faster on CPU than one mixed-dtype ``torch.mul``."""
+    ``q`` holds those rows (int8); ``w_scale`` is the whole weight's fp32 scale (scalar, [N] or [N, 1] per
+    row, or [ceil(N/g), K/g] tiles with ``group_size``). Computed as an exact int8 -> fp32 copy and an
+    in-place fp32 multiply (two vectorized passes, several times faster on CPU than one mixed-dtype
+    ``torch.mul``). ``work`` / ``tmp``: fp32 buffers of at least ``rows`` rows (``work`` when ``out`` is not
+    fp32 or for convrot, ``tmp`` for convrot); allocated here when not given."""
     rows, k = q.shape
     if out.dtype == torch.float32 and not convrot_groupsize:
         w = out
@@ -194,50 +305,85 @@ def dequantize_rows_into(out: torch.Tensor, q: torch.Tensor, w_scale: torch.Tens
         w = work[:rows] if work is not None else torch.empty((rows, k), dtype=torch.float32, device=q.device)
     w.copy_(q)
     if group_size:
-        g = group_size
-        t0 = row0 // g
-        sc = w_scale[t0:(row0 + rows - 1) // g + 1].repeat_interleave(g, 0)  # [rows(+), K/g]: 1/g of a chunk
-        w.view(rows, k // g, g).mul_(sc[row0 - t0 * g:row0 - t0 * g + rows].unsqueeze(2))
+        _tile_scale_(w, w_scale, row0, group_size)
     else:
-        w.mul_(w_scale.reshape(1, 1) if w_scale.numel() == 1 else w_scale.reshape(-1, 1)[row0:row0 + rows])
+        s = w_scale if w_scale.dim() == 2 else w_scale.reshape(-1, 1)
+        w.mul_(s if s.shape[0] == 1 or s.shape[0] == rows else s[row0:row0 + rows])
     if convrot_groupsize:
-        w = rotate_fast(w, convrot_groupsize)
-    if w is not out:
+        g = convrot_groupsize
+        dst = out if out.dtype == torch.float32 else w  # where the fp32 result lands
+        t = None
+        if g >= 256 or dst.data_ptr() == w.data_ptr():  # a second buffer: the product can't overwrite its input
+            t = tmp[:rows] if tmp is not None else torch.empty_like(w)
+        if g < 256 and t is not None:
+            dst = t
+        _unrotate_into(dst, w, g, t)
+        w = dst
+    if w.data_ptr() != out.data_ptr():
         out.copy_(w)
     return out
+
+
+class DequantLinear:
+    """The torch dequant path for one weight, its operands shaped once: ``PreparedLinear`` keeps one per
+    layer on the torch backend, ``dequant_linear`` makes one per call.
+
+    ``self(x, bias, out_dtype)`` = ``x · dequant(W)ᵀ + bias`` in x's dtype (x 2-D [M, K], bias [N] or
+    None), then cast to ``out_dtype``. The weight is dequantized ``dequant_chunk_rows`` rows at a time
+    into scratch buffers: on CPU (outside autograd) a per-thread set reused across calls, elsewhere
+    allocated per call; either way at most the budget (``dequant_budget_bytes``, or one row's scratch
+    if a row is larger), never a float copy of a whole large layer. A layer that fits one chunk is one
+    int8 -> fp32 copy, one in-place scale multiply (convrot: an un-rotation), and ``F.linear``.
+
+    Convrot (``W = W_stored · blockdiag(H)``): the rotation goes on the smaller operand -- the
+    activations (``x · blockdiag(H)ᵀ`` in fp32, rounded once to x's dtype, and the stored weight as it
+    is) when M < N, else the weight rows."""
+
+    __slots__ = ("qdata", "n", "k", "group", "convrot", "scale")
+
+    def __init__(self, qdata: torch.Tensor, w_scale: torch.Tensor, group_size: int = 0, convrot_groupsize: int = 0):
+        self.qdata = qdata
+        self.n, self.k = qdata.shape
+        self.group, self.convrot = int(group_size), int(convrot_groupsize)
+        ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
+        self.scale = ws.contiguous() if group_size else ws.reshape(-1, 1)  # [T, K/g] tiles, [1, 1] or [N, 1]
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                 chunk_bytes: Optional[int] = None) -> torch.Tensor:
+        """``x`` [..., K] (any leading dims; ``F.linear`` takes them as they are) -> [..., N]."""
+        n, k = self.n, self.k
+        dt = x.dtype
+        if bias is not None and bias.dtype != dt:
+            bias = bias.to(dt)
+        g = self.convrot
+        if g and x.numel() < n * k:  # M < N: rotate M·K activation values instead of N·K weight values
+            x = rotate_fast(x, g)
+            if dt != torch.float32:
+                x = x.to(dt)
+            g = 0
+        rows, work, tmp, out = _dequant_buffers(
+            n, k, dt, g, dequant_budget_bytes(chunk_bytes), x.device,
+            x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))  # autograd keeps the weight
+        if rows >= n:
+            y = F.linear(x, dequantize_rows_into(out, self.qdata, self.scale, 0, self.group, g, work, tmp), bias)
+        else:
+            lead = x.shape[:-1]
+            x = x.reshape(-1, k)
+            y = torch.empty((x.shape[0], n), dtype=dt, device=x.device)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                w = dequantize_rows_into(out[:r1 - r0], self.qdata[r0:r1], self.scale, r0, self.group, g, work, tmp)
+                if bias is None:
+                    torch.mm(x, w.t(), out=y[:, r0:r1])
+                else:
+                    torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
+            y = y.reshape(lead + (n,))
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def dequant_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    group_size: int, convrot_groupsize: int, out_dtype: torch.dtype,
                    chunk_bytes: Optional[int] = None) -> torch.Tensor:
-    """``x · dequant(W)ᵀ + bias`` in x's dtype (``F.linear`` on the dequantized weight), the weight
-    dequantized a chunk of rows at a time (``dequant_chunk_rows``): the memory beyond the output is one
-    chunk, never a whole float copy of a large layer, and nothing is kept between calls.
-
-    Convrot (``W = W_stored · blockdiag(H)``): with fewer tokens than output features it is cheaper to
-    rotate the activations once (``x · blockdiag(H)ᵀ`` in fp32, rounded once to x's dtype) and use the
-    stored weight as it is -- the same product up to rounding; otherwise each chunk is un-rotated."""
-    m, k = x.shape
-    n = qw.shape[0]
-    dt = x.dtype
-    if bias is not None and bias.dtype != dt:
-        bias = bias.to(dt)
-    if convrot_groupsize and m < n:
-        x = rotate_fast(x, convrot_groupsize).to(dt)
-        convrot_groupsize = 0
-    rows = dequant_chunk_rows(n, k, chunk_bytes)
-    buf = torch.empty((rows, k), dtype=dt, device=x.device)
-    work = None if dt == torch.float32 and not convrot_groupsize else \
-        torch.empty((rows, k), dtype=torch.float32, device=x.device)
-    if rows >= n:
-        y = F.linear(x, dequantize_rows_into(buf, qw, w_scale, 0, group_size, convrot_groupsize, work), bias)
-    else:
-        y = torch.empty((m, n), dtype=dt, device=x.device)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            w = dequantize_rows_into(buf[:r1 - r0], qw[r0:r1], w_scale, r0, group_size, convrot_groupsize, work)
-            if bias is None:
-                torch.mm(x, w.t(), out=y[:, r0:r1])
-            else:
-                torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    """``x · dequant(W)ᵀ + bias`` in x's dtype (``F.linear`` on the dequantized weight), chunked over
+    weight rows: ``DequantLinear`` (its docstring has the memory bound and the convrot choice)."""
+    return DequantLinear(qw, w_scale, group_size, convrot_groupsize)(x, bias, out_dtype, chunk_bytes)

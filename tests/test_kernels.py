@@ -877,3 +877,123 @@ def test_runtime_path_is_dequant_without_triton(monkeypatch):
     assert torch.equal(y, _fallback_linear(x, qw, None))
     # the Hadamard matrices are built once per (size, device, dtype)
     assert reference.hadamard(256, cpu) is reference.hadamard(256, torch.device("cpu"))
+
+
+# the prepared CPU path (PreparedLinear -> reference.DequantLinear): scale views made once, per-thread scratch
+def _prepared_cpu(qw):
+    prep = K.prepare_linear(qw, torch.device("cpu"))
+    assert prep.fallback is not None  # the torch dequant path, prepared
+    return prep
+
+
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot64", "convrot256", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_cpu_dequant_is_the_dequant_rule(monkeypatch, kind, dtype):
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(dispatch.PATH_ENV, raising=False)
+    qw, group, g = _fallback_weight(kind)
+    prep = _prepared_cpu(qw)
+    bias = (torch.randn(N, generator=gen(81)) * 0.1).to(dtype)
+    w_rule = reference.dequantize_weight(qw.qdata, qw.scale, group, g, dtype)  # rounded once to dtype
+    for m in (M, 2 * N + 3):
+        x = act(m=m, dtype=dtype, seed=82).cpu().reshape(1, m, KD)  # leading dims go to F.linear as they are
+        with torch.no_grad():
+            y = prep(x, bias, "dequant")
+        assert y.dtype == dtype and y.shape == (1, m, N)
+        if not g or m >= N and g < 256:  # the weight dequantized as dequantize_weight does, bit for bit
+            assert torch.equal(y, F.linear(x, w_rule, bias)), m
+        else:  # rotated x (M < N), or un-rotated through H_16 ⊗ H_16 (fp32 sums in another order)
+            exact = x.reshape(m, KD).double() @ qw.dequantize().double().T + bias.double()
+            tol = 2e-6 if dtype == torch.float32 else 3 * 2.0 ** -8
+            assert rel(y.reshape(m, N), exact) < tol, m
+        # the same result as the unprepared entry point (dispatch -> reference.dequant_linear)
+        assert torch.equal(y, _fallback_linear(x, qw, bias)), m
+        # out_dtype and a bias of another dtype are converted as quantized_linear does
+        y32 = prep(x, bias.float(), "dequant", torch.float32)
+        assert y32.dtype == torch.float32 and torch.equal(y32, y.float())
+
+
+def test_prepared_cpu_scratch_is_reused_and_bounded(monkeypatch):
+    monkeypatch.delenv(reference.DEQUANT_CHUNK_ENV, raising=False)
+    reference.release_scratch()
+    assert reference.scratch_bytes() == 0
+    qw, _, _ = _fallback_weight("row")
+    prep = _prepared_cpu(qw)
+    x = act(m=M, dtype=torch.float32, seed=83).cpu()
+    with torch.no_grad():
+        y1 = prep(x, None, "dequant")
+        buf = reference._SCRATCH.bufs["work"]
+        assert reference.scratch_bytes() == N * KD * 4  # one fp32 copy of this (one-chunk) layer, no more
+        y2 = prep(x, None, "dequant")
+    assert reference._SCRATCH.bufs["work"] is buf  # reused, not allocated again
+    assert torch.equal(y1, y2)
+    # a smaller budget: the held scratch shrinks to it (never two generations, never above the budget)
+    for rows, dtype, kind in ((7, torch.float32, "row"), (5, torch.bfloat16, "row"), (3, torch.bfloat16, "convrot256"),
+                              (4, torch.float16, "block")):
+        qk, group, g = _fallback_weight(kind)
+        budget = rows * reference.dequant_row_bytes(KD, dtype, g)
+        monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, str(budget / 2 ** 20))
+        xk = act(m=2 * N + 3, dtype=dtype, seed=84).cpu()  # M > N: convrot un-rotates the weight rows
+        with torch.no_grad():
+            got = _prepared_cpu(qk)(xk, None, "dequant")
+        assert reference.scratch_bytes() <= budget, (kind, dtype)
+        assert all(t.numel() <= rows * KD for t in reference._SCRATCH.bufs.values())
+        want = xk.double() @ qk.dequantize().double().T
+        assert rel(got, want) < 3 * 2.0 ** -8, (kind, dtype)
+    reference.release_scratch()
+    assert reference.scratch_bytes() == 0
+
+
+def test_prepared_cpu_scratch_is_per_thread_and_kept_out_of_autograd():
+    import threading
+    qw, _, _ = _fallback_weight("row")
+    prep = _prepared_cpu(qw)
+    x = act(m=M, dtype=torch.float32, seed=85).cpu()
+    reference.release_scratch()
+    seen = {}
+
+    def worker():
+        with torch.no_grad():
+            seen["y"] = prep(x, None, "dequant")
+        seen["bytes"] = reference.scratch_bytes()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["bytes"] == N * KD * 4 and reference.scratch_bytes() == 0  # the other thread's own buffers
+    # with autograd recording, F.linear keeps the weight for backward: it gets its own buffer each call
+    xg = x.clone().requires_grad_(True)
+    y = prep(xg, None, "dequant")
+    assert reference.scratch_bytes() == 0
+    y2 = prep(xg, None, "dequant")  # a second call must not overwrite the first one's saved weight
+    (y.sum() + 2 * y2.sum()).backward()
+    w = qw.dequantize().double()
+    assert rel(xg.grad, 3 * torch.ones(M, N, dtype=torch.float64) @ w) < 1e-6
+    assert torch.equal(seen["y"], y.detach())
+
+
+def test_prepared_cpu_scratch_made_in_inference_mode_is_usable_outside_it():
+    # ComfyUI samples under inference_mode, other callers under no_grad: the reused buffers serve both
+    qw, _, _ = _fallback_weight("row")
+    prep = _prepared_cpu(qw)
+    x = act(m=M, dtype=torch.float32, seed=86).cpu()
+    reference.release_scratch()
+    with torch.inference_mode():
+        y1 = prep(x, None, "dequant")
+    with torch.no_grad():
+        y2 = prep(x, None, "dequant")
+    y3 = prep(x, None, "dequant")  # grad mode, x without grad: the scratch again
+    assert torch.equal(y1, y2) and torch.equal(y2, y3)
+    assert reference.scratch_bytes() == N * KD * 4
+
+
+@pytest.mark.parametrize("rows", [10, 32, 70, 83])
+def test_block_tile_scales_broadcast_over_chunk_edges(rows):
+    # 83 rows in 32-row tiles: chunks that start mid-tile, cover whole tiles, and end in the partial last tile
+    qw, group, _ = _fallback_weight("block", n=83)
+    want = reference.dequantize_weight(qw.qdata, qw.scale, group, 0, torch.float32)
+    got = torch.empty_like(want)
+    for r0 in range(0, 83, rows):
+        r1 = min(83, r0 + rows)
+        reference.dequantize_rows_into(got[r0:r1], qw.qdata[r0:r1], qw.scale.float(), r0, group)
+    assert torch.equal(got, want)
