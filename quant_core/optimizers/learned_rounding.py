@@ -16,7 +16,11 @@ wins, and round-to-nearest is kept if nothing beats it.
 The pipeline of one layer (issue 17: GPTQ-like cost; docs/OPTIMIZERS.md has the measurements):
 
 1. **start** from the best cheap solution (``--rounding-init``, default ``auto``): GPTQ's
-   error-compensated values with calibration data, the weight itself (round-to-nearest) without;
+   error-compensated values with calibration data, the weight itself (round-to-nearest) without. With
+   data, GPTQ runs three times (``start_candidates``: as ``--optimizer gptq`` runs it, with act-order, and
+   with act-order on the plain abs-max scale) and the lowest objective wins per row (per-row scales; the
+   whole layer otherwise): the start is never worse than ``--optimizer gptq`` on the objective, and the
+   result never ends above its start;
 2. **learn** (``--num_iter`` steps at most) with the whole iteration on the device: every row of the
    layer in one tensor program, the gradient ``D H`` as one GEMM (bf16 operands on CUDA, fp32
    accumulation: only its direction matters; the hard objective is always fp32), the regularizer's
