@@ -16,7 +16,11 @@ wins, and round-to-nearest is kept if nothing beats it.
 The pipeline of one layer (issue 17: GPTQ-like cost; docs/OPTIMIZERS.md has the measurements):
 
 1. **start** from the best cheap solution (``--rounding-init``, default ``auto``): GPTQ's
-   error-compensated values with calibration data, the weight itself (round-to-nearest) without;
+   error-compensated values with calibration data, the weight itself (round-to-nearest) without. With
+   data, GPTQ runs three times (``start_candidates``: as ``--optimizer gptq`` runs it, with act-order, and
+   with act-order on the plain abs-max scale) and the lowest objective wins per row (per-row scales; the
+   whole layer otherwise): the start is never worse than ``--optimizer gptq`` on the objective, and the
+   result never ends above its start;
 2. **learn** (``--num_iter`` steps at most) with the whole iteration on the device: every row of the
    layer in one tensor program, the gradient ``D H`` as one GEMM (bf16 operands on CUDA, fp32
    accumulation: only its direction matters; the hard objective is always fp32), the regularizer's
@@ -357,6 +361,64 @@ def learn_rounding(ws: torch.Tensor, h_obj: torch.Tensor, full_scale: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
+# the start: the best of a few GPTQ runs, chosen per row where rows are independent
+# ------------------------------------------------------------------------------------------------
+def _row_scaled(spec: FormatSpec, scale: torch.Tensor, ws: torch.Tensor) -> bool:
+    return getattr(spec.params, "scaling", None) == "row" and tuple(scale.shape) == (ws.shape[0], 1)
+
+
+def _row_errors(q: torch.Tensor, full: torch.Tensor, ws: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    with _tf32(ws.device, False):
+        d = q * full - ws
+        return ((d @ h) * d).sum(dim=1, dtype=torch.float64)
+
+
+def start_candidates(k: Knobs):
+    """(scale, act-order) of the GPTQ runs learned rounding starts from: GPTQ exactly as
+    ``--optimizer gptq`` runs it (the searched clipped scale, ``--gptq-actorder`` as given), GPTQ with
+    act-order on the same scale, and GPTQ with act-order on the plain abs-max scale (the clip search
+    scores round-to-nearest, which is not what GPTQ's error feedback needs)."""
+    out = [("searched", k.gptq_actorder), ("searched", True), ("absmax", True)]
+    return list(dict.fromkeys(out))
+
+
+def gptq_start(ws, h, h_fit, spec: FormatSpec, scale, base_scale, k: Knobs):
+    """The start of learned rounding with calibration data: GPTQ's error-compensated targets for each of
+    ``start_candidates``; the one with the lowest objective ``tr(D H_fit Dᵀ)`` wins, per row where the
+    format's scales are per row (rows are independent in the objective), for the whole layer otherwise.
+    GPTQ's own result is one of the candidates, so the start is never worse than ``--optimizer gptq``
+    on the objective. Returns (target, scale, full scale, info, the start's integers / grid values)."""
+    per_row = _row_scaled(spec, scale, ws)
+    best = None
+    names = []
+    for which, actorder in start_candidates(k):
+        sc = scale if which == "searched" else base_scale
+        full = spec.cls.expand_scale(sc, ws.shape, spec.params)
+        q, ginfo = gptq_quantize(ws, h, full, k.gptq_block, actorder, k.damp, k.row_segments,
+                                 factor_device=k.hessian_device, return_target=True, grid=spec.cls.grid_round)
+        err = _row_errors(q, full, ws, h_fit)
+        names.append(f"gptq{' act-order' if actorder else ''}, {which} scale")
+        j = len(names) - 1
+        if best is None:
+            best = [ginfo["target"], sc.clone(), err, torch.zeros(ws.shape[0], dtype=torch.int64, device=ws.device), q]
+            continue
+        if per_row:
+            win = err < best[2]
+            best[0] = torch.where(win[:, None], ginfo["target"], best[0])
+            best[1] = torch.where(win.reshape(best[1].shape), sc, best[1])
+            best[2] = torch.where(win, err, best[2])
+            best[3] = torch.where(win, torch.full_like(best[3], j), best[3])
+            best[4] = torch.where(win[:, None], q, best[4])
+        elif float(err.sum()) < float(best[2].sum()):
+            best = [ginfo["target"], sc.clone(), err, torch.full_like(best[3], j), q]
+        del q, ginfo
+    target, sc, _, idx, q = best
+    counts = torch.bincount(idx, minlength=len(names)).tolist()
+    info = {names[i]: counts[i] for i in range(len(names))} if per_row else names[int(idx[0])]
+    return target, sc, spec.cls.expand_scale(sc, ws.shape, spec.params), info, q
+
+
+# ------------------------------------------------------------------------------------------------
 # scale refit: with the integers fixed, the per-row (per-tensor) scale minimizing tr(D H Dᵀ)
 # ------------------------------------------------------------------------------------------------
 def refit_scale(q: torch.Tensor, ws: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, spec: FormatSpec):
@@ -405,11 +467,10 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     target = None
     if init == "gptq":
         with progress_span(0.0, 0.2):
-            q0, ginfo = gptq_quantize(ws, obj.H, full, k.gptq_block, k.gptq_actorder, k.damp, k.row_segments,
-                                      factor_device=k.hessian_device, return_target=True,
-                                      grid=spec.cls.grid_round)
-        target = ginfo["target"]
-        del q0
+            target, scale, full, info_start, q_gptq = gptq_start(ws, obj.H, h_fit, spec, scale, base_scale, k)
+        value_full = full
+        start = (q_gptq, scale, full, quad_error(q_gptq * full - ws, h_fit))
+        del q_gptq
     if float_grid:
         # on a float grid every weight chooses between the two grid values around its target (GPTQ's
         # error-compensated value, or the weight), consecutive multiples of the local spacing there:
@@ -454,6 +515,13 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
             q, e, scale, full = q2, e2, new_scale, new_full
     info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps,
                  "objective_init": e_init})
+    if init == "gptq":
+        info["start"] = info_start
+        info["objective_start"] = start[3]
+        if start[3] < e:  # never end above the start (the float8 snap, in principle, could)
+            q, scale, full, e = start
+            info["notes_extra"] = "the learned rounding did not improve on its GPTQ start; kept the start"
+        del start
     if not e < e_rtn:
         q, scale, full, e = q_rtn, base_scale, base_full, e_rtn
         info["notes_extra"] = "learned rounding did not improve on round-to-nearest; kept round-to-nearest"
