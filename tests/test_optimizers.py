@@ -414,7 +414,8 @@ def test_gptq_graph_cache_is_bounded_and_falls_back_when_capture_fails(monkeypat
     monkeypatch.setattr(g, "GRAPH_CACHE_BYTES", 2 * 6 * 128 * 512 * 4)  # room for about two shapes
     for rows in (512, 480, 448, 416):
         assert g._graph_for(dev, 128, rows, True) is not None
-    assert 1 <= len(g._graphs) <= 2 and (str(dev), 128, 416, True, threading.get_ident()) in g._graphs  # LRU out
+    # LRU out; the key ends with the grid (None: the integer grid)
+    assert 1 <= len(g._graphs) <= 2 and (str(dev), 128, 416, True, threading.get_ident(), None) in g._graphs
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("no room for the graph")
