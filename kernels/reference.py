@@ -324,6 +324,36 @@ def dequantize_rows_into(out: torch.Tensor, q: torch.Tensor, w_scale: torch.Tens
     return out
 
 
+def dequantize_cols_into(w: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, col0: int, group_size: int = 0,
+                         convrot_groupsize: int = 0, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Columns ``col0 : col0 + c`` of the dequantized weight as fp32 [N, c], ``w`` [N, c] contiguous fp32 being
+    the buffer (``tmp`` the same shape, for convrot): ``q[:, cols].float() · scale``, then un-rotated per
+    convrot group -- ``dequantize_weight``'s numerics (fp32). ``col0`` and ``c`` are multiples of the
+    block-wise group and of the convrot group. Returns the buffer the result is in (``w`` or ``tmp``)."""
+    n, c = w.shape
+    w.copy_(q[:, col0:col0 + c])
+    if group_size:
+        _tile_scale_(w, w_scale[:, col0 // group_size:(col0 + c) // group_size], 0, group_size)
+    else:
+        w.mul_(w_scale if w_scale.dim() == 2 else w_scale.reshape(-1, 1))
+    g = convrot_groupsize
+    if not g:
+        return w
+    if g >= 256:
+        _unrotate_into(w, w, g, tmp)
+        return w
+    _unrotate_into(tmp, w, g, None)
+    return tmp
+
+
+# A wide-input layer (K > K_CHUNK_MIN_RATIO · N, fp32) is chunked along K instead of along weight rows:
+# row chunks each multiply all of x (M × K), K chunks each add into y (M × N). Measured on this project's
+# 2-core CPU (docs/KERNELS.md, "CPU / non-Triton fallback"), 546 tokens, 8 MiB budget, 2 threads:
+# 8960 -> 1536: 0.97x float with K chunks against 0.84x with row chunks; 6144 -> 1536: 0.87 vs 0.84;
+# 3072 -> 1536: 0.84 vs 0.91 (rows win); 1536 -> 8960: rows 1.03.
+K_CHUNK_MIN_RATIO = 4
+
+
 class DequantLinear:
     """The torch dequant path for one weight, its operands shaped once: ``PreparedLinear`` keeps one per
     layer on the torch backend, ``dequant_linear`` makes one per call.
@@ -366,6 +396,8 @@ class DequantLinear:
             x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))  # autograd keeps the weight
         if rows >= n:
             y = F.linear(x, dequantize_rows_into(out, self.qdata, self.scale, 0, self.group, g, work, tmp), bias)
+        elif dt == torch.float32 and k > K_CHUNK_MIN_RATIO * n and self._k_chunked_cols(rows, g) > 0:
+            y = self._k_chunked(x, bias, self._k_chunked_cols(rows, g), g, work, tmp)
         else:
             lead = x.shape[:-1]
             x = x.reshape(-1, k)
@@ -379,6 +411,34 @@ class DequantLinear:
                     torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
             y = y.reshape(lead + (n,))
         return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def _k_chunked_cols(self, rows: int, g: int) -> int:
+        """Columns per K chunk within the scratch of ``rows`` full rows (a multiple of the block-wise and
+        convrot groups); 0 if not even one group fits."""
+        align = max(self.group, g, 1)
+        return min(self.k, (rows * self.k) // self.n // align * align)
+
+    def _k_chunked(self, x: torch.Tensor, bias: Optional[torch.Tensor], cols: int, g: int,
+                   work: torch.Tensor, tmp: Optional[torch.Tensor]) -> torch.Tensor:
+        """fp32 ``x · dequant(W)ᵀ + bias`` as a sum over K chunks of ``cols`` columns, each dequantized into
+        the same scratch (work / tmp viewed as [N, cols]) and added into y by ``addmm``: x is read once."""
+        n, k = self.n, self.k
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        y = torch.empty((x2.shape[0], n), dtype=torch.float32, device=x.device)
+        wf, tf = work.reshape(-1), (tmp.reshape(-1) if tmp is not None else None)
+        for c0 in range(0, k, cols):
+            c = min(cols, k - c0)
+            w = dequantize_cols_into(wf[:n * c].view(n, c), self.qdata, self.scale, c0, self.group, g,
+                                     tf[:n * c].view(n, c) if tf is not None else None)
+            xs = x2[:, c0:c0 + c]
+            if c0:
+                y.addmm_(xs, w.t())
+            elif bias is None:
+                torch.mm(xs, w.t(), out=y)
+            else:
+                torch.addmm(bias, xs, w.t(), out=y)
+        return y.reshape(lead + (n,))
 
 
 def dequant_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],

@@ -997,3 +997,45 @@ def test_block_tile_scales_broadcast_over_chunk_edges(rows):
         r1 = min(83, r0 + rows)
         reference.dequantize_rows_into(got[r0:r1], qw.qdata[r0:r1], qw.scale.float(), r0, group)
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU fallback: wide-input layers chunked along K (reference.DequantLinear._k_chunked)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot64", "block"])
+def test_dequant_k_chunks_for_wide_inputs(monkeypatch, kind):
+    """K > K_CHUNK_MIN_RATIO · N in fp32: the weight is dequantized a block of columns at a time (multiples
+    of the block-wise / convrot group) and the partial products are added into y; the result is
+    x · dequant(W)ᵀ + bias against float64, the scratch never exceeds the budget, bf16 keeps row chunks."""
+    n = 24
+    assert KD > reference.K_CHUNK_MIN_RATIO * n
+    qw, group, g = _fallback_weight(kind, n=n)
+    want_w = qw.dequantize().double()
+    bias = torch.randn(n, generator=gen(76)) * 0.1
+    calls = []
+    real = reference.dequantize_cols_into
+
+    def counting(w, q, scale, c0, *args):
+        calls.append((c0, w.shape[1], w.untyped_storage().nbytes()))
+        return real(w, q, scale, c0, *args)
+
+    monkeypatch.setattr(reference, "dequantize_cols_into", counting)
+    budget = 6 * KD * 4 * (2 if g else 1)  # six fp32 rows of K per buffer (convrot: two): 6 * 256 / 24 = 64 columns
+    monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, str(budget / 2 ** 20))
+    for m, b in ((40, bias), (40, None), (5, bias)):  # convrot with 5 tokens rotates x instead
+        x = act(m=m, dtype=torch.float32, seed=77).cpu()
+        calls.clear()
+        y = _fallback_linear(x, qw, b)
+        exact = x.double() @ want_w.T + (b.double() if b is not None else 0)
+        assert y.shape == (m, n) and rel(y, exact) < 2e-6, (kind, m)
+        widths = [c for _, c, _ in calls]
+        assert len(calls) > 1 and [c0 for c0, _, _ in calls] == [sum(widths[:i]) for i in range(len(widths))]
+        assert sum(widths) == KD and all(c % max(group, g, 1) == 0 for c in widths)
+        # 64 columns (six rows of K over 24 rows); convrot with 5 tokens rotates x and has no second buffer
+        assert widths[0] == (128 if g and m < n else 64)
+        assert sum({nb for _, _, nb in calls}) <= budget  # work (+ tmp): views of the one scratch
+    # bf16 activations keep row chunks (one rounding of the sum), same product
+    xb = act(m=40, dtype=torch.bfloat16, seed=78).cpu()
+    calls.clear()
+    yb = _fallback_linear(xb, qw, bias.to(torch.bfloat16))
+    assert not calls and rel(yb, xb.double() @ want_w.T + bias.to(torch.bfloat16).double()) < 3 * 2.0 ** -8
