@@ -234,15 +234,17 @@ def _w8a16_configs(arch: str, m: int) -> List[GemmConfig]:
 
 SWAP_ENV = "CONVERT_TO_QUANT_W8A16_SWAP"  # "0": W8A16 without the swapped kernel (benchmarks compare)
 # sm90 candidates of w8a16_swap_kernel by largest M: BM (tokens) is wgmma's N side, BN its M side.
-# H200 (benchmarks/per_call.py --tuner-log, docs/KERNELS.md "Round 3"): the swap wins at M = 64-256
-# (GPU 17.5 vs 18.3 us at M = 64, 24.5 vs 30.6 at 256, K = N = 3072) and loses at M <= 16 (16.3 vs
-# 14.1 us at M = 1), so it has no candidates there. One warpgroup only: with 8 warps a 256-token tile
-# gave wrong results and a 128-token one failed the launch plans' replay check (triton 3.6).
+# H200 (benchmarks/per_call.py --tuner-log, docs/KERNELS.md "Round 3"): the swap wins at M = 65-256
+# (GPU 24.5 vs 30.6 us at 256, K = N = 3072), ties at 64 (17.5 vs 18.3), loses at M <= 16 (16.3 vs
+# 14.1 us at M = 1) and ties or loses at 512-1024; a whole T5-XXL-shaped text-encoder step (512 tokens)
+# did not show it helping. So it has candidates for 17-256 tokens only. One warpgroup only: with 8
+# warps a 256-token tile gave wrong results and a 128-token one failed the launch plans' replay check
+# (triton 3.6).
 _W8A16_SWAP_SM90 = {
     16: [],
     64: [C(32, 64, 256, 4, 4, swap=True), C(64, 64, 256, 4, 3, swap=True)],
     256: [C(128, 64, 128, 4, 4, swap=True), C(64, 64, 128, 4, 4, swap=True)],
-    1024: [C(128, 64, 128, 4, 4, swap=True), C(128, 128, 64, 4, 4, swap=True)],
+    1024: [],
 }
 
 
