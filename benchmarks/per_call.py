@@ -49,6 +49,17 @@ def log(*a):
     print(*a, flush=True)
 
 
+def env_off(name, fn):
+    """``fn`` run with the environment variable ``name`` set to "0" (removed again after each call)."""
+    def run(i):
+        os.environ[name] = "0"
+        try:
+            return fn(i)
+        finally:
+            os.environ.pop(name, None)
+    return run
+
+
 def layers_for(m, k, n, dev, count, Int8Tensorwise):
     g = torch.Generator(device=dev).manual_seed(m * 7 + k * 3 + n)
     out = []
@@ -194,39 +205,16 @@ def main(argv=None) -> int:
             j, x = pick(i)
             return K.quantized_linear(x, lay[j][2], lay[j][1])
 
-        def triton_launch(i):
-            os.environ[L.FAST_LAUNCH_ENV] = "0"
-            try:
-                return ours(i)
-            finally:
-                os.environ.pop(L.FAST_LAUNCH_ENV, None)
-
-        def no_plan(i):
-            os.environ[L.PLANS_ENV] = "0"
-            try:
-                return ours(i)
-            finally:
-                os.environ.pop(L.PLANS_ENV, None)
-
         def forced(path):  # the loader's call with the path forced (launch plans included)
             def fn(i):
                 j, x = pick(i)
                 return prepared[j](x, lay[j][1], path)
             return fn
 
-        def two_launch_w8a8(i):  # W8A8 as activation pass + GEMM also for few tokens
-            os.environ["CONVERT_TO_QUANT_FUSED_ACT"] = "0"
-            try:
-                return forced("w8a8")(i)
-            finally:
-                os.environ.pop("CONVERT_TO_QUANT_FUSED_ACT", None)
-
-        def w8a16_noswap(i):  # W8A16 before the swapped kernel (its own tuner key)
-            os.environ[L.SWAP_ENV] = "0"
-            try:
-                return forced("w8a16")(i)
-            finally:
-                os.environ.pop(L.SWAP_ENV, None)
+        triton_launch = env_off(L.FAST_LAUNCH_ENV, ours)  # Triton's generic launcher on every call
+        no_plan = env_off(L.PLANS_ENV, ours)
+        two_launch_w8a8 = env_off(K.dispatch.FUSED_ENV, forced("w8a8"))  # activation pass + GEMM also for few tokens
+        w8a16_noswap = env_off(L.SWAP_ENV, forced("w8a16"))  # W8A16 without the swapped kernel (own tuner key)
 
         variants = {"bf16": bf16, "ours": ours, "ours_generic": generic}
         if dev.type == "cuda":
