@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +64,28 @@ def run_check_script(script: str, checks, prefix: str, timeout: int = 900) -> Di
                     f"{proc.stderr[-5000:]}")
     out["_stderr"] = proc.stderr
     return out
+
+
+def load_pack_inside_comfyui():
+    """For the check scripts, inside ComfyUI's python: ComfyUI from COMFYUI_DIR (the working folder, CPU
+    mode, no argument parsing) and this repository imported as the package ``convert_to_quant`` by file
+    location, as ComfyUI imports a custom node. Returns the package."""
+    import importlib.util
+    comfy_dir = os.environ["COMFYUI_DIR"]
+    sys.path.insert(0, comfy_dir)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(comfy_dir)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(REPO, "__init__.py"),
+                                                  submodule_search_locations=[REPO])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = pkg
+    spec.loader.exec_module(pkg)
+    assert pkg.NODE_CLASS_MAPPINGS, "nodes did not register"
+    return pkg
 
 
 def check_detail(results: Dict[str, dict], name: str):

@@ -75,22 +75,8 @@ if __name__ != "__main__":
 # everything below runs inside ComfyUI's python
 # ================================================================================================
 def _setup():
-    comfy_dir = os.environ["COMFYUI_DIR"]
-    sys.path.insert(0, comfy_dir)
-    sys.path.insert(0, HERE)
-    os.chdir(comfy_dir)
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("convert_to_quant", os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["convert_to_quant"] = pkg
-    spec.loader.exec_module(pkg)
-    assert pkg.NODE_CLASS_MAPPINGS, "nodes did not register"
-    return pkg
+    from comfy_helpers import load_pack_inside_comfyui
+    return load_pack_inside_comfyui()
 
 
 class Ctx:
