@@ -347,11 +347,11 @@ def dequantize_cols_into(w: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor
 
 
 # A wide-input layer (K > K_CHUNK_MIN_RATIO · N, fp32) is chunked along K instead of along weight rows:
-# row chunks each multiply all of x (M × K), K chunks each add into y (M × N). Measured on this project's
-# 2-core CPU (docs/KERNELS.md, "CPU / non-Triton fallback"), 546 tokens, 8 MiB budget, 2 threads:
-# 8960 -> 1536: 0.97x float with K chunks against 0.84x with row chunks; 6144 -> 1536: 0.87 vs 0.84;
-# 3072 -> 1536: 0.84 vs 0.91 (rows win); 1536 -> 8960: rows 1.03.
-K_CHUNK_MIN_RATIO = 4
+# row chunks each multiply all of x (M × K), K chunks each add into y (M × N).
+# `benchmarks/cpu_fallback_layers.py --threads 2` (2-core CPU, 546 tokens, 8 MiB budget, float / int8,
+# rows vs K chunks; docs/KERNELS.md): 8960 -> 1536 0.83 vs 0.96, 6144 -> 1536 0.83 vs 0.94,
+# 3072 -> 1536 0.89 vs 0.94; 4096 -> 4096 1.02 vs 0.93 and 1536 -> 8960 1.02 vs 0.92 (rows win).
+K_CHUNK_MIN_RATIO = 1.5
 
 
 class DequantLinear:

@@ -829,6 +829,7 @@ def test_dequantize_rows_chunks_follow_the_dequant_rule(kind, dtype):
 
 
 def test_dequant_chunking_bounds_memory_and_keeps_the_result(monkeypatch):
+    monkeypatch.setattr(reference, "K_CHUNK_MIN_RATIO", float("inf"))  # row chunks (K chunks: below)
     qw, _, _ = _fallback_weight("row", n=N)
     x = act(m=M, dtype=torch.float32, seed=74).cpu()
     bias = torch.randn(N, generator=gen(75))
@@ -1034,6 +1035,11 @@ def test_dequant_k_chunks_for_wide_inputs(monkeypatch, kind):
         # 64 columns (six rows of K over 24 rows); convrot with 5 tokens rotates x and has no second buffer
         assert widths[0] == (128 if g and m < n else 64)
         assert sum({nb for _, _, nb in calls}) <= budget  # work (+ tmp): views of the one scratch
+    # as wide as it is tall (K <= K_CHUNK_MIN_RATIO * N): row chunks
+    qs, _, _ = _fallback_weight("row", n=KD)
+    calls.clear()
+    xs = act(m=40, dtype=torch.float32, seed=79).cpu()
+    assert rel(_fallback_linear(xs, qs, None), xs.double() @ qs.dequantize().double().T) < 2e-6 and not calls
     # bf16 activations keep row chunks (one rounding of the sum), same product
     xb = act(m=40, dtype=torch.bfloat16, seed=78).cpu()
     calls.clear()
