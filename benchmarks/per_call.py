@@ -57,6 +57,7 @@ def env_off(name, fn):
             return fn(i)
         finally:
             os.environ.pop(name, None)
+    run.toggles_env = True
     return run
 
 
@@ -72,40 +73,62 @@ def layers_for(m, k, n, dev, count, Int8Tensorwise):
     return out
 
 
-def measure(fn, calls: int, dev, graph: bool):
-    """(sync us, cpu us, graph us) medians."""
+def measure_all(variants: dict, calls: int, dev, graph_for) -> dict:
+    """{variant: (sync us, cpu us, graph us)}: medians over ``calls`` rounds in which every variant makes
+    one call, in a rotating order (a shared host's slow spells hit all variants alike instead of
+    whichever ran during them); graph us from CUDA-graph replay for the variants in ``graph_for``.
+    Variants that set environment variables per call (``env_off``) are measured after the others,
+    each in its own rounds with ``bf16``: on the H200 host, interleaving them tripled the host time
+    of the ``F.linear`` calls next to them (80 vs 25-30 us), which would flatter every ratio."""
+    plain = {v: f for v, f in variants.items() if not getattr(f, "toggles_env", False)}
+    res = _measure_rounds(plain, calls, dev, graph_for)
+    for v, f in variants.items():
+        if v not in plain:
+            res[v] = _measure_rounds({v: f}, calls, dev, graph_for)[v]
+    return res
+
+
+def _measure_rounds(variants: dict, calls: int, dev, graph_for) -> dict:
     cuda = dev.type == "cuda"
-    for _ in range(5):
-        fn(0)
-    sync, cpu = [], []
+    names = list(variants)
+    for fn in variants.values():
+        for _ in range(5):
+            fn(0)
+    sync = {v: [] for v in names}
+    cpu = {v: [] for v in names}
     if cuda:
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(calls):
-        if cuda:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            start.record()
-            fn(i)
-            t1 = time.perf_counter()
-            end.record()
-            end.synchronize()
-            sync.append(start.elapsed_time(end) * 1e3)
-            cpu.append((t1 - t0) * 1e6)
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            t1 = time.perf_counter()
-            sync.append((t1 - t0) * 1e6)
-            cpu.append((t1 - t0) * 1e6)
-    g = float("nan")
-    if cuda and graph:
-        try:
-            from triton.testing import do_bench_cudagraph
-            g = do_bench_cudagraph(lambda: fn(0), rep=50, return_mode="median") * 1e3
-        except Exception as e:  # capture can fail (allocations inside the call): not a result
-            log(f"   graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-    return statistics.median(sync), statistics.median(cpu), g
+        for j in range(len(names)):
+            v = names[(i + j) % len(names)]
+            fn = variants[v]
+            if cuda:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                start.record()
+                fn(i)
+                t1 = time.perf_counter()
+                end.record()
+                end.synchronize()
+                sync[v].append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                t1 = time.perf_counter()
+                sync[v].append((t1 - t0) * 1e6)
+            cpu[v].append((t1 - t0) * 1e6)
+    out = {}
+    for v in names:
+        g = float("nan")
+        if cuda and v in graph_for:
+            try:
+                from triton.testing import do_bench_cudagraph
+                g = do_bench_cudagraph(lambda: variants[v](0), rep=50, return_mode="median") * 1e3
+            except Exception as e:  # capture can fail (allocations inside the call): not a result
+                log(f"   graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        out[v] = (statistics.median(sync[v]), statistics.median(cpu[v]), g)
+    return out
 
 
 def host_us(fn, dev, calls=200) -> float:
@@ -120,7 +143,30 @@ def host_us(fn, dev, calls=200) -> float:
     return statistics.median(ts)
 
 
-def profile_call(name, ours, qw, x, dev, K, L):
+def kernel_times(name, fns, dev, calls=50):
+    """Device time per call of each kernel (torch.profiler / CUPTI), for one synchronised call at a time:
+    what the GPU itself spends, without launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+    for vname, fn in fns.items():
+        for i in range(3):
+            fn(i)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                fn(i)
+                torch.cuda.synchronize()
+        per = {}
+        for ev in prof.events():
+            if ev.device_type.name == "CUDA":
+                per.setdefault(ev.name, []).append(ev.device_time_total if hasattr(ev, "device_time_total")
+                                                   else ev.cuda_time_total)
+        parts = sorted(((sum(v) / calls, k[:60], len(v) / calls) for k, v in per.items()), reverse=True)
+        log(f"   kernels, {name} {vname} (device us per call): "
+            + "; ".join(f"{k} {t:.2f} (x{c:g})" for t, k, c in parts[:4])
+            + f"; total {sum(t for t, _, _ in parts):.2f}")
+
+
+def profile_call(name, ours, qw, x, dev, K, L, layer=None, bias=None, bf16=None):
     import cProfile
     import io
     import pstats
@@ -136,6 +182,9 @@ def profile_call(name, ours, qw, x, dev, K, L):
             "w8a16 launch": lambda: L.launch_w8a16(x, qw.qdata, qw.scale.reshape(-1), None, 0, torch.bfloat16)})
     pieces["ours (prepared)"] = lambda: ours(0)
     log(f"   host us, {name}: " + ", ".join(f"{k} {host_us(f, dev):.1f}" for k, f in pieces.items()))
+    if dev.type == "cuda":
+        plan_breakdown(name, layer, x, bias, dev, L)
+        kernel_times(name, {"bf16": bf16, "ours": ours}, dev)
     log(f"   launches so far: {L.LAUNCH_STATS}")
     pr = cProfile.Profile()
     pr.enable()
@@ -147,6 +196,45 @@ def profile_call(name, ours, qw, x, dev, K, L):
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
     log("\n".join("   " + ln for ln in buf.getvalue().splitlines()[6:30] if ln.strip()))
+
+
+def plan_breakdown(name, layer, x, bias, dev, L, calls=300):
+    """Host us of the pieces of one planned call on an idle queue: the output allocation alone, the
+    plan replay (``launch.LaunchPlan.__call__``: output, temporaries, launches), the whole loader call
+    (``PreparedLinear.__call__``: its checks or fast-path key, then the replay), and ``F.linear`` on the
+    dequantized weight; plus what the plan launches (kernel, grid, temporaries, whether the C launcher
+    is called directly)."""
+    import triton
+    from convert_to_quant.kernels import triton_kernels as tk
+
+    def ours():
+        return layer(x, bias, None)
+    for _ in range(4):
+        ours()
+    plans = [p for p in (layer.plans or {}).values() if isinstance(p, L.LaunchPlan)]
+    if not plans:
+        log(f"   plan breakdown, {name}: no launch plan")
+        return
+    plan = plans[0]
+    kname = {id(v): v.fn.__name__ for v in vars(tk).values() if isinstance(v, triton.runtime.jit.JITFunction)}
+    fname = {ent[1]: kname.get(key[0], "?") for key, ent in L._FAST.items()}
+    what = [f"{fname.get(e[1], '?')} grid {e[3]}x{e[4]}x{e[5]}" + (" direct" if e[-1] else "") for e in plan.launches]
+    w = layer.qw.dequantize().to(dev, torch.bfloat16)
+    pieces = {"out alloc": lambda: torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev),
+              "plan replay": lambda: plan(x, bias), "ours call": ours,
+              "F.linear": lambda: F.linear(x, w, bias)}
+    stream = L._raw_stream(torch.cuda.current_device())
+    pieces["triton scratch alloc"] = lambda: L._torch_scratch(4096, 128, stream)
+    ts = {k: [] for k in pieces}
+    for i in range(calls):
+        for k, f in pieces.items():  # interleaved: noise hits every piece alike
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            ts[k].append((time.perf_counter() - t0) * 1e6)
+    log(f"   plan breakdown, {name}: {'; '.join(what)}; {len(plan.temps)} temporaries "
+        f"({'workspace' if plan.ws_offsets is not None else 'allocated'}); host us (min / median): "
+        + ", ".join(f"{k} {min(v):.1f} / {statistics.median(v):.1f}" for k, v in ts.items()))
 
 
 def main(argv=None) -> int:
@@ -237,11 +325,9 @@ def main(argv=None) -> int:
                                     "ours_triton_launch") else 1e-2
             if not err < tol:  # W8A8 adds the activation rounding (~1e-2); NaN fails
                 failures.append(f"{name}/{vname}: rel err {err:.2e} vs float64")
-        res = {v: measure(fn, args.calls, dev, graph=v in ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch",
-                                                                  "w8a16_noswap"))
-               for v, fn in variants.items()}
+        res = measure_all(variants, args.calls, dev, ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch", "w8a16_noswap"))
         if args.profile:
-            profile_call(name, ours, lay[0][2], xs[0], dev, K, L)
+            profile_call(name, ours, lay[0][2], xs[0], dev, K, L, prepared[0], lay[0][1], bf16)
         rows.append((name, (m, k, n), res))
         b = res["bf16"]
         o = res["ours"]

@@ -307,6 +307,15 @@ register_linear("int8_blockwise", _blockwise_linear)
 register_linear("fp16", _fp16_linear)
 
 
+def _fast_key(x: torch.Tensor, bias: Optional[torch.Tensor], path, out_dtype, lora) -> tuple:
+    """What ``PreparedLinear``'s checks and plan key look at, read without building device objects."""
+    return (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, x.get_device(), launch.current_device(),
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() & 15, bias.get_device()),
+            path, out_dtype, launch.env_state(),
+            None if lora is None else tuple((t.shape, t.stride(), t.dtype, t.data_ptr() & 15, t.get_device())
+                                            for t in lora))
+
+
 class PreparedLinear:
     """A quantized weight checked once and placed on one device, called per token batch with only the
     activations checked: the runtime ops of our loaders call this once per linear per step, where
@@ -314,11 +323,12 @@ class PreparedLinear:
     tens-of-microseconds GEMM. Anything unusual about ``x`` (another device, dtype, width, tracing
     under torch.compile) takes ``quantized_linear``, which checks and handles it."""
 
-    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans", "fallback")
+    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans", "fallback", "fast")
 
     def __init__(self, qw, device: torch.device):
         self.qw, self.device = qw, device
         self.plans: Optional[dict] = None
+        self.fast: Optional[dict] = None  # _fast_key(...) -> (LaunchPlan, output shape)
         self.fallback: Optional[reference.DequantLinear] = None
         self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
         if qw.extra.get("input_scale") is not None and static_input_enabled():  # quantized_linear runs it
@@ -343,13 +353,23 @@ class PreparedLinear:
             self.scale = _same_device(qw.scale, device, torch.float32)
             self.convrot, self.group = 0, int(qw.params.group_size)
         if self.device.type == "cuda":
-            self.plans = {}
+            self.plans, self.fast = {}, {}
         else:  # the torch dequant path with the scale views made once (CPU, MPS, ...)
             self.fallback = reference.DequantLinear(self.qdata, self.scale, self.group, self.convrot)
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
                  out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
         """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up) as for ``int8_linear``."""
+        fast = self.fast
+        if fast and type(x) is torch.Tensor and not _compiling():
+            # a call exactly like one already planned (same shapes, strides, dtypes, alignment, devices,
+            # arguments and kernel environment): the checks below passed for it, so replay at once
+            try:
+                hit = fast.get(_fast_key(x, bias, path, out_dtype, lora))
+            except (AttributeError, TypeError):  # not tensors where tensors go: the checks below say so
+                hit = None
+            if hit is not None and launch.no_launch_hooks():
+                return hit[0](x, bias, lora, hit[1])
         if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
                 or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
                 or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
@@ -361,6 +381,7 @@ class PreparedLinear:
                 return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, lora=lora, **extra)
             y = quantized_linear(x, self.qw, bias, path)
             return y.to(out_dtype) if out_dtype is not None else y
+        out_dtype_in = out_dtype
         out_dtype = out_dtype or x.dtype
         fb = self.fallback
         if (fb is not None and lora is None and resolve_backend(self.device) == "torch"
@@ -368,6 +389,7 @@ class PreparedLinear:
                                           self.device, self.n * self.k, x.dtype) == "dequant"):
             return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
+        lora_in = lora
         if lora is not None:
             lora = (lora[0].reshape(-1, lora[0].shape[-1]), lora[1])
         plans = self.plans
@@ -381,7 +403,13 @@ class PreparedLinear:
                None if lora is None else (lora[0].shape[1], lora[0].data_ptr() & 15, lora[1].data_ptr() & 15))
         plan = plans.get(key)
         if plan.__class__ is launch.LaunchPlan and launch.no_launch_hooks():
-            return plan(x2, bias, lora).reshape(x.shape[:-1] + (self.n,))
+            shape = x.shape[:-1] + (self.n,)
+            if x2.data_ptr() == x.data_ptr() and type(bias) in (type(None), torch.Tensor) and (
+                    lora is None or (type(lora[0]) is torch.Tensor and type(lora[1]) is torch.Tensor)):
+                if len(self.fast) >= 512:
+                    self.fast.clear()
+                self.fast[_fast_key(x, bias, path, out_dtype_in, lora_in)] = (plan, shape)
+            return plan(x2, bias, lora, shape)
         if plan is None:
             if len(plans) >= 512:  # many shapes (e.g. varying prompt lengths): start over
                 plans.clear()
@@ -415,7 +443,10 @@ class PreparedLinear:
         plan = rec.plan(x2, y, bias, lora)
         if plan is None:
             return True
-        again = plan(x2, bias, lora)
+        try:
+            again = plan(x2, bias, lora)
+        except TypeError:  # a launcher that does not take the recorded arguments: never plan this key
+            return True
         return plan if torch.equal(again, y) else True
 
 

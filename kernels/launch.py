@@ -241,9 +241,11 @@ SWAP_ENV = "CONVERT_TO_QUANT_W8A16_SWAP"  # "0": W8A16 without the swapped kerne
 # warps a 256-token tile gave wrong results and a 128-token one failed the launch plans' replay check
 # (triton 3.6).
 _W8A16_SWAP_SM90 = {
-    16: [],
-    64: [C(32, 64, 256, 4, 4, swap=True), C(64, 64, 256, 4, 3, swap=True)],
-    256: [C(128, 64, 128, 4, 4, swap=True), C(64, 64, 128, 4, 4, swap=True)],
+    16: [C(16, 64, 256, 4, 4, swap=True, tma=2), C(16, 64, 128, 4, 6, swap=True, tma=2)],
+    64: [C(32, 64, 256, 4, 4, swap=True), C(64, 64, 256, 4, 3, swap=True),
+         C(32, 64, 256, 4, 4, swap=True, tma=2), C(64, 64, 128, 4, 5, swap=True, tma=2)],
+    256: [C(128, 64, 128, 4, 4, swap=True), C(64, 64, 128, 4, 4, swap=True),
+          C(128, 64, 128, 4, 4, swap=True, tma=2), C(64, 64, 128, 4, 5, swap=True, tma=2)],
     1024: [],
 }
 
@@ -455,13 +457,47 @@ _X, _OUT, _BIAS, _LH, _LU = 0, 1, 2, 3, 4
 _NSLOTS = 5
 
 
+def _direct_launcher(run) -> Optional[tuple]:
+    """For triton 3.6's ``CudaLauncher``: (its C ``launch`` function, cooperative-grid flag, PDL flag,
+    global-scratch bytes per program, scratch alignment), so that a plan calls the C function itself
+    and skips the Python wrapper's per-launch closures and allocator lookups; None for anything else
+    (other triton versions, wrapped launchers for host TMA descriptors, profiling or sanitizer
+    builds), which keep calling ``run``. The positional layout of ``launch`` is 3.6's; a plan using it
+    is still checked bit for bit against the recorded call before it is trusted."""
+    try:
+        if (not _DIRECT_OK or type(run).__name__ != "CudaLauncher" or hasattr(run, "kernel_signature")
+                or getattr(run, "gsan_enabled", False) or run.profile_scratch_size != 0
+                or getattr(run.launch, "__name__", "") != "launch"):
+            return None
+        return (run.launch, run.launch_cooperative_grid, run.launch_pdl, run.global_scratch_size * run.num_ctas,
+                run.global_scratch_align)
+    except AttributeError:
+        return None
+
+
+_DIRECT_OK = HAS_TRITON and triton.__version__.split(".")[:2] == ["3", "6"]
+try:
+    from triton.runtime import _allocation as _triton_alloc
+except Exception:  # pragma: no cover - other triton layouts
+    _triton_alloc = None
+    _DIRECT_OK = False
+
+
+def _nbytes(shape, stride, dtype) -> int:
+    if any(v == 0 for v in shape):
+        return 0
+    return (sum((v - 1) * st for v, st in zip(shape, stride)) + 1) * torch.empty((), dtype=dtype).element_size()
+
+
 class LaunchPlan:
     """Replays recorded launches. Tensor arguments are the activations, the output or the bias
     (substituted per call), a tensor that outlived the recorded call (a weight, a scale, a cached
     Hadamard matrix: passed as its pointer, kept alive by the plan), or a temporary of the call (freed
-    when it returned: re-allocated per call with its recorded layout)."""
+    when it returned: per call, carved from this thread's workspace for the stream when they are small
+    and no graph is being captured, else allocated with its recorded layout)."""
 
-    __slots__ = ("launches", "temps", "out_shape", "out_dtype", "device", "keep")
+    __slots__ = ("launches", "temps", "out_shape", "out_dtype", "device", "keep", "ws_offsets", "ws_bytes",
+                 "ws_cache")
 
     def __init__(self, launches: list, out: torch.Tensor, slots: Dict[int, int]):
         self.out_shape, self.out_dtype, self.device = tuple(out.shape), out.dtype, out.device
@@ -514,21 +550,53 @@ class LaunchPlan:
             gx = grid[0]
             gy = grid[1] if len(grid) > 1 else 1
             gz = grid[2] if len(grid) > 2 else 1
-            plan.append((run, fn, meta, gx, gy, gz, template, tuple(subs), tuple(descs), tail))
+            direct = None if descs or any(a is not None and type(a) is not int for a in template) else _direct_launcher(run)
+            if direct is None and getattr(run, "global_scratch_size", 0):
+                direct = False  # Triton's launcher, which needs an allocator set in this thread
+            plan.append((run, fn, meta, gx, gy, gz, template, tuple(subs), tuple(descs), tail, direct))
         self.launches = tuple(plan)
         self.temps = tuple(layouts)
+        # the temporaries' places in a workspace (256-byte aligned), when they are small enough
+        offsets, total = [], 0
+        for shape, stride, dt in layouts:
+            offsets.append(total)
+            total += -(-max(_nbytes(shape, stride, dt), 1) // _WS_ALIGN) * _WS_ALIGN
+        usable = bool(layouts) and total <= WORKSPACE_MAX_BYTES and _capturing is not None
+        self.ws_offsets = tuple(offsets) if usable else None
+        self.ws_bytes = total
+        self.ws_cache = None  # (workspace buffer, its temporaries' pointers, their views)
 
-    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], lora=None) -> torch.Tensor:
+    def _temps_in(self, buf: torch.Tensor) -> tuple:
+        views = []
+        for (shape, stride, dt), off in zip(self.temps, self.ws_offsets):
+            n = _nbytes(shape, stride, dt)
+            views.append(buf[off:off + n].view(dt).as_strided(shape, stride))
+        cache = (buf, tuple(v.data_ptr() for v in views), views)
+        self.ws_cache = cache
+        return cache
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], lora=None,
+                 out_shape: Optional[tuple] = None) -> torch.Tensor:
+        """Replay into a new output of ``out_shape`` (default the recorded [M, N]; a caller passes the
+        same number of elements in its own leading dims)."""
         dev = self.device
-        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=dev)
+        out = torch.empty(out_shape or self.out_shape, dtype=self.out_dtype, device=dev)
         vals = [x.data_ptr(), out.data_ptr(), bias.data_ptr() if bias is not None else 0,
                 lora[0].data_ptr() if lora is not None else 0, lora[1].data_ptr() if lora is not None else 0]
+        stream = _raw_stream(dev.index)
         tmp = ()
         if self.temps:
-            tmp = [torch.empty_strided(shape, stride, dtype=dt, device=dev) for shape, stride, dt in self.temps]
-            vals.extend(t.data_ptr() for t in tmp)
-        stream = _raw_stream(dev.index)
-        for run, fn, meta, gx, gy, gz, template, subs, descs, tail in self.launches:
+            if self.ws_offsets is not None and not _capturing():
+                buf = workspace(dev.index, stream, self.ws_bytes)
+                cache = self.ws_cache
+                if cache is None or cache[0] is not buf:
+                    cache = self._temps_in(buf)
+                vals.extend(cache[1])
+                tmp = cache[2]
+            else:
+                tmp = [torch.empty_strided(shape, stride, dtype=dt, device=dev) for shape, stride, dt in self.temps]
+                vals.extend(t.data_ptr() for t in tmp)
+        for run, fn, meta, gx, gy, gz, template, subs, descs, tail, direct in self.launches:
             cargs = list(template)
             for i, s in subs:
                 cargs[i] = vals[s]
@@ -536,7 +604,19 @@ class LaunchPlan:
                 d = copy.copy(shell)
                 d.base = tmp[t]
                 cargs[i] = d
-            run(gx, gy, gz, stream, fn, meta, None, None, None, *cargs, *tail)
+            if direct:
+                c_launch, coop, pdl, scratch, align = direct
+                gs = None
+                if scratch:
+                    alloc = _triton_alloc._allocator.get()
+                    if alloc is _triton_alloc._NULL_ALLOCATOR:
+                        alloc = _torch_scratch
+                    gs = alloc(gx * gy * gz * scratch, align, stream)
+                c_launch(gx, gy, gz, stream, fn, coop, pdl, gs, None, meta, None, None, None, *cargs, *tail)
+            else:
+                if direct is False:
+                    _ensure_allocator()
+                run(gx, gy, gz, stream, fn, meta, None, None, None, *cargs, *tail)
         LAUNCH_STATS["plan"] += 1
         return out
 
@@ -637,8 +717,10 @@ class _Tuner:
         return best
 
 
-def _host_ms(launch: Callable[[GemmConfig], None], cfg: GemmConfig, calls: int = 8) -> float:
-    """Host milliseconds to issue one launch of ``cfg`` (median of ``calls``, queue drained first)."""
+def _host_ms(launch: Callable[[GemmConfig], None], cfg: GemmConfig, calls: int = 12) -> float:
+    """Host milliseconds to issue one launch of ``cfg`` (the lower quartile of ``calls``, queue drained
+    first: a shared host's noise only ever adds time, and a median of 8 moved by 10-20 us between
+    configs that cost the same; H200 run, docs/KERNELS.md "Round 4")."""
     import time
     ts = []
     for _ in range(calls):
@@ -647,7 +729,7 @@ def _host_ms(launch: Callable[[GemmConfig], None], cfg: GemmConfig, calls: int =
         launch(cfg)
         ts.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return sorted(ts)[len(ts) // 2] * 1e3
+    return sorted(ts)[len(ts) // 4] * 1e3
 
 
 TUNER = _Tuner()
@@ -763,7 +845,62 @@ def launch_rotate(x: torch.Tensor, group_size: int, out_dtype: torch.dtype,
 # ------------------------------------------------------------------------------------------------
 # GEMMs
 # ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# reusable device memory for small per-call buffers
+# ------------------------------------------------------------------------------------------------
+# A small call's temporaries (the quantized activations and their scales, Triton's global scratch for
+# device-built TMA descriptors) cost a caching-allocator round trip each: several microseconds of host
+# time per buffer on a slow host, as much as a launch. Outside CUDA-graph capture they come from one
+# buffer per (thread, device, stream) instead, grown when too small: kernels on one stream run in
+# order, so the next call's use of the buffer starts after this call's kernels end, and another thread
+# or stream has its own buffer. During capture every call allocates, as before (a graph keeps its own
+# memory). Only buffers of at most WORKSPACE_MAX_BYTES are served this way; larger ones (long
+# sequences, where the GPU time hides the allocation) use the caching allocator.
+WORKSPACE_MAX_BYTES = 16 << 20
+_WS_ALIGN = 256
+
+
+class _Workspaces(threading.local):
+    def __init__(self):
+        self.bufs: Dict[tuple, torch.Tensor] = {}
+
+
+_WS = _Workspaces()
+try:
+    _capturing = torch._C._cuda_isCurrentStreamCapturing
+    _cur_device = torch._C._cuda_getDevice
+except AttributeError:  # pragma: no cover - CPU-only torch builds
+    _capturing = _cur_device = None
+
+
+def current_device() -> int:
+    """The current CUDA device's index (``torch.cuda.current_device`` without its Python layers)."""
+    return _cur_device() if _cur_device is not None else torch.cuda.current_device()
+
+
+def workspace(device_index: int, stream: int, nbytes: int, kind: int = 0) -> torch.Tensor:
+    """This thread's reusable uint8 buffer ``kind`` (0: launch plans' temporaries, 1: Triton's global
+    scratch) for ``stream`` on the device, at least ``nbytes`` long (callers check ``nbytes <=
+    WORKSPACE_MAX_BYTES`` and that no graph is being captured)."""
+    key = (device_index, stream, kind)
+    buf = _WS.bufs.get(key)
+    if buf is None or buf.numel() < nbytes:
+        size = max(nbytes, 2 * buf.numel() if buf is not None else 0, 1 << 16)
+        size = min(-(-size // _WS_ALIGN) * _WS_ALIGN, max(WORKSPACE_MAX_BYTES, nbytes))
+        _WS.bufs[key] = None  # free the old one first (stream-ordered: safe to reuse at once)
+        buf = _WS.bufs[key] = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", device_index))
+    return buf
+
+
+def release_workspaces() -> None:
+    """Drop this thread's workspaces (tests; memory is otherwise held for the next call)."""
+    _WS.bufs.clear()
+
+
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global-scratch allocator (device-built TMA descriptors: a few hundred bytes per CTA)."""
+    if size <= WORKSPACE_MAX_BYTES and alignment <= _WS_ALIGN and stream is not None and not _capturing():
+        return workspace(_cur_device(), stream, size, 1)
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -885,6 +1022,9 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     mode = 2 if group_size else (1 if w_scale.numel() > 1 else 0)
     ieee = x.dtype == torch.float32 or dev.type == "cpu"  # the interpreter's bf16 dot is not exact
     lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
+    # TMA: 16-byte aligned bases and row strides (K % 16 == 0 already: gemm_supports)
+    tma_ok = (x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 and qw.data_ptr() % 16 == 0
+              and k % 16 == 0)
 
     def launch(cfg: GemmConfig) -> None:
         out = c
@@ -893,12 +1033,15 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
         if cfg.swap:
+            tma = cfg.tma if tma_ok else 0
+            if tma:
+                _ensure_allocator()
             launch_kernel(
                 tk.w8a16_swap_kernel, (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN),),
                 (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
                 dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_MODE=mode, GROUP=max(group_size, 1),
                      HAS_BIAS=bias is not None, DOT_IEEE=ieee, EVEN_K=k % cfg.BK == 0,
-                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, USE_TMA=tma),
                 cfg.num_warps, cfg.num_stages)
             return
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)

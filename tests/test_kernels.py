@@ -494,7 +494,8 @@ def _swap_configs(every: bool = False, group: int = 0):
     """The swapped W8A16 kernel's configs to check: a small one the interpreter runs, and on an sm90
     GPU one tuned candidate (``every``: all of them; they compile to wgmma with the weight tile in
     registers). Block-wise: BK shrunk to divide the group, as the launcher does."""
-    cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True)]
+    cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True),
+            GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True, tma=2)]
     if DEV.type == "cuda" and launch.arch_of(DEV) == "sm90":
         tuned = [c for cs in launch._W8A16_SWAP_SM90.values() for c in cs]
         cfgs += tuned if every else tuned[:1]
@@ -538,6 +539,14 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
             for cfg in _swap_configs(every=True):
                 y = launch.launch_w8a16(x, qw.qdata, scale, bias, 0, torch.float32, configs=[cfg], lora=(h, up))
                 assert rel(y, ref) < 1e-5, (cfg.short(), m)
+            # K a multiple of 16 (TMA configs load through descriptors; at K = 200 they use pointers)
+            q2 = to_dev(Int8Tensorwise.quantize(weight(k=256, seed=75), Int8Tensorwise.Params("row")))
+            x2 = act(m=m, k=256, dtype=torch.bfloat16, seed=76 + m)
+            ref2 = x2.double().cpu() @ q2.dequantize().double().cpu().T + bias.to(torch.bfloat16).double().cpu()
+            for cfg in _swap_configs(every=True):
+                y = launch.launch_w8a16(x2, q2.qdata, q2.scale.reshape(-1), bias.to(torch.bfloat16), 0, torch.float32,
+                                        configs=[cfg])
+                assert rel(y, ref2) < 1e-5, (cfg.short(), m, "k=256")
         xb = x.to(torch.bfloat16)
         for cfg in _swap_configs(group=group):
             yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.bfloat16,
@@ -739,6 +748,107 @@ def test_launch_plans_replay_the_same_bits(m, monkeypatch):
             replays += 2
     torch.cuda.synchronize()
     assert launch.LAUNCH_STATS["plan"] - plans_before >= replays, "plans were not replayed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["w8a8", None])
+def test_plan_workspace_and_fast_path_are_safe(path, monkeypatch):
+    """Plans carve their temporaries from one workspace per (thread, device, stream): layers sharing it
+    back to back without a sync, another stream, another thread and CUDA-graph capture (which
+    allocates) all give the unplanned bits; the call-by-call fast path (a call exactly like a planned
+    one) is taken and follows a changed environment; plans call triton 3.6's C launcher directly."""
+    import threading
+    if path:
+        monkeypatch.setenv(K.PATH_ENV, path)
+    m, k, n = 300, 512, 384
+    runs, wants = [], []
+    xs = [torch.randn(m, k, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    for seed in (5, 6):
+        q = to_dev(Int8Tensorwise.quantize(weight(n=n, k=k, seed=seed), Int8Tensorwise.Params("row")))
+        runs.append(K.prepare_linear(q, DEV))
+        monkeypatch.setenv(launch.PLANS_ENV, "0")
+        wants.append([runs[-1](x, bias) for x in xs])
+        monkeypatch.delenv(launch.PLANS_ENV)
+    plans_before = launch.LAUNCH_STATS["plan"]
+    for _ in range(3):  # compile, record + check, replay
+        for r in runs:
+            r(xs[0], bias)
+    # back to back on one stream, two layers sharing the workspace, no sync in between
+    outs = [(j, i, runs[j](xs[i], bias)) for _ in range(6) for j in range(2) for i in range(2)]
+    for j, i, y in outs:
+        assert torch.equal(y, wants[j][i]), (j, i)
+    assert all(r.fast for r in runs), "the fast path was never registered"
+
+    class NoSlowPath(dict):
+        def get(self, *a):
+            raise AssertionError("a call like a planned one took the checked path")
+    saved = runs[0].plans
+    runs[0].plans = NoSlowPath()
+    assert torch.equal(runs[0](xs[1], bias), wants[0][1])
+    runs[0].plans = saved
+    assert launch.LAUNCH_STATS["plan"] - plans_before >= 24
+    plan = next(p for p in runs[0].plans.values() if isinstance(p, launch.LaunchPlan))
+    if plan.temps:  # W8A8: the quantized activations and their scales
+        assert plan.ws_offsets is not None and plan.ws_cache is not None
+    if launch._DIRECT_OK:
+        assert any(entry[-1] for entry in plan.launches), "no launch took triton's C launcher directly"
+    # 3-D activations (ComfyUI's [B, L, C]) take the fast path with their own shape
+    y3 = runs[0](xs[1].view(1, m, k), bias)
+    assert y3.shape == (1, m, n) and torch.equal(y3.view(m, n), wants[0][1])
+    # another stream (its own workspace), interleaved with the default stream's calls
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        side = [runs[j](xs[1], bias) for j in range(2) for _ in range(3)]
+    main = [runs[1 - j](xs[0], bias) for j in range(2) for _ in range(3)]
+    torch.cuda.current_stream().wait_stream(s)
+    for t, y in enumerate(side):
+        assert torch.equal(y, wants[t // 3][1])
+    for t, y in enumerate(main):
+        assert torch.equal(y, wants[1 - t // 3][0])
+    # another thread (its own workspace) at the same time as this one
+    got, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                got.append([runs[j](xs[1], bias) for j in range(2)])
+            torch.cuda.synchronize()
+        except Exception as e:  # reported below
+            errors.append(e)
+    th = threading.Thread(target=worker)
+    th.start()
+    mine = [[runs[j](xs[0], bias) for j in range(2)] for _ in range(20)]
+    th.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    for pair in got:
+        assert torch.equal(pair[0], wants[0][1]) and torch.equal(pair[1], wants[1][1])
+    for pair in mine:
+        assert torch.equal(pair[0], wants[0][0]) and torch.equal(pair[1], wants[1][0])
+    # CUDA-graph capture: the planned call allocates its temporaries inside the graph
+    static_x = xs[0].clone()
+    g = torch.cuda.CUDAGraph()
+    s2 = torch.cuda.Stream()
+    s2.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s2):
+        runs[0](static_x, bias)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s2):
+            y_graph = runs[0](static_x, bias)
+    torch.cuda.current_stream().wait_stream(s2)
+    static_x.copy_(xs[1])
+    g.replay()
+    runs[1](xs[0], bias)  # eager work on the default stream's workspace in between
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, wants[0][1])
+    # the environment is part of the fast key: a forced path is followed at once
+    monkeypatch.setenv(K.PATH_ENV, "w8a16" if path == "w8a8" else "w8a8")
+    monkeypatch.setenv(launch.PLANS_ENV, "0")
+    want_other = runs[0](xs[0], bias)
+    monkeypatch.delenv(launch.PLANS_ENV)
+    assert torch.equal(runs[0](xs[0], bias), want_other)
 
 
 def test_path_table_rules(monkeypatch):
