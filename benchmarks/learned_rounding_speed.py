@@ -55,7 +55,7 @@ def _run(name, w, spec, stats, options, device, legacy):
             os.environ["CTQ_LEARNED_ROUNDING"] = old
 
 
-def part1(device, div, methods, legacy_iter, num_iter):
+def part1(device, div, methods, legacy_iter, num_iter, extra=None):
     from convert_to_quant.quant_core.calibration import LayerStats
     from convert_to_quant.quant_core.formats import make_spec, resolve_fit
     cols = ["gptq"] + [f"{m} before" for m in methods] + [f"{m} after" for m in methods]
@@ -69,7 +69,8 @@ def part1(device, div, methods, legacy_iter, num_iter):
         spec, _ = resolve_fit(make_spec(), (o, i))
         runs = [("gptq", "gptq", {}, False)]
         runs += [(f"{m} before", m, {"num_iter": legacy_iter}, True) for m in methods]
-        runs += [(f"{m} after", m, {} if num_iter is None else {"num_iter": num_iter}, False) for m in methods]
+        after = dict(extra or {}, **({} if num_iter is None else {"num_iter": num_iter}))
+        runs += [(f"{m} after", m, after, False) for m in methods]
         if not warmed:  # lazy initialisations (cuBLAS, graph pools) out of the first timed call
             for _, name, opts, legacy in runs:
                 _run(name, w, spec, stats, dict(opts, num_iter=min(opts.get("num_iter", 20), 20)) if name != "gptq"
@@ -79,7 +80,9 @@ def part1(device, div, methods, legacy_iter, num_iter):
             sec, info = _run(name, w, spec, stats, opts, device, legacy)
             rows[(out, inn, col)] = (sec, info.get("output_sqnr_db"), info.get("iterations"))
             print(f"  {o}x{i} x{count} {col:<16} {sec:8.2f} s  output SQNR {info.get('output_sqnr_db') or 0:.2f} dB"
-                  f"  iterations {info.get('iterations', '-')}", flush=True)
+                  f"  iterations {info.get('iterations', '-')}"
+                  + ("  phases: " + ", ".join(f"{k} {v:.3f}" for k, v in info["phase_s"].items())
+                     if info.get("phase_s") else ""), flush=True)
         del w, h, stats
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -164,7 +167,13 @@ def main(argv=None):
     p.add_argument("--devices", default=None, help="part 2 devices (default 0,1 on CUDA, cpu,cpu on CPU)")
     p.add_argument("--skip-part1", action="store_true")
     p.add_argument("--skip-part2", action="store_true")
+    p.add_argument("--options", default="",
+                   help="more optimizer options for the new learner, e.g. polish_sweeps=1,early_stop_stall=20")
+    p.add_argument("--phases", action="store_true",
+                   help="print the new learner's seconds per phase (CTQ_PHASE_TIMES=1: a sync at each phase)")
     a = p.parse_args(argv)
+    if a.phases:
+        os.environ["CTQ_PHASE_TIMES"] = "1"
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     div = 32 if a.tiny else 1
     legacy_iter = a.legacy_iter or (100 if a.tiny else 1000)
@@ -174,7 +183,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     if not a.skip_part1:
         print("part 1: seconds per layer, before (legacy) and after", flush=True)
-        out.append(part1(device, div, a.methods.split(","), legacy_iter, a.num_iter))
+        extra = {}
+        for item in filter(None, (a.options or "").split(",")):
+            key, _, val = item.partition("=")
+            extra[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
+        out.append(part1(device, div, a.methods.split(","), legacy_iter, a.num_iter, extra))
     if not a.skip_part2:
         devices = a.devices or ("0,1" if device.type == "cuda" else "cpu,cpu")
         print(f"part 2: byte identity, 1 device vs --devices {devices}", flush=True)

@@ -241,11 +241,9 @@ SWAP_ENV = "CONVERT_TO_QUANT_W8A16_SWAP"  # "0": W8A16 without the swapped kerne
 # warps a 256-token tile gave wrong results and a 128-token one failed the launch plans' replay check
 # (triton 3.6).
 _W8A16_SWAP_SM90 = {
-    16: [C(16, 64, 256, 4, 4, swap=True, tma=2), C(16, 64, 128, 4, 6, swap=True, tma=2)],
-    64: [C(32, 64, 256, 4, 4, swap=True), C(64, 64, 256, 4, 3, swap=True),
-         C(32, 64, 256, 4, 4, swap=True, tma=2), C(64, 64, 128, 4, 5, swap=True, tma=2)],
-    256: [C(128, 64, 128, 4, 4, swap=True), C(64, 64, 128, 4, 4, swap=True),
-          C(128, 64, 128, 4, 4, swap=True, tma=2), C(64, 64, 128, 4, 5, swap=True, tma=2)],
+    16: [],
+    64: [C(32, 64, 256, 4, 4, swap=True), C(64, 64, 256, 4, 3, swap=True)],
+    256: [C(128, 64, 128, 4, 4, swap=True), C(64, 64, 128, 4, 4, swap=True)],
     1024: [],
 }
 
@@ -1022,9 +1020,6 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
     mode = 2 if group_size else (1 if w_scale.numel() > 1 else 0)
     ieee = x.dtype == torch.float32 or dev.type == "cpu"  # the interpreter's bf16 dot is not exact
     lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
-    # TMA: 16-byte aligned bases and row strides (K % 16 == 0 already: gemm_supports)
-    tma_ok = (x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 and qw.data_ptr() % 16 == 0
-              and k % 16 == 0)
 
     def launch(cfg: GemmConfig) -> None:
         out = c
@@ -1033,15 +1028,12 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             out = c if out_dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=dev)
             out.zero_()
         if cfg.swap:
-            tma = cfg.tma if tma_ok else 0
-            if tma:
-                _ensure_allocator()
             launch_kernel(
                 tk.w8a16_swap_kernel, (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN),),
                 (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
                 dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_MODE=mode, GROUP=max(group_size, 1),
                      HAS_BIAS=bias is not None, DOT_IEEE=ieee, EVEN_K=k % cfg.BK == 0,
-                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, USE_TMA=tma),
+                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
                 cfg.num_warps, cfg.num_stages)
             return
         grid = (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN), cfg.split_k)

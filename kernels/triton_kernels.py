@@ -400,18 +400,14 @@ def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                       M, N, K, stride_am,
                       LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_MODE: tl.constexpr, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_TMA: tl.constexpr = 0):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """W8A16 with the operands swapped, for few tokens: each program computes Cᵀ[BN, BM] =
     dequant(B)[BN, K] · A[BM, K]ᵀ. The converted weight tile is the MMA's *first* operand, which
     Hopper's wgmma reads from registers -- where the int8 -> float conversion leaves it -- so the
     activations alone go through shared memory (``w8a16_gemm_kernel`` makes the converted weight the
     second operand, which wgmma must read from shared memory: a store and a barrier per K step). The
     token tile BM is the MMA's N side (16 and up); the weight rows BN its M side (64 per warpgroup).
-    Same numerics and scale modes as ``w8a16_gemm_kernel`` (no split-K). ``USE_TMA`` 2: both tiles
-    come through device-built TMA descriptors (asynchronous copies into shared memory that the
-    pipeliner keeps ``num_stages`` deep; out-of-range rows and columns read as zeros), instead of
-    pointer loads into registers."""
+    Same numerics and scale modes as ``w8a16_gemm_kernel`` (no split-K)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -424,14 +420,8 @@ def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
     a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    if USE_TMA == 2:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
     for k0 in range(0, K, BK):
-        if USE_TMA == 2:
-            a = a_desc.load([pid_m * BM, k0])
-            b = b_desc.load([pid_n * BN, k0])
-        elif EVEN_K:
+        if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:

@@ -494,8 +494,7 @@ def _swap_configs(every: bool = False, group: int = 0):
     """The swapped W8A16 kernel's configs to check: a small one the interpreter runs, and on an sm90
     GPU one tuned candidate (``every``: all of them; they compile to wgmma with the weight tile in
     registers). Block-wise: BK shrunk to divide the group, as the launcher does."""
-    cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True),
-            GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True, tma=2)]
+    cfgs = [GemmConfig(16, 32, 32, 4, 1 if DEV.type == "cpu" else 3, GROUP_M=2, swap=True)]
     if DEV.type == "cuda" and launch.arch_of(DEV) == "sm90":
         tuned = [c for cs in launch._W8A16_SWAP_SM90.values() for c in cs]
         cfgs += tuned if every else tuned[:1]
@@ -539,14 +538,6 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
             for cfg in _swap_configs(every=True):
                 y = launch.launch_w8a16(x, qw.qdata, scale, bias, 0, torch.float32, configs=[cfg], lora=(h, up))
                 assert rel(y, ref) < 1e-5, (cfg.short(), m)
-            # K a multiple of 16 (TMA configs load through descriptors; at K = 200 they use pointers)
-            q2 = to_dev(Int8Tensorwise.quantize(weight(k=256, seed=75), Int8Tensorwise.Params("row")))
-            x2 = act(m=m, k=256, dtype=torch.bfloat16, seed=76 + m)
-            ref2 = x2.double().cpu() @ q2.dequantize().double().cpu().T + bias.to(torch.bfloat16).double().cpu()
-            for cfg in _swap_configs(every=True):
-                y = launch.launch_w8a16(x2, q2.qdata, q2.scale.reshape(-1), bias.to(torch.bfloat16), 0, torch.float32,
-                                        configs=[cfg])
-                assert rel(y, ref2) < 1e-5, (cfg.short(), m, "k=256")
         xb = x.to(torch.bfloat16)
         for cfg in _swap_configs(group=group):
             yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.bfloat16,

@@ -443,6 +443,26 @@ def refit_scale(q: torch.Tensor, ws: torch.Tensor, h: torch.Tensor, scale: torch
 # ------------------------------------------------------------------------------------------------
 # one layer
 # ------------------------------------------------------------------------------------------------
+class _PhaseTimes:
+    """Seconds per phase of one layer, with the device synchronised at each mark, when the environment
+    has ``CTQ_PHASE_TIMES=1`` (``benchmarks/learned_rounding_speed.py --phases``); otherwise free."""
+
+    def __init__(self, device):
+        self.on = os.environ.get("CTQ_PHASE_TIMES") == "1"
+        self.device = torch.device(device)
+        self.times: dict = {}
+        self.t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if not self.on:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: LayerContext) -> OptimizerResult:
     if os.environ.get("CTQ_LEARNED_ROUNDING") == "legacy":  # benchmarks only: the pre-issue-17 algorithm
         from .learned_rounding_legacy import legacy_learned_rounding
@@ -451,6 +471,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     k = knobs(ctx.options)
     # reduced-precision gradient GEMM (bf16 operands, fp32 accumulation) only on CUDA, where it pays
     k.bf16_grad = k.bf16_grad and torch.device(ctx.device).type == "cuda" and w.device.type == "cuda"
+    phases = _PhaseTimes(w.device)
     w, ws, obj, h_fit = damped_layer_objective(w, spec, ctx, k.damp)
     float_grid = spec.cls.grid_round is not None  # float8: a non-uniform grid (see grid_spacing)
     base_scale = spec.cls.compute_scale(ws, spec.params)
@@ -458,7 +479,9 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     q_rtn = spec.cls.grid_values(ws / base_full)
     e_rtn = quad_error(q_rtn * base_full - ws, h_fit)
 
+    phases.mark("objective")
     scale = search_scales(ws, spec, obj.H.diagonal().clamp(min=0), clip_grid(ctx.options))
+    phases.mark("scale search")
     full = spec.cls.expand_scale(scale, ws.shape, spec.params)
     value_full = full
     init = k.rounding_init
@@ -471,6 +494,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         value_full = full
         start = (q_gptq, scale, full, quad_error(q_gptq * full - ws, h_fit))
         del q_gptq
+        phases.mark("gptq start")
     if float_grid:
         # on a float grid every weight chooses between the two grid values around its target (GPTQ's
         # error-compensated value, or the weight), consecutive multiples of the local spacing there:
@@ -488,6 +512,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     with progress_span(0.2 if init == "gptq" else 0.0, 0.9):
         q, e, info = learn_rounding(ws, h_fit, full, method, k, max(e_init, 1e-30), target)
     del target
+    phases.mark("learn")
     last_q = info.pop("last_q")
     info["objective_learned"] = e
     sweeps = k.polish_sweeps
@@ -500,6 +525,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
             q, e, j = best_polished(starts, ws, full, h_fit, sweeps, quad_error)
         info["polished"] = ["best rounding seen", "final learned rounding"][j]
     del last_q
+    phases.mark("polish")
     if float_grid:  # back to grid values in units of the scale (snapped: polish may leave the two choices)
         q = spec.cls.grid_values(q * step)
         full = value_full
@@ -513,6 +539,7 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
         info["scale_refit"] = bool(e2 < e)
         if e2 < e:
             q, e, scale, full = q2, e2, new_scale, new_full
+    phases.mark("scale refit + polish")
     info.update({"objective": obj.source, "objective_rtn": e_rtn, "rounding_init": init, "polish_sweeps": sweeps,
                  "objective_init": e_init})
     if init == "gptq":
@@ -530,6 +557,9 @@ def _learned_rounding(method: str, w: torch.Tensor, spec: FormatSpec, ctx: Layer
     info["changed_fraction"] = float((q != spec.cls.grid_values(ws / full)).float().mean())
     info["output_sqnr_db"] = output_sqnr_db(ws, q * full, obj.H_data)
     qw = spec.cls.pack(q if float_grid else q.to(torch.int8), scale, spec.params, ctx.orig_dtype)
+    phases.mark("finish")
+    if phases.on:
+        info["phase_s"] = phases.times
     return OptimizerResult(qw, finish_info(info, obj, t0))
 
 
