@@ -856,6 +856,7 @@ def launch_rotate(x: torch.Tensor, group_size: int, out_dtype: torch.dtype,
 # sequences, where the GPU time hides the allocation) use the caching allocator.
 WORKSPACE_MAX_BYTES = 16 << 20
 _WS_ALIGN = 256
+_WS_MAX_KEYS = 8  # workspaces one thread keeps (streams x devices x kinds)
 
 
 class _Workspaces(threading.local):
@@ -882,6 +883,10 @@ def workspace(device_index: int, stream: int, nbytes: int, kind: int = 0) -> tor
     WORKSPACE_MAX_BYTES`` and that no graph is being captured)."""
     key = (device_index, stream, kind)
     buf = _WS.bufs.get(key)
+    if buf is None and len(_WS.bufs) >= _WS_MAX_KEYS:
+        # a thread that cycles through many streams: start over (each buffer was allocated on, and is
+        # only used on, its own stream, so the caching allocator reuses it in that stream's order)
+        _WS.bufs.clear()
     if buf is None or buf.numel() < nbytes:
         size = max(nbytes, 2 * buf.numel() if buf is not None else 0, 1 << 16)
         size = min(-(-size // _WS_ALIGN) * _WS_ALIGN, max(WORKSPACE_MAX_BYTES, nbytes))
