@@ -161,3 +161,32 @@ def test_unknown_schedule_and_init_are_refused():
         lr_new.knobs({"lr_schedule": "cosine"})
     with pytest.raises(PlanError, match="rounding init 'zero'"):
         lr_new.knobs({"rounding_init": "zero"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stall", ["default", "off"])
+def test_graph_replay_and_eager_loop_give_the_same_rounding(stall, monkeypatch):
+    """On CUDA the learning phase replays a captured chunk only for runs that may be long (the default
+    50-step stall stop runs eagerly: the capture costs more than it saves); either way the result is the
+    same bits."""
+    captured = []
+
+    class Counting(lr_new._ChunkGraph):
+        def __init__(self, *a):
+            captured.append(1)
+            super().__init__(*a)
+    monkeypatch.setattr(lr_new, "_ChunkGraph", Counting)
+    w, h, scale, e_rtn = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _layer(seed=7))
+    o = {"num_iter": 300, "eval_every": 10}
+    if stall == "off":
+        o["early_stop_stall"] = 10 ** 9
+    runs = []
+    for g in (True, False, None):
+        before = len(captured)
+        runs.append(lr_new.learn_rounding(w, h, scale, "adamw", o, e_rtn, cuda_graphs=g))
+        used = len(captured) > before
+        assert used == (g is True or (g is None and stall == "off")), (g, stall)
+    (q0, e0, i0) = runs[0]
+    for q, e, i in runs[1:]:
+        assert torch.equal(q, q0) and e == e0 and i["iterations"] == i0["iterations"]
