@@ -309,10 +309,11 @@ register_linear("fp16", _fp16_linear)
 
 def _fast_key(x: torch.Tensor, bias: Optional[torch.Tensor], path, out_dtype, lora) -> tuple:
     """What ``PreparedLinear``'s checks and plan key look at, read without building device objects."""
-    return (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, x.get_device(), launch.current_device(),
-            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() & 15, bias.get_device()),
+    return (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, x.is_cuda, x.get_device(), launch.current_device(),
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() & 15, bias.is_cuda,
+                                       bias.get_device()),
             path, out_dtype, launch.env_state(),
-            None if lora is None else tuple((t.shape, t.stride(), t.dtype, t.data_ptr() & 15, t.get_device())
+            None if lora is None else tuple((t.shape, t.stride(), t.dtype, t.data_ptr() & 15, t.is_cuda, t.get_device())
                                             for t in lora))
 
 
