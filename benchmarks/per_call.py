@@ -88,6 +88,11 @@ def measure_all(variants: dict, calls: int, dev, graph_for) -> dict:
     return res
 
 
+def measure(fn, calls: int, dev, graph: bool):
+    """(sync us, cpu us, graph us) medians of one variant alone (``benchmarks/runtime_formats.py``)."""
+    return _measure_rounds({"v": fn}, calls, dev, ("v",) if graph else ())["v"]
+
+
 def _measure_rounds(variants: dict, calls: int, dev, graph_for) -> dict:
     cuda = dev.type == "cuda"
     names = list(variants)
