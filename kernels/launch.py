@@ -484,7 +484,7 @@ except Exception:  # pragma: no cover - other triton layouts
 def _nbytes(shape, stride, dtype) -> int:
     if any(v == 0 for v in shape):
         return 0
-    return (sum((v - 1) * st for v, st in zip(shape, stride)) + 1) * torch.empty((), dtype=dtype).element_size()
+    return (sum((v - 1) * st for v, st in zip(shape, stride)) + 1) * dtype.itemsize
 
 
 class LaunchPlan:
@@ -893,11 +893,6 @@ def workspace(device_index: int, stream: int, nbytes: int, kind: int = 0) -> tor
         _WS.bufs[key] = None  # free the old one first (stream-ordered: safe to reuse at once)
         buf = _WS.bufs[key] = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", device_index))
     return buf
-
-
-def release_workspaces() -> None:
-    """Drop this thread's workspaces (tests; memory is otherwise held for the next call)."""
-    _WS.bufs.clear()
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
