@@ -1113,6 +1113,93 @@ def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, 
     return c
 
 
+# Split-K W8A8 for few tokens (``int8_gemm_splitk_kernel``): at M <= 256 a tile per output block leaves
+# most multiprocessors idle (K = N = 3072, 64-wide tiles: 48 programs on 132 SMs), so each tile's K range
+# is shared by ``split_k`` programs that meet through integer atomics in a zeroed workspace.
+SPLITK_MAX_M = 256
+
+
+def _zeroed_bytes(tiles: int, cfg: GemmConfig) -> int:
+    return tiles * cfg.BM * cfg.BN * 4 + -(-tiles * 4 // _WS_ALIGN) * _WS_ALIGN
+
+
+def splitk_configs(arch: str, m: int, n: int, k: int, sweep: bool = False) -> List[GemmConfig]:
+    if arch == "interp":
+        return [C(16, 32, 32, 4, 1, GROUP_M=2, split_k=s) for s in (1, 3)]
+    stages = 4 if arch == "sm90" else 3
+    bms = [bm for bm in (16, 32, 64, 128) if bm >= min(m_bucket(m), 64) and bm <= max(16, m_bucket(m))]
+    out = []
+    for bm in bms:
+        for bn in (32, 64, 128):
+            for bk in (128, 256):
+                for sk in (1, 2, 3, 4, 6, 8):
+                    if bk * sk > k or n < bn:
+                        continue
+                    out.append(C(bm, bn, bk, 4, stages if bk == 128 else 3, split_k=sk))
+    return out
+
+
+_ZEROED: Dict[tuple, torch.Tensor] = {}
+
+
+def zeroed_workspace(device_index: int, stream: int, nbytes: int) -> torch.Tensor:
+    """An int32 buffer of at least ``nbytes`` that is all zeros when a kernel on ``stream`` starts: the
+    kernels given it (split-K partials and arrival counters) leave it zeroed when they end, and
+    kernels on one stream run one after another. One per (device, stream), shared by threads; during
+    CUDA-graph capture a fresh one per call (the graph's own memory, zeroed when captured)."""
+    dev = torch.device("cuda", device_index)
+    words = -(-nbytes // 4)
+    if _capturing is not None and _capturing():
+        return torch.zeros(words, dtype=torch.int32, device=dev)
+    key = (device_index, stream)
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < words:
+        if buf is None and len(_ZEROED) >= 64:
+            _ZEROED.clear()
+        _ZEROED[key] = None
+        buf = _ZEROED[key] = torch.zeros(max(words, 1 << 14), dtype=torch.int32, device=dev)
+    return buf
+
+
+def launch_int8_gemm_splitk(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                            bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                            configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
+    """``launch_int8_gemm`` (tensor-wise / per-row weight scales) for few tokens, K split across programs."""
+    m, k = qa.shape
+    n = qw.shape[0]
+    dev = qa.device
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0:
+        return c
+    ws_per_row = w_scale.numel() > 1
+    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
+
+    def launch(cfg: GemmConfig) -> None:
+        tiles = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
+        if cfg.split_k > 1:
+            if dev.type == "cuda":
+                z = zeroed_workspace(dev.index, _raw_stream(dev.index), _zeroed_bytes(tiles, cfg))
+            else:
+                z = torch.zeros(-(-_zeroed_bytes(tiles, cfg) // 4), dtype=torch.int32, device=dev)
+            part, cnt = z, z[tiles * cfg.BM * cfg.BN:]
+        else:
+            part = cnt = w_scale
+        launch_kernel(
+            tk.int8_gemm_splitk_kernel, (tiles, cfg.split_k),
+            (qa, qw, c, a_scale, w_scale, w_scale if bias is None else bias, lh, lu, part, cnt, m, n, k),
+            dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
+                 EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k, FENCE=not interpreter_active(),
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
+            cfg.num_warps, cfg.num_stages)
+
+    if configs is not None:
+        launch(configs[0])
+        return c
+    key = ("w8a8_splitk", m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev, lora_r)
+    launch(TUNER.pick(key, lambda: splitk_configs(arch_of(dev), m, n, k), launch))
+    return c
+
+
 def launch_dequant(qw: torch.Tensor, w_scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     n, k = qw.shape
     out = torch.empty((n, k), dtype=dtype, device=qw.device)

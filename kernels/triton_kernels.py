@@ -271,6 +271,70 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
                     LORA_R, LORA_IEEE, HAS_BIAS)
 
 
+@triton.jit
+def _fence_gpu(v):
+    """A GPU-scope memory fence executed by every thread (``v``: any scalar, returned unchanged)."""
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["M"])
+def int8_gemm_splitk_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, part_ptr, cnt_ptr,
+                            M, N, K,
+                            LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                            FENCE: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """W8A8 GEMM for few tokens, split along K in one launch: program (tile, s) multiplies K range s;
+    the int32 partials meet in ``part_ptr`` [tiles, BM*BN] by integer atomics (exact, so the result
+    does not depend on their order: the bits of ``int8_gemm_kernel``), and the program that arrives
+    last at the tile's counter (``cnt_ptr`` [tiles]) takes the sum, zeroes the partials and the
+    counter for the next call, and runs the epilogue. Both buffers must be zero at launch."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm_safe = tl.where(rm < M, rm, 0)
+    rn_safe = tl.where(rn < N, rn, 0)
+    k_steps = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)
+    k_start = pid_k * k_steps * BK
+    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for ki in range(k_steps):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = rk[None, :] < K - (k_start + ki * BK)
+            a = tl.load(a_ptrs, mask=kmask, other=0)
+            b = tl.load(b_ptrs, mask=kmask, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a_ptrs += BK
+        b_ptrs += BK
+    if SPLIT_K > 1:
+        p_ptrs = part_ptr + pid.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        tl.atomic_add(p_ptrs, acc, sem="relaxed")
+        if FENCE:
+            _fence_gpu(pid)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.atomic_xchg(p_ptrs, tl.zeros((BM, BN), dtype=tl.int32), sem="relaxed")
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+            out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
+            _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
+                        LORA_R, LORA_IEEE, HAS_BIAS)
+    else:
+        out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
+        _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
+                    LORA_R, LORA_IEEE, HAS_BIAS)
+
+
 @triton.jit(do_not_specialize=["M"])
 def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, stride_xm,
                           LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
