@@ -8,8 +8,7 @@ its own CUDA graph over enough distinct weights to miss the L2 cache (consecutiv
 * ``act``: the activation quantization alone (``launch_act_quant``);
 * ``w8a16 <cfg>``: ``launch_w8a16`` with each candidate config, forced;
 * ``gemm <cfg>``: the W8A8 GEMM alone on pre-quantized rows (``launch_int8_gemm``), each config;
-* ``sk <cfg>``: the split-K W8A8 GEMM (``launch_int8_gemm_splitk``), each config;
-* ``w8a8 act+sk``: the two launches a W8A8 call would make with the best ``sk`` config;
+* ``1l <cfg>``: W8A8 in one launch (``launch_w8a8_onelaunch``), each config;
 * ``fused <cfg>``: ``launch_w8a8_fused``.
 
 Every variant is checked against a float64 reference of its own numerics first.
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="m64,m256")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one tiny shape")
-    ap.add_argument("--only", default="", help="comma list of variant families to run (bf16,act,w8a16,gemm,sk,fused)")
+    ap.add_argument("--only", default="", help="comma list of variant families to run (bf16,act,w8a16,gemm,1l,fused)")
     ap.add_argument("--ncu", default="", help="run this one variant eagerly a few times (for ncu) and exit")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -124,11 +123,10 @@ def main(argv=None) -> int:
             for cfg in L._W8A8_CONFIGS.get(arch, L._W8A8_CONFIGS["sm80"]):
                 variants[f"gemm {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_int8_gemm(qa, a_s, qd[i], sc[i], None, dtype, configs=[c]), ref88, 1e-2)
-        if only is None or "sk" in only:
-            for cfg in L.splitk_configs(arch, m, n, k, sweep=True):
-                variants[f"sk {cfg.short()}"] = (
-                    lambda i, c=cfg: L.launch_int8_gemm_splitk(qa, a_s, qd[i], sc[i], None, dtype, configs=[c]),
-                    ref88, 1e-2)
+        if only is None or "1l" in only:
+            for cfg in L.onelaunch_configs(arch, m):
+                variants[f"1l {cfg.short()}"] = (
+                    lambda i, c=cfg: L.launch_w8a8_onelaunch(x, qd[i], sc[i], None, dtype, configs=[c]), ref88, 1e-2)
         if only is None or "fused" in only:
             for cfg in L._fused_act_configs(arch, m):
                 variants[f"fused {cfg.short()}"] = (
@@ -151,13 +149,12 @@ def main(argv=None) -> int:
                             failures.append(f"{name} {vname}: rel err {e:.3g} > {tol}")
                             log(f"   FAIL {vname}: rel err {e:.3g}")
                             break
-                if vname.startswith("sk") and "/sk" in vname:  # integer partials: the unsplit bits, always
-                    exact = L.launch_int8_gemm_splitk(qa, a_s, qd[0], sc[0], None, dtype,
-                                                      configs=[L.splitk_configs(arch, m, n, k)[0]])
+                if vname.startswith("1l"):  # the two-launch W8A8's bits, always (a race would move them)
+                    exact = L.launch_int8_gemm(qa, a_s, qd[0], sc[0], None, dtype)
                     bad = sum(not torch.equal(fn(0), exact) for _ in range(3 if args.dry_run else 50))
                     if bad:
-                        failures.append(f"{name} {vname}: {bad} of 50 calls differ from the unsplit bits")
-                        log(f"   FAIL {vname}: {bad} calls differ from the unsplit bits")
+                        failures.append(f"{name} {vname}: {bad} calls differ from the two-launch bits")
+                        log(f"   FAIL {vname}: {bad} calls differ from the two-launch bits")
                 t = float("nan") if args.dry_run else graph_us(fn, count)
             except Exception as ex:  # a config that does not compile here is not a result
                 log(f"   {vname}: {type(ex).__name__}: {str(ex).splitlines()[0][:100] if str(ex) else ''}")
@@ -173,8 +170,8 @@ def main(argv=None) -> int:
                 if fam not in best or t < best[fam][1]:
                     best[fam] = (vname, t)
             log("   best: " + "; ".join(f"{v} {t:.2f}" for v, t in best.values()))
-            if "sk" in best and "act" in best:
-                log(f"   act + best sk = {best['act'][1] + best['sk'][1]:.2f} us (two graphs' sum)")
+            if "gemm" in best and "act" in best:
+                log(f"   act + best gemm = {best['act'][1] + best['gemm'][1]:.2f} us (two graphs' sum)")
         else:
             log(f"   {len(rows)} variants ran and matched their references")
     for f in failures:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from . import reference as ref
 from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_quant, launch_dequant,
-                     launch_int8_gemm, launch_rotate, launch_w8a16, launch_w8a8_fused, plan_unsafe,
-                     resolve_backend, env_get, FUSED_ACT_MAX_M)
+                     launch_int8_gemm, launch_rotate, launch_w8a16, launch_w8a8_fused, launch_w8a8_onelaunch,
+                     plan_unsafe, resolve_backend, env_get, FUSED_ACT_MAX_M, ONELAUNCH_ENV, ONELAUNCH_MAX_M)
 
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
 FUSED_ENV = "CONVERT_TO_QUANT_FUSED_ACT"  # "0": W8A8 for few tokens in two launches, as for many
@@ -144,6 +144,8 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
         return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
     if be == "triton" and not convrot_groupsize and m <= FUSED_ACT_MAX_M and env_get(FUSED_ENV, "1") != "0":
         return launch_w8a8_fused(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
+    if be == "triton" and not convrot_groupsize and m <= ONELAUNCH_MAX_M and env_get(ONELAUNCH_ENV, "1") != "0":
+        return launch_w8a8_onelaunch(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
     q, s = quantize_activations_2d(x, convrot_groupsize, 0, be, resolved=True)
     if be == "triton":
         return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, lora=lora)

@@ -178,6 +178,10 @@ _W8A8_CONFIGS = {
         C(128, 128, 128, 4, 3, tma=2),
         C(64, 128, 128, 4, 3, tma=2),
         C(64, 64, 128, 4, 4, tma=2),
+        # few tokens: small pointer-load tiles, many programs (H200, benchmarks/small_m.py: 8.6 us at
+        # M = 64, K = N = 3072, against 10.5 for the best TMA tile)
+        C(64, 32, 256, 4, 3),
+        C(64, 64, 128, 4, 4),
         # host-descriptor twins: the fallback should device-built descriptors not compile here
         C(128, 256, 128, 8, 3, persistent=True, tma=1),
         C(64, 64, 128, 4, 4, tma=1),
@@ -417,7 +421,7 @@ def plans_enabled() -> bool:
 # The environment variables that change what a call launches (part of a plan's key).
 _PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
               "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT",
-              "CONVERT_TO_QUANT_W8A16_SWAP")
+              "CONVERT_TO_QUANT_W8A16_SWAP", "CONVERT_TO_QUANT_ONE_LAUNCH")
 
 
 def env_state() -> tuple:
@@ -495,11 +499,13 @@ class LaunchPlan:
     and no graph is being captured, else allocated with its recorded layout)."""
 
     __slots__ = ("launches", "temps", "out_shape", "out_dtype", "device", "keep", "ws_offsets", "ws_bytes",
-                 "ws_cache")
+                 "ws_cache", "zsubs", "z_bytes")
 
     def __init__(self, launches: list, out: torch.Tensor, slots: Dict[int, int]):
         self.out_shape, self.out_dtype, self.device = tuple(out.shape), out.dtype, out.device
         temps: Dict[int, int] = {}  # id(weakref) -> temp index
+        zsubs = []  # (launch, argument, byte offset) into the stream's zeroed workspace
+        self.z_bytes = 0
         layouts = []
         self.keep = []
         plan = []
@@ -521,8 +527,13 @@ class LaunchPlan:
                 elif kind == "t":
                     _, ref, p, shape, stride, dtype = d
                     obj = ref()
+                    zoff = _zeroed_offset(p) if obj is not None and p not in slots else None
                     if p in slots and obj is not None:
                         subs.append((i, slots[p]))
+                        template.append(0)
+                    elif zoff is not None:  # counters: this stream's zeroed workspace at replay
+                        zsubs.append((len(plan), i, zoff))
+                        self.z_bytes = max(self.z_bytes, zoff + _nbytes(shape, stride, dtype))
                         template.append(0)
                     elif obj is not None:
                         self.keep.append(obj)
@@ -552,6 +563,7 @@ class LaunchPlan:
             if direct is None and getattr(run, "global_scratch_size", 0):
                 direct = False  # Triton's launcher, which needs an allocator set in this thread
             plan.append((run, fn, meta, gx, gy, gz, template, tuple(subs), tuple(descs), tail, direct))
+        self.zsubs = tuple(zsubs)
         self.launches = tuple(plan)
         self.temps = tuple(layouts)
         # the temporaries' places in a workspace (256-byte aligned), when they are small enough
@@ -594,10 +606,14 @@ class LaunchPlan:
             else:
                 tmp = [torch.empty_strided(shape, stride, dtype=dt, device=dev) for shape, stride, dt in self.temps]
                 vals.extend(t.data_ptr() for t in tmp)
-        for run, fn, meta, gx, gy, gz, template, subs, descs, tail, direct in self.launches:
+        zptr = zeroed_workspace(dev.index, stream, self.z_bytes).data_ptr() if self.zsubs else 0
+        for li, (run, fn, meta, gx, gy, gz, template, subs, descs, tail, direct) in enumerate(self.launches):
             cargs = list(template)
             for i, s in subs:
                 cargs[i] = vals[s]
+            for zl, i, off in self.zsubs:
+                if zl == li:
+                    cargs[i] = zptr + off
             for i, t, shell in descs:
                 d = copy.copy(shell)
                 d.base = tmp[t]
@@ -1113,32 +1129,6 @@ def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, 
     return c
 
 
-# Split-K W8A8 for few tokens (``int8_gemm_splitk_kernel``): at M <= 256 a tile per output block leaves
-# most multiprocessors idle (K = N = 3072, 64-wide tiles: 48 programs on 132 SMs), so each tile's K range
-# is shared by ``split_k`` programs that meet through integer atomics in a zeroed workspace.
-SPLITK_MAX_M = 256
-
-
-def _zeroed_bytes(tiles: int, cfg: GemmConfig) -> int:
-    return tiles * cfg.BM * cfg.BN * 4 + -(-tiles * 4 // _WS_ALIGN) * _WS_ALIGN
-
-
-def splitk_configs(arch: str, m: int, n: int, k: int, sweep: bool = False) -> List[GemmConfig]:
-    if arch == "interp":
-        return [C(16, 32, 32, 4, 1, GROUP_M=2, split_k=s) for s in (1, 3)]
-    stages = 4 if arch == "sm90" else 3
-    bms = [bm for bm in (16, 32, 64, 128) if bm >= min(m_bucket(m), 64) and bm <= max(16, m_bucket(m))]
-    out = []
-    for bm in bms:
-        for bn in (32, 64, 128):
-            for bk in (128, 256):
-                for sk in (1, 2, 3, 4, 6, 8):
-                    if bk * sk > k or n < bn:
-                        continue
-                    out.append(C(bm, bn, bk, 4, stages if bk == 128 else 3, split_k=sk))
-    return out
-
-
 _ZEROED: Dict[tuple, torch.Tensor] = {}
 
 
@@ -1161,42 +1151,83 @@ def zeroed_workspace(device_index: int, stream: int, nbytes: int) -> torch.Tenso
     return buf
 
 
-def launch_int8_gemm_splitk(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
-                            bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                            configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
-    """``launch_int8_gemm`` (tensor-wise / per-row weight scales) for few tokens, K split across programs."""
-    m, k = qa.shape
+def _zeroed_offset(ptr: int) -> Optional[int]:
+    """The byte offset of ``ptr`` in one of the zeroed workspaces, or None."""
+    for buf in list(_ZEROED.values()):
+        if buf is not None and buf.data_ptr() <= ptr < buf.data_ptr() + buf.numel() * 4:
+            return ptr - buf.data_ptr()
+    return None
+
+
+# W8A8 in one launch for M <= ONELAUNCH_MAX_M (``w8a8_onelaunch_kernel``): the programs quantize the
+# activation rows themselves, then multiply with small pointer-load tiles. H200 (benchmarks/small_m.py,
+# docs/KERNELS.md "Round 5"): at K = N = 3072 the W8A8 GEMM alone with 64x32x256 tiles takes 8.6 us at
+# M = 64 against cuBLAS bf16's 8.3 (the TMA tiles of ``_W8A8_CONFIGS``: 10.5), where W8A16 takes 13.0.
+ONELAUNCH_MAX_M = 1024
+ONELAUNCH_ENV = "CONVERT_TO_QUANT_ONE_LAUNCH"  # "0": W8A8 in two launches at every M
+
+
+def onelaunch_configs(arch: str, m: int) -> List[GemmConfig]:
+    if arch == "interp":
+        return [C(16, 32, 32, 4, 1, GROUP_M=2)]
+    stages = 4 if arch == "sm90" else 3
+    if m <= 64:
+        return [C(64, 32, 256, 4, 3), C(64, 64, 128, 4, stages), C(64, 64, 256, 4, 3), C(32, 32, 256, 4, 3)]
+    if m <= 256:
+        return [C(64, 64, 128, 4, stages), C(64, 64, 256, 4, 3), C(64, 32, 256, 4, 3), C(128, 64, 128, 4, stages),
+                C(128, 128, 128, 8, 3)]
+    return [C(128, 128, 128, 8, 3), C(128, 64, 128, 4, stages), C(64, 128, 128, 4, stages), C(128, 128, 64, 4, stages),
+            C(64, 64, 128, 4, stages)]
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                          out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
+    """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
+    ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
+    m, k = x.shape
     n = qw.shape[0]
-    dev = qa.device
+    dev = x.device
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0:
         return c
     ws_per_row = w_scale.numel() > 1
     lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
+    q = torch.empty((m, k), dtype=torch.int8, device=dev)
+    qs = torch.empty((m,), dtype=torch.float32, device=dev)
+    interp = interpreter_active()
 
     def launch(cfg: GemmConfig) -> None:
-        tiles = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
-        if cfg.split_k > 1:
-            if dev.type == "cuda":
-                z = zeroed_workspace(dev.index, _raw_stream(dev.index), _zeroed_bytes(tiles, cfg))
-            else:
-                z = torch.zeros(-(-_zeroed_bytes(tiles, cfg) // 4), dtype=torch.int32, device=dev)
-            part, cnt = z, z[tiles * cfg.BM * cfg.BN:]
+        mt = _cdiv(m, cfg.BM)
+        total = mt * _cdiv(n, cfg.BN)
+        qr = min(cfg.BM, 8, _pow2_at_least(_cdiv(m, total)))
+        kc = min(_pow2_at_least(k), max(512, 8192 // qr))
+        producers = 1 if interp else min(total, _cdiv(m, qr))
+        mt2 = _pow2_at_least(mt)
+        nbytes = 4 * (2 + mt2)
+        if dev.type == "cuda":
+            if _capturing():
+                plan_unsafe()  # the graph's own zeroed counters: not something a plan can replay
+            sync = zeroed_workspace(dev.index, _raw_stream(dev.index), nbytes)
         else:
-            part = cnt = w_scale
+            sync = torch.zeros(2 + mt2, dtype=torch.int32, device=dev)
         launch_kernel(
-            tk.int8_gemm_splitk_kernel, (tiles, cfg.split_k),
-            (qa, qw, c, a_scale, w_scale, w_scale if bias is None else bias, lh, lu, part, cnt, m, n, k),
+            tk.w8a8_onelaunch_kernel, (total,),
+            (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, q, qs, sync, m, n, k, x.stride(0),
+             producers),
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
-                 EVEN_K=k % (cfg.BK * cfg.split_k) == 0, SPLIT_K=cfg.split_k, FENCE=not interpreter_active(),
+                 EVEN_K=k % cfg.BK == 0, FENCE=not interp, QR=qr, KC=kc, MT=mt2,
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
     if configs is not None:
         launch(configs[0])
         return c
-    key = ("w8a8_splitk", m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev, lora_r)
-    launch(TUNER.pick(key, lambda: splitk_configs(arch_of(dev), m, n, k), launch))
+    key = ("w8a8_1l", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)
+    launch(TUNER.pick(key, lambda: onelaunch_configs(arch_of(dev), m), launch))
     return c
 
 

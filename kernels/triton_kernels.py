@@ -278,61 +278,93 @@ def _fence_gpu(v):
                                      is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["M"])
-def int8_gemm_splitk_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, part_ptr, cnt_ptr,
-                            M, N, K,
-                            LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                            FENCE: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """W8A8 GEMM for few tokens, split along K in one launch: program (tile, s) multiplies K range s;
-    the int32 partials meet in ``part_ptr`` [tiles, BM*BN] by integer atomics (exact, so the result
-    does not depend on their order: the bits of ``int8_gemm_kernel``), and the program that arrives
-    last at the tile's counter (``cnt_ptr`` [tiles]) takes the sum, zeroes the partials and the
-    counter for the next call, and runs the epilogue. Both buffers must be zero at launch."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+@triton.jit(do_not_specialize=["M", "producers"])
+def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, q_ptr, s_ptr, sync_ptr,
+                          M, N, K, stride_xm, producers,
+                          LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FENCE: tl.constexpr,
+                          QR: tl.constexpr, KC: tl.constexpr, MT: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """W8A8 (per-token activations) in one launch: ``act_quant_kernel`` + ``int8_gemm_kernel`` bit for bit,
+    with the activation quantization done once by the programs themselves.
+
+    Each program takes a ticket (an atomic counter: tickets follow the order programs started). Tickets
+    below ``producers`` first quantize chunks of QR rows into ``q_ptr`` [M, K] / ``s_ptr`` [M] and count
+    them in their row tile's ready counter; then every program computes output tile number ``ticket``,
+    after waiting for its row tile to be ready. Producers never wait before producing, and a ticket is
+    only handed to a running program, so a waiting program's producers are running or done: no
+    deadlock whatever the GPU schedules. The last program to finish zeroes the counters again.
+    ``sync_ptr`` int32 [2 + MT] (ticket, done, ready per row tile) must be zero at launch."""
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
-    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    total = num_pid_m * num_pid_n
+    t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    # ---- phase 1: quantize rows (RNE of y * (1/s), s = max(absmax / 127, 1e-30), as act_quant_kernel)
+    if t < producers:
+        rq = tl.arange(0, QR)
+        kc = tl.arange(0, KC)
+        for c in range(t, tl.cdiv(M, QR), producers):
+            rows = c * QR + rq
+            rmask = rows < M
+            xrow = x_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * stride_xm
+            if KC >= K:
+                xv = tl.load(xrow + kc[None, :], mask=rmask[:, None] & (kc[None, :] < K), other=0).to(tl.float32)
+                s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xv), axis=1), 127.0), 1e-30)
+                inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+                tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + kc[None, :], _round_clamp_int8(xv * inv[:, None]),
+                         mask=rmask[:, None] & (kc[None, :] < K))
+            else:
+                amax = tl.zeros((QR,), dtype=tl.float32)
+                for k0 in range(0, K, KC):
+                    kmask = rmask[:, None] & (kc[None, :] < K - k0)
+                    xv = tl.load(xrow + (k0 + kc)[None, :], mask=kmask, other=0).to(tl.float32)
+                    amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
+                s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+                inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+                for k0 in range(0, K, KC):
+                    kmask = rmask[:, None] & (kc[None, :] < K - k0)
+                    xv = tl.load(xrow + (k0 + kc)[None, :], mask=kmask, other=0).to(tl.float32)
+                    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + (k0 + kc)[None, :],
+                             _round_clamp_int8(xv * inv[:, None]), mask=kmask)
+            tl.store(s_ptr + rows, s, mask=rmask)
+            if FENCE:
+                _fence_gpu(t)
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + 2 + (c * QR) // BM, tl.minimum(QR, M - c * QR), sem="release")
+    # ---- phase 2: output tile ``t``
+    pid_m, pid_n = _tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
+    need = tl.minimum(BM, M - pid_m * BM)
+    while tl.atomic_add(sync_ptr + 2 + pid_m, 0, sem="acquire") < need:
+        pass
+    tl.debug_barrier()
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rm_safe = tl.where(rm < M, rm, 0)
     rn_safe = tl.where(rn < N, rn, 0)
-    k_steps = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)
-    k_start = pid_k * k_steps * BK
-    a_ptrs = a_ptr + rm_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
-    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + (k_start + rk)[None, :]
+    a_ptrs = q_ptr + rm_safe.to(tl.int64)[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for ki in range(k_steps):
+    for ki in range(tl.cdiv(K, BK)):
         if EVEN_K:
-            a = tl.load(a_ptrs)
+            a = tl.load(a_ptrs, cache_modifier=".cg")
             b = tl.load(b_ptrs)
         else:
-            kmask = rk[None, :] < K - (k_start + ki * BK)
-            a = tl.load(a_ptrs, mask=kmask, other=0)
+            kmask = rk[None, :] < K - ki * BK
+            a = tl.load(a_ptrs, mask=kmask, other=0, cache_modifier=".cg")
             b = tl.load(b_ptrs, mask=kmask, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
-    if SPLIT_K > 1:
-        p_ptrs = part_ptr + pid.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        tl.atomic_add(p_ptrs, acc, sem="relaxed")
-        if FENCE:
-            _fence_gpu(pid)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            acc = tl.atomic_xchg(p_ptrs, tl.zeros((BM, BN), dtype=tl.int32), sem="relaxed")
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-            out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
-            _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                        LORA_R, LORA_IEEE, HAS_BIAS)
-    else:
-        out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
-        _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                    LORA_R, LORA_IEEE, HAS_BIAS)
+    a_s = tl.load(s_ptr + rm_safe, cache_modifier=".cg")
+    out = _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW)
+    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS)
+    # ---- the last program out leaves the counters zeroed for the next launch on this stream
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == total - 1:
+        mt = tl.arange(0, MT)
+        tl.store(sync_ptr + 2 + mt, tl.zeros((MT,), dtype=tl.int32), mask=mt < num_pid_m)
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M"])

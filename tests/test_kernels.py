@@ -630,6 +630,7 @@ def test_fused_w8a8_equals_two_launches(m, dtype, monkeypatch):
     pair the epilogue's small dot may sum in another order on another tile shape: equal to fp32 rounding."""
     monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", "triton")
     monkeypatch.setattr(dispatch, "FUSED_ACT_MAX_M", 64)  # the kernel itself, also beyond the default bound
+    monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "0")
     for k, scaling in ((KD, "row"), (KD + 16, "tensor")):
         qw = to_dev(Int8Tensorwise.quantize(weight(k=k), Int8Tensorwise.Params(scaling)))
         x = act(m=m, k=k, dtype=dtype)
@@ -655,6 +656,43 @@ def test_fused_w8a8_equals_two_launches(m, dtype, monkeypatch):
         q, s = K.quantize_activations(x)
         ref = (q.double() * s.double()) @ qw.dequantize().double().to(DEV).t()
         assert rel(K.quantized_linear(x, qw, None, path="w8a8"), ref) < 6e-3
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
+@pytest.mark.parametrize("m,k", [(17, KD), (37, KD + 16), (70, 1040)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_launch_w8a8_equals_two_launches(m, k, dtype, monkeypatch):
+    """``w8a8_onelaunch_kernel`` (the programs quantize the rows, then multiply) gives the two-launch
+    path's bits: per-row and tensor-wise weights, bias, K not a multiple of the K tile, K beyond one
+    register chunk of a row (1040: two passes over each row), several row tiles, an outlier channel;
+    its counters are left zeroed (a second call on the same workspace gives the same bits). With a
+    LoRA pair, equal to fp32 rounding (the epilogue's dot may sum in another order on another tile)."""
+    monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", "triton")
+    for scaling in ("row", "tensor"):
+        qw = to_dev(Int8Tensorwise.quantize(weight(k=k), Int8Tensorwise.Params(scaling)))
+        x = act(m=m, k=k, dtype=dtype)
+        bias = (torch.randn(N, generator=gen(5)) * 0.1).to(dtype).to(DEV)
+        for b in (bias, None):
+            monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "0")
+            want = K.quantized_linear(x, qw, b, path="w8a8")
+            monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "1")
+            for _ in range(2):
+                got = K.quantized_linear(x, qw, b, path="w8a8")
+                assert torch.equal(got, want), (scaling, b is None)
+        q, s = K.quantize_activations(x)
+        ref = (q.double() * s.double()) @ qw.dequantize().double().to(DEV).t()
+        assert rel(got, ref) < 6e-3
+    if dtype != torch.float32:
+        lora = ((torch.randn(m, 16, generator=gen(6))).to(dtype).to(DEV),
+                (torch.randn(N, 16, generator=gen(7)) * 0.1).to(dtype).to(DEV))
+        monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "0")
+        want = K.quantized_linear(x, qw, bias, path="w8a8", lora=lora)
+        monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "1")
+        assert rel(K.quantized_linear(x, qw, bias, path="w8a8", lora=lora), want) < 1e-5
+    sync = launch.zeroed_workspace(0, 0, 64) if DEV.type == "cuda" else None
+    if sync is not None:
+        torch.cuda.synchronize()
+        assert not sync.any(), "the one-launch kernel left its counters set"
 
 
 # ------------------------------------------------------------------------------------------------
