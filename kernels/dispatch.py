@@ -19,24 +19,26 @@ import torch.nn.functional as F
 from . import reference as ref
 from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_quant, launch_dequant,
                      launch_int8_gemm, launch_rotate, launch_w8a16, launch_w8a8_fused, launch_w8a8_onelaunch,
-                     plan_unsafe, resolve_backend, env_get, FUSED_ACT_MAX_M, ONELAUNCH_ENV, ONELAUNCH_MAX_M)
+                     plan_unsafe, resolve_backend, env_get, FUSED_ACT_MAX_M, ONELAUNCH_ENV, ONELAUNCH_MAX_M,
+                     ONELAUNCH_MAX_NK, capturing)
 
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
 FUSED_ENV = "CONVERT_TO_QUANT_FUSED_ACT"  # "0": W8A8 for few tokens in two launches, as for many
 PATHS = ("auto", "w8a8", "w8a16", "dequant")
 
 # (arch, weight kind) -> ((largest M, largest N*K or 0 for any, path), ...): the first row that fits
-# M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md):
-# * back to back (benchmarks/kernels.py "path sweep", K = N = 3072): W8A16 is the fastest GPU work up to
-#   M = 64 (it streams half the bytes of bf16 and skips the activation pass);
-# * per synchronised call (benchmarks/per_call.py), where host work counts: one launch (W8A16) beats two
-#   (activation quantization + W8A8 GEMM) up to M = 256 at K = N = 3072 (N*K = 9.4M), but not at the
-#   T5-XXL ffn (512 x 4096 -> 10240, N*K = 42M), whose W8A16 GPU time is the larger cost. At M = 512
-#   (round 3, with the swapped W8A16 kernel and launch plans) W8A8 is as fast per call (58.4 vs 61.8 us)
-#   and takes half the GPU time (17.4 vs 37.2 us), so W8A16 stops at 256.
-# The Ampere/Ada rows copy Hopper's crossover (not measured: no such card was available).
-_SMALL_M = ((64, 0, "w8a16"), (256, 16 << 20, "w8a16"))
-PATH_TABLE = {(arch, kind): _SMALL_M for arch in ("sm90", "sm89", "sm80") for kind in ("row", "block")}
+# M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md, "Round 5"):
+# W8A16 (one launch, no activation pass) is the fastest per call up to M = 16 (7.4 us GPU against
+# cuBLAS's 7.6 at K = N = 3072). From M = 17 W8A8 wins: its GEMM with small pointer-load tiles takes
+# 8.6 us at M = 64 where W8A16 takes 12.9-13.7 (the int8 -> bf16 conversion of every weight tile),
+# and 10.6 + 2.3 (activation pass) at M = 256 against W8A16's 20.4; per synchronised call W8A8 in one
+# launch (``launch.ONELAUNCH_MAX_M``) was 34.8 vs 35.9 us at M = 64 and 39.7 vs 43.5 at M = 256.
+# float32 activations always take W8A8 (``choose_path``). The Ampere/Ada rows copy Hopper's (not
+# measured: no such card was available).
+# Block-wise weights keep the rows measured before (round 3): W8A16 up to M = 64, and up to 256 for
+# N*K <= 16M (the block-wise W8A8 GEMM was not measured at these M with the small tiles).
+_SMALL_M = {"row": ((16, 0, "w8a16"),), "block": ((64, 0, "w8a16"), (256, 16 << 20, "w8a16"))}
+PATH_TABLE = {(arch, kind): _SMALL_M[kind] for arch in ("sm90", "sm89", "sm80") for kind in ("row", "block")}
 
 
 def choose_path(kind: str, m: int, device: torch.device, nk: int = 0, dtype: Optional[torch.dtype] = None) -> str:
@@ -144,7 +146,8 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
         return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
     if be == "triton" and not convrot_groupsize and m <= FUSED_ACT_MAX_M and env_get(FUSED_ENV, "1") != "0":
         return launch_w8a8_fused(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
-    if be == "triton" and not convrot_groupsize and m <= ONELAUNCH_MAX_M and env_get(ONELAUNCH_ENV, "1") != "0":
+    if (be == "triton" and not convrot_groupsize and m <= ONELAUNCH_MAX_M and n * k <= ONELAUNCH_MAX_NK
+            and env_get(ONELAUNCH_ENV, "1") != "0" and not capturing()):
         return launch_w8a8_onelaunch(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
     q, s = quantize_activations_2d(x, convrot_groupsize, 0, be, resolved=True)
     if be == "triton":

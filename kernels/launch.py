@@ -888,6 +888,14 @@ except AttributeError:  # pragma: no cover - CPU-only torch builds
     _capturing = _cur_device = None
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False where CUDA is not in use)."""
+    try:
+        return _capturing is not None and torch.cuda.is_initialized() and bool(_capturing())
+    except RuntimeError:  # pragma: no cover
+        return False
+
+
 def current_device() -> int:
     """The current CUDA device's index (``torch.cuda.current_device`` without its Python layers)."""
     return _cur_device() if _cur_device is not None else torch.cuda.current_device()
@@ -1163,7 +1171,8 @@ def _zeroed_offset(ptr: int) -> Optional[int]:
 # activation rows themselves, then multiply with small pointer-load tiles. H200 (benchmarks/small_m.py,
 # docs/KERNELS.md "Round 5"): at K = N = 3072 the W8A8 GEMM alone with 64x32x256 tiles takes 8.6 us at
 # M = 64 against cuBLAS bf16's 8.3 (the TMA tiles of ``_W8A8_CONFIGS``: 10.5), where W8A16 takes 13.0.
-ONELAUNCH_MAX_M = 1024
+ONELAUNCH_MAX_M = 256
+ONELAUNCH_MAX_NK = 16 << 20
 ONELAUNCH_ENV = "CONVERT_TO_QUANT_ONE_LAUNCH"  # "0": W8A8 in two launches at every M
 
 

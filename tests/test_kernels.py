@@ -781,7 +781,8 @@ def test_launch_plans_replay_the_same_bits(m, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["w8a8", None])
-def test_plan_workspace_and_fast_path_are_safe(path, monkeypatch):
+@pytest.mark.parametrize("m", [300, 200])  # 200: the one-launch W8A8 and its zeroed counters
+def test_plan_workspace_and_fast_path_are_safe(path, m, monkeypatch):
     """Plans carve their temporaries from one workspace per (thread, device, stream): layers sharing it
     back to back without a sync, another stream, another thread and CUDA-graph capture (which
     allocates) all give the unplanned bits; the call-by-call fast path (a call exactly like a planned
@@ -789,7 +790,7 @@ def test_plan_workspace_and_fast_path_are_safe(path, monkeypatch):
     import threading
     if path:
         monkeypatch.setenv(K.PATH_ENV, path)
-    m, k, n = 300, 512, 384
+    k, n = 512, 384
     runs, wants = [], []
     xs = [torch.randn(m, k, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
     bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
@@ -881,14 +882,20 @@ def test_plan_workspace_and_fast_path_are_safe(path, monkeypatch):
 
 
 def test_path_table_rules(monkeypatch):
-    """The measured small-M rules (docs/KERNELS.md): one launch (W8A16) up to M = 64 always and up to
-    M = 512 for weights up to 16M entries; W8A8 beyond, and where nothing was measured."""
+    """The measured small-M rules (docs/KERNELS.md): W8A16 up to M = 16 for per-row / tensor-wise
+    weights (W8A8 from 17: its small-tile GEMM beats the weight conversion), for block-wise weights up
+    to M = 64 always and up to 256 for weights up to 16M entries; W8A8 beyond, and where nothing was
+    measured."""
     monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm90")
     cpu = torch.device("cpu")
     assert K.choose_path("row", 1, cpu) == "w8a16"
-    assert K.choose_path("row", 64, cpu, 4096 * 10240) == "w8a16"
-    assert K.choose_path("row", 256, cpu, 3072 * 3072) == "w8a16"
+    assert K.choose_path("row", 16, cpu, 3072 * 3072) == "w8a16"
+    assert K.choose_path("row", 17, cpu, 3072 * 3072) == "w8a8"
+    assert K.choose_path("row", 64, cpu, 4096 * 10240) == "w8a8"
+    assert K.choose_path("row", 256, cpu, 3072 * 3072) == "w8a8"
+    assert K.choose_path("block", 64, cpu, 4096 * 10240) == "w8a16"
     assert K.choose_path("block", 256, cpu, 3072 * 3072) == "w8a16"
+    assert K.choose_path("block", 256, cpu, 4096 * 10240) == "w8a8"
     assert K.choose_path("row", 512, cpu, 3072 * 3072) == "w8a8"  # GPU 17 vs 37 us on the H200
     assert K.choose_path("row", 512, cpu, 4096 * 10240) == "w8a8"
     assert K.choose_path("row", 512, cpu) == "w8a8"  # N*K unknown: the large-M rule
