@@ -7,7 +7,7 @@ latents and batch-1 calls leave the GPU waiting for the host. This script measur
 * ``sync us``: one call between two synchronisations, CUDA events recorded around it (launch work and
   GPU time as a lone call sees them), median over ``--calls`` calls;
 * ``cpu us``: host time to issue one call on an idle queue (synchronise, clock, call, clock);
-* ``graph us``: GPU-only time (CUDA-graph replay), where capture works.
+* ``graph us``: GPU-only time (CUDA-graph replay of one call per distinct layer, weights cold in L2), where capture works.
 
 Variants: ``bf16`` (``F.linear``), ``ours`` (the loader's runtime call: ``kernels.prepare_linear`` on a
 per-row int8 weight, path ``kernels.runtime_path``: the table on CUDA, chunked dequant off Triton), ``ours_generic`` (``kernels.quantized_linear``: operand checks
@@ -61,6 +61,14 @@ def env_off(name, fn):
     return run
 
 
+def shifted(fn, offset: int):
+    """``fn`` called with round index + ``offset`` (so it picks another layer than its neighbours)."""
+    def run(i):
+        return fn(i + offset)
+    run.toggles_env = getattr(fn, "toggles_env", False)
+    return run
+
+
 def layers_for(m, k, n, dev, count, Int8Tensorwise):
     g = torch.Generator(device=dev).manual_seed(m * 7 + k * 3 + n)
     out = []
@@ -73,7 +81,7 @@ def layers_for(m, k, n, dev, count, Int8Tensorwise):
     return out
 
 
-def measure_all(variants: dict, calls: int, dev, graph_for) -> dict:
+def measure_all(variants: dict, calls: int, dev, graph_for, graph_calls: int = 1) -> dict:
     """{variant: (sync us, cpu us, graph us)}: medians over ``calls`` rounds in which every variant makes
     one call, in a rotating order (a shared host's slow spells hit all variants alike instead of
     whichever ran during them); graph us from CUDA-graph replay for the variants in ``graph_for``.
@@ -81,10 +89,10 @@ def measure_all(variants: dict, calls: int, dev, graph_for) -> dict:
     each in its own rounds with ``bf16``: on the H200 host, interleaving them tripled the host time
     of the ``F.linear`` calls next to them (80 vs 25-30 us), which would flatter every ratio."""
     plain = {v: f for v, f in variants.items() if not getattr(f, "toggles_env", False)}
-    res = _measure_rounds(plain, calls, dev, graph_for)
+    res = _measure_rounds(plain, calls, dev, graph_for, graph_calls)
     for v, f in variants.items():
         if v not in plain:
-            res[v] = _measure_rounds({v: f}, calls, dev, graph_for)[v]
+            res[v] = _measure_rounds({v: f}, calls, dev, graph_for, graph_calls)[v]
     return res
 
 
@@ -93,7 +101,7 @@ def measure(fn, calls: int, dev, graph: bool):
     return _measure_rounds({"v": fn}, calls, dev, ("v",) if graph else ())["v"]
 
 
-def _measure_rounds(variants: dict, calls: int, dev, graph_for) -> dict:
+def _measure_rounds(variants: dict, calls: int, dev, graph_for, graph_calls: int = 1) -> dict:
     cuda = dev.type == "cuda"
     names = list(variants)
     for fn in variants.values():
@@ -129,7 +137,8 @@ def _measure_rounds(variants: dict, calls: int, dev, graph_for) -> dict:
         if cuda and v in graph_for:
             try:
                 from triton.testing import do_bench_cudagraph
-                g = do_bench_cudagraph(lambda: variants[v](0), rep=50, return_mode="median") * 1e3
+                g = do_bench_cudagraph(lambda: [variants[v](j) for j in range(graph_calls)], rep=50,
+                                       return_mode="median") * 1e3 / graph_calls
             except Exception as e:  # capture can fail (allocations inside the call): not a result
                 log(f"   graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
         out[v] = (statistics.median(sync[v]), statistics.median(cpu[v]), g)
@@ -353,8 +362,14 @@ def main(argv=None) -> int:
                                     "ours_triton_launch") else 1e-2
             if not err < tol:  # W8A8 adds the activation rounding (~1e-2); NaN fails
                 failures.append(f"{name}/{vname}: rel err {err:.2e} vs float64")
+        # In round i every variant used layer i % count until round 5 of docs/KERNELS.md: a variant that
+        # followed another int8 one found its weight still in L2 (the forced paths looked 3-4 us faster
+        # than "ours", which follows bf16). Now consecutive variants use layers 3 apart: cold, as the
+        # next layer of a model is.
+        step = 3 if count >= 4 and count % 3 else 1
+        variants = {v: shifted(f, step * idx) for idx, (v, f) in enumerate(variants.items())}
         res = measure_all(variants, args.calls, dev, ("bf16", "ours", "w8a8", "w8a16", "w8a8_2launch", "w8a16_noswap",
-                                                      "w8a8_2l"))
+                                                      "w8a8_2l"), graph_calls=count)
         if args.profile:
             profile_call(name, ours, lay[0][2], xs[0], dev, K, L, prepared[0], lay[0][1], bf16)
         rows.append((name, (m, k, n), res))
