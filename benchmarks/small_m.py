@@ -127,15 +127,6 @@ def main(argv=None) -> int:
             for cfg in L.onelaunch_configs(arch, m):
                 variants[f"1l {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_w8a8_onelaunch(x, qd[i], sc[i], None, dtype, configs=[c]), ref88, 1e-2)
-        if only is None or "1lnp" in only:  # without the L2 prefetch of the weights
-            def nopf(i, c):
-                os.environ[L.PREFETCH_ENV] = "0"
-                try:
-                    return L.launch_w8a8_onelaunch(x, qd[i], sc[i], None, dtype, configs=[c])
-                finally:
-                    os.environ.pop(L.PREFETCH_ENV, None)
-            for cfg in L.onelaunch_configs(arch, m):
-                variants[f"1lnp {cfg.short()}"] = (lambda i, c=cfg: nopf(i, c), ref88, 1e-2)
         if only is None or "fused" in only:
             for cfg in L._fused_act_configs(arch, m):
                 variants[f"fused {cfg.short()}"] = (
@@ -158,7 +149,7 @@ def main(argv=None) -> int:
                             failures.append(f"{name} {vname}: rel err {e:.3g} > {tol}")
                             log(f"   FAIL {vname}: rel err {e:.3g}")
                             break
-                if vname.startswith("1l"):  # (1lnp too)  # the two-launch W8A8's bits, always (a race would move them)
+                if vname.startswith("1l"):  # the two-launch W8A8's bits, always (a race would move them)
                     exact = L.launch_int8_gemm(qa, a_s, qd[0], sc[0], None, dtype)
                     bad = sum(not torch.equal(fn(0), exact) for _ in range(3 if args.dry_run else 50))
                     if bad:

@@ -421,8 +421,7 @@ def plans_enabled() -> bool:
 # The environment variables that change what a call launches (part of a plan's key).
 _PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
               "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT",
-              "CONVERT_TO_QUANT_W8A16_SWAP", "CONVERT_TO_QUANT_ONE_LAUNCH",
-              "CONVERT_TO_QUANT_ONE_LAUNCH_PREFETCH")
+              "CONVERT_TO_QUANT_W8A16_SWAP", "CONVERT_TO_QUANT_ONE_LAUNCH")
 
 
 def env_state() -> tuple:
@@ -1175,7 +1174,6 @@ def _zeroed_offset(ptr: int) -> Optional[int]:
 ONELAUNCH_MAX_M = 256
 ONELAUNCH_MAX_NK = 16 << 20
 ONELAUNCH_ENV = "CONVERT_TO_QUANT_ONE_LAUNCH"  # "0": W8A8 in two launches at every M
-PREFETCH_ENV = "CONVERT_TO_QUANT_ONE_LAUNCH_PREFETCH"  # "0": no L2 prefetch of the weights (benchmarks)
 
 
 def onelaunch_configs(arch: str, m: int) -> List[GemmConfig]:
@@ -1231,8 +1229,6 @@ def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tens
              producers),
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
                  EVEN_K=k % cfg.BK == 0, FENCE=not interp, QR=qr, KC=kc, MT=mt2,
-                 PF_LINES=(0 if interp or env_get(PREFETCH_ENV) == "0"
-                           else min(_pow2_at_least(_cdiv(k, 128)), max(1, 4096 // cfg.BN))),
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 

@@ -278,19 +278,12 @@ def _fence_gpu(v):
                                      is_pure=False, pack=1)
 
 
-@triton.jit
-def _prefetch_l2(ptrs):
-    """``prefetch.global.L2`` of the 128-byte line at each pointer (no value, no wait)."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["M", "producers"])
 def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, q_ptr, s_ptr, sync_ptr,
                           M, N, K, stride_xm, producers,
                           LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FENCE: tl.constexpr,
-                          QR: tl.constexpr, KC: tl.constexpr, MT: tl.constexpr, PF_LINES: tl.constexpr,
+                          QR: tl.constexpr, KC: tl.constexpr, MT: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """W8A8 (per-token activations) in one launch: ``act_quant_kernel`` + ``int8_gemm_kernel`` bit for bit,
     with the activation quantization done once by the programs themselves.
@@ -306,11 +299,6 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
     num_pid_n = tl.cdiv(N, BN)
     total = num_pid_m * num_pid_n
     t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    if PF_LINES > 0:  # start the tile's weight rows on their way to L2 while the rows get quantized
-        pid_m0, pid_n0 = _tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
-        rn0 = pid_n0 * BN + tl.arange(0, BN)
-        line = tl.minimum(tl.arange(0, PF_LINES) * 128, K - 1)
-        _prefetch_l2(b_ptr + tl.where(rn0 < N, rn0, 0).to(tl.int64)[:, None] * K + line[None, :])
     # ---- phase 1: quantize rows (RNE of y * (1/s), s = max(absmax / 127, 1e-30), as act_quant_kernel)
     if t < producers:
         rq = tl.arange(0, QR)
