@@ -1142,8 +1142,8 @@ _ZEROED: Dict[tuple, torch.Tensor] = {}
 
 def zeroed_workspace(device_index: int, stream: int, nbytes: int) -> torch.Tensor:
     """An int32 buffer of at least ``nbytes`` that is all zeros when a kernel on ``stream`` starts: the
-    kernels given it (split-K partials and arrival counters) leave it zeroed when they end, and
-    kernels on one stream run one after another. One per (device, stream), shared by threads; during
+    kernels given it (the one-launch W8A8's tickets and ready counters) leave it zeroed when they end,
+    and kernels on one stream run one after another. One per (device, stream), shared by threads; during
     CUDA-graph capture a fresh one per call (the graph's own memory, zeroed when captured)."""
     dev = torch.device("cuda", device_index)
     words = -(-nbytes // 4)
@@ -1177,6 +1177,7 @@ ONELAUNCH_ENV = "CONVERT_TO_QUANT_ONE_LAUNCH"  # "0": W8A8 in two launches at ev
 
 
 def onelaunch_configs(arch: str, m: int) -> List[GemmConfig]:
+    """Tuner candidates (the M > 256 ones serve ``benchmarks/small_m.py``; dispatch stops at 256)."""
     if arch == "interp":
         return [C(16, 32, 32, 4, 1, GROUP_M=2)]
     stages = 4 if arch == "sm90" else 3
