@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         o = res["ours"]
         log(f"{name} {m}x{k}->{n}: bf16 sync {b[0]:.1f}us cpu {b[1]:.1f}us | ours sync {o[0]:.1f}us "
             f"({b[0] / o[0]:.2f}x) cpu {o[1]:.1f}us (+{o[1] - b[1]:.1f})")
-        del lay, prepared, xs
+        lay = prepared = prepared2 = xs = None  # free this shape's layers before the next
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 

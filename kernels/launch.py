@@ -1107,18 +1107,21 @@ def _fused_act_configs(arch: str, m: int) -> List[GemmConfig]:
     return [C(64, 128, 128, 4, stages), C(128, 128, 128, 8, 3), C(64, 64, 128, 4, stages), C(128, 64, 128, 4, 3)]
 
 
+def _w8a8_call(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype, lora):
+    """(M, K, N, device, the output, per-row weight scales?, the LoRA epilogue's arguments) of a W8A8 call."""
+    m, k = x.shape
+    n = qw.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    return m, k, n, x.device, c, w_scale.numel() > 1, _lora_args(lora, w_scale)
+
+
 def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                       out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
     ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
-    m, k = x.shape
-    n = qw.shape[0]
-    dev = x.device
-    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    m, k, n, dev, c, ws_per_row, (lh, lu, lora_r, lora_ieee) = _w8a8_call(x, qw, w_scale, out_dtype, lora)
     if m == 0:
         return c
-    ws_per_row = w_scale.numel() > 1
-    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
 
     def launch(cfg: GemmConfig) -> None:
         grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
@@ -1198,14 +1201,9 @@ def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tens
                           out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
     ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
-    m, k = x.shape
-    n = qw.shape[0]
-    dev = x.device
-    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    m, k, n, dev, c, ws_per_row, (lh, lu, lora_r, lora_ieee) = _w8a8_call(x, qw, w_scale, out_dtype, lora)
     if m == 0:
         return c
-    ws_per_row = w_scale.numel() > 1
-    lh, lu, lora_r, lora_ieee = _lora_args(lora, w_scale)
     q = torch.empty((m, k), dtype=torch.int8, device=dev)
     qs = torch.empty((m,), dtype=torch.float32, device=dev)
     interp = interpreter_active()
