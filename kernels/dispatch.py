@@ -27,10 +27,10 @@ FUSED_ENV = "CONVERT_TO_QUANT_FUSED_ACT"  # "0": W8A8 for few tokens in two laun
 PATHS = ("auto", "w8a8", "w8a16", "dequant")
 
 # (arch, weight kind) -> ((largest M, largest N*K or 0 for any, path), ...): the first row that fits
-# M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md, "Round 5"):
+# M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md, rounds 4-5):
 # W8A16 (one launch, no activation pass) is the fastest per call up to M = 16 (7.4 us GPU against
-# cuBLAS's 7.6 at K = N = 3072). From M = 17 W8A8 wins: its GEMM with small pointer-load tiles takes
-# 8.6 us at M = 64 where W8A16 takes 12.9-13.7 (the int8 -> bf16 conversion of every weight tile),
+# cuBLAS's 7.6 at K = N = 3072, round 4). From M = 17 W8A8 wins: its GEMM with small pointer-load tiles
+# takes 8.6 us at M = 64 where W8A16 takes 12.9-13.7 (it converts every weight tile to bf16),
 # and 10.6 + 2.3 (activation pass) at M = 256 against W8A16's 20.4; per synchronised call W8A8 in one
 # launch (``launch.ONELAUNCH_MAX_M``) was 34.8 vs 35.9 us at M = 64 and 39.7 vs 43.5 at M = 256.
 # float32 activations always take W8A8 (``choose_path``). The Ampere/Ada rows copy Hopper's (not

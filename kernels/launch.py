@@ -857,9 +857,6 @@ def launch_rotate(x: torch.Tensor, group_size: int, out_dtype: torch.dtype,
 
 
 # ------------------------------------------------------------------------------------------------
-# GEMMs
-# ------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------
 # reusable device memory for small per-call buffers
 # ------------------------------------------------------------------------------------------------
 # A small call's temporaries (the quantized activations and their scales, Triton's global scratch for
@@ -938,6 +935,9 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_torch_scratch)
 
 
+# ------------------------------------------------------------------------------------------------
+# GEMMs
+# ------------------------------------------------------------------------------------------------
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # host side: triton.cdiv is a constexpr_function, microseconds per call
 
