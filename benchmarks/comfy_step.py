@@ -359,6 +359,35 @@ def op_is_linear(name: str) -> bool:
     return name in LINEAR_OPS or name.startswith(LINEAR_OP_PREFIX)
 
 
+def kernel_table(call, dev, name: str, top: int, steps: int = 3) -> list:
+    """Prints (and returns) the ``top`` device kernels of one profiled run of ``steps`` calls by total time:
+    [(kernel name, calls per step, ms per step)] -- where a variant's extra time goes (``--kernel-table``)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    if dev.type != "cuda":
+        return []
+    with torch.inference_mode():
+        call()
+        torch.cuda.synchronize(dev)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                call()
+            torch.cuda.synchronize(dev)
+    agg = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False):
+            continue
+        n, t = agg.get(e.name, (0, 0.0))
+        agg[e.name] = (n + 1, t + e.time_range.elapsed_us())
+    rows = sorted(((k, n / steps, t / 1e3 / steps) for k, (n, t) in agg.items()), key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    log(f"kernels of {name}: {total:.2f} ms of device time per step")
+    for k, n, ms in rows[:top]:
+        log(f"  {ms:8.3f} ms {n:6.1f}x  {k[:150]}")
+    return [(k, n, ms) for k, n, ms in rows[:top]]
+
+
 def profile_split(call, dev, steps: int = 0) -> dict:
     """ms per call of the linear layers vs everything else, from one profiled run of ``steps`` calls (None
     where the profiler cannot run).
@@ -944,6 +973,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=["default", "int8"], default="default",
                     help="wan: int8 adds a variant 'int8+attn8' (int8 weights + INT8 attention, the loader's "
                          "attention=int8 option) and a linear / attention / other split of the profiled steps")
+    ap.add_argument("--kernel-table", type=int, default=0, metavar="N",
+                    help="wan: print the N device kernels that take the most time per step for the variants "
+                         "in --kernel-table-variants (where a variant's extra time goes)")
+    ap.add_argument("--kernel-table-variants", default="int8,int8+loras,int8 compiled,int8+loras compiled")
     args = ap.parse_args(argv)
     if args.text_encoder or args.model == "flux":
         args.steps = args.steps if args.steps is not None else (2 if args.dry_run else 10)
@@ -1045,6 +1078,7 @@ def main(argv=None) -> int:
         return opts
 
     results = {}
+    kernel_tables = set(args.kernel_table_variants.split(",")) if args.kernel_table else set()
     lora_v = args.loras > 0
     variants = [("bf16", lambda: bf16_model())] + ([("bf16+loras", lambda: with_loras(bf16_model()))] if lora_v else [])
     variants += [("int8", lambda: int8_model())] + ([("int8+loras", lambda: with_loras(int8_model()))] if lora_v else [])
@@ -1073,6 +1107,9 @@ def main(argv=None) -> int:
                 splits[name] = profile_split(lambda: m.model.apply_model(
                     x, t, c_crossattn=ctx, transformer_options=step_options(m)), dev)
             log(f"{name:>22}: {ms:9.2f} ms/step")
+            if name in kernel_tables:
+                kernel_table(lambda: m.model.apply_model(x, t, c_crossattn=ctx, transformer_options=step_options(m)),
+                             dev, name, args.kernel_table)
             del m
         mm.unload_all_models()
 

@@ -152,12 +152,17 @@ class GemmConfig:
     split_k: int = 1  # W8A16 only: programs per output tile along K (fp32 atomics)
     rot_impl: int = 0  # activation kernel only: convrot implementation (triton_kernels._rotate_row)
     swap: bool = False  # W8A16 only: w8a16_swap_kernel (weight tile as the MMA's register operand)
+    # persistent W8A8 only: False keeps the tile loop and the K loop apart (Triton's pipeliner then
+    # cannot prefetch the next tile during the epilogue, but the epilogue's shared memory reuses the
+    # K loop's buffers): the tuner's twins (``_unflattened_twins``)
+    flatten: bool = True
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
         s += ("", "/tmah", "/tma")[self.tma] + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
         return (s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
-                + (f"/rot{self.rot_impl}" if self.rot_impl else "") + ("/swap" if self.swap else ""))
+                + (f"/rot{self.rot_impl}" if self.rot_impl else "") + ("/swap" if self.swap else "")
+                + ("" if self.flatten or not self.persistent else "/nofl"))
 
 
 C = GemmConfig
@@ -265,6 +270,24 @@ def _fits_gemm(cfg: GemmConfig, m: int, n: int, k: int) -> bool:
     if n < cfg.BN // 2 and cfg.BN > 64:
         return False
     return True
+
+
+def _unflattened_twins(cands: List[GemmConfig]) -> List[GemmConfig]:
+    """Each persistent W8A8 config preceded by its unflattened twin (``GemmConfig.flatten``), for the tuner.
+
+    Flattened, the tile loop and the K loop are one loop and the pipeliner's buffers stay live through the
+    epilogue, so anything the epilogue keeps in shared memory comes on top: a LoRA pair of rank 64 takes the
+    128x128x128 two-CTAs-per-SM tile from 106 to 131 KB (sm90 compile, triton 3.9), one CTA per SM.
+    Unflattened, the epilogue reuses the K loop's buffers (98 KB with or without LoRA). Measured on an H200
+    (``benchmarks/lora_epilogue.py``, docs/KERNELS.md round 6): Wan 720p ffn_down with a rank-64 LoRA
+    736 us unflattened vs 811 for the best flattened config, and faster than the plain GEMM's best
+    flattened config (823 us), so plain GEMMs get the twins too."""
+    out = []
+    for cfg in cands:
+        if cfg.persistent and cfg.flatten:
+            out.append(replace(cfg, flatten=False))
+        out.append(cfg)
+    return out
 
 
 def _largest_pow2_divisor(group: int, cap: int, floor: int = 32) -> int:
@@ -1008,7 +1031,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
                  GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
                  WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
-                 USE_TMA=tma, FLATTEN=cfg.persistent, EVEN_K=k % cfg.BK == 0,
+                 USE_TMA=tma, FLATTEN=cfg.persistent and cfg.flatten, EVEN_K=k % cfg.BK == 0,
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
@@ -1024,7 +1047,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
         cands = [cfg for cfg in allc if _fits_gemm(cfg, m, n, k)] or allc[-1:]
         if blockwise:  # BK must divide the scale block: shrink it (never grow) for smaller groups
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
-        return cands
+        return _unflattened_twins(cands)
 
     launch(TUNER.pick(key, candidates, launch))
     return c

@@ -167,6 +167,52 @@ def test_w8a8_gemm_configs_persistent_and_uneven_k(backend):
     assert rel(out16, want) < 6e-3
 
 
+def test_w8a8_gemm_lora_epilogue_every_config():
+    """The W8A8 GEMM with a LoRA pair in its epilogue, in every config the tuner may pick for it: the
+    persistent tile loop flattened into the K loop and not (``launch._unflattened_twins``), several tiles per
+    program, ragged M and N, K not a multiple of BK; fp32 output against float64. On an sm90 GPU every
+    ``_W8A8_CONFIGS`` entry and its twin."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    k = 272
+    qw = to_dev(Int8Tensorwise.quantize(weight(k=k, seed=91), Int8Tensorwise.Params("row")))
+    r = 32
+    up = (torch.randn(N, r, generator=gen(92)) * 0.5).to(DEV)
+    bias = torch.randn(N, generator=gen(93)).to(DEV)
+    if DEV.type == "cpu":
+        base = launch._W8A8_CONFIGS["interp"][0]
+        cfgs = [replace(base, persistent=True), base]
+        ms = (M,)
+    else:
+        cfgs = launch._W8A8_CONFIGS.get(launch.arch_of(DEV), launch._W8A8_CONFIGS["sm80"])
+        ms = (M, 300)
+    cfgs = launch._unflattened_twins(cfgs)
+    assert any(c.persistent and not c.flatten for c in cfgs) and any(c.persistent and c.flatten for c in cfgs)
+    import triton.runtime.errors
+    tried, ran = set(), set()
+    for m in ms:
+        x = act(m=m, k=k, seed=90 + m)
+        qa, sa = K.quantize_activations(x)
+        h = (torch.randn(m, r, generator=gen(94)) * 0.3).to(DEV, torch.bfloat16)
+        want = ((qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu().reshape(-1, 1)
+                * qw.scale.double().cpu().reshape(1, -1) + bias.double().cpu()
+                + h.double().cpu() @ up.to(torch.bfloat16).double().cpu().T)
+        for cfg in cfgs:
+            if DEV.type == "cuda" and not launch._fits_gemm(cfg, m, N, k):
+                continue
+            tried.add(cfg)
+            try:
+                out = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias,
+                                              torch.float32, configs=[cfg], lora=(h, up.to(torch.bfloat16)))
+            except triton.runtime.errors.OutOfResources:
+                # flattened big tiles plus the epilogue's operands can exceed shared memory: the tuner skips them
+                assert cfg.flatten, cfg.short()
+                continue
+            assert rel(out, want) < 1e-5, (cfg.short(), m)
+            ran.add(cfg)
+    assert all(c in ran for c in tried if not c.flatten) and any(not c.flatten for c in ran)
+
+
 # ------------------------------------------------------------------------------------------------
 # block-wise W8A8
 # ------------------------------------------------------------------------------------------------
