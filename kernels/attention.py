@@ -13,7 +13,12 @@ attention"):
 3. **Scores** ``S = (int8 Q · int8 K̃ᵀ)`` exactly (int32), then ``(S · sk) · sq`` in fp32: the log2-domain
    logits.
 4. **Softmax** in fp32 with ``exp2`` (flash-style online max/sum in the kernel; one pass in the reference).
-5. **P·V**: P rounded to V's dtype (bf16/fp16), times V, fp32 accumulation, divided by the fp32 row sum.
+5. **P·V** (``pv``): "v" -- P rounded to V's dtype (bf16/fp16), times V, fp32 accumulation, divided by
+   the fp32 row sum. "fp8" (FP8 tensor cores, sm89+; the SageAttention2 recipe) -- V quantized to
+   float8_e4m3fn per (batch, head, channel): ``sv = max(absmax_L(v) / 448, 1e-30)``, ``v8 = e4m3(clamp(v ·
+   (1 / sv), ±448))`` round-to-nearest-even; P (≤ 1) as ``e4m3(P · 448)``; each K tile's product summed in
+   fp32 by the MMA from zero and added to the fp32 accumulator (two-level accumulation), at the end
+   ``· (sv · (1 / 448))`` per channel, divided by the row sum.
 
 Entry points: ``int8_attention(q, k, v)`` on (B, H, L, D) views (any strides with a unit last stride;
 output (B, Lq, H, D) contiguous), ``unsupported_reason`` (why a call would not take this path; the
@@ -53,6 +58,10 @@ K_GRAN = 1
 QUANT_ROWS = 64  # rows per program of the quantization kernel (a multiple of both granularities)
 ATTENTION_BACKEND_ENV = "CONVERT_TO_QUANT_ATTENTION_BACKEND"  # "auto" / "triton" / "torch"
 REF_CHUNK_BYTES = 64 << 20  # the torch reference materialises at most this many bytes of fp32 scores
+PV_ENV = "CONVERT_TO_QUANT_ATTENTION_PV"  # "auto" / "v" / "fp8": how P·V is computed (module doc, step 5)
+PV_MODES = ("v", "fp8")
+FP8_MAX = 448.0
+FP8_PAD = 16  # V^T rows (tokens) padded to a multiple of this (16-byte aligned fp8 rows)
 
 
 class AttentionInputError(ValueError):
@@ -138,9 +147,27 @@ def _new_out(b, h, lq, d, v, heads_last: bool) -> Tuple[torch.Tensor, torch.Tens
     return out, out
 
 
-def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, heads_last: bool = True) -> torch.Tensor:
+def _v_scales(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel absmax of V (fp32 [B, H, D]) -> the fp8 scales (one torch expression for both backends)."""
+    return (amax / torch.full_like(amax, FP8_MAX)).clamp(min=SCALE_MIN).contiguous()
+
+
+def quantize_v_fp8_reference(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(V^T float8_e4m3fn [B, H, D, Lpad], scales fp32 [B, H, D]): step 5's "fp8" quantization of V, one
+    scale per (batch, head, channel); tokens padded with zeros to a multiple of ``FP8_PAD``."""
+    b, h, n, d = v.shape
+    sv = _v_scales(v.abs().amax(dim=2).float())
+    v8 = (v.float() * torch.reciprocal(sv)[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    npad = -(-n // FP8_PAD) * FP8_PAD
+    vt = torch.zeros((b, h, d, npad), dtype=torch.float8_e4m3fn, device=v.device)
+    vt[..., :n] = v8.transpose(-1, -2)
+    return vt, sv.contiguous()
+
+
+def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, heads_last: bool = True, v8=None) -> torch.Tensor:
     """Steps 3-5 of the module doc in torch from quantized Q/K: output in v's dtype, (B, Lq, H, D)
-    contiguous (``heads_last``) or (B, H, Lq, D). Scores
+    contiguous (``heads_last``) or (B, H, Lq, D); ``v8`` = ``quantize_v_fp8_reference(v)`` for P·V in fp8
+    (else P rounded to V's dtype). Scores
     are computed exactly (int8 products summed in fp32 are exact for D < 1040; float64 on CUDA, where TF32
     may be on) in chunks of query rows of at most ``REF_CHUNK_BYTES``."""
     b, h, lq, d = qi.shape
@@ -150,7 +177,11 @@ def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, heads_last: bool =
     sq = _row_scales(qs, Q_GRAN, lq)
     sk = _row_scales(ks, K_GRAN, lk)
     kf = ki.to(acc).transpose(-1, -2)
-    vf = v.float()
+    if v8 is not None:
+        vf = v8[0][..., :lk].float().transpose(-1, -2)  # exact fp8 values
+        vscale = (v8[1] * (1.0 / FP8_MAX))[:, :, None, :]
+    else:
+        vf = v.float()
     rows = max(1, min(lq, REF_CHUNK_BYTES // max(1, 4 * b * h * lk)))
     for r0 in range(0, lq, rows):
         r1 = min(lq, r0 + rows)
@@ -159,16 +190,19 @@ def attention_from_quantized(qi, qs, ki, ks, v: torch.Tensor, heads_last: bool =
         m = s.amax(dim=-1, keepdim=True)
         p = torch.exp2(s - m)
         l_ = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p.to(v.dtype).float(), vf) / l_
+        if v8 is not None:
+            o = (torch.matmul((p * FP8_MAX).to(torch.float8_e4m3fn).float(), vf) * vscale) / l_
+        else:
+            o = torch.matmul(p.to(v.dtype).float(), vf) / l_
         o4[:, :, r0:r1] = o.to(v.dtype)
     return out
 
 
-def reference_int8_attention(q, k, v, sm_scale: Optional[float] = None) -> torch.Tensor:
+def reference_int8_attention(q, k, v, sm_scale: Optional[float] = None, pv: str = "v") -> torch.Tensor:
     """The torch implementation of the module doc's numerics: (B, H, L, D) in, (B, Lq, H, D) out."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     qi, qs, ki, ks = quantize_qk_reference(q, k, sm_scale)
-    return attention_from_quantized(qi, qs, ki, ks, v)
+    return attention_from_quantized(qi, qs, ki, ks, v, v8=quantize_v_fp8_reference(v) if pv == "fp8" else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,18 +245,74 @@ if HAS_TRITON:
                         (pid - NQP) * ROWS, LK, s_kl, 1.0, D, ROWS, KG, True)
 
     @triton.jit
+    def _e4m3_rne(x):
+        """fp32 -> the nearest float8_e4m3fn value (ties to even), as fp32; |x| <= 448 expected (callers
+        clamp). Bit arithmetic, so the interpreter (whose fp8 cast rounds wrongly at exponent boundaries)
+        and the GPU give torch's bits."""
+        xb = x.to(tl.int32, bitcast=True)
+        ab = xb & 0x7FFFFFFF
+        normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
+        t = tl.abs(x) * 512.0  # below 2^-6: subnormals, a fixed step of 2^-9
+        sub = ((t + 12582912.0) - 12582912.0) * (1.0 / 512.0)
+        r = tl.minimum(tl.where(ab >= (121 << 23), normal, sub), 448.0)
+        return tl.where(xb < 0, -r, r)
+
+    @triton.jit
+    def attn_v_amax_kernel(v, amax, H, LK, s_vb, s_vh, s_vl, D: tl.constexpr, ROWS: tl.constexpr):
+        """Per (batch·head, channel) max |v| over ROWS tokens, folded into ``amax`` (int32 bit patterns of
+        the fp32 maxima, zeroed before) by atomic max."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        offs_r = pid * ROWS + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, D)
+        x = tl.load(v + b * s_vb + h * s_vh + offs_r[:, None].to(tl.int64) * s_vl + offs_d[None, :],
+                    mask=offs_r[:, None] < LK, other=0).to(tl.float32)
+        m = tl.max(tl.abs(x), axis=0)
+        tl.atomic_max(amax + bh * D + offs_d, m.to(tl.int32, bitcast=True), sem="relaxed")
+
+    @triton.jit
+    def attn_v_fp8_kernel(v, vo, sv, LKP, H, LK, s_vb, s_vh, s_vl, D: tl.constexpr, ROWS: tl.constexpr):
+        """V [B, H, LK, D] (unit last stride) -> V^T float8_e4m3fn [B·H, D, LKP] with the per-channel
+        scales ``sv`` [B·H, D]: e4m3(clamp(v · (1 / sv), ±448)), round to nearest even; tokens LK..LKP
+        (the padding) are written as zeros."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        offs_r = pid * ROWS + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, D)
+        mask = offs_r[:, None] < LK
+        x = tl.load(v + b * s_vb + h * s_vh + offs_r[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=mask,
+                    other=0).to(tl.float32)
+        inv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.load(sv + bh * D + offs_d))
+        y = _e4m3_rne(tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)).to(tl.float8e4nv)
+        yt = tl.trans(y)
+        tl.store(vo + bh * D * LKP + offs_d[:, None] * LKP + offs_r[None, :], yt, mask=offs_r[None, :] < LKP)
+
+    @triton.jit
     def _attn_block(acc, m_i, l_i, q, sq, k_base, ks_base, v_base, start, LK, s_vl, offs_n0, offs_d,
-                    D: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr, PV_F32: tl.constexpr):
+                    D: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr, PV_F32: tl.constexpr,
+                    PV_FP8: tl.constexpr):
         offs_n = start + offs_n0
         if MASKED:
             valid = offs_n < LK
             kt = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0)
             sk = tl.load(ks_base + offs_n // KG, mask=valid, other=0.0)
-            vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=valid[:, None], other=0)
+            if PV_FP8:  # V^T [D, LKP]: s_vl is LKP; masked bytes read as 0 (an fp8 zero), never garbage/NaN
+                vt = tl.load((v_base + offs_d[:, None] * s_vl + offs_n[None, :]).to(tl.pointer_type(tl.uint8)),
+                             mask=valid[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+            else:
+                vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=valid[:, None],
+                             other=0)
         else:
             kt = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :])
             sk = tl.load(ks_base + offs_n // KG)
-            vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vl + offs_d[None, :])
+            if PV_FP8:
+                vt = tl.load(v_base + offs_d[:, None] * s_vl + offs_n[None, :])
+            else:
+                vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vl + offs_d[None, :])
         s = tl.dot(q, tl.trans(kt), out_dtype=tl.int32).to(tl.float32)
         s = (s * sk[None, :]) * sq[:, None]
         if MASKED:
@@ -232,17 +322,24 @@ if HAS_TRITON:
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if PV_F32:  # the interpreter: its bf16 dot is wrong; P rounded to V's dtype, then exact fp32 products
+        if PV_FP8:  # this tile's product from zero, then added in fp32 (fp8 MMAs accumulate coarsely)
+            if PV_F32:
+                acc += tl.dot(_e4m3_rne(p * 448.0), tl.trans(vt.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+        elif PV_F32:  # the interpreter: its bf16 dot is wrong; P rounded to V's dtype, then exact fp32 products
             acc = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(p.to(vt.dtype), vt, acc)
         return acc, m_new, l_i
 
     @triton.jit(do_not_specialize=["LQ", "LK"])
-    def int8_attn_fwd_kernel(qi, ki, v, o, qs, ks, H, LQ, LK, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
+    def int8_attn_fwd_kernel(qi, ki, v, o, qs, ks, sv, H, LQ, LK, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, QG: tl.constexpr,
-                             KG: tl.constexpr, PV_F32: tl.constexpr):
-        """One program: BM query rows of one (batch, head) against all keys (flash-style online softmax)."""
+                             KG: tl.constexpr, PV_F32: tl.constexpr, PV_FP8: tl.constexpr):
+        """One program: BM query rows of one (batch, head) against all keys (flash-style online softmax).
+        PV_FP8: ``v`` is V^T float8 [B·H, D, s_vl] (s_vb = D·s_vl, s_vh = 0: b·s_vb + h·s_vh is not used)
+        and ``sv`` its per-channel scales [B·H, D]."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // H
@@ -255,17 +352,22 @@ if HAS_TRITON:
         sq = tl.load(qs + bh * ((LQ + QG - 1) // QG) + offs_m // QG, mask=mask_m, other=0.0)
         k_base = ki + bh * LK * D
         ks_base = ks + bh * ((LK + KG - 1) // KG)
-        v_base = v + b * s_vb + h * s_vh
+        if PV_FP8:
+            v_base = v + bh * D * s_vl
+        else:
+            v_base = v + b * s_vb + h * s_vh
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
         n_full = (LK // BN) * BN
         for start in range(0, n_full, BN):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, sq, k_base, ks_base, v_base, start, LK, s_vl,
-                                        offs_n0, offs_d, D, KG, False, PV_F32)
+                                        offs_n0, offs_d, D, KG, False, PV_F32, PV_FP8)
         if n_full < LK:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, sq, k_base, ks_base, v_base, n_full, LK, s_vl,
-                                        offs_n0, offs_d, D, KG, True, PV_F32)
+                                        offs_n0, offs_d, D, KG, True, PV_F32, PV_FP8)
+        if PV_FP8:
+            acc = acc * (tl.load(sv + bh * D + offs_d) * (1.0 / 448.0))[None, :]
         acc = acc / l_i[:, None]
         o_ptrs = o + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ol + offs_d[None, :]
         tl.store(o_ptrs, acc.to(o.dtype.element_ty), mask=mask_m[:, None])
@@ -349,25 +451,51 @@ def _attn_configs(dev) -> List[AttnConfig]:
     return list(_CONFIGS.get(arch, _CONFIGS["sm80"]))
 
 
+def quantize_v_fp8_triton(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_v_fp8_reference`` with the conversion in one Triton launch (the per-channel absmax is one
+    torch reduction, as in the reference, so both give the same bits)."""
+    b, h, n, d = v.shape
+    npad = -(-n // FP8_PAD) * FP8_PAD
+    rows = QUANT_ROWS
+    grid = (-(-n // rows), b * h)
+    vargs = (h, n, v.stride(0), v.stride(1), v.stride(2))
+    warps = 1 if interpreter_active() else 4
+    # the absmax: one pass of atomic maxima on the bit patterns (non-negative floats order as integers;
+    # NaN and inf propagate as in torch's amax), exact whatever the order
+    amax = torch.zeros((b, h, d), dtype=torch.int32, device=v.device)
+    launch_kernel(attn_v_amax_kernel, grid, (v, amax) + vargs, dict(D=d, ROWS=rows), warps, 1)
+    sv = _v_scales(amax.view(torch.float32))
+    vt = torch.empty((b, h, d, npad), dtype=torch.float8_e4m3fn, device=v.device)
+    launch_kernel(attn_v_fp8_kernel, (-(-npad // rows), b * h), (v, vt, sv, npad) + vargs,
+                  dict(D=d, ROWS=rows), warps, 1)
+    return vt, sv
+
+
 def attention_from_quantized_triton(qi, qs, ki, ks, v, heads_last: bool = True,
-                                    configs: Optional[List[AttnConfig]] = None):
-    """``attention_from_quantized`` in one Triton launch (tile config tuned per shape bucket)."""
+                                    configs: Optional[List[AttnConfig]] = None, v8=None):
+    """``attention_from_quantized`` in one Triton launch (tile config tuned per shape bucket); ``v8`` =
+    ``quantize_v_fp8_*(v)`` for P·V in fp8."""
     b, h, lq, d = qi.shape
     lk = ki.shape[2]
     dev = qi.device
     out, o = _new_out(b, h, lq, d, v, heads_last)
+    if v8 is not None:
+        vt, sv = v8
+        vargs = (vt, o, qs, ks, sv, h, lq, lk, d * vt.shape[-1], 0, vt.shape[-1])
+    else:
+        vargs = (v, o, qs, ks, qs, h, lq, lk, v.stride(0), v.stride(1), v.stride(2))
 
     def launch(cfg: AttnConfig) -> None:
         launch_kernel(int8_attn_fwd_kernel, (triton.cdiv(lq, cfg.BM), b * h),
-                      (qi, ki, v, o, qs, ks, h, lq, lk, v.stride(0), v.stride(1), v.stride(2),
-                       o.stride(0), o.stride(1), o.stride(2)),
-                      dict(D=d, BM=cfg.BM, BN=cfg.BN, QG=Q_GRAN, KG=K_GRAN, PV_F32=dev.type == "cpu"), cfg.num_warps, cfg.num_stages)
+                      (qi, ki) + vargs + (o.stride(0), o.stride(1), o.stride(2)),
+                      dict(D=d, BM=cfg.BM, BN=cfg.BN, QG=Q_GRAN, KG=K_GRAN, PV_F32=dev.type == "cpu",
+                           PV_FP8=v8 is not None), cfg.num_warps, cfg.num_stages)
 
     cands = configs if configs is not None else _attn_configs(dev)
     if len(cands) == 1:
         launch(cands[0])
         return out
-    key = ("int8_attention", d, _bucket(lq), _bucket(lk), _bucket(b * h), v.dtype, dev)
+    key = ("int8_attention", d, _bucket(lq), _bucket(lk), _bucket(b * h), v.dtype, dev, v8 is not None)
     launch(TUNER.pick(key, lambda: cands, launch))
     return out
 
@@ -398,37 +526,56 @@ def attention_backend(device: torch.device, dtype: torch.dtype, backend: Optiona
     return None
 
 
-def _run(q, k, v, sm_scale: float, backend: str, heads_last: bool) -> torch.Tensor:
+def pv_mode(device: torch.device, backend: str, pv: Optional[str] = None) -> str:
+    """How P·V is computed (module doc, step 5): ``pv`` or env ``CONVERT_TO_QUANT_ATTENTION_PV``, else auto:
+    "fp8" for the Triton kernel on cards with FP8 tensor cores (sm89+), "v" (V's dtype) elsewhere -- the
+    torch reference included, where fp8 would only add rounding."""
+    choice = (pv or os.environ.get(PV_ENV) or "auto").lower()
+    if choice not in ("auto",) + PV_MODES:
+        raise AttentionInputError(f"attention P·V mode must be 'auto', 'v' or 'fp8', got {choice!r}")
+    if choice != "auto":
+        return choice
+    if backend == "triton" and device.type == "cuda" and arch_of(device) in ("sm89", "sm90"):
+        return "fp8"
+    return "v"
+
+
+def _run(q, k, v, sm_scale: float, backend: str, heads_last: bool, pv: Optional[str] = None) -> torch.Tensor:
+    fp8 = pv_mode(q.device, backend, pv) == "fp8"
     if backend == "triton":
-        return attention_from_quantized_triton(*quantize_qk_triton(q, k, sm_scale), v, heads_last)
-    return attention_from_quantized(*quantize_qk_reference(q, k, sm_scale), v, heads_last)
+        return attention_from_quantized_triton(*quantize_qk_triton(q, k, sm_scale), v, heads_last,
+                                               v8=quantize_v_fp8_triton(v) if fp8 else None)
+    return attention_from_quantized(*quantize_qk_reference(q, k, sm_scale), v, heads_last,
+                                    v8=quantize_v_fp8_reference(v) if fp8 else None)
 
 
 @torch.library.custom_op("convert_to_quant::int8_attention", mutates_args=())
 def int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, backend: str,
-                      heads_last: bool) -> torch.Tensor:
+                      heads_last: bool, pv: str = "") -> torch.Tensor:
     be = attention_backend(q.device, q.dtype, backend or None) or "torch"  # never wrong: torch if nothing else
-    return _run(q, k, v, sm_scale, be, heads_last)
+    return _run(q, k, v, sm_scale, be, heads_last, pv or None)
 
 
 @int8_attention_op.register_fake
-def _(q, k, v, sm_scale, backend, heads_last):
+def _(q, k, v, sm_scale, backend, heads_last, pv=""):
     b, h, lq, d = q.shape
     return q.new_empty((b, lq, h, d) if heads_last else (b, h, lq, d), dtype=v.dtype)
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sm_scale: Optional[float] = None,
-                   backend: Optional[str] = None, heads_last: bool = True) -> torch.Tensor:
+                   backend: Optional[str] = None, heads_last: bool = True, pv: Optional[str] = None) -> torch.Tensor:
     """Softmax(q·kᵀ·sm_scale)·v with the int8 numerics of the module doc. q (B, H, Lq, D), k/v (B, H, Lk, D)
     (views with a unit last stride; K/V may be longer or shorter than Q). Returns, in v's dtype, a contiguous
-    (B, Lq, H, D) (``heads_last``) or (B, H, Lq, D). ``sm_scale`` defaults to D^-0.5. Raises
-    ``AttentionInputError`` for operands it cannot take (``unsupported_reason``) and for a backend that
-    cannot run here."""
+    (B, Lq, H, D) (``heads_last``) or (B, H, Lq, D). ``sm_scale`` defaults to D^-0.5; ``pv`` "v" / "fp8" /
+    None (``pv_mode``'s auto choice). Raises ``AttentionInputError`` for operands it cannot take
+    (``unsupported_reason``) and for a backend or P·V mode that cannot run here."""
     _check_kernel_operands(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    if pv is not None:
+        pv_mode(q.device, "torch", pv)  # validate now
     if torch.compiler.is_compiling():  # the op decides the backend when it runs (no device queries traced)
-        return torch.ops.convert_to_quant.int8_attention(q, k, v, sm_scale, backend or "", heads_last)
-    return _run(q, k, v, sm_scale, attention_backend(q.device, q.dtype, backend) or "torch", heads_last)
+        return torch.ops.convert_to_quant.int8_attention(q, k, v, sm_scale, backend or "", heads_last, pv or "")
+    return _run(q, k, v, sm_scale, attention_backend(q.device, q.dtype, backend) or "torch", heads_last, pv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,9 +603,10 @@ class Int8AttentionOverride:
     ``attn_precision`` (an fp32-upcast request) is honoured by construction: scores are exact integers
     times fp32 scales, softmax is fp32. ``stats`` counts calls per path (eager calls only)."""
 
-    def __init__(self, previous=None, backend: Optional[str] = None):
+    def __init__(self, previous=None, backend: Optional[str] = None, pv: Optional[str] = None):
         self.previous = previous
         self.backend = backend
+        self.pv = pv
         self.stats = {}
 
     def __deepcopy__(self, memo):
@@ -515,10 +663,10 @@ class Int8AttentionOverride:
         q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
         sm_scale = q4.shape[-1] ** -0.5
         if torch.compiler.is_compiling():
-            out = torch.ops.convert_to_quant.int8_attention(q4, k4, v4, sm_scale, be, not skip_out)
+            out = torch.ops.convert_to_quant.int8_attention(q4, k4, v4, sm_scale, be, not skip_out, self.pv or "")
         else:
             self._count("int8 " + be)
-            out = _run(q4, k4, v4, sm_scale, be, not skip_out)
+            out = _run(q4, k4, v4, sm_scale, be, not skip_out, self.pv)
         if skip_out:
             return out  # (B, H, Lq, D)
         b, lq, h, d = out.shape
