@@ -255,7 +255,8 @@ if HAS_TRITON:
         t = tl.abs(x) * 512.0  # below 2^-6: subnormals, a fixed step of 2^-9
         sub = ((t + 12582912.0) - 12582912.0) * (1.0 / 512.0)
         r = tl.minimum(tl.where(ab >= (121 << 23), normal, sub), 448.0)
-        return tl.where(xb < 0, -r, r)
+        # the sign as a bit: a value that rounds to zero keeps it (-0.0), as torch's conversion does
+        return (r.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def attn_v_amax_kernel(v, amax, H, LK, s_vb, s_vh, s_vl, D: tl.constexpr, ROWS: tl.constexpr):
