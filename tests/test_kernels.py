@@ -245,6 +245,51 @@ def test_blockwise_linear_matches_float64(backend, g, with_bias):
     assert y16.dtype == torch.bfloat16 and rel(y16, y32) < 6e-3
 
 
+def test_blockwise_gemm_every_config_and_twin_with_and_without_lora():
+    """The block-wise GEMM in every config the tuner may pick (on an sm90 GPU every ``_BLOCKWISE_CONFIGS``
+    entry and the unflattened twin of the persistent one; the interpreter's config persistent or not on
+    CPU), BK shrunk to the group as the launcher does, with and without a LoRA pair, against float64."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    import triton.runtime.errors
+    g = 128 if DEV.type == "cuda" else 32
+    k = 2 * g
+    qb = to_dev(Int8Blockwise.quantize(weight(k=k, seed=95), Int8Blockwise.Params(g)))
+    r = 16
+    up = (torch.randn(N, r, generator=gen(96)) * 0.5).to(DEV, torch.bfloat16)
+    if DEV.type == "cpu":
+        base = launch._BLOCKWISE_CONFIGS["interp"][0]
+        cfgs = [replace(base, persistent=True), base]
+        ms = (M,)
+    else:
+        cfgs = launch._BLOCKWISE_CONFIGS.get(launch.arch_of(DEV), launch._BLOCKWISE_CONFIGS["sm80"])
+        ms = (M, 300)
+    cfgs = [replace(c, BK=launch._largest_pow2_divisor(g, c.BK)) for c in launch._unflattened_twins(cfgs)]
+    tried, ran = set(), set()
+    for m in ms:
+        x = act(m=m, k=k, seed=97 + m)
+        qa, sa = K.quantize_activations(x, 0, g)
+        sa_km = sa.t().contiguous().t()  # K-block-major, as the linear passes it
+        h = (torch.randn(m, r, generator=gen(98)) * 0.3).to(DEV, torch.bfloat16)
+        base_want = reference.blockwise_int8_mm(qa.cpu(), sa.cpu(), qb.qdata.cpu(), qb.scale.cpu(), None, g,
+                                                torch.float32).double()
+        for lora in (None, (h, up)):
+            want = base_want + (h.double().cpu() @ up.double().cpu().T if lora is not None else 0)
+            for cfg in cfgs:
+                if DEV.type == "cuda" and not launch._fits_gemm(cfg, m, N, k):
+                    continue
+                tried.add(cfg)
+                try:
+                    out = launch.launch_int8_gemm(qa, sa_km, qb.qdata, qb.scale, None, torch.float32, g,
+                                                  configs=[cfg], lora=lora)
+                except triton.runtime.errors.OutOfResources:
+                    assert cfg.flatten, cfg.short()
+                    continue
+                assert rel(out, want) < 1e-5, (cfg.short(), m, lora is None)
+                ran.add(cfg)
+    assert all(c in ran for c in tried if not c.flatten) and any(c.persistent and not c.flatten for c in ran)
+
+
 @pytest.mark.parametrize("magic", [True, False])
 def test_blockwise_gemm_int_to_float_conversions_agree(magic):
     """The integer-add int32->fp32 conversion of the main loop is exact (|partial| < 2^22)."""
