@@ -259,17 +259,21 @@ if HAS_TRITON:
         return (r.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _v_tile(v, H, LK, s_vb, s_vh, s_vl, D: tl.constexpr, ROWS: tl.constexpr):
+        """(batch·head, token offsets, channel offsets, fp32 tile) of this program's ROWS tokens of V
+        (program ids: token block, batch·head); tokens past LK read as 0."""
+        bh = tl.program_id(1).to(tl.int64)
+        offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, D)
+        x = tl.load(v + (bh // H) * s_vb + (bh % H) * s_vh + offs_r[:, None].to(tl.int64) * s_vl + offs_d[None, :],
+                    mask=offs_r[:, None] < LK, other=0).to(tl.float32)
+        return bh, offs_r, offs_d, x
+
+    @triton.jit
     def attn_v_amax_kernel(v, amax, H, LK, s_vb, s_vh, s_vl, D: tl.constexpr, ROWS: tl.constexpr):
         """Per (batch·head, channel) max |v| over ROWS tokens, folded into ``amax`` (int32 bit patterns of
         the fp32 maxima, zeroed before) by atomic max."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_r = pid * ROWS + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, D)
-        x = tl.load(v + b * s_vb + h * s_vh + offs_r[:, None].to(tl.int64) * s_vl + offs_d[None, :],
-                    mask=offs_r[:, None] < LK, other=0).to(tl.float32)
+        bh, offs_r, offs_d, x = _v_tile(v, H, LK, s_vb, s_vh, s_vl, D, ROWS)
         m = tl.max(tl.abs(x), axis=0)
         tl.atomic_max(amax + bh * D + offs_d, m.to(tl.int32, bitcast=True), sem="relaxed")
 
@@ -278,15 +282,7 @@ if HAS_TRITON:
         """V [B, H, LK, D] (unit last stride) -> V^T float8_e4m3fn [B·H, D, LKP] with the per-channel
         scales ``sv`` [B·H, D]: e4m3(clamp(v · (1 / sv), ±448)), round to nearest even; tokens LK..LKP
         (the padding) are written as zeros."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_r = pid * ROWS + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, D)
-        mask = offs_r[:, None] < LK
-        x = tl.load(v + b * s_vb + h * s_vh + offs_r[:, None].to(tl.int64) * s_vl + offs_d[None, :], mask=mask,
-                    other=0).to(tl.float32)
+        bh, offs_r, offs_d, x = _v_tile(v, H, LK, s_vb, s_vh, s_vl, D, ROWS)
         inv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.load(sv + bh * D + offs_d))
         y = _e4m3_rne(tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)).to(tl.float8e4nv)
         yt = tl.trans(y)

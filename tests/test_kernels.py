@@ -167,6 +167,16 @@ def test_w8a8_gemm_configs_persistent_and_uneven_k(backend):
     assert rel(out16, want) < 6e-3
 
 
+def _card_configs_and_twins(table):
+    """(GEMM configs with their unflattened twins, token counts) to check: on a GPU every config of the
+    card's list, at M and at 300 tokens (several row tiles); on CPU the interpreter's config, persistent
+    and not."""
+    if DEV.type == "cpu":
+        base = table["interp"][0]
+        return launch._unflattened_twins([replace(base, persistent=True), base]), (M,)
+    return launch._unflattened_twins(table.get(launch.arch_of(DEV), table["sm80"])), (M, 300)
+
+
 def test_w8a8_gemm_lora_epilogue_every_config():
     """The W8A8 GEMM with a LoRA pair in its epilogue, in every config the tuner may pick for it: the
     persistent tile loop flattened into the K loop and not (``launch._unflattened_twins``), several tiles per
@@ -179,14 +189,7 @@ def test_w8a8_gemm_lora_epilogue_every_config():
     r = 32
     up = (torch.randn(N, r, generator=gen(92)) * 0.5).to(DEV)
     bias = torch.randn(N, generator=gen(93)).to(DEV)
-    if DEV.type == "cpu":
-        base = launch._W8A8_CONFIGS["interp"][0]
-        cfgs = [replace(base, persistent=True), base]
-        ms = (M,)
-    else:
-        cfgs = launch._W8A8_CONFIGS.get(launch.arch_of(DEV), launch._W8A8_CONFIGS["sm80"])
-        ms = (M, 300)
-    cfgs = launch._unflattened_twins(cfgs)
+    cfgs, ms = _card_configs_and_twins(launch._W8A8_CONFIGS)
     assert any(c.persistent and not c.flatten for c in cfgs) and any(c.persistent and c.flatten for c in cfgs)
     import triton.runtime.errors
     tried, ran = set(), set()
@@ -257,14 +260,8 @@ def test_blockwise_gemm_every_config_and_twin_with_and_without_lora():
     qb = to_dev(Int8Blockwise.quantize(weight(k=k, seed=95), Int8Blockwise.Params(g)))
     r = 16
     up = (torch.randn(N, r, generator=gen(96)) * 0.5).to(DEV, torch.bfloat16)
-    if DEV.type == "cpu":
-        base = launch._BLOCKWISE_CONFIGS["interp"][0]
-        cfgs = [replace(base, persistent=True), base]
-        ms = (M,)
-    else:
-        cfgs = launch._BLOCKWISE_CONFIGS.get(launch.arch_of(DEV), launch._BLOCKWISE_CONFIGS["sm80"])
-        ms = (M, 300)
-    cfgs = [replace(c, BK=launch._largest_pow2_divisor(g, c.BK)) for c in launch._unflattened_twins(cfgs)]
+    cfgs, ms = _card_configs_and_twins(launch._BLOCKWISE_CONFIGS)
+    cfgs = [replace(c, BK=launch._largest_pow2_divisor(g, c.BK)) for c in cfgs]
     tried, ran = set(), set()
     for m in ms:
         x = act(m=m, k=k, seed=97 + m)
