@@ -272,21 +272,23 @@ def _fits_gemm(cfg: GemmConfig, m: int, n: int, k: int) -> bool:
     return True
 
 
-def _unflattened_twins(cands: List[GemmConfig]) -> List[GemmConfig]:
-    """Each persistent W8A8 config preceded by its unflattened twin (``GemmConfig.flatten``), for the tuner.
+def _unflattened_twins(cands: List[GemmConfig], first: bool = True) -> List[GemmConfig]:
+    """Each persistent W8A8 config with its unflattened twin (``GemmConfig.flatten``) before it (``first``)
+    or after it, for the tuner.
 
     Flattened, the tile loop and the K loop are one loop and the pipeliner's buffers stay live through the
     epilogue, so anything the epilogue keeps in shared memory comes on top: a LoRA pair of rank 64 takes the
     128x128x128 two-CTAs-per-SM tile from 106 to 131 KB (sm90 compile, triton 3.9), one CTA per SM.
     Unflattened, the epilogue reuses the K loop's buffers (98 KB with or without LoRA). Measured on an H200
-    (``benchmarks/lora_epilogue.py``, docs/KERNELS.md round 6): Wan 720p ffn_down with a rank-64 LoRA
-    736 us unflattened vs 811 for the best flattened config, and faster than the plain GEMM's best
-    flattened config (823 us), so plain GEMMs get the twins too."""
+    (``benchmarks/lora_epilogue.py``, docs/KERNELS.md round 6): with a rank-64 LoRA the tuner took the twin
+    at every shape (Wan 720p ffn_down 736 us vs 811 for the best flattened config). Without LoRA, tuning with
+    the twins gave GEMMs within -5% to +1% of the flattened-only pick at five Flux / Wan shapes (tuning
+    noise), so there they come second: the untuned order (``CONVERT_TO_QUANT_AUTOTUNE=0`` takes the first)
+    stays what it was."""
     out = []
     for cfg in cands:
-        if cfg.persistent and cfg.flatten:
-            out.append(replace(cfg, flatten=False))
-        out.append(cfg)
+        twin = [replace(cfg, flatten=False)] if cfg.persistent and cfg.flatten else []
+        out += twin + [cfg] if first else [cfg] + twin
     return out
 
 
@@ -1047,7 +1049,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
         cands = [cfg for cfg in allc if _fits_gemm(cfg, m, n, k)] or allc[-1:]
         if blockwise:  # BK must divide the scale block: shrink it (never grow) for smaller groups
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
-        return _unflattened_twins(cands)
+        return _unflattened_twins(cands, first=lora_r > 0)
 
     launch(TUNER.pick(key, candidates, launch))
     return c
