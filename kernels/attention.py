@@ -14,7 +14,7 @@ attention"):
    logits.
 4. **Softmax** in fp32 with ``exp2`` (flash-style online max/sum in the kernel; one pass in the reference).
 5. **P·V** (``pv``): "v" -- P rounded to V's dtype (bf16/fp16), times V, fp32 accumulation, divided by
-   the fp32 row sum. "fp8" (FP8 tensor cores, sm89+; the SageAttention2 recipe) -- V quantized to
+   the fp32 row sum. "fp8" (FP8 tensor cores; the default on sm90; the SageAttention2 recipe) -- V quantized to
    float8_e4m3fn per (batch, head, channel): ``sv = max(absmax_L(v) / 448, 1e-30)``, ``v8 = e4m3(clamp(v ·
    (1 / sv), ±448))`` round-to-nearest-even; P (≤ 1) as ``e4m3(P · 448)``; each K tile's product summed in
    fp32 by the MMA from zero and added to the fp32 accumulator (two-level accumulation), at the end
@@ -527,14 +527,15 @@ def attention_backend(device: torch.device, dtype: torch.dtype, backend: Optiona
 
 def pv_mode(device: torch.device, backend: str, pv: Optional[str] = None) -> str:
     """How P·V is computed (module doc, step 5): ``pv`` or env ``CONVERT_TO_QUANT_ATTENTION_PV``, else auto:
-    "fp8" for the Triton kernel on cards with FP8 tensor cores (sm89+), "v" (V's dtype) elsewhere -- the
-    torch reference included, where fp8 would only add rounding."""
+    "fp8" for the Triton kernel on Hopper (sm90, where it was measured: docs/KERNELS.md), "v" (V's dtype)
+    elsewhere -- Ada (sm89) has FP8 tensor cores too but no such card was available to check the kernel on,
+    and the torch reference, where fp8 would only add rounding."""
     choice = (pv or os.environ.get(PV_ENV) or "auto").lower()
     if choice not in ("auto",) + PV_MODES:
         raise AttentionInputError(f"attention P·V mode must be 'auto', 'v' or 'fp8', got {choice!r}")
     if choice != "auto":
         return choice
-    if backend == "triton" and device.type == "cuda" and arch_of(device) in ("sm89", "sm90"):
+    if backend == "triton" and device.type == "cuda" and arch_of(device) == "sm90":
         return "fp8"
     return "v"
 
