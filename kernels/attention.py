@@ -533,6 +533,9 @@ def pv_mode(device: torch.device, backend: str, pv: Optional[str] = None) -> str
     choice = (pv or os.environ.get(PV_ENV) or "auto").lower()
     if choice not in ("auto",) + PV_MODES:
         raise AttentionInputError(f"attention P·V mode must be 'auto', 'v' or 'fp8', got {choice!r}")
+    if choice == "fp8" and backend == "triton" and device.type == "cuda" and arch_of(device) not in ("sm89", "sm90"):
+        raise AttentionInputError(f"attention P·V mode 'fp8' needs FP8 tensor cores (sm89+); {device} is "
+                                  f"{arch_of(device)}: use 'v' or 'auto'")
     if choice != "auto":
         return choice
     if backend == "triton" and device.type == "cuda" and arch_of(device) == "sm90":

@@ -147,6 +147,11 @@ if __name__ != "__main__":
         for arch in ("sm80", "sm89"):  # no FP8 tensor cores / not checked on such a card
             monkeypatch.setattr(A, "arch_of", lambda dev: arch)
             assert A.pv_mode(torch.device("cuda"), "triton") == "v"
+        assert A.pv_mode(torch.device("cuda"), "triton", "fp8") == "fp8"  # sm89 when asked for
+        monkeypatch.setattr(A, "arch_of", lambda dev: "sm80")
+        with pytest.raises(A.AttentionInputError, match="FP8 tensor cores"):
+            A.pv_mode(torch.device("cuda"), "triton", "fp8")
+        assert A.pv_mode(torch.device("cuda"), "torch", "fp8") == "fp8"  # the reference runs anywhere
         monkeypatch.setenv(A.PV_ENV, "fp8")
         assert A.pv_mode(torch.device("cpu"), "torch") == "fp8"
         assert A.pv_mode(torch.device("cpu"), "torch", "v") == "v"  # the argument wins
