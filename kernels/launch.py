@@ -282,9 +282,10 @@ def _unflattened_twins(cands: List[GemmConfig], first: bool = True) -> List[Gemm
     Unflattened, the epilogue reuses the K loop's buffers (98 KB with or without LoRA). Measured on an H200
     (``benchmarks/lora_epilogue.py``, docs/KERNELS.md round 6): with a rank-64 LoRA the tuner took the twin
     at every shape (Wan 720p ffn_down 736 us vs 811 for the best flattened config). Without LoRA, tuning with
-    the twins gave GEMMs within -5% to +1% of the flattened-only pick at five Flux / Wan shapes (tuning
-    noise), so there they come second: the untuned order (``CONVERT_TO_QUANT_AUTOTUNE=0`` takes the first)
-    stays what it was."""
+    the twins gave GEMMs within -5% to +1% of the flattened-only pick at five 4608-7200-token Flux / Wan
+    shapes (tuning noise), while at 32,760 tokens the tuner picked a twin for both Wan FFN GEMMs (ffn_down
+    3.11 vs 3.29 ms for the best flattened config; ``benchmarks/kernels.py``, round 6 run 3). So plain GEMMs
+    get the twins too, second: the untuned order (``CONVERT_TO_QUANT_AUTOTUNE=0`` takes the first) stays."""
     out = []
     for cfg in cands:
         twin = [replace(cfg, flatten=False)] if cfg.persistent and cfg.flatten else []
