@@ -8,7 +8,7 @@ docs/KERNELS.md for numerics, paths and measurements.
     quantized_linear(x, qw, bias=None, path=None)       # dispatches on qw.format (registry below)
     register_linear(format_name, fn)                     # fn(x, qw, bias, path=None, backend=None)
     dequantize(qw, dtype=None)
-    int8_attention(q, k, v, *, sm_scale=None, backend=None)  # INT8 attention, kernels/attention.py
+    int8_attention(q, k, v, *, sm_scale=None, backend=None, pv=None)  # INT8 attention, kernels/attention.py
 
 ``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
 sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("dequant" where
