@@ -281,9 +281,9 @@ def _unflattened_twins(cands: List[GemmConfig], first: bool = True) -> List[Gemm
     128x128x128 two-CTAs-per-SM tile from 106 to 131 KB (sm90 compile, triton 3.9), one CTA per SM.
     Unflattened, the epilogue reuses the K loop's buffers (98 KB with or without LoRA). Measured on an H200
     (``benchmarks/lora_epilogue.py``, docs/KERNELS.md round 6): with a rank-64 LoRA the tuner took the twin
-    at every shape (Wan 720p ffn_down 736 us vs 811 for the best flattened config). Without LoRA, tuning with
-    the twins gave GEMMs within -5% to +1% of the flattened-only pick at five 4608-7200-token Flux / Wan
-    shapes (tuning noise), while at 32,760 tokens the tuner picked a twin for both Wan FFN GEMMs (ffn_down
+    at every shape (Wan 720p ffn_down 736 us vs 811 for the best flattened config). Without LoRA, the GEMM tuned
+    with the twins took -1.4% to +5.4% of the time of the flattened-only pick at five 4608-7200-token Flux /
+    Wan shapes (tuning noise, both ways), while at 32,760 tokens the tuner picked a twin for both Wan FFN GEMMs (ffn_down
     3.11 vs 3.29 ms for the best flattened config; ``benchmarks/kernels.py``, round 6 run 3). So plain GEMMs
     get the twins too, second: the untuned order (``CONVERT_TO_QUANT_AUTOTUNE=0`` takes the first) stays."""
     out = []
