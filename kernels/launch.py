@@ -718,6 +718,12 @@ class _Tuner:
                 cfg = self.choice[key] = self._tune(key, candidates(), launch)
         return cfg
 
+    def run(self, key: tuple, candidates: Callable[[], List[GemmConfig]], launch: Callable[[GemmConfig], None],
+            configs: Optional[List[GemmConfig]] = None) -> None:
+        """A launcher's last step: ``launch`` with ``configs[0]`` when the caller gave configs (tests,
+        experiments: no tuning), else with the config tuned for ``key``."""
+        launch(configs[0] if configs is not None else self.pick(key, candidates, launch))
+
     def _tune(self, key, candidates, launch) -> GemmConfig:
         tune = (len(candidates) > 1 and os.environ.get(AUTOTUNE_ENV, "1") != "0"
                 and not interpreter_active() and torch.cuda.is_available())
@@ -1038,9 +1044,6 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
-    if configs is not None:
-        launch(configs[0])
-        return c
     key = (group_size, m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev, lora_r)
 
     def candidates() -> List[GemmConfig]:
@@ -1052,7 +1055,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
         return _unflattened_twins(cands, first=lora_r > 0)
 
-    launch(TUNER.pick(key, candidates, launch))
+    TUNER.run(key, candidates, launch, configs)
     return c
 
 
@@ -1097,9 +1100,6 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
         if out is not c:
             c.copy_(out)
 
-    if configs is not None:
-        launch(configs[0])
-        return c
     swap = env_get(SWAP_ENV) != "0"
     key = ("w8a16", group_size, m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, mode, dev, lora_r, swap)
 
@@ -1109,7 +1109,7 @@ def launch_w8a16(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias:
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK, 16)) for cfg in cands]
         return list(dict.fromkeys(cands))
 
-    launch(TUNER.pick(key, candidates, launch))
+    TUNER.run(key, candidates, launch, configs)
     return c
 
 
@@ -1158,11 +1158,8 @@ def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, 
                  EVEN_K=k % cfg.BK == 0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
-    if configs is not None:
-        launch(configs[0])
-        return c
     key = ("w8a8_fused", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)
-    launch(TUNER.pick(key, lambda: _fused_act_configs(arch_of(dev), m), launch))
+    TUNER.run(key, lambda: _fused_act_configs(arch_of(dev), m), launch, configs)
     return c
 
 
@@ -1257,11 +1254,8 @@ def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tens
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
-    if configs is not None:
-        launch(configs[0])
-        return c
     key = ("w8a8_1l", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)
-    launch(TUNER.pick(key, lambda: onelaunch_configs(arch_of(dev), m), launch))
+    TUNER.run(key, lambda: onelaunch_configs(arch_of(dev), m), launch, configs)
     return c
 
 
