@@ -207,6 +207,8 @@ def int8_linear_static_input(x: torch.Tensor, qdata: torch.Tensor, weight_scale:
     else:
         acc = q @ qdata.float().t()
     y = acc * (ws * s_in)
+    # the int8 cast turns a NaN into some integer: carry a non-finite row's NaN/inf over (0 where finite)
+    y = y + x2.float().abs().amax(dim=1, keepdim=True) * 0.0
     if bias is not None:
         y = y + _same_device(bias, dev, torch.float32)
     return y.to(out_dtype).reshape(tuple(x.shape[:-1]) + (n,))

@@ -40,7 +40,7 @@ from .launch import HAS_TRITON, TUNER, arch_of, interpreter_active, launch_kerne
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from .triton_kernels import _round_clamp_int8
+    from .triton_kernels import _absmax, _act_scale, _round_clamp_int8
 
 LOG2E = math.log2(math.e)  # in double; sm_scale * LOG2E is rounded once to fp32 (``_scale_const``)
 QMAX = 127.0
@@ -221,8 +221,7 @@ if HAS_TRITON:
         if HAS_MEAN:
             x = tl.where(mask, x - tl.load(mean + offs_d)[None, :], 0.0)
         xg = tl.reshape(x, (ROWS // GRAN, GRAN * D))
-        amax = tl.max(tl.abs(xg), axis=1)
-        s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+        s = _act_scale(_absmax(xg, 1))
         inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
         qv = tl.reshape(_round_clamp_int8(xg * inv[:, None]), (ROWS, D))
         tl.store(dst + offs_r[:, None] * D + offs_d[None, :], qv, mask=mask)
@@ -254,7 +253,7 @@ if HAS_TRITON:
         normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
         t = tl.abs(x) * 512.0  # below 2^-6: subnormals, a fixed step of 2^-9
         sub = ((t + 12582912.0) - 12582912.0) * (1.0 / 512.0)
-        r = tl.minimum(tl.where(ab >= (121 << 23), normal, sub), 448.0)
+        r = tl.minimum(tl.where(ab >= (121 << 23), normal, sub), 448.0, propagate_nan=tl.PropagateNan.ALL)
         # the sign as a bit: a value that rounds to zero keeps it (-0.0), as torch's conversion does
         return (r.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)
 
@@ -274,7 +273,7 @@ if HAS_TRITON:
         """Per (batch·head, channel) max |v| over ROWS tokens, folded into ``amax`` (int32 bit patterns of
         the fp32 maxima, zeroed before) by atomic max."""
         bh, offs_r, offs_d, x = _v_tile(v, H, LK, s_vb, s_vh, s_vl, D, ROWS)
-        m = tl.max(tl.abs(x), axis=0)
+        m = _absmax(x, 0)  # NaN kept: its bits order above inf's, so the atomic max keeps it too
         tl.atomic_max(amax + bh * D + offs_d, m.to(tl.int32, bitcast=True), sem="relaxed")
 
     @triton.jit
@@ -284,7 +283,7 @@ if HAS_TRITON:
         (the padding) are written as zeros."""
         bh, offs_r, offs_d, x = _v_tile(v, H, LK, s_vb, s_vh, s_vl, D, ROWS)
         inv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.load(sv + bh * D + offs_d))
-        y = _e4m3_rne(tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)).to(tl.float8e4nv)
+        y = _e4m3_rne(tl.clamp(x * inv[None, :], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)).to(tl.float8e4nv)
         yt = tl.trans(y)
         tl.store(vo + bh * D * LKP + offs_d[:, None] * LKP + offs_r[None, :], yt, mask=offs_r[None, :] < LKP)
 

@@ -80,6 +80,25 @@ def _rotate_row(x, h1_ptr, h2_ptr, P: tl.constexpr, G1: tl.constexpr, G2: tl.con
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max that keeps NaN: a NaN in a row must give that row a NaN scale (so a NaN output, as torch's
+    amax and clamp give), where ``tl.max`` / ``tl.maximum`` default to dropping it."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _absmax(x, axis: tl.constexpr):
+    """max |x| along ``axis``, NaN if any element is NaN (inf if any is inf)."""
+    return tl.reduce(tl.abs(x), axis, _max_nan)
+
+
+@triton.jit
+def _act_scale(amax):
+    """The activation scale of the module doc: max(absmax / 127, 1e-30), NaN kept."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _round_clamp_int8(v):
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     return ((v + 12582912.0) - 12582912.0).to(tl.int8)
@@ -112,14 +131,12 @@ def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr, K, str
         tl.store(out_ptr + row * K + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if BLOCK_Q == 0:
-            amax = tl.max(tl.abs(y), axis=0)
-            s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+            s = _act_scale(_absmax(y, 0))
             q = _round_clamp_int8(y * tl.math.div_rn(tl.full((), 1.0, tl.float32), s))
             tl.store(s_ptr + row, s)
         else:
             yb = tl.reshape(y, (P // BLOCK_Q, BLOCK_Q))
-            amax = tl.max(tl.abs(yb), axis=1)
-            s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+            s = _act_scale(_absmax(yb, 1))
             inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
             q = tl.reshape(_round_clamp_int8(yb * inv[:, None]), (P,))
             nb = tl.arange(0, P // BLOCK_Q)
@@ -309,7 +326,7 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
             xrow = x_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * stride_xm
             if KC >= K:
                 xv = tl.load(xrow + kc[None, :], mask=rmask[:, None] & (kc[None, :] < K), other=0).to(tl.float32)
-                s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xv), axis=1), 127.0), 1e-30)
+                s = _act_scale(_absmax(xv, 1))
                 inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
                 tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + kc[None, :], _round_clamp_int8(xv * inv[:, None]),
                          mask=rmask[:, None] & (kc[None, :] < K))
@@ -318,8 +335,8 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                 for k0 in range(0, K, KC):
                     kmask = rmask[:, None] & (kc[None, :] < K - k0)
                     xv = tl.load(xrow + (k0 + kc)[None, :], mask=kmask, other=0).to(tl.float32)
-                    amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
-                s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+                    amax = _max_nan(amax, _absmax(xv, 1))
+                s = _act_scale(amax)
                 inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
                 for k0 in range(0, K, KC):
                     kmask = rmask[:, None] & (kc[None, :] < K - k0)
@@ -395,9 +412,9 @@ def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
             a = tl.load(x_ptrs)
         else:
             a = tl.load(x_ptrs, mask=rk[None, :] < K - ki * BK, other=0)
-        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        amax = _max_nan(amax, _absmax(a.to(tl.float32), 1))
         x_ptrs += BK
-    a_s = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+    a_s = _act_scale(amax)
     inv = tl.math.div_rn(tl.full(a_s.shape, 1.0, tl.float32), a_s)
     x_ptrs = x_row
     b_ptrs = b_ptr + rn_safe.to(tl.int64)[:, None] * K + rk[None, :]

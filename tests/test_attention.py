@@ -136,6 +136,24 @@ if __name__ != "__main__":
         bound = torch.maximum(vf.abs() * 2.0 ** -4, sv_t[:, :, None, :] * 2.0 ** -10) * (1 + 1e-6)
         assert bool((err <= bound).all())
 
+    @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+    @pytest.mark.parametrize("pv", ["v", "fp8"])
+    @pytest.mark.parametrize("where", ["q nan", "k nan", "v nan", "v inf", "q inf"])
+    def test_non_finite_inputs_give_non_finite_outputs_where_exact_attention_does(backend, pv, where):
+        """A NaN/inf in Q, K or V is not turned into plausible numbers: the quantization scales keep it
+        (NaN-propagating absmax and clamps), so exactly the outputs float64 softmax attention makes
+        non-finite are non-finite, and the others stay finite."""
+        q, k, v = operands(1, 2, 37, 53, 64, torch.bfloat16, seed=21)
+        q, k, v = q.clone(), k.clone(), v.clone()  # (B, H, L, D) contiguous: one element each
+        name, kind = where.split()
+        t = {"q": q, "k": k, "v": v}[name]
+        t[0, 1, 7, 3] = float(kind)
+        out = A.int8_attention(q, k, v, backend=backend, pv=pv).float().cpu()
+        exact = exact_attention(q.cpu(), k.cpu(), v.cpu())
+        bad = ~torch.isfinite(exact)
+        assert bool(bad.any())
+        assert torch.equal(~torch.isfinite(out), bad), f"{int((~torch.isfinite(out) != bad).sum())} outputs differ"
+
     def test_pv_mode_choice(monkeypatch):
         monkeypatch.delenv(A.PV_ENV, raising=False)
         assert A.pv_mode(torch.device("cpu"), "torch") == "v"

@@ -105,6 +105,14 @@ def test_static_kernel_matches_float64_reference():
     assert y.shape == (5, 7, 32) and y.dtype == x.dtype
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)
     assert (x.abs() > 127 * s).any()  # clipping was exercised
+    # a NaN / inf in a token gives that token's outputs NaN, not clipped plausible numbers
+    xb = x.clone()
+    xb[1, 2, 5] = float("nan")
+    xb[3, 0, 9] = float("inf")
+    yb = kernels.int8_linear_static_input(xb, w, ws, s, bias)
+    bad = torch.zeros(5, 7, dtype=torch.bool)
+    bad[1, 2] = bad[3, 0] = True
+    assert bool(torch.isnan(yb[bad]).all()) and torch.equal(yb[~bad], y[~bad])
 
 
 def test_runtime_uses_the_static_scale(tiny, tmp_path, monkeypatch):

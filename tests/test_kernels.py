@@ -784,6 +784,57 @@ def test_one_launch_w8a8_equals_two_launches(m, k, dtype, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# non-finite activations: a NaN / inf in a row makes that row's output non-finite, as F.linear's does
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["row", "row fused", "row one launch", "tensor", "convrot 64", "block 32",
+                                     "row w8a16"])
+def test_non_finite_activation_rows_give_non_finite_output_rows(backend, variant, monkeypatch):
+    """The activation scale's absmax keeps NaN (``tl.max`` alone drops it, and the int8 cast of a NaN is
+    some integer), so a NaN or inf anywhere in a row gives that output row NaN/inf -- never plausible
+    finite numbers -- and the other rows keep their bits."""
+    m = 37
+    monkeypatch.setenv(dispatch.FUSED_ENV, "1" if variant == "row fused" else "0")
+    monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "1" if variant == "row one launch" else "0")
+    if variant == "row fused":
+        monkeypatch.setattr(dispatch, "FUSED_ACT_MAX_M", 64)
+    kind, _, rest = variant.partition(" ")
+    g = int(rest) if rest.isdigit() else 0
+    path = "w8a16" if rest == "w8a16" else "w8a8"
+    if kind == "block":
+        qw = to_dev(Int8Blockwise.quantize(weight(), Int8Blockwise.Params(g)))
+    else:
+        qw = to_dev(Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params("tensor" if kind == "tensor" else "row",
+                                                                            bool(g), g or 256)))
+    x = act(m=m)
+    x[3, 17] = float("nan")
+    x[5, 200] = float("inf")
+    x[8, 0] = float("-inf")
+    clean = x.clone()
+    clean[[3, 5, 8]] = 0
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[[3, 5, 8]] = True
+
+    def run(xx):
+        y = K.quantized_linear(xx, qw, None, path=path, backend=backend)
+        if kind != "block":
+            y32 = K.int8_linear(xx, qw.qdata, qw.scale, None, convrot_groupsize=g, out_dtype=torch.float32,
+                                path=path, backend=backend)
+            assert torch.equal(~torch.isfinite(y32).all(dim=1), ~torch.isfinite(y).all(dim=1))
+        return y.cpu()
+
+    y, y_clean = run(x), run(clean)
+    assert bool((~torch.isfinite(y[bad])).all()), "a non-finite input row gave finite outputs"
+    assert bool(torch.isfinite(y[~bad]).all())
+    assert torch.equal(y[~bad], y_clean[~bad])
+    if kind != "block" and path == "w8a8":
+        q, s = K.quantize_activations(x, convrot_groupsize=g, backend=backend)
+        s = s.reshape(m, -1).cpu()
+        assert bool(torch.isnan(s[3]).all()) and bool(torch.isinf(s[[5, 8]]).all())  # the absmax's NaN / inf
+        assert bool(torch.isfinite(s[~bad]).all())
+
+
+# ------------------------------------------------------------------------------------------------
 # LoRA epilogue: y = int8 GEMM + h · upᵀ, the low-rank product added to the fp32 accumulator
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
