@@ -43,7 +43,9 @@ MAX_ROW_P = 32768  # the activation kernel keeps a (padded) row in registers; lo
 # How the second Hadamard factor is applied for g = 256/1024 (see triton_kernels._rotate_row).
 # None: tuned per shape between 2 (tensor cores on an exact 3-way bf16 split; measured fastest on an
 # H200 for rows up to 8192) and 0 (fp32 on the CUDA cores; fastest for 16384-long rows). The
-# interpreter, which has no exact bf16 dot, always uses 0. Env CONVERT_TO_QUANT_ROT_IMPL forces one.
+# interpreter, which has no exact bf16 dot, always uses 0. 3: g = 256 with 16-bit activations may also
+# take the dense-H kernel (triton_kernels.act_quant_rot_dense_kernel), tuned against the factored one.
+# Env CONVERT_TO_QUANT_ROT_IMPL forces one (3: the dense kernel where it applies, also in the interpreter).
 ROT_IMPL: Optional[int] = (int(os.environ["CONVERT_TO_QUANT_ROT_IMPL"])
                            if os.environ.get("CONVERT_TO_QUANT_ROT_IMPL") else None)
 
@@ -786,6 +788,7 @@ TUNER = _Tuner()
 # ------------------------------------------------------------------------------------------------
 _HAD_CACHE: Dict[tuple, torch.Tensor] = {}
 _FACTORS = {16: (1, 16), 64: (1, 64), 256: (16, 16), 1024: (16, 64)}
+DENSE_ROT_G = 256  # the group size the dense-H activation kernel also runs (tuned against the factored one)
 
 
 def _hadamard(size: int, device, dtype) -> torch.Tensor:
@@ -841,12 +844,29 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
         if interp or g1 == 1:
             impls = [0]
         else:
-            impls = [ROT_IMPL] if ROT_IMPL is not None else [2, 0]
+            impls = [ROT_IMPL] if ROT_IMPL in (0, 1, 2) else [2, 0]
         cands = [C(0, 0, 0, w, 1, rot_impl=i) for i in impls for w in warps]
-        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands)
-    p, g1, g2, stage1, ieee, h1, h2, cands = meta
+        # g = 256, 16-bit activations: also the dense-H kernel (rot_impl 3; BM = rows per block). Its dot
+        # needs >= 16 rows of groups per block; at most 16384 values per block (registers)
+        dense, hd = [], None
+        if convrot_groupsize == DENSE_ROT_G and ((not interp and x.dtype in (torch.bfloat16, torch.float16))
+                                                 or ROT_IMPL == 3):
+            hd = _hadamard(DENSE_ROT_G, x.device, h_dtype)
+            rows = [r for r in (1, 2, 4, 8, 16) if r * p >= 16 * DENSE_ROT_G and r * p <= 16384][:2]
+            dense = [C(r, 0, 0, w, st, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8])
+                     for st in ([1] if interp else [1, 2])]
+        meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
+    p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd = meta
+    if dense and mode == 0 and rowscale is None and not block_k:
+        cands = dense if ROT_IMPL == 3 else cands + dense
 
     def launch(cfg: GemmConfig) -> None:
+        if cfg.rot_impl == 3:
+            nprog = min(-(-m // cfg.BM), _num_sms(x.device))
+            launch_kernel(tk.act_quant_rot_dense_kernel, (nprog,), (x, out, scale, hd, k, x.stride(0), m),
+                          dict(P=p, G=DENSE_ROT_G, ROWS=cfg.BM, DOT_DTYPE=stage1, IEEE=ieee),
+                          cfg.num_warps, cfg.num_stages)
+            return
         launch_kernel(
             tk.act_quant_kernel, (m,),
             (x, out, out if scale is None else scale, out if h1 is None else h1, out if h2 is None else h2,

@@ -103,6 +103,41 @@ def test_quantize_activations_matches_float64(backend, g, block_k, k):
     assert mism == 0 if g == 0 else mism <= max(2, q.numel() // 2000)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
+@pytest.mark.parametrize("m,k", [(37, 512), (5, 1024), (70, 768), (3, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, monkeypatch):
+    """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group,
+    programs looping over row blocks; forced with ROT_IMPL 3, which the tuner otherwise weighs against
+    the factored kernel): the float64 integers except within fp32 noise of a .5 boundary, the reference's
+    scales, the factored kernel's integers but for a few ties, and a NaN row's NaN scale."""
+    monkeypatch.setattr(launch, "_ACT_META", {})
+    monkeypatch.setattr(launch, "ROT_IMPL", 3)
+    names = []
+    real = launch.launch_kernel
+    monkeypatch.setattr(launch, "launch_kernel", lambda kern, *a, **kw: (names.append(kern.fn.__name__), real(kern, *a, **kw)))
+    x = act(m=m, k=k, dtype=dtype, seed=k + m)
+    x[min(2, m - 1), 7] = float("nan")
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[min(2, m - 1)] = True
+    q, s = K.quantize_activations(x, 256, backend="triton")
+    assert names and set(names) == {"act_quant_rot_dense_kernel"}, names
+    xs = x.clone()
+    xs[bad] = 0
+    v64, s64 = _float64_quant(xs, 256, 0)
+    s, qi = s.reshape(-1).cpu(), q.cpu().long()
+    assert bool(torch.isnan(s[bad]).all())
+    assert torch.allclose(s[~bad].double(), s64.reshape(-1)[~bad], rtol=2e-6, atol=0)
+    diff = (qi[~bad] - torch.round(v64[~bad]).long()).abs()
+    near_tie = ((v64[~bad] - v64[~bad].floor()) - 0.5).abs() < 1e-3
+    assert diff.max() <= 1 and not (diff.bool() & ~near_tie).any()
+    monkeypatch.setattr(launch, "_ACT_META", {})
+    monkeypatch.setattr(launch, "ROT_IMPL", 0)
+    q0, s0 = K.quantize_activations(x, 256, backend="triton")
+    assert torch.allclose(s0.reshape(-1).cpu()[~bad], s[~bad], rtol=1e-6, atol=0)  # the absmax's last fp32 bit
+    assert (q0.cpu().long()[~bad] != qi[~bad]).sum().item() <= max(2, qi.numel() // 2000)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize_activations_leading_dims_zero_rows_and_errors(backend):
     x = act(k=64).reshape(37, 1, 64)
