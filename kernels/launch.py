@@ -853,8 +853,7 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
                                                  or ROT_IMPL == 3):
             hd = _hadamard(DENSE_ROT_G, x.device, h_dtype)
             rows = [r for r in (1, 2, 4, 8, 16) if r * p >= 16 * DENSE_ROT_G and r * p <= 16384][:2]
-            dense = [C(r, 0, 0, w, st, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8])
-                     for st in ([1] if interp else [1, 2])]
+            dense = [C(r, 0, 0, w, 1, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8, 16])]
         meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
     p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd = meta
     if dense and mode == 0 and rowscale is None and not block_k:

@@ -148,6 +148,15 @@ def act_quant_kernel(x_ptr, out_ptr, s_ptr, h1_ptr, h2_ptr, rowscale_ptr, K, str
         tl.store(out_ptr + row * K + offs, q, mask=mask)
 
 
+@triton.jit
+def _dense_rows(x_ptr, r0, M, K, stride_xm, offs_r, offs):
+    """Rows [r0, r0 + ROWS) of x, padded with zeros to P columns (and rows past M)."""
+    rows = r0 + offs_r
+    rmask = rows < M
+    return tl.load(x_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * stride_xm + offs[None, :],
+                   mask=rmask[:, None] & (offs[None, :] < K), other=0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, G: tl.constexpr,
                                ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
@@ -156,19 +165,16 @@ def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P:
     does 8x the multiply-adds on the tensor cores instead). bf16/fp16 activations and H's entries
     ±2^-k are exact operands, so every product is exact and only the order of the fp32 sums differs
     from the factored kernel. Each program loads H once and loops over blocks of ROWS rows (padded
-    to P columns: zero groups rotate to zeros)."""
+    to P columns: zero groups rotate to zeros), loading the next block before it works on this one."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_r = tl.arange(0, ROWS)
     offs = tl.arange(0, P)
     r = tl.arange(0, G)
     h = tl.load(h_ptr + r[:, None] * G + r[None, :]).to(DOT_DTYPE)
+    x = _dense_rows(x_ptr, pid * ROWS, M, K, stride_xm, offs_r, offs)
     for r0 in range(pid * ROWS, M, nprog * ROWS):
-        rows = r0 + offs_r
-        rmask = rows < M
-        rows64 = tl.where(rmask, rows, 0).to(tl.int64)
-        mask = rmask[:, None] & (offs[None, :] < K)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs[None, :], mask=mask, other=0)
+        x_next = _dense_rows(x_ptr, r0 + nprog * ROWS, M, K, stride_xm, offs_r, offs)
         xs = tl.reshape(x.to(DOT_DTYPE), (ROWS * P // G, G))
         if IEEE:
             y = tl.dot(xs, h, input_precision="ieee")
@@ -177,8 +183,12 @@ def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P:
         y = tl.reshape(y, (ROWS, P))
         sc = _act_scale(_absmax(y, 1))
         q = _round_clamp_int8(y * tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)[:, None])
+        rows = r0 + offs_r
+        rmask = rows < M
         tl.store(s_ptr + rows, sc, mask=rmask)
-        tl.store(out_ptr + rows64[:, None] * K + offs[None, :], q, mask=mask)
+        tl.store(out_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * K + offs[None, :], q,
+                 mask=rmask[:, None] & (offs[None, :] < K))
+        x = x_next
 
 
 # ------------------------------------------------------------------------------------------------
