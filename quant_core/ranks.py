@@ -90,6 +90,10 @@ def spawn_ranks(devices: Sequence[str], argv: Sequence[str], threads_per_rank: O
     for r, dev in enumerate(devices):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # c10d's C++ warnings (e.g. "recvValue failed ... Connection reset by peer" with a stack dump, when a
+        # peer's store goes away during an interrupt) would reach the user's terminal beside our one-line
+        # messages; errors still surface as Python exceptions, which the ranks report
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         if dev.startswith("cuda:"):
             idx = int(dev[5:])
             if visible_list is not None:

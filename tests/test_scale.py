@@ -410,3 +410,24 @@ def test_stopping_a_devices_run_leaves_nothing(slow_model, tmp_path, when, how):
         time.sleep(0.1)
     assert not _rank_processes(out), "a rank outlived its launcher"
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_ranks_get_quiet_c10d_logging(monkeypatch):
+    """The ranks run with ``TORCH_CPP_LOG_LEVEL=ERROR`` unless the user set it: when an interrupt takes a
+    peer's store away, c10d logs a warning with a C++ stack dump ("recvValue failed ... Connection reset
+    by peer") that once reached the launcher's stderr beside the one-line "interrupted" message."""
+    from convert_to_quant.quant_core import ranks
+    seen = []
+
+    class FakePopen:
+        def __init__(self, cmd, env=None, **kw):
+            seen.append(env)
+
+    monkeypatch.setattr(ranks.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    ranks.spawn_ranks(["cpu", "cpu"], ["-i", "m.safetensors", "--devices", "cpu,cpu"])
+    assert [e["TORCH_CPP_LOG_LEVEL"] for e in seen] == ["ERROR", "ERROR"]
+    seen.clear()
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")
+    ranks.spawn_ranks(["cpu", "cpu"], ["-i", "m.safetensors", "--devices", "cpu,cpu"])
+    assert [e["TORCH_CPP_LOG_LEVEL"] for e in seen] == ["INFO", "INFO"]
