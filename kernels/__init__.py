@@ -326,13 +326,15 @@ class PreparedLinear:
     tens-of-microseconds GEMM. Anything unusual about ``x`` (another device, dtype, width, tracing
     under torch.compile) takes ``quantized_linear``, which checks and handles it."""
 
-    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans", "fallback", "fast")
+    __slots__ = ("qw", "device", "n", "k", "qdata", "scale", "convrot", "group", "kind", "plans", "fallback", "fast",
+                 "cpu_fallback")
 
     def __init__(self, qw, device: torch.device):
         self.qw, self.device = qw, device
         self.plans: Optional[dict] = None
         self.fast: Optional[dict] = None  # _fast_key(...) -> (LaunchPlan, output shape)
         self.fallback: Optional[reference.DequantLinear] = None
+        self.cpu_fallback: Optional[reference.DequantLinear] = None  # the fallback, on CPU (the lean check)
         self.kind = qw.format if qw.format in ("int8_tensorwise", "int8_blockwise") else None
         if qw.extra.get("input_scale") is not None and static_input_enabled():  # quantized_linear runs it
             self.kind = None
@@ -359,10 +361,20 @@ class PreparedLinear:
             self.plans, self.fast = {}, {}
         else:  # the torch dequant path with the scale views made once (CPU, MPS, ...)
             self.fallback = reference.DequantLinear(self.qdata, self.scale, self.group, self.convrot)
+            if self.device.type == "cpu":
+                self.cpu_fallback = self.fallback
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
                  out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
         """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up) as for ``int8_linear``."""
+        fb = self.cpu_fallback
+        if (fb is not None and path == "dequant" and lora is None and out_dtype is None and type(x) is torch.Tensor
+                and x.is_cpu and x.dtype in _FLOAT_DTYPES and x.ndim and x.shape[-1] == self.k
+                and (bias is None or (type(bias) is torch.Tensor and bias.is_cpu and bias.shape == (self.n,)))
+                and not launch.env_get(launch.BACKEND_ENV)):
+            # what the ComfyUI loader's layers call on a CPU: the checks below in their cheapest form (a
+            # FakeTensor under torch.compile is not ``torch.Tensor`` and takes the general path)
+            return fb(x, bias, x.dtype)
         fast = self.fast
         if fast and type(x) is torch.Tensor and not _compiling():
             # a call exactly like one already planned (same shapes, strides, dtypes, alignment, devices,

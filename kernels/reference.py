@@ -371,7 +371,7 @@ class DequantLinear:
     activations (``x · blockdiag(H)ᵀ`` in fp32, rounded once to x's dtype, and the stored weight as it
     is) when M < N, else the weight rows."""
 
-    __slots__ = ("qdata", "n", "k", "group", "convrot", "scale")
+    __slots__ = ("qdata", "n", "k", "group", "convrot", "scale", "hot")
 
     def __init__(self, qdata: torch.Tensor, w_scale: torch.Tensor, group_size: int = 0, convrot_groupsize: int = 0):
         self.qdata = qdata
@@ -379,10 +379,29 @@ class DequantLinear:
         self.group, self.convrot = int(group_size), int(convrot_groupsize)
         ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
         self.scale = ws.contiguous() if group_size else ws.reshape(-1, 1)  # [T, K/g] tiles, [1, 1] or [N, 1]
+        # (dtype, budget env value, scratch key) of the last one-chunk CPU call without rotation: a call
+        # like it goes straight to the copy, the scale and F.linear (Python right after a large GEMM runs
+        # cold: each check here cost several microseconds in the tiny Wan step)
+        self.hot: Optional[tuple] = None
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                  chunk_bytes: Optional[int] = None) -> torch.Tensor:
         """``x`` [..., K] (any leading dims; ``F.linear`` takes them as they are) -> [..., N]."""
+        hot = self.hot
+        if (hot is not None and chunk_bytes is None and x.dtype is hot[0] and not x.requires_grad and x.is_cpu
+                and (bias is None or bias.dtype is hot[0]) and env_get(DEQUANT_CHUNK_ENV) == hot[1]):
+            v = _SCRATCH.views.get(hot[2])  # gone when another layer needed a larger scratch
+            if v is not None:
+                w = v[1]  # dequantize_rows_into's steps for one whole chunk, no rotation
+                w.copy_(self.qdata)
+                if self.group:
+                    _tile_scale_(w, self.scale, 0, self.group)
+                else:
+                    w.mul_(self.scale)
+                if v[3] is not w:
+                    v[3].copy_(w)
+                y = F.linear(x, v[3], bias)
+                return y if out_dtype is hot[0] else y.to(out_dtype)
         n, k = self.n, self.k
         dt = x.dtype
         if bias is not None and bias.dtype != dt:
@@ -393,9 +412,11 @@ class DequantLinear:
             if dt != torch.float32:
                 x = x.to(dt)
             g = 0
-        rows, work, tmp, out = _dequant_buffers(
-            n, k, dt, g, dequant_budget_bytes(chunk_bytes), x.device,
-            x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))  # autograd keeps the weight
+        budget = dequant_budget_bytes(chunk_bytes)
+        reuse = x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())  # autograd keeps the weight
+        rows, work, tmp, out = _dequant_buffers(n, k, dt, g, budget, x.device, reuse)
+        if reuse and rows >= n and not self.convrot and chunk_bytes is None:
+            self.hot = (dt, env_get(DEQUANT_CHUNK_ENV), (n, k, dt, g, budget))
         if rows >= n:
             y = F.linear(x, dequantize_rows_into(out, self.qdata, self.scale, 0, self.group, g, work, tmp), bias)
         elif dt == torch.float32 and k > K_CHUNK_MIN_RATIO * n and self._k_chunked_cols(rows, g) > 0:

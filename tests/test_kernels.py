@@ -1265,6 +1265,49 @@ def test_prepared_cpu_scratch_is_reused_and_bounded(monkeypatch):
     assert reference.scratch_bytes() == 0
 
 
+@pytest.mark.parametrize("kind", ["row", "tensor", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_cpu_lean_call_is_the_general_call(monkeypatch, kind, dtype):
+    """The CPU call's lean paths (``PreparedLinear``'s first check, ``DequantLinear.hot``) give the general
+    path's bits, and step aside whenever a condition of theirs fails: another layer took the scratch, the
+    budget env changed, a bias of another dtype, x that needs grad, bad operands (which still get the
+    general path's clear errors)."""
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(reference.DEQUANT_CHUNK_ENV, raising=False)
+    reference.release_scratch()
+    qw, group, _ = _fallback_weight(kind)
+    prep = _prepared_cpu(qw)
+    x = act(m=M, dtype=dtype, seed=91).cpu()
+    bias = (torch.randn(N, generator=gen(92)) * 0.1).to(dtype)
+    want = _fallback_linear(x, qw, bias)  # the unprepared entry point (dispatch -> dequant_linear)
+    with torch.no_grad():
+        assert torch.equal(prep(x, bias, "dequant"), want)
+        assert prep.fallback.hot is not None and prep.fallback.hot[0] is dtype
+        for _ in range(2):  # the hot path itself
+            assert torch.equal(prep(x, bias, "dequant"), want)
+        # another layer needs a larger scratch: the cached views are gone, the call takes the general path
+        other, _, _ = _fallback_weight(kind, n=2 * N, seed=93)
+        _prepared_cpu(other)(x, None, "dequant")
+        assert reference._SCRATCH.views.get(prep.fallback.hot[2]) is None
+        assert torch.equal(prep(x, bias, "dequant"), want)
+        # a bias in another dtype is converted by the general path
+        assert torch.equal(prep(x, bias.float() if dtype != torch.float32 else bias.double(), "dequant"), want)
+        # a budget that forces chunks: the general path chunks (the hot entry is for one chunk)
+        monkeypatch.setenv(reference.DEQUANT_CHUNK_ENV, str(7 * reference.dequant_row_bytes(KD, dtype) / 2 ** 20))
+        assert rel(prep(x, bias, "dequant"), want) < 1e-6
+        assert reference.scratch_bytes() <= 7 * reference.dequant_row_bytes(KD, dtype)
+        monkeypatch.delenv(reference.DEQUANT_CHUNK_ENV)
+        with pytest.raises(K.KernelInputError):
+            prep(act(m=M, k=KD + 16, dtype=dtype).cpu(), bias, "dequant")
+        with pytest.raises(K.KernelInputError):
+            prep(x, bias[:-1], "dequant")
+    xg = x.clone().requires_grad_(True)
+    y = prep(xg, bias, "dequant")
+    y.float().sum().backward()
+    assert xg.grad is not None and torch.equal(y.detach(), want)
+    reference.release_scratch()
+
+
 def test_prepared_cpu_scratch_is_per_thread_and_kept_out_of_autograd():
     import threading
     qw, _, _ = _fallback_weight("row")
