@@ -199,8 +199,8 @@ def int8_linear_static_input(x: torch.Tensor, qdata: torch.Tensor, weight_scale:
     s_in = _same_device(input_scale, dev, torch.float32).reshape(())
     ws = _same_device(weight_scale, dev, torch.float32).reshape(-1)
     qdata = _same_device(qdata, dev)
-    x2 = _as_rows(x, k)
-    q = torch.clamp(torch.round(x2.float() / s_in), -127, 127)
+    x2 = _as_rows(x, k).float()
+    q = torch.clamp(torch.round(x2 / s_in), -127, 127)
     m = x2.shape[0]
     if dev.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
         acc = torch._int_mm(q.to(torch.int8), qdata.t()).float()
@@ -208,7 +208,7 @@ def int8_linear_static_input(x: torch.Tensor, qdata: torch.Tensor, weight_scale:
         acc = q @ qdata.float().t()
     y = acc * (ws * s_in)
     # the int8 cast turns a NaN into some integer: carry a non-finite row's NaN/inf over (0 where finite)
-    y = y + x2.float().abs().amax(dim=1, keepdim=True) * 0.0
+    y = y + x2.abs().amax(dim=1, keepdim=True) * 0.0
     if bias is not None:
         y = y + _same_device(bias, dev, torch.float32)
     return y.to(out_dtype).reshape(tuple(x.shape[:-1]) + (n,))

@@ -392,15 +392,7 @@ class DequantLinear:
                 and (bias is None or bias.dtype is hot[0]) and env_get(DEQUANT_CHUNK_ENV) == hot[1]):
             v = _SCRATCH.views.get(hot[2])  # gone when another layer needed a larger scratch
             if v is not None:
-                w = v[1]  # dequantize_rows_into's steps for one whole chunk, no rotation
-                w.copy_(self.qdata)
-                if self.group:
-                    _tile_scale_(w, self.scale, 0, self.group)
-                else:
-                    w.mul_(self.scale)
-                if v[3] is not w:
-                    v[3].copy_(w)
-                y = F.linear(x, v[3], bias)
+                y = F.linear(x, dequantize_rows_into(v[3], self.qdata, self.scale, 0, self.group, 0, v[1], v[2]), bias)
                 return y if out_dtype is hot[0] else y.to(out_dtype)
         n, k = self.n, self.k
         dt = x.dtype
