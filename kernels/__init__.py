@@ -161,13 +161,8 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor
     lora = _check_lora(lora, x, n, what)
     x2 = _as_rows(x, k)
     if _compiling():
-        if dispatch.compile_split(x2, n, k, 0, convrot_groupsize, path, backend, lora):
-            q, s = dispatch.traced_quantize_activations(x2, 0)  # inductor fuses it into x's producer
-            y = torch.ops.convert_to_quant.scaled_int8_mm(q, s, qdata, ws, bias, 0, out_dtype, backend or "",
-                                                          *(lora or (None, None)))
-        else:
-            y = torch.ops.convert_to_quant.int8_linear(x2, qdata, ws, bias, convrot_groupsize, out_dtype,
-                                                       path or "", backend or "", *(lora or (None, None)))
+        y = torch.ops.convert_to_quant.int8_linear(x2, qdata, ws, bias, convrot_groupsize, out_dtype,
+                                                   path or "", backend or "", *(lora or (None, None)))
     else:
         y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
@@ -243,13 +238,8 @@ def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: to
     lora = _check_lora(lora, x, n, what)
     x2 = _as_rows(x, k)
     if _compiling():
-        if dispatch.compile_split(x2, n, k, g, 0, path, backend, lora):
-            q, s = dispatch.traced_quantize_activations(x2, g)
-            y = torch.ops.convert_to_quant.scaled_int8_mm(q, s, qdata, ws, bias, g, out_dtype, backend or "",
-                                                          *(lora or (None, None)))
-        else:
-            y = torch.ops.convert_to_quant.int8_blockwise_linear(x2, qdata, ws, bias, g, out_dtype, path or "",
-                                                                 backend or "", *(lora or (None, None)))
+        y = torch.ops.convert_to_quant.int8_blockwise_linear(x2, qdata, ws, bias, g, out_dtype, path or "",
+                                                             backend or "", *(lora or (None, None)))
     else:
         y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))

@@ -23,8 +23,6 @@ from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_qua
                      ONELAUNCH_MAX_NK, capturing)
 
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
-# "0": under torch.compile a W8A8 linear stays one opaque op (activation pass and GEMM inside it)
-COMPILE_SPLIT_ENV = "CONVERT_TO_QUANT_COMPILE_SPLIT"
 FUSED_ENV = "CONVERT_TO_QUANT_FUSED_ACT"  # "0": W8A8 for few tokens in two launches, as for many
 PATHS = ("auto", "w8a8", "w8a16", "dequant")
 
@@ -189,49 +187,6 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     return ref.blockwise_int8_mm(q, s, qdata, w_scale, bias, group_size, out_dtype)
 
 
-def compile_split(x: torch.Tensor, n: int, k: int, group_size: int, convrot_groupsize: int,
-                  path: Optional[str], backend: Optional[str], lora) -> bool:
-    """Whether a linear traced by torch.compile runs as *traced activation quantization* (torch ops,
-    ``reference.quantize_activations``) plus the ``convert_to_quant::scaled_int8_mm`` GEMM op, instead of
-    one opaque op. Inductor then fuses the quantization into whatever produced ``x`` -- the norm and
-    modulation before qkv / mlp_up, the GELU before mlp_down -- so the separate activation pass (a bf16
-    read, an int8 write and a launch per linear) disappears from the compiled step (docs/KERNELS.md,
-    "Round 8"). Only where the Triton W8A8 GEMM would run: not for convrot (its rotation is not
-    elementwise), W8A16 / dequant paths, the torch backend, or an unfused float32 LoRA. The path rule
-    reads the token count, so a dynamic-shape graph gets a guard at ``PATH_TABLE``'s bound."""
-    if convrot_groupsize or env_get(COMPILE_SPLIT_ENV, "1") == "0":
-        return False
-    if resolve_backend(x.device, backend) != "triton" or not gemm_supports(n, k, group_size):
-        return False
-    if group_size and (group_size & (group_size - 1)):
-        return False
-    p = resolve_path(path, "block" if group_size else "row", x.shape[0], x.device, n * k, x.dtype)
-    return p == "w8a8" and (lora is None or x.dtype != torch.float32)
-
-
-def traced_quantize_activations(x: torch.Tensor, block_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The activation quantization as torch ops for a traced graph (``compile_split``): int8 rows and
-    their scales ([M], or K-block-major [K/g, M] for block-wise, the layout its GEMM reads)."""
-    q, s = ref.quantize_activations(x, 0, block_k)
-    return q, (s.t().contiguous() if block_k else s)
-
-
-def scaled_int8_mm_2d(q: torch.Tensor, s: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-                      backend: Optional[str] = None, lora=None) -> torch.Tensor:
-    """The GEMM half of W8A8 on quantized activations (``s``: [M], or [K/g, M] block-wise)."""
-    n, k = qdata.shape
-    be = resolve_backend(q.device, backend)
-    a_s = s.t() if group_size else s
-    if be == "triton" and gemm_supports(n, k, group_size):
-        return launch_int8_gemm(q, a_s, qdata, w_scale, bias, out_dtype, group_size, lora=lora)
-    if group_size:
-        y = ref.blockwise_int8_mm(q, a_s, qdata, w_scale, bias, group_size, out_dtype)
-    else:
-        y = ref.scaled_int8_mm(q, a_s, qdata, w_scale, bias, out_dtype)
-    return with_lora(y, lora)
-
-
 def dequantize_2d(qdata: torch.Tensor, w_scale: torch.Tensor, group_size: int, convrot_groupsize: int,
                   dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
     return _dequant_weight(qdata, w_scale, group_size, convrot_groupsize, dtype,
@@ -288,19 +243,6 @@ def int8_blockwise_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale:
 @int8_blockwise_linear_op.register_fake
 def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend, lora_h=None, lora_up=None):
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("convert_to_quant::scaled_int8_mm", mutates_args=())
-def scaled_int8_mm_op(q: torch.Tensor, s: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype, backend: str,
-                      lora_h: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return scaled_int8_mm_2d(q, s, qdata, weight_scale, bias, group_size, out_dtype, _opt(backend),
-                             _lora_pair(lora_h, lora_up))
-
-
-@scaled_int8_mm_op.register_fake
-def _(q, s, qdata, weight_scale, bias, group_size, out_dtype, backend, lora_h=None, lora_up=None):
-    return q.new_empty((q.shape[0], qdata.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("convert_to_quant::dequantize", mutates_args=())

@@ -533,10 +533,6 @@ def test_custom_ops_pass_opcheck():
         (ops.int8_blockwise_linear.default, (x, qb.qdata, qb.scale, None, 32, torch.float32, "", "torch",
                                              torch.randn(5, 32), torch.randn(32, 32))),
         (ops.dequantize.default, (qw.qdata, qw.scale.reshape(-1), 0, 16, torch.float16, "torch")),
-        (ops.scaled_int8_mm.default, (*dispatch.traced_quantize_activations(x, 0), qw.qdata, qw.scale.reshape(-1),
-                                      torch.randn(32), 0, torch.bfloat16, "torch")),
-        (ops.scaled_int8_mm.default, (*dispatch.traced_quantize_activations(x, 32), qb.qdata, qb.scale, None, 32,
-                                      torch.float32, "torch", torch.randn(5, 16), torch.randn(32, 16))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -570,64 +566,6 @@ def test_torch_compile_fullgraph_cpu():
     assert torch.equal(compiled(x2), m(x2))
 
 
-def _graph_ops(fn, *args):
-    """Compile ``fn`` (fullgraph) with a backend that records the traced graph's ops and runs it."""
-    seen = set()
-
-    def backend(gm, example_inputs):
-        seen.update(getattr(node.target, "_qualified_op_name", str(node.target)) for node in gm.graph.nodes
-                    if node.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return out, seen
-
-
-@pytest.mark.parametrize("kind", ["tensor", "row", "block"])
-def test_compiled_w8a8_quantizes_activations_in_the_graph_with_the_same_bits(kind, monkeypatch):
-    """Under torch.compile a Triton W8A8 linear is traced as the activation quantization in torch ops
-    (which inductor fuses into the producer of x: the norm / modulation / GELU before the linear) plus the
-    ``scaled_int8_mm`` GEMM op -- with the eager call's bits (bias, LoRA epilogue, NaN rows included);
-    convrot, forced W8A16 and ``CONVERT_TO_QUANT_COMPILE_SPLIT=0`` stay one opaque op."""
-    if not TRITON_OK:
-        pytest.skip("triton unusable here")
-    w = weight(seed=81)
-    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if kind == "block"
-                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params(kind)))
-    x = act(m=40, seed=82)
-    x[3, 5] = float("nan")
-    bias = torch.randn(N, generator=gen(83)).to(DEV, torch.bfloat16)
-    lora = ((torch.randn(40, 16, generator=gen(84)) * 0.1).to(DEV, torch.bfloat16),
-            (torch.randn(N, 16, generator=gen(85)) * 0.1).to(DEV, torch.bfloat16))
-
-    def f(x, bias, h, up):
-        return K.quantized_linear(torch.sigmoid(x) * 3 - 1, qw, bias, path="w8a8", backend="triton", lora=(h, up))
-
-    eager = f(x, bias, *lora)
-    out, ops = _graph_ops(f, x, bias, *lora)
-    assert "convert_to_quant::scaled_int8_mm" in ops, ops
-    assert not any("int8_linear" in o or "quantize_activations" in o for o in ops), ops
-    assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.nan_to_num(), eager.nan_to_num())
-    assert out[3].isnan().all() and out[[0, 1, 2, 4]].isfinite().all()
-    ref64 = (torch.sigmoid(x.double()) * 3 - 1).cpu() @ qw.dequantize().double().cpu().T
-    ref64 = ref64 + bias.double().cpu() + lora[0].double().cpu() @ lora[1].double().cpu().T
-    keep = torch.arange(40) != 3
-    assert rel(out[keep], ref64[keep]) < 2e-2
-
-    # the cases that stay one opaque op
-    if kind != "block":
-        _, ops = _graph_ops(lambda x: K.quantized_linear(x, qw, path="w8a16", backend="triton"), x)
-        assert "convert_to_quant::int8_linear" in ops and "convert_to_quant::scaled_int8_mm" not in ops
-        qc = to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row", True, 64)))
-        _, ops = _graph_ops(lambda x: K.quantized_linear(x, qc, path="w8a8", backend="triton"), x)
-        assert "convert_to_quant::int8_linear" in ops and "convert_to_quant::scaled_int8_mm" not in ops
-    monkeypatch.setenv(dispatch.COMPILE_SPLIT_ENV, "0")
-    out0, ops = _graph_ops(lambda x: K.quantized_linear(x, qw, path="w8a8", backend="triton"), x)
-    assert "convert_to_quant::scaled_int8_mm" not in ops
-    assert torch.equal(out0.nan_to_num(), K.quantized_linear(x, qw, path="w8a8", backend="triton").nan_to_num())
-
-
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_gpu_inductor():
     m = _TinyQuantMLP(None)
@@ -635,34 +573,6 @@ def test_torch_compile_fullgraph_gpu_inductor():
     eager = m(x)
     compiled = torch.compile(m, fullgraph=True)
     assert torch.allclose(compiled(x).float(), eager.float(), rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["row", "block"])
-def test_inductor_fuses_the_activation_pass_with_the_eager_bits(kind):
-    """Inductor compiles the traced activation quantization (``dispatch.compile_split``) to the eager
-    kernel's bits; behind a norm and modulation (fused with them) it stays within W8A8's error of
-    float64."""
-    k, n, m = 1024, 768, 600
-    w = torch.randn(n, k) * 0.05
-    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(128)) if kind == "block"
-                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params("row")))
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    x[7, 3] = float("nan")
-    torch._dynamo.reset()
-    plain = torch.compile(lambda x: K.quantized_linear(x, qw, path="w8a8"), fullgraph=True)
-    y, ye = plain(x), K.quantized_linear(x, qw, path="w8a8")
-    assert torch.equal(y.isnan(), ye.isnan()) and torch.equal(y.nan_to_num(), ye.nan_to_num())
-    shift = torch.randn(k, device=DEV, dtype=torch.bfloat16) * 0.1
-    scale = torch.randn(k, device=DEV, dtype=torch.bfloat16) * 0.1
-
-    def block(x):
-        return K.quantized_linear(F.layer_norm(x, (k,)) * (1 + scale) + shift, qw, path="w8a8")
-
-    x = x.nan_to_num()
-    y = torch.compile(block, fullgraph=True)(x)
-    ref = (F.layer_norm(x.double(), (k,)) * (1 + scale.double()) + shift.double()).cpu() @ qw.dequantize().double().cpu().T
-    assert rel(y, ref) < 2e-2
 
 
 @pytest.mark.gpu
