@@ -10,9 +10,10 @@ docs/KERNELS.md for numerics, paths and measurements.
     dequantize(qw, dtype=None)
     int8_attention(q, k, v, *, sm_scale=None, backend=None, pv=None)  # INT8 attention, kernels/attention.py
 
-``path``: None/"auto" (measured table), "w8a8", "w8a16" or "dequant"; env CONVERT_TO_QUANT_KERNEL_PATH
-sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("dequant" where
-Triton doesn't run: CPU, MPS, ...; see docs/KERNELS.md, "CPU / non-Triton fallback"). ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
+``path``: None/"auto" (measured table), "w8a8", "w8a16", "dequant" or "cpu"; env CONVERT_TO_QUANT_KERNEL_PATH
+sets the default. ``runtime_path(device)`` is the path a loaded model's layers use ("cpu" on a CPU: the
+int8 GEMM ``torch._int_mm`` for large layers where the CPU multiplies int8 fast, else dequant; "dequant"
+on other devices without Triton: MPS, ...; see docs/KERNELS.md, "CPU / non-Triton fallback"). ``backend`` (keyword, all functions): None/"auto", "triton" or "torch"; env
 CONVERT_TO_QUANT_KERNEL_BACKEND. All functions accept activations of any leading shape [..., K].
 """
 from __future__ import annotations
@@ -368,12 +369,15 @@ class PreparedLinear:
                  out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
         """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up) as for ``int8_linear``."""
         fb = self.cpu_fallback
-        if (fb is not None and path == "dequant" and lora is None and out_dtype is None and type(x) is torch.Tensor
-                and x.is_cpu and x.dtype in _FLOAT_DTYPES and x.ndim and x.shape[-1] == self.k
+        if (fb is not None and (path == "cpu" or path == "dequant") and lora is None and out_dtype is None
+                and type(x) is torch.Tensor and x.is_cpu and x.dtype in _FLOAT_DTYPES and x.ndim
+                and x.shape[-1] == self.k
                 and (bias is None or (type(bias) is torch.Tensor and bias.is_cpu and bias.shape == (self.n,)))
                 and not launch.env_get(launch.BACKEND_ENV)):
             # what the ComfyUI loader's layers call on a CPU: the checks below in their cheapest form (a
             # FakeTensor under torch.compile is not ``torch.Tensor`` and takes the general path)
+            if path == "cpu" and fb.int8 and not x.requires_grad:  # (rounding has no gradient)
+                return fb.w8a8(x, bias, x.dtype)
             return fb(x, bias, x.dtype)
         fast = self.fast
         if fast and type(x) is torch.Tensor and not _compiling():
@@ -399,10 +403,13 @@ class PreparedLinear:
         out_dtype_in = out_dtype
         out_dtype = out_dtype or x.dtype
         fb = self.fallback
-        if (fb is not None and lora is None and resolve_backend(self.device) == "torch"
-                and dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
-                                          self.device, self.n * self.k, x.dtype) == "dequant"):
-            return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
+        if fb is not None and lora is None and resolve_backend(self.device) == "torch":
+            p = dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
+                                      self.device, self.n * self.k, x.dtype)
+            if p == "cpu" and fb.int8 and not x.requires_grad:
+                return fb.w8a8(x, bias, out_dtype)
+            if p in ("dequant", "cpu"):
+                return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
         lora_in = lora
         if lora is not None:

@@ -3,7 +3,10 @@
 A *path* is the algorithm for one linear layer:
   * ``w8a8``    -- quantize activations per token (fused convrot), int8 x int8 GEMM, fp32 epilogue;
   * ``w8a16``   -- weight-only: int8 weight tiles converted in the GEMM, activations stay float;
-  * ``dequant`` -- dequantize the weight to the activation dtype, then ``F.linear`` (cuBLAS).
+  * ``dequant`` -- dequantize the weight to the activation dtype, then ``F.linear`` (cuBLAS);
+  * ``cpu``     -- what a loaded model runs on a CPU: ``w8a8`` through ``torch._int_mm`` for large enough
+                   tensor-wise / per-row / convrot layers where the CPU multiplies int8 fast
+                   (``reference.cpu_int8_fast``), else ``dequant``; ``dequant`` on other devices.
 A *backend* is where it runs: ``triton`` (CUDA sm80+) or ``torch`` (everything else, same numerics).
 
 ``auto`` picks the path from ``PATH_TABLE`` (measured with ``benchmarks/kernels.py``; see
@@ -24,7 +27,7 @@ from .launch import (act_kernel_supports, arch_of, gemm_supports, launch_act_qua
 
 PATH_ENV = "CONVERT_TO_QUANT_KERNEL_PATH"
 FUSED_ENV = "CONVERT_TO_QUANT_FUSED_ACT"  # "0": W8A8 for few tokens in two launches, as for many
-PATHS = ("auto", "w8a8", "w8a16", "dequant")
+PATHS = ("auto", "w8a8", "w8a16", "dequant", "cpu")
 
 # (arch, weight kind) -> ((largest M, largest N*K or 0 for any, path), ...): the first row that fits
 # M (and N*K) wins; anything else uses "w8a8". sm90 rows from an H200 (docs/KERNELS.md, rounds 4-5):
@@ -73,7 +76,19 @@ def runtime_path(device: torch.device, backend: Optional[str] = None) -> Optiona
     what ``quant_core`` measures as "what the GPU runtime computes" (example.evaluate_file)."""
     if env_get(PATH_ENV):
         return None
-    return "dequant" if resolve_backend(device, backend) == "torch" else None
+    if resolve_backend(device, backend) != "torch":
+        return None
+    return "cpu" if device.type == "cpu" else "dequant"
+
+
+def cpu_int8_chosen(x: torch.Tensor, be: str, n: int, k: int) -> bool:
+    """Whether the ``"cpu"`` path runs a tensor-wise / per-row / convrot layer as W8A8 through
+    ``torch._int_mm`` (``reference.cpu_int8_linear``): on a CPU that multiplies int8 fast, for weights of
+    at least ``reference.CPU_INT8_MIN_NK`` entries, for activations that need no gradient (rounding has
+    none). Otherwise it runs "dequant"; block-wise weights always do (their int8 GEMM would be one call
+    per K block)."""
+    return (be == "torch" and x.device.type == "cpu" and n * k >= ref.CPU_INT8_MIN_NK and not x.requires_grad
+            and ref.cpu_int8_fast())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +142,11 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
         be = "torch"  # the GEMM kernels need N, K multiples of 16
     if lora is not None and not _lora_fusable(lora, be, p, x):
         return with_lora(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be), lora)
+    if p == "cpu":
+        if cpu_int8_chosen(x, be, n, k):
+            plan_unsafe()
+            return ref.cpu_int8_linear(x, qdata, w_scale, bias, convrot_groupsize, out_dtype)
+        p = "dequant"
     if p == "dequant" or be == "torch":
         plan_unsafe()  # torch work besides kernel launches: no launch plan (launch.LaunchPlan)
     if p == "dequant":
@@ -164,6 +184,8 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
     p = resolve_path(path, "block", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k, 0 if p == "w8a16" else group_size):
         be = "torch"
+    if p == "cpu":
+        p = "dequant"  # block-wise: see cpu_int8_chosen
     if lora is not None and not _lora_fusable(lora, be, p, x):
         return with_lora(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":

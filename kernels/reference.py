@@ -355,6 +355,76 @@ def dequantize_cols_into(w: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor
 # 3072 -> 1536 0.89 vs 0.94; 4096 -> 4096 1.02 vs 0.93 and 1536 -> 8960 1.02 vs 0.92 (rows win).
 K_CHUNK_MIN_RATIO = 1.5
 
+# --------------------------------------------------------------------------------------------------
+# CPU int8 GEMM (the ``"cpu"`` runtime path): torch._int_mm where this CPU multiplies int8 fast
+# --------------------------------------------------------------------------------------------------
+CPU_INT8_ENV = "CONVERT_TO_QUANT_CPU_INT8"  # "1": use it, "0": never (dequant only); unset: probe the CPU
+# layers of at least this many weights take the int8 GEMM on the "cpu" path (below it the activation pass and
+# the epilogue cost more than the GEMM saves: a 2-core Xeon measured 0.6-0.8x float at 256² and 512², 1.0-1.4x at
+# 768², 1.6-1.7x at 1024², 1.7-2.4x at the Wan-1.3B widths; docs/KERNELS.md, "CPU int8 GEMM")
+CPU_INT8_MIN_NK = 1 << 19
+_CPU_INT8_PROBE: Dict[str, bool] = {}
+
+
+def _time_min(fn, reps: int) -> float:
+    import time
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cpu_int8_fast() -> bool:
+    """Whether ``torch._int_mm`` multiplies int8 on this CPU at most half as slowly as fp32 ``F.linear``
+    (x86 with AVX-512 VNNI / AMX: 3-4x faster than fp32; without int8 dot instructions it is slower).
+    Env ``CONVERT_TO_QUANT_CPU_INT8`` = 1 / 0 decides; unset, a one-off probe (256 x 1024 x 1024, best of
+    3 alternated calls each, ~0.1 s) decides once per process."""
+    v = env_get(CPU_INT8_ENV)
+    if v is not None and v != "":
+        if v not in ("0", "1"):
+            raise ValueError(f"{CPU_INT8_ENV} must be 0 or 1, got {v!r}")
+        return v == "1"
+    hit = _CPU_INT8_PROBE.get("fast")
+    if hit is None:
+        try:
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(0)
+                a = torch.randn(256, 1024, generator=g)
+                w = torch.randn(1024, 1024, generator=g)
+                qa = torch.randint(-127, 128, (256, 1024), generator=g).to(torch.int8)
+                qw = torch.randint(-127, 128, (1024, 1024), generator=g).to(torch.int8)
+                f_lin = lambda: F.linear(a, w)  # noqa: E731
+                f_int = lambda: torch._int_mm(qa, qw.t())  # noqa: E731
+                f_lin(), f_int()
+                hit = _time_min(f_int, 3) <= 0.5 * _time_min(f_lin, 3)
+        except RuntimeError:  # no int8 GEMM in this build
+            hit = False
+        _CPU_INT8_PROBE["fast"] = hit
+    return hit
+
+
+def cpu_int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    convrot_groupsize: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 on a CPU through ``torch._int_mm``: ``x`` [..., K] -> [..., N] in ``out_dtype``. The numerics of
+    ``quantize_activations`` + ``scaled_int8_mm`` (the torch backend's "w8a8", which the GPU kernels
+    match) with the element-wise passes done in place; convrot rotates the activations with
+    ``rotate_fast`` (fp32, ~1e-7 from ``rotate``). ``w_scale``: one value, or one per weight row."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, k)
+    y = rotate_fast(y, convrot_groupsize) if convrot_groupsize else y.float()
+    amax = y.abs().amax(dim=1)
+    s = (amax / torch.full_like(amax, QMAX)).clamp_(min=SCALE_MIN)
+    q = (y * torch.reciprocal(s)[:, None]).clamp_(-QMAX, QMAX).round_().to(torch.int8)
+    out = torch._int_mm(q, qdata.t()).float()
+    out.mul_(s.reshape(-1, 1)).mul_(w_scale.reshape(1, -1))
+    if bias is not None:
+        out.add_(bias.reshape(1, -1) if bias.dtype == torch.float32 else bias.float().reshape(1, -1))
+    out = out.reshape(lead + (qdata.shape[0],))
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
 
 class DequantLinear:
     """The torch dequant path for one weight, its operands shaped once: ``PreparedLinear`` keeps one per
@@ -371,7 +441,7 @@ class DequantLinear:
     activations (``x · blockdiag(H)ᵀ`` in fp32, rounded once to x's dtype, and the stored weight as it
     is) when M < N, else the weight rows."""
 
-    __slots__ = ("qdata", "n", "k", "group", "convrot", "scale", "hot")
+    __slots__ = ("qdata", "n", "k", "group", "convrot", "scale", "hot", "int8", "wrow")
 
     def __init__(self, qdata: torch.Tensor, w_scale: torch.Tensor, group_size: int = 0, convrot_groupsize: int = 0):
         self.qdata = qdata
@@ -383,6 +453,16 @@ class DequantLinear:
         # like it goes straight to the copy, the scale and F.linear (Python right after a large GEMM runs
         # cold: each check here cost several microseconds in the tiny Wan step)
         self.hot: Optional[tuple] = None
+        # the "cpu" path's choice for this layer: the int8 GEMM (``cpu_int8_linear``) for large enough
+        # tensor-wise / per-row / convrot weights on a CPU that multiplies int8 fast, else the dequant path
+        self.int8 = (qdata.device.type == "cpu" and not group_size and self.n * self.k >= CPU_INT8_MIN_NK
+                     and cpu_int8_fast())
+        self.wrow = ws.reshape(-1)
+
+    def w8a8(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """``cpu_int8_linear`` with this layer's weight (valid where ``self.int8``)."""
+        return cpu_int8_linear(x, self.qdata, self.wrow, bias, self.convrot, out_dtype)
+
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                  chunk_bytes: Optional[int] = None) -> torch.Tensor:

@@ -273,11 +273,14 @@ class QuantLinearMixin:
                 w = f(w)
             y = F.linear(x, w, bias)
         else:
-            # without Triton (CPU, MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
+            # without Triton: on a CPU "cpu" (int8 GEMM for large layers where the CPU multiplies int8 fast,
+            # else dequant), elsewhere (MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
             path = runtime_path(x.device)
+            act = self.activation_dtype
+            if path == "cpu" and act is not None:
+                path = "dequant"  # weight-only asked for (the text encoder's bf16 activations): no int8 activations
             # under torch.compile the custom ops are traced instead (storage pointers are not traceable)
             run = None if torch.compiler.is_compiling() else self._prepared(x.device)
-            act = self.activation_dtype
             lora = self._fused_lora(x) if self.lora_groups and path is None and act is None else None
             fused = 1 if lora is not None else 0
             if act is not None and path is None and run is not None:

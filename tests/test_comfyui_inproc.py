@@ -19,7 +19,7 @@ RESULT = "CTQ_RESULT "
 
 CHECKS = ("int8_model_matches_float", "memory_accounting_and_to", "lora_side_path", "lora_lowvram",
           "dense_delta_fallback", "fused_offset_patch", "blockwise_and_convrot_files", "on_the_fly_quantize",
-          "text_encoder_loader", "temp_files_and_chart", "torch_compile")
+          "text_encoder_loader", "temp_files_and_chart", "torch_compile", "cpu_int8_gemm")
 
 if __name__ != "__main__":
     import pytest
@@ -69,6 +69,11 @@ if __name__ != "__main__":
 
     def test_torch_compile(results):
         _assert_check(results, "torch_compile")
+
+    def test_cpu_int8_gemm(results):
+        d = _assert_check(results, "cpu_int8_gemm")
+        assert d["int8_gemm_layers"] == 20 and d["rel_err"] < 0.05 and d["rel_err_lora"] < 0.05
+        assert d["vs_dequant"] > 1e-4  # int8 activations: not the dequant path's numbers
 
 
 # ================================================================================================
@@ -397,6 +402,37 @@ def check_temp_files_and_chart(c: Ctx):
     count = lambda rgb: int((px == torch.tensor(rgb, dtype=torch.int32)).all(-1).sum())
     assert count(GOOD) > 2 * count(BAD) > 0, (count(GOOD), count(BAD))
     return {}
+
+
+def check_cpu_int8_gemm(c: Ctx):
+    """The "cpu" runtime path through ComfyUI's loader: every int8 layer on the int8 GEMM
+    (``torch._int_mm``; the size threshold lowered for this tiny model, the CPU probe forced on), the
+    output within int8 tolerance of the float model, with a LoRA too; with it off, the dequant path."""
+    torch = c.torch
+    from convert_to_quant.kernels import reference
+    from convert_to_quant.nodes.ops import quant_linears
+    saved, env = reference.CPU_INT8_MIN_NK, os.environ.get(reference.CPU_INT8_ENV)
+    reference.CPU_INT8_MIN_NK = 0
+    os.environ[reference.CPU_INT8_ENV] = "1"
+    try:
+        q = c.int8_patcher()
+        out = c.run(q)
+        q.patch_model(device_to=torch.device("cpu"))
+        used = [n for n, m in quant_linears(q.model) if m._prepared(torch.device("cpu")).fallback.int8]
+        q.unpatch_model(device_to=torch.device("cpu"))
+        out_lora = c.run(c.with_lora(c.int8_patcher()))
+        os.environ[reference.CPU_INT8_ENV] = "0"
+        dequant = c.run(c.int8_patcher())
+    finally:
+        reference.CPU_INT8_MIN_NK = saved
+        if env is None:
+            os.environ.pop(reference.CPU_INT8_ENV, None)
+        else:
+            os.environ[reference.CPU_INT8_ENV] = env
+    ref = c.run(c.float_patcher())
+    ref_lora = c.run(c.with_lora(c.float_patcher()))
+    return {"int8_gemm_layers": len(used), "rel_err": rel(out, ref), "rel_err_lora": rel(out_lora, ref_lora),
+            "vs_dequant": rel(out, dequant)}
 
 
 def check_torch_compile(c: Ctx):

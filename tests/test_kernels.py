@@ -1180,11 +1180,12 @@ def test_dequant_chunking_bounds_memory_and_keeps_the_result(monkeypatch):
             _fallback_linear(x, qw, bias)
 
 
-def test_runtime_path_is_dequant_without_triton(monkeypatch):
+def test_runtime_path_without_triton(monkeypatch):
     monkeypatch.delenv(dispatch.PATH_ENV, raising=False)
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
     cpu = torch.device("cpu")
-    assert K.runtime_path(cpu) == "dequant" and K.runtime_path(cpu, "torch") == "dequant"
+    assert K.runtime_path(cpu) == "cpu" and K.runtime_path(cpu, "torch") == "cpu"
+    assert K.runtime_path(torch.device("meta"), "torch") == "dequant"  # other devices without our kernels
     # auto itself keeps the W8A8 numerics on the torch backend (what quant_core measures)
     assert K.choose_path("row", 4096, cpu) == "w8a8"
     if launch.triton_usable(cpu):  # the interpreter, asked for explicitly: the measured table
@@ -1192,12 +1193,70 @@ def test_runtime_path_is_dequant_without_triton(monkeypatch):
     monkeypatch.setenv(dispatch.PATH_ENV, "w8a16")  # a forced path still wins
     assert K.runtime_path(cpu) is None
     monkeypatch.delenv(dispatch.PATH_ENV)
-    qw, _, _ = _fallback_weight("convrot256")
+    qw, _, _ = _fallback_weight("convrot256")  # below CPU_INT8_MIN_NK: the "cpu" path dequantizes
     x = act(dtype=torch.bfloat16, seed=76).cpu().reshape(37, 1, KD)
     y = K.quantized_linear(x, qw, None, path=K.runtime_path(x.device))
     assert torch.equal(y, _fallback_linear(x, qw, None))
     # the Hadamard matrices are built once per (size, device, dtype)
     assert reference.hadamard(256, cpu) is reference.hadamard(256, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["row", "tensor", "convrot64", "convrot256", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_int8_gemm_for_large_layers(monkeypatch, kind, dtype):
+    """The "cpu" runtime path: W8A8 through ``torch._int_mm`` for tensor-wise / per-row / convrot layers of
+    at least ``CPU_INT8_MIN_NK`` weights on a CPU that multiplies int8 fast -- the torch backend's "w8a8"
+    bits (convrot: its activations rotated by ``rotate_fast``, checked against float64), prepared and
+    unprepared alike, NaN rows kept; block-wise, small layers and ``CONVERT_TO_QUANT_CPU_INT8=0`` take the
+    dequant path's bits."""
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(dispatch.PATH_ENV, raising=False)
+    monkeypatch.setenv(reference.CPU_INT8_ENV, "1")
+    n, k = 2048, 256  # 512K weights: the smallest layer that takes it
+    assert n * k >= reference.CPU_INT8_MIN_NK
+    qw, _, g = _fallback_weight(kind, n=n, k=k, seed=95)
+    x = act(m=30, k=k, dtype=dtype, seed=96).cpu().reshape(3, 10, k)
+    x[1, 4, 7] = float("nan")
+    bias = (torch.randn(n, generator=gen(97)) * 0.1).to(dtype)
+    prep = _prepared_cpu(qw)
+    assert prep.fallback.int8 == (kind != "block")
+    with torch.no_grad():
+        y = prep(x, bias, "cpu")
+        assert y.shape == (3, 10, n) and y.dtype == dtype
+        assert torch.equal(y.isnan().any(-1), x.isnan().any(-1))  # exactly the NaN token's row
+        assert torch.equal(K.quantized_linear(x, qw, bias, path="cpu").nan_to_num(), y.nan_to_num())  # unprepared
+        ok = ~x.isnan().any(-1)
+        if kind == "block":
+            assert torch.equal(y.nan_to_num(), prep(x, bias, "dequant").nan_to_num())
+        elif not g:
+            assert torch.equal(y.nan_to_num(), _fallback_linear(x, qw, bias, path="w8a8").nan_to_num())
+        ref64 = x.double() @ qw.dequantize().double().T + bias.double()
+        assert rel(y[ok], ref64[ok]) < 2e-2
+        if kind != "block":
+            assert rel(y[ok], ref64[ok]) > 1e-4  # int8 activations, not the dequantized weight in float
+        # below the size, or switched off: the dequant path
+        monkeypatch.setenv(reference.CPU_INT8_ENV, "0")
+        off = _prepared_cpu(qw)
+        assert not off.fallback.int8
+        assert torch.equal(off(x, bias, "cpu").nan_to_num(), off(x, bias, "dequant").nan_to_num())
+        monkeypatch.setenv(reference.CPU_INT8_ENV, "1")
+        small, _, _ = _fallback_weight(kind, n=n // 2 - 16, k=k, seed=98)
+        ps = _prepared_cpu(small)
+        assert not ps.fallback.int8
+        assert torch.equal(ps(x, None, "cpu").nan_to_num(), ps(x, None, "dequant").nan_to_num())
+    # activations that need a gradient take the dequant path (rounding has none): the gradient flows
+    xg = x.nan_to_num().detach().requires_grad_()
+    yg = prep(xg, bias, "cpu")
+    with torch.no_grad():
+        assert torch.equal(yg, prep(xg.detach(), bias, "dequant"))
+    yg.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    monkeypatch.setenv(reference.CPU_INT8_ENV, "yes")
+    with pytest.raises(ValueError, match="CONVERT_TO_QUANT_CPU_INT8"):
+        reference.cpu_int8_fast()
+    monkeypatch.delenv(reference.CPU_INT8_ENV)
+    assert reference.cpu_int8_fast() in (True, False)  # the probe: decided once per process
+    assert reference.cpu_int8_fast() is reference._CPU_INT8_PROBE["fast"]
 
 
 # the prepared CPU path (PreparedLinear -> reference.DequantLinear): scale views made once, per-thread scratch
