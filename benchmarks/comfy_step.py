@@ -946,7 +946,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for the fallback benchmark")
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--shapes", default="image_720p,video_480p_33f",
-                    help=f"comma list of {', '.join(SHAPES)}")
+                    help=f"comma list of {', '.join(SHAPES)} (--dry-run with --comfyui: tiny, tiny_273)")
     ap.add_argument("--format", choices=["int8_tensorwise", "int8_pertensor", "convrot", "int8_blockwise", "all"],
                     default="int8_tensorwise",
                     help="int8_tensorwise: per-row scales; int8_pertensor: one scale (CPU fallback benchmark only); "
@@ -1004,7 +1004,9 @@ def main(argv=None) -> int:
         args.text_tokens, args.lora_rank = 8, 8
         if not args.comfyui:
             return torch_fallback_bench(args)
-        shapes = DRY_SHAPES
+        # ComfyUI on the CPU: "tiny" (4 tokens), or --shapes tiny_273 (the CPU step of issue 13)
+        dry_shapes = {**DRY_SHAPES, **TORCH_DRY_SHAPES}
+        shapes = {s: dry_shapes[s] for s in args.shapes.split(",") if s in dry_shapes} or DRY_SHAPES
     else:
         if not args.comfyui:
             sys.exit("error: --comfyui is required (only --dry-run runs without ComfyUI)")
