@@ -360,8 +360,9 @@ K_CHUNK_MIN_RATIO = 1.5
 # --------------------------------------------------------------------------------------------------
 CPU_INT8_ENV = "CONVERT_TO_QUANT_CPU_INT8"  # "1": use it, "0": never (dequant only); unset: probe the CPU
 # layers of at least this many weights take the int8 GEMM on the "cpu" path (below it the activation pass and
-# the epilogue cost more than the GEMM saves: a 2-core Xeon measured 0.6-0.8x float at 256² and 512², 1.0-1.4x at
-# 768², 1.6-1.7x at 1024², 1.7-2.4x at the Wan-1.3B widths; docs/KERNELS.md, "CPU int8 GEMM")
+# the epilogue cost what the GEMM saves: on a 2-core Xeon, float / int8 per layer 0.60x at 256², 0.87x at 512²,
+# 1.20x at 512x1024, 1.54x at 1024², 2.2-2.5x at the Wan-1.3B FFN; benchmarks/cpu_fallback_layers.py part 3,
+# docs/KERNELS.md "CPU int8 GEMM")
 CPU_INT8_MIN_NK = 1 << 19
 _CPU_INT8_PROBE: Dict[str, bool] = {}
 
@@ -378,9 +379,9 @@ def _time_min(fn, reps: int) -> float:
 
 def cpu_int8_fast() -> bool:
     """Whether ``torch._int_mm`` multiplies int8 on this CPU at most half as slowly as fp32 ``F.linear``
-    (x86 with AVX-512 VNNI / AMX: 3-4x faster than fp32; without int8 dot instructions it is slower).
-    Env ``CONVERT_TO_QUANT_CPU_INT8`` = 1 / 0 decides; unset, a one-off probe (256 x 1024 x 1024, best of
-    3 alternated calls each, ~0.1 s) decides once per process."""
+    (x86 with int8 dot-product instructions, AVX-512 VNNI / AMX, runs it several times faster than fp32;
+    without them it can be slower). Env ``CONVERT_TO_QUANT_CPU_INT8`` = 1 / 0 decides; unset, a one-off
+    probe (256 x 1024 x 1024, best of 3 calls each, ~0.1 s) decides once per process."""
     v = env_get(CPU_INT8_ENV)
     if v is not None and v != "":
         if v not in ("0", "1"):
@@ -462,7 +463,6 @@ class DequantLinear:
     def w8a8(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         """``cpu_int8_linear`` with this layer's weight (valid where ``self.int8``)."""
         return cpu_int8_linear(x, self.qdata, self.wrow, bias, self.convrot, out_dtype)
-
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                  chunk_bytes: Optional[int] = None) -> torch.Tensor:
