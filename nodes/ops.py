@@ -76,10 +76,15 @@ class QuantLinearMixin:
     # activations in that dtype (the text-encoder loader's "accurate" mode; docs/NODES.md)
     activation_dtype: Optional[torch.dtype] = None
 
-    def _init_quant(self, in_features: int, out_features: int):
+    def _init_quant(self, in_features: int, out_features: int, dtype: Optional[torch.dtype] = None):
         torch.nn.Module.__init__(self)
         self.in_features = in_features
         self.out_features = out_features
+        # the dtype ComfyUI built the layer with (its weight dtype for the model): biases are stored in it, as
+        # ComfyUI's own layers store theirs -- else every call casts them (on a CPU, fp32 compute and a bf16
+        # file: 20 casts per step in the tiny Wan, ~0.45 ms). Unquantized float weights keep the file's dtype
+        # (memory: they can be large); fp8 and other storage dtypes keep the file's dtype.
+        self.float_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
         # nothing is allocated here: the real tensors (int8 or float) arrive in _load_from_state_dict
         self.weight = None
         self.bias = None
@@ -116,7 +121,14 @@ class QuantLinearMixin:
             self.weight = torch.nn.Parameter(w, requires_grad=False)
         b = state_dict.get(prefix + "bias")
         if b is not None:
-            self.bias = torch.nn.Parameter(b, requires_grad=False)
+            self.bias = torch.nn.Parameter(self._stored(b), requires_grad=False)
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """A bias from the file in ``float_dtype`` (where that is set and the bias is a float tensor)."""
+        dt = self.float_dtype
+        if dt is None or t.dtype == dt or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return t
+        return t.to(dt)
 
     def set_quantized(self, qw: QuantizedWeight):
         get_format(qw.format)  # unknown formats fail here with the registry's message
@@ -325,7 +337,7 @@ class QuantOps(comfy.ops.manual_cast):
 
     class Linear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-            self._init_quant(in_features, out_features)
+            self._init_quant(in_features, out_features, dtype)
 
         def reset_parameters(self):
             return None

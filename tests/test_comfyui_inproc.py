@@ -163,6 +163,8 @@ def check_int8_model_matches_float(c: Ctx):
     layers = quant_linears(q.model)
     for name, m in layers:
         assert m.weight.dtype == c.torch.int8, name
+        # biases in the model's weight dtype, as ComfyUI's own layers keep theirs (no cast per call)
+        assert m.bias is None or m.bias.dtype == q.model.get_dtype(), (name, m.bias.dtype, q.model.get_dtype())
     ref = c.run(c.float_patcher())
     out = c.run(q)
     return {"int8_layers": len(layers), "rel_err": rel(out, ref)}
