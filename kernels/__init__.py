@@ -376,9 +376,7 @@ class PreparedLinear:
                 and not launch.env_get(launch.BACKEND_ENV)):
             # what the ComfyUI loader's layers call on a CPU: the checks below in their cheapest form (a
             # FakeTensor under torch.compile is not ``torch.Tensor`` and takes the general path)
-            if path == "cpu" and fb.int8 and not x.requires_grad:  # (rounding has no gradient)
-                return fb.w8a8(x, bias, x.dtype)
-            return fb(x, bias, x.dtype)
+            return fb.cpu(x, bias, x.dtype) if path == "cpu" else fb(x, bias, x.dtype)
         fast = self.fast
         if fast and type(x) is torch.Tensor and not _compiling():
             # a call exactly like one already planned (same shapes, strides, dtypes, alignment, devices,
@@ -406,9 +404,9 @@ class PreparedLinear:
         if fb is not None and lora is None and resolve_backend(self.device) == "torch":
             p = dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
                                       self.device, self.n * self.k, x.dtype)
-            if p == "cpu" and fb.int8 and not x.requires_grad:
-                return fb.w8a8(x, bias, out_dtype)
-            if p in ("dequant", "cpu"):
+            if p == "cpu":
+                return fb.cpu(x, bias, out_dtype)
+            if p == "dequant":
                 return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
         lora_in = lora

@@ -67,10 +67,11 @@ def resolve_path(path: Optional[str], kind: str, m: int, device: torch.device, n
 
 def runtime_path(device: torch.device, backend: Optional[str] = None) -> Optional[str]:
     """The ``path`` a loaded model's layers pass (the ComfyUI loader's ops): None (``auto``, the measured
-    table) where the Triton kernels run; "dequant" on the torch backend (CPU, MPS, GPUs without our
-    kernels), where W8A8/W8A16 emulate integer GEMMs in float and run several times slower than the
-    float model -- the dequant path dequantizes weight rows to the activation dtype and runs the
-    platform's own GEMM. A path set in env ``CONVERT_TO_QUANT_KERNEL_PATH`` still wins.
+    table) where the Triton kernels run; on the torch backend "cpu" on a CPU (the int8 GEMM
+    ``torch._int_mm`` for large layers where the CPU multiplies int8 fast, else dequant:
+    ``cpu_int8_chosen``) and "dequant" elsewhere (MPS, GPUs without our kernels: W8A8/W8A16 would emulate
+    integer GEMMs in float) -- the dequant path dequantizes weight rows to the activation dtype and runs
+    the platform's own GEMM. A path set in env ``CONVERT_TO_QUANT_KERNEL_PATH`` still wins.
 
     Only the runtime asks for this: ``auto`` itself keeps W8A8 on the torch backend, whose numerics are
     what ``quant_core`` measures as "what the GPU runtime computes" (example.evaluate_file)."""
@@ -87,8 +88,7 @@ def cpu_int8_chosen(x: torch.Tensor, be: str, n: int, k: int) -> bool:
     at least ``reference.CPU_INT8_MIN_NK`` entries, for activations that need no gradient (rounding has
     none). Otherwise it runs "dequant"; block-wise weights always do (their int8 GEMM would be one call
     per K block)."""
-    return (be == "torch" and x.device.type == "cpu" and n * k >= ref.CPU_INT8_MIN_NK and not x.requires_grad
-            and ref.cpu_int8_fast())
+    return be == "torch" and not x.requires_grad and ref.cpu_int8_suits(x.device, n, k, 0)
 
 
 # ------------------------------------------------------------------------------------------------

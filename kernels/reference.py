@@ -406,6 +406,13 @@ def cpu_int8_fast() -> bool:
     return hit
 
 
+def cpu_int8_suits(device: torch.device, n: int, k: int, group_size: int) -> bool:
+    """Whether an [N, K] weight on ``device`` takes the int8 GEMM on the ``"cpu"`` path: tensor-wise /
+    per-row / convrot (no block-wise ``group_size``), at least ``CPU_INT8_MIN_NK`` weights, on a CPU that
+    multiplies int8 fast."""
+    return device.type == "cpu" and not group_size and n * k >= CPU_INT8_MIN_NK and cpu_int8_fast()
+
+
 def cpu_int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     convrot_groupsize: int, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8 on a CPU through ``torch._int_mm``: ``x`` [..., K] -> [..., N] in ``out_dtype``. The numerics of
@@ -422,7 +429,7 @@ def cpu_int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
     out = torch._int_mm(q, qdata.t()).float()
     out.mul_(s.reshape(-1, 1)).mul_(w_scale.reshape(1, -1))
     if bias is not None:
-        out.add_(bias.reshape(1, -1) if bias.dtype == torch.float32 else bias.float().reshape(1, -1))
+        out.add_(bias.float())
     out = out.reshape(lead + (qdata.shape[0],))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
@@ -456,13 +463,19 @@ class DequantLinear:
         self.hot: Optional[tuple] = None
         # the "cpu" path's choice for this layer: the int8 GEMM (``cpu_int8_linear``) for large enough
         # tensor-wise / per-row / convrot weights on a CPU that multiplies int8 fast, else the dequant path
-        self.int8 = (qdata.device.type == "cpu" and not group_size and self.n * self.k >= CPU_INT8_MIN_NK
-                     and cpu_int8_fast())
+        self.int8 = cpu_int8_suits(qdata.device, self.n, self.k, self.group)
         self.wrow = ws.reshape(-1)
 
     def w8a8(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         """``cpu_int8_linear`` with this layer's weight (valid where ``self.int8``)."""
         return cpu_int8_linear(x, self.qdata, self.wrow, bias, self.convrot, out_dtype)
+
+    def cpu(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """The ``"cpu"`` path: the int8 GEMM where ``self.int8`` and x needs no gradient (rounding has
+        none), else the dequant path."""
+        if self.int8 and not x.requires_grad:
+            return self.w8a8(x, bias, out_dtype)
+        return self(x, bias, out_dtype)
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                  chunk_bytes: Optional[int] = None) -> torch.Tensor:
