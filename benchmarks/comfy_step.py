@@ -696,6 +696,45 @@ def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16"
     return row, outs, splits, blocks
 
 
+def interleaved_rounds(args, mm, dev, variants, x, t, ctx, step_options):
+    """Every variant loaded at once, then ``args.rounds`` rounds; in each, every variant (order rotated per
+    round) runs ``args.steps`` steps after ``args.warmup`` in round 0. Returns per-variant medians over rounds
+    of each round's median step, the last outputs, and per round's bf16 / int8 ratios."""
+    import torch
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    models = [(name, make()) for name, make in variants]
+    mm.load_models_gpu([m for _, m in models], force_full_load=True)
+    per = {name: [] for name, _ in models}
+    outs = {}
+    ratios = {"bf16/int8": []}
+    with torch.inference_mode():
+        for rnd in range(args.rounds):
+            k = rnd % len(models)
+            this = {}
+            for name, m in models[k:] + models[:k]:
+                opts = step_options(m)
+                times = []
+                for i in range((args.warmup if rnd == 0 else 0) + args.steps):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    s0 = time.perf_counter()
+                    out = m.model.apply_model(x, t, c_crossattn=ctx, transformer_options=opts)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    times.append((time.perf_counter() - s0) * 1e3)
+                this[name] = statistics.median(times[-args.steps:])
+                per[name].append(this[name])
+                outs[name] = out.float()
+            ratios["bf16/int8"].append(this["bf16"] / this["int8"])
+    row = {name: statistics.median(v) for name, v in per.items()}
+    for name, v in per.items():
+        log(f"{name:>22}: {row[name]:9.2f} ms/step (median of {args.rounds} rounds; min {min(v):.2f}, max {max(v):.2f})")
+    del models
+    mm.unload_all_models()
+    return row, outs, ratios
+
+
 def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -955,6 +994,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="default 10 (dry run: 2; fallback benchmark: 41 rounds)")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (dry run: 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="wan with --comfyui: load every variant at once and time them in R interleaved rounds of "
+                         "--steps steps each (order rotated per round); per variant the median over rounds, and the "
+                         "median (q1-q3) of each round's bf16 / int8 ratio. For CPU runs, where a machine's load "
+                         "drifts between sequential variants; needs memory for all variants")
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks this script end to end")
     ap.add_argument("--model", choices=["wan", "flux"], default="wan",
@@ -981,12 +1025,14 @@ def main(argv=None) -> int:
     if args.text_encoder or args.model == "flux":
         args.steps = args.steps if args.steps is not None else (2 if args.dry_run else 10)
         args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
-    for name in ("double_blocks", "single_blocks", "te_layers", "steps"):
+    for name in ("double_blocks", "single_blocks", "te_layers", "steps", "rounds"):
         if getattr(args, name) is None:
             continue
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     fallback_bench = args.dry_run and not args.comfyui and not args.text_encoder and args.model == "wan"
+    if args.rounds > 1 and (not args.comfyui or args.model != "wan" or args.text_encoder):
+        sys.exit("error: --rounds is for the Wan step in ComfyUI (--comfyui, --model wan)")
     if args.format in ("int8_pertensor", "all") and not fallback_bench:
         sys.exit(f"error: --format {args.format} is for the CPU fallback benchmark (--dry-run without --comfyui)")
     if args.text_encoder:
@@ -1099,7 +1145,9 @@ def main(argv=None) -> int:
         tokens = f * h * w
         log(f"\n== {shape_name}: {tokens} tokens per sample, batch 2 (cond + uncond) ==")
         row, outs, splits = {}, {}, {}
-        for name, make in variants:
+        if args.rounds > 1:
+            row, outs, rr = interleaved_rounds(args, mm, dev, variants, x, t, ctx, step_options)
+        for name, make in (variants if args.rounds == 1 else ()):
             m = make()
             if name.startswith("int8") and not quant_linears(m.model):
                 sys.exit("error: the int8 model has no int8 layers")
@@ -1120,6 +1168,11 @@ def main(argv=None) -> int:
         r = {"tokens": tokens, "ms": row,
              "speedup_bf16_over_int8": row["bf16"] / row["int8"],
              "rel_err_int8_vs_bf16": err("int8", "bf16")}
+        if args.rounds > 1:
+            r["rounds"] = rr
+            _, q1, med, q3, _ = quartiles(rr["bf16/int8"])
+            log(f"{args.rounds} interleaved rounds of {args.steps} steps: bf16 / int8 per round median {med:.3f} "
+                f"(q1-q3 {q1:.3f}-{q3:.3f}); medians over rounds above")
         if lora_v:
             r.update(lora_overhead_int8=row["int8+loras"] / row["int8"], lora_overhead_bf16=row["bf16+loras"] / row["bf16"],
                      rel_err_int8_loras_vs_bf16_loras=err("int8+loras", "bf16+loras"),

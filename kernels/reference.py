@@ -358,59 +358,101 @@ K_CHUNK_MIN_RATIO = 1.5
 # --------------------------------------------------------------------------------------------------
 # CPU int8 GEMM (the ``"cpu"`` runtime path): torch._int_mm where this CPU multiplies int8 fast
 # --------------------------------------------------------------------------------------------------
-CPU_INT8_ENV = "CONVERT_TO_QUANT_CPU_INT8"  # "1": use it, "0": never (dequant only); unset: probe the CPU
-# layers of at least this many weights take the int8 GEMM on the "cpu" path (below it the activation pass and
-# the epilogue cost what the GEMM saves: on a 2-core Xeon, float / int8 per layer 0.60x at 256², 0.87x at 512²,
-# 1.20x at 512x1024, 1.54x at 1024², 2.2-2.5x at the Wan-1.3B FFN; benchmarks/cpu_fallback_layers.py part 3,
-# docs/KERNELS.md "CPU int8 GEMM")
+CPU_INT8_ENV = "CONVERT_TO_QUANT_CPU_INT8"  # "1": use it from CPU_INT8_MIN_NK; "0": never; unset: probe the CPU
+# With CONVERT_TO_QUANT_CPU_INT8=1, layers of at least this many weights take the int8 GEMM on the "cpu" path
+# (the value the probe found on a 2-core Xeon with VNNI: float / int8 per layer 0.60x at 256², 0.87x at 512²,
+# 1.20x at 512x1024; docs/KERNELS.md "CPU int8 GEMM"). Unset, the probe picks the size per machine.
 CPU_INT8_MIN_NK = 1 << 19
-_CPU_INT8_PROBE: Dict[str, bool] = {}
+# the probe's square layers N = K (65K ... 1M weights) and token count; a size counts as won where the whole
+# int8 call (activation pass, _int_mm, epilogue) takes at most CPU_INT8_WIN of the dequant path's time
+CPU_INT8_LADDER = (256, 384, 512, 724, 1024)
+CPU_INT8_PROBE_M = 256
+CPU_INT8_WIN = 1.0  # no slower in the probe: the real step gains more than the lone call (tiny Wan in ComfyUI)
+CPU_INT8_MIN_ENV = "CONVERT_TO_QUANT_CPU_INT8_MIN"  # a weight count: the size from which the int8 GEMM runs
+_CPU_INT8_PROBE: Dict[str, object] = {}
 
 
-def _time_min(fn, reps: int) -> float:
+def _probe_int8_sizes(reps: int = 7) -> float:
+    """The smallest ladder size (in weights) from which the int8 GEMM beats the dequant path at every larger
+    ladder size on this CPU; ``inf`` where it loses at 1024² (no fast int8 GEMM here). Each size times
+    both calls ``reps`` times, alternating, and keeps each one's best (a busy neighbour slows a call, it
+    never speeds one up). About 30-80 ms on a 2-core VM."""
     import time
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    g = torch.Generator().manual_seed(0)
+    wins = []
+    ratios = _CPU_INT8_PROBE.setdefault("ratios", {})  # int8 / dequant time per ladder size, for reports
+    with torch.no_grad():
+        for n in CPU_INT8_LADDER:
+            x = torch.randn(CPU_INT8_PROBE_M, n, generator=g)
+            q = torch.randint(-127, 128, (n, n), generator=g).to(torch.int8)
+            s = torch.rand(n, generator=g).add_(0.5).mul_(1e-2)
+            buf = torch.empty(n, n)
+            s_col = s.reshape(-1, 1)
+
+            def f_int():
+                return cpu_int8_linear(x, q, s, None, 0, torch.float32)
+
+            def f_deq():  # the dequant path's one-chunk call: copy, scale, F.linear
+                return F.linear(x, buf.copy_(q).mul_(s_col))
+
+            best = [float("inf"), float("inf")]
+            for _ in range(3):  # first calls of a shape build its kernels; then warm the caches
+                f_int(), f_deq()
+            for _ in range(reps):
+                for i, fn in enumerate((f_int, f_deq)):
+                    t = time.perf_counter()
+                    fn()
+                    best[i] = min(best[i], time.perf_counter() - t)
+            wins.append(best[0] <= CPU_INT8_WIN * best[1])
+            ratios[n] = best[0] / best[1]
+    min_nk = float("inf")
+    for n, won in reversed(list(zip(CPU_INT8_LADDER, wins))):
+        if not won:
+            break
+        min_nk = float(n * n)
+    return min_nk
 
 
-def cpu_int8_fast() -> bool:
-    """Whether ``torch._int_mm`` multiplies int8 on this CPU at most half as slowly as fp32 ``F.linear``
-    (x86 with int8 dot-product instructions, AVX-512 VNNI / AMX, runs it several times faster than fp32;
-    without them it can be slower). Env ``CONVERT_TO_QUANT_CPU_INT8`` = 1 / 0 decides; unset, a one-off
-    probe (256 x 1024 x 1024, best of 3 calls each, ~0.1 s) decides once per process."""
+def cpu_int8_min_nk() -> float:
+    """How many weights a tensor-wise / per-row / convrot layer needs before the ``"cpu"`` path runs it as an
+    int8 GEMM (``cpu_int8_linear``) rather than the dequant path; ``inf``: never. Env
+    ``CONVERT_TO_QUANT_CPU_INT8``: ``0`` never, ``1`` from ``CPU_INT8_MIN_NK`` (reproducible across
+    machines); unset, a one-off probe decides per process (``_probe_int8_sizes``): CPUs differ by more than
+    any fixed size allows (on a 2-core Xeon with VNNI the int8 call lost below ~0.5M weights, on one with
+    AMX it won from 65K). Env ``CONVERT_TO_QUANT_CPU_INT8_MIN`` (a weight count) sets the size instead of
+    the probe or the default (``CONVERT_TO_QUANT_CPU_INT8=0`` still wins)."""
     v = env_get(CPU_INT8_ENV)
     if v is not None and v != "":
         if v not in ("0", "1"):
             raise ValueError(f"{CPU_INT8_ENV} must be 0 or 1, got {v!r}")
-        return v == "1"
-    hit = _CPU_INT8_PROBE.get("fast")
+        if v == "0":
+            return float("inf")
+    m = env_get(CPU_INT8_MIN_ENV)
+    if m is not None and m != "":
+        if not (m.isascii() and m.isdigit()) or len(m) > 19:
+            raise ValueError(f"{CPU_INT8_MIN_ENV} must be a weight count (0 to 19 digits), got {m!r}")
+        return float(int(m))
+    if v == "1":
+        return float(CPU_INT8_MIN_NK)
+    hit = _CPU_INT8_PROBE.get("min_nk")
     if hit is None:
         try:
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(0)
-                a = torch.randn(256, 1024, generator=g)
-                w = torch.randn(1024, 1024, generator=g)
-                qa = torch.randint(-127, 128, (256, 1024), generator=g).to(torch.int8)
-                qw = torch.randint(-127, 128, (1024, 1024), generator=g).to(torch.int8)
-                f_lin = lambda: F.linear(a, w)  # noqa: E731
-                f_int = lambda: torch._int_mm(qa, qw.t())  # noqa: E731
-                f_lin(), f_int()
-                hit = _time_min(f_int, 3) <= 0.5 * _time_min(f_lin, 3)
+            hit = _probe_int8_sizes()
         except RuntimeError:  # no int8 GEMM in this build
-            hit = False
-        _CPU_INT8_PROBE["fast"] = hit
+            hit = float("inf")
+        _CPU_INT8_PROBE["min_nk"] = hit
     return hit
+
+
+def cpu_int8_fast() -> bool:
+    """Whether this CPU runs the int8 GEMM at all (``cpu_int8_min_nk`` is finite)."""
+    return cpu_int8_min_nk() != float("inf")
 
 
 def cpu_int8_suits(device: torch.device, n: int, k: int, group_size: int) -> bool:
     """Whether an [N, K] weight on ``device`` takes the int8 GEMM on the ``"cpu"`` path: tensor-wise /
-    per-row / convrot (no block-wise ``group_size``), at least ``CPU_INT8_MIN_NK`` weights, on a CPU that
-    multiplies int8 fast."""
-    return device.type == "cpu" and not group_size and n * k >= CPU_INT8_MIN_NK and cpu_int8_fast()
+    per-row / convrot (no block-wise ``group_size``), at least ``cpu_int8_min_nk()`` weights."""
+    return device.type == "cpu" and not group_size and n * k >= cpu_int8_min_nk()
 
 
 def cpu_int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -425,11 +467,13 @@ def cpu_int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
     y = rotate_fast(y, convrot_groupsize) if convrot_groupsize else y.float()
     amax = y.abs().amax(dim=1)
     s = (amax / torch.full_like(amax, QMAX)).clamp_(min=SCALE_MIN)
-    q = (y * torch.reciprocal(s)[:, None]).clamp_(-QMAX, QMAX).round_().to(torch.int8)
-    out = torch._int_mm(q, qdata.t()).float()
-    out.mul_(s.reshape(-1, 1)).mul_(w_scale.reshape(1, -1))
+    # quantize_activations' clamp to ±QMAX is a no-op here: |y| <= amax, so |y · fl(1/s)| <= 127·(1 + 3 ulp),
+    # which rounds to 127 (s = SCALE_MIN only where amax < 127·SCALE_MIN); an inf gives inf·0 = NaN either way
+    q = torch.mul(y, torch.reciprocal(s)[:, None]).round_().to(torch.int8)
+    out = torch.mul(torch._int_mm(q, qdata.t()), s[:, None])  # int32 · fp32: the fp32 product of the float
+    out.mul_(w_scale.reshape(1, -1))
     if bias is not None:
-        out.add_(bias.float())
+        out.add_(bias if bias.dtype == torch.float32 else bias.float())
     out = out.reshape(lead + (qdata.shape[0],))
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 

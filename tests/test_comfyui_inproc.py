@@ -408,14 +408,14 @@ def check_temp_files_and_chart(c: Ctx):
 
 def check_cpu_int8_gemm(c: Ctx):
     """The "cpu" runtime path through ComfyUI's loader: every int8 layer on the int8 GEMM
-    (``torch._int_mm``; the size threshold lowered for this tiny model, the CPU probe forced on), the
+    (``torch._int_mm``; ``CONVERT_TO_QUANT_CPU_INT8_MIN=0``: every size, no probe), the
     output within int8 tolerance of the float model, with a LoRA too; with it off, the dequant path."""
     torch = c.torch
     from convert_to_quant.kernels import reference
     from convert_to_quant.nodes.ops import quant_linears
-    saved, env = reference.CPU_INT8_MIN_NK, os.environ.get(reference.CPU_INT8_ENV)
-    reference.CPU_INT8_MIN_NK = 0
-    os.environ[reference.CPU_INT8_ENV] = "1"
+    saved = {k: os.environ.get(k) for k in (reference.CPU_INT8_ENV, reference.CPU_INT8_MIN_ENV)}
+    os.environ[reference.CPU_INT8_MIN_ENV] = "0"
+    os.environ.pop(reference.CPU_INT8_ENV, None)
     try:
         q = c.int8_patcher()
         out = c.run(q)
@@ -426,11 +426,11 @@ def check_cpu_int8_gemm(c: Ctx):
         os.environ[reference.CPU_INT8_ENV] = "0"
         dequant = c.run(c.int8_patcher())
     finally:
-        reference.CPU_INT8_MIN_NK = saved
-        if env is None:
-            os.environ.pop(reference.CPU_INT8_ENV, None)
-        else:
-            os.environ[reference.CPU_INT8_ENV] = env
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     ref = c.run(c.float_patcher())
     ref_lora = c.run(c.with_lora(c.float_patcher()))
     return {"int8_gemm_layers": len(used), "rel_err": rel(out, ref), "rel_err_lora": rel(out_lora, ref_lora),

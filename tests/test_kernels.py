@@ -1212,7 +1212,8 @@ def test_cpu_path_int8_gemm_for_large_layers(monkeypatch, kind, dtype):
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
     monkeypatch.delenv(dispatch.PATH_ENV, raising=False)
     monkeypatch.setenv(reference.CPU_INT8_ENV, "1")
-    n, k = 2048, 256  # 512K weights: the smallest layer that takes it
+    monkeypatch.delenv(reference.CPU_INT8_MIN_ENV, raising=False)
+    n, k = 2048, 256  # 512K weights: the smallest layer that takes it (with the env's fixed size)
     assert n * k >= reference.CPU_INT8_MIN_NK
     qw, _, g = _fallback_weight(kind, n=n, k=k, seed=95)
     x = act(m=30, k=k, dtype=dtype, seed=96).cpu().reshape(3, 10, k)
@@ -1254,9 +1255,54 @@ def test_cpu_path_int8_gemm_for_large_layers(monkeypatch, kind, dtype):
     monkeypatch.setenv(reference.CPU_INT8_ENV, "yes")
     with pytest.raises(ValueError, match="CONVERT_TO_QUANT_CPU_INT8"):
         reference.cpu_int8_fast()
+
+
+def test_cpu_int8_size_probe_and_envs(monkeypatch):
+    """Which layers take the int8 GEMM on the "cpu" path: unset, a one-off probe picks a size of its ladder
+    per process (or never); ``CONVERT_TO_QUANT_CPU_INT8=1`` takes ``CPU_INT8_MIN_NK``, ``0`` never;
+    ``CONVERT_TO_QUANT_CPU_INT8_MIN`` sets the size (bad values refused, ``0`` still wins); each layer
+    decides when it is prepared."""
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(reference.CPU_INT8_ENV, raising=False)
+    monkeypatch.delenv(reference.CPU_INT8_MIN_ENV, raising=False)
+    monkeypatch.setattr(reference, "_CPU_INT8_PROBE", {})
+    sizes = {float(n * n) for n in reference.CPU_INT8_LADDER} | {float("inf")}
+    got = reference.cpu_int8_min_nk()
+    assert got in sizes
+    ratios = reference._CPU_INT8_PROBE["ratios"]
+    assert set(ratios) == set(reference.CPU_INT8_LADDER) and all(0 < r < 1e3 for r in ratios.values())
+    # the size is the smallest from which every larger ladder size won
+    won = [ratios[n] <= reference.CPU_INT8_WIN for n in reference.CPU_INT8_LADDER]
+    expect = float("inf")
+    for n, w in reversed(list(zip(reference.CPU_INT8_LADDER, won))):
+        if not w:
+            break
+        expect = float(n * n)
+    assert got == expect
+    assert reference.cpu_int8_fast() == (got != float("inf"))
+    calls = []
+    monkeypatch.setattr(reference, "_probe_int8_sizes", lambda: calls.append(1) or 0.0)
+    assert reference.cpu_int8_min_nk() == got and not calls  # decided once per process
+    monkeypatch.setenv(reference.CPU_INT8_ENV, "1")
+    assert reference.cpu_int8_min_nk() == reference.CPU_INT8_MIN_NK
+    monkeypatch.setenv(reference.CPU_INT8_ENV, "0")
+    assert reference.cpu_int8_min_nk() == float("inf") and not reference.cpu_int8_fast()
+    monkeypatch.setenv(reference.CPU_INT8_MIN_ENV, "4096")
+    assert reference.cpu_int8_min_nk() == float("inf")  # "0" wins
     monkeypatch.delenv(reference.CPU_INT8_ENV)
-    assert reference.cpu_int8_fast() in (True, False)  # the probe: decided once per process
-    assert reference.cpu_int8_fast() is reference._CPU_INT8_PROBE["fast"]
+    assert reference.cpu_int8_min_nk() == 4096.0 and not calls
+    cpu = torch.device("cpu")
+    assert reference.cpu_int8_suits(cpu, 64, 64, 0) and not reference.cpu_int8_suits(cpu, 63, 64, 0)
+    assert not reference.cpu_int8_suits(cpu, 64, 64, 32)  # block-wise: never
+    assert not reference.cpu_int8_suits(torch.device("meta"), 64, 64, 0)
+    qw, _, _ = _fallback_weight("row", n=64, k=64, seed=99)
+    assert _prepared_cpu(qw).fallback.int8
+    monkeypatch.setenv(reference.CPU_INT8_MIN_ENV, "4097")
+    assert not _prepared_cpu(qw).fallback.int8
+    for bad in ("-1", "1e6", "4k", "99999999999999999999", "\u0661\u0662"):
+        monkeypatch.setenv(reference.CPU_INT8_MIN_ENV, bad)
+        with pytest.raises(ValueError, match="CONVERT_TO_QUANT_CPU_INT8_MIN"):
+            reference.cpu_int8_min_nk()
 
 
 # the prepared CPU path (PreparedLinear -> reference.DequantLinear): scale views made once, per-thread scratch
