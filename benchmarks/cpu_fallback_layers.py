@@ -93,8 +93,12 @@ SIZE_SHAPES = [(546, 256, 256), (546, 512, 512), (546, 512, 1024), (546, 768, 76
 def part3(shapes, calls: int) -> list:
     import convert_to_quant.kernels as K
     from convert_to_quant.kernels import reference as R
+    min_nk = R.cpu_int8_min_nk()
+    probe = R._CPU_INT8_PROBE.get("ratios")
     print(f"\npart 3: float / int8 per call, dequant path vs int8 GEMM (x fp32, median of {calls}, interleaved); "
-          f"this CPU multiplies int8 fast: {R.cpu_int8_fast()}")
+          f"the \"cpu\" path takes the int8 GEMM from {min_nk:.0f} weights"
+          + (" (probe, int8 / dequant time: " + ", ".join(f"{n}² {r:.2f}" for n, r in probe.items()) + ")"
+             if probe else " (env)"))
     print("| M×K→N | weights | float ms | dequant ms (×) | int8 GEMM ms (×) |")
     print("|---|---|---|---|---|")
     failures = []
