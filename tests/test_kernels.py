@@ -138,6 +138,45 @@ def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, monkeypat
     assert (q0.cpu().long()[~bad] != qi[~bad]).sum().item() <= max(2, qi.numel() // 2000)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
+@pytest.mark.parametrize("m,k,dtype", [(37, 272, torch.bfloat16), (70, 1024, torch.float16), (5, 3000, torch.float32),
+                                       (1, 64, torch.bfloat16)])
+def test_row_block_activation_kernel_equals_one_row_kernel(m, k, dtype, monkeypatch):
+    """The plain per-token pass through ``act_quant_rows_kernel`` (blocks of rows, programs looping over
+    them; forced with ACT_KERNEL "rows", which the tuner otherwise weighs against the one-row kernel): the
+    one-row kernel's and the reference's integers and scales bit for bit, in every block height it tries
+    (ragged last blocks, padded columns, more blocks than programs), and a NaN row's NaN scale with the other
+    rows untouched; and the rows kernel really ran."""
+    x = act(m=m, k=k, dtype=dtype, seed=k + m)
+    x[m // 2, 3] = float("nan")
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[m // 2] = True
+    monkeypatch.setattr(launch, "_ACT_META", {})
+    monkeypatch.setattr(launch, "ACT_KERNEL", "row")
+    q1, s1 = K.quantize_activations(x, backend="triton")
+    qt, st = reference.quantize_activations(x)
+    s1, st = s1.reshape(-1), st.reshape(-1)
+    assert torch.equal(q1.cpu()[~bad], qt.cpu()[~bad]) and torch.equal(s1.cpu()[~bad], st.cpu()[~bad])
+    p = launch._row_p(k, 1, 0)
+    cfgs = launch._act_rows_configs(p, launch.interpreter_active())
+    if DEV.type == "cuda":
+        cfgs = cfgs + launch._act_rows_configs(p, True)  # the interpreter's ones too: one program per SM
+    names = []
+    real = launch.launch_kernel
+    monkeypatch.setattr(launch, "launch_kernel",
+                        lambda kern, *a, **kw: (names.append(kern.fn.__name__), real(kern, *a, **kw)))
+    monkeypatch.setattr(launch, "ACT_KERNEL", "rows")
+    for cfg in cfgs:
+        monkeypatch.setattr(launch, "_ACT_META", {})
+        monkeypatch.setattr(launch.TUNER, "pick", lambda key, cands, run, cfg=cfg: cfg)
+        q, s = K.quantize_activations(x, backend="triton")
+        s = s.reshape(-1)
+        assert torch.equal(q.cpu(), q1.cpu()), cfg.short()
+        assert torch.equal(s.cpu()[~bad], s1.cpu()[~bad]) and bool(torch.isnan(s.cpu()[bad]).all()), cfg.short()
+        assert torch.equal(q.cpu()[~bad], qt.cpu()[~bad])
+    assert names and set(names) == {"act_quant_rows_kernel"}, names
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize_activations_leading_dims_zero_rows_and_errors(backend):
     x = act(k=64).reshape(37, 1, 64)
@@ -213,7 +252,7 @@ def _card_configs_and_twins(table):
 
 
 def test_w8a8_gemm_lora_epilogue_every_config():
-    """The W8A8 GEMM with a LoRA pair in its epilogue, in every config the tuner may pick for it: the
+    """The W8A8 GEMM with a LoRA pair in its epilogue and without one, in every config the tuner may pick: the
     persistent tile loop flattened into the K loop and not (``launch._unflattened_twins``), several tiles per
     program, ragged M and N, K not a multiple of BK; fp32 output against float64. On an sm90 GPU every
     ``_W8A8_CONFIGS`` entry and its twin."""
@@ -232,22 +271,23 @@ def test_w8a8_gemm_lora_epilogue_every_config():
         x = act(m=m, k=k, seed=90 + m)
         qa, sa = K.quantize_activations(x)
         h = (torch.randn(m, r, generator=gen(94)) * 0.3).to(DEV, torch.bfloat16)
-        want = ((qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu().reshape(-1, 1)
-                * qw.scale.double().cpu().reshape(1, -1) + bias.double().cpu()
-                + h.double().cpu() @ up.to(torch.bfloat16).double().cpu().T)
-        for cfg in cfgs:
-            if DEV.type == "cuda" and not launch._fits_gemm(cfg, m, N, k):
-                continue
-            tried.add(cfg)
-            try:
-                out = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias,
-                                              torch.float32, configs=[cfg], lora=(h, up.to(torch.bfloat16)))
-            except triton.runtime.errors.OutOfResources:
-                # flattened big tiles plus the epilogue's operands can exceed shared memory: the tuner skips them
-                assert cfg.flatten, cfg.short()
-                continue
-            assert rel(out, want) < 1e-5, (cfg.short(), m)
-            ran.add(cfg)
+        base = ((qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu().reshape(-1, 1)
+                * qw.scale.double().cpu().reshape(1, -1) + bias.double().cpu())
+        for lora in ((h, up.to(torch.bfloat16)), None):
+            want = base + (h.double().cpu() @ up.to(torch.bfloat16).double().cpu().T if lora is not None else 0)
+            for cfg in cfgs:
+                if DEV.type == "cuda" and not launch._fits_gemm(cfg, m, N, k):
+                    continue
+                tried.add(cfg)
+                try:
+                    out = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias,
+                                                  torch.float32, configs=[cfg], lora=lora)
+                except triton.runtime.errors.OutOfResources:
+                    # flattened big tiles plus the epilogue's operands can exceed shared memory: the tuner skips them
+                    assert cfg.flatten, cfg.short()
+                    continue
+                assert rel(out, want) < 1e-5, (cfg.short(), m, lora is None)
+                ran.add(cfg)
     assert all(c in ran for c in tried if not c.flatten) and any(not c.flatten for c in ran)
 
 
