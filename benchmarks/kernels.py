@@ -246,13 +246,6 @@ def run_shape(name, m, k, n, dev, bench, K, L, ck, Int8Tensorwise, Int8Blockwise
     times["bf16"] = sorted(bf)[len(bf) // 2]
     qa_full, sa_full = K.quantize_activations(x)
     times["quant"] = bench(lambda: K.quantize_activations(x))
-    if dev.type == "cuda":  # the one-row-per-program kernel alone (the tuner also weighs the row-block kernel)
-        saved = L.ACT_KERNEL
-        L.ACT_KERNEL = "row"
-        L._ACT_META.clear()
-        times["quant_row"] = bench(lambda: K.quantize_activations(x))
-        L.ACT_KERNEL = saved
-        L._ACT_META.clear()
     times["quant_rot"] = bench(lambda: K.quantize_activations(x, 256))
     sa1, ws1 = sa_full.reshape(-1), qrow.scale.reshape(-1)
     # same bias as the linear so the tuned kernel is reused (the bias add is negligible)
@@ -321,7 +314,7 @@ def print_tables(header, rows, sweep, ceil, wall):
     cols = ["bf16", "w8a8", "w8a8_convrot", "blockwise", "w8a16", "auto", "eager_int_mm", "comfy_kitchen",
             "ck_convrot"]
     log("\n| shape M×K→N | bf16 ms | " + " | ".join(c + " ms (×bf16)" for c in cols[1:])
-        + " | raw int8 TOPS ours / _int_mm | act quant µs plain (one-row kernel; GB/s) / convrot256 |")
+        + " | raw int8 TOPS ours / _int_mm | act quant µs plain (GB/s) / convrot256 |")
     log("|" + "---|" * (len(cols) + 3))
     for name, m, k, n, times, errs in rows:
         flops = 2.0 * m * n * k
@@ -329,9 +322,8 @@ def print_tables(header, rows, sweep, ceil, wall):
         raw += f" / {flops / times['raw_int_mm'] / 1e9:.0f}" if "raw_int_mm" in times else " / n/a"
         cells = [f"{times['bf16']:.3f}"] + [cell(times, c) for c in cols[1:]]
         log(f"| {name} {m}×{k}→{n} | " + " | ".join(cells)
-            + f" | {raw} | {times['quant'] * 1e3:.0f}"
-            + (f" ({times['quant_row'] * 1e3:.0f})" if "quant_row" in times else "")
-            + f"; {m * k * 3 / times['quant'] / 1e6:.0f} GB/s / {times['quant_rot'] * 1e3:.0f} |")
+            + f" | {raw} | {times['quant'] * 1e3:.0f} ({m * k * 3 / times['quant'] / 1e6:.0f} GB/s)"
+            + f" / {times['quant_rot'] * 1e3:.0f} |")
     if sweep:
         log("\npath sweep, K=N=3072 with bias, µs (×bf16):")
         keys = [k for k in sweep[0][1] if k != "bf16"]

@@ -48,12 +48,6 @@ MAX_ROW_P = 32768  # the activation kernel keeps a (padded) row in registers; lo
 # Env CONVERT_TO_QUANT_ROT_IMPL forces one (3: the dense kernel where it applies, also in the interpreter).
 ROT_IMPL: Optional[int] = (int(os.environ["CONVERT_TO_QUANT_ROT_IMPL"])
                            if os.environ.get("CONVERT_TO_QUANT_ROT_IMPL") else None)
-# The plain per-token activation pass (no rotation, no K blocks) has two kernels, tuned per shape:
-# act_quant_kernel (one row per program) and act_quant_rows_kernel (blocks of rows, each program looping
-# with the next block's load in flight; GemmConfig rot_impl 4, BM = rows per block, ctas_per_sm = programs
-# per SM, 0 = one block per program). Env CONVERT_TO_QUANT_ACT_KERNEL = row | rows forces one (rows also in
-# the interpreter).
-ACT_KERNEL: Optional[str] = os.environ.get("CONVERT_TO_QUANT_ACT_KERNEL") or None
 
 
 try:  # os.environ.get costs about a microsecond (it encodes key and value); the hot path reads the dict
@@ -455,8 +449,7 @@ def plans_enabled() -> bool:
 # The environment variables that change what a call launches (part of a plan's key).
 _PLAN_ENVS = ("CONVERT_TO_QUANT_KERNEL_PATH", BACKEND_ENV, FAST_LAUNCH_ENV, PLANS_ENV, AUTOTUNE_ENV,
               "TRITON_INTERPRET", "CONVERT_TO_QUANT_ROT_IMPL", "CONVERT_TO_QUANT_FUSED_ACT",
-              "CONVERT_TO_QUANT_W8A16_SWAP", "CONVERT_TO_QUANT_ONE_LAUNCH",
-              "CONVERT_TO_QUANT_ACT_KERNEL")
+              "CONVERT_TO_QUANT_W8A16_SWAP", "CONVERT_TO_QUANT_ONE_LAUNCH")
 
 
 def env_state() -> tuple:
@@ -861,23 +854,12 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             hd = _hadamard(DENSE_ROT_G, x.device, h_dtype)
             rows = [r for r in (1, 2, 4, 8, 16) if r * p >= 16 * DENSE_ROT_G and r * p <= 16384][:2]
             dense = [C(r, 0, 0, w, 1, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8, 16])]
-        if not g2 and not block_k:
-            dense = _act_rows_configs(p, interp)
         meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
     p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd = meta
     if dense and mode == 0 and rowscale is None and not block_k:
-        if g2:
-            cands = dense if ROT_IMPL == 3 else cands + dense
-        elif ACT_KERNEL == "rows" or (ACT_KERNEL != "row" and not interpreter_active()):
-            cands = dense if ACT_KERNEL == "rows" else cands + dense
+        cands = dense if ROT_IMPL == 3 else cands + dense
 
     def launch(cfg: GemmConfig) -> None:
-        if cfg.rot_impl == 4:
-            blocks = -(-m // cfg.BM)
-            nprog = blocks if not cfg.ctas_per_sm else min(blocks, cfg.ctas_per_sm * _num_sms(x.device))
-            launch_kernel(tk.act_quant_rows_kernel, (nprog,), (x, out, scale, k, x.stride(0), m),
-                          dict(P=p, ROWS=cfg.BM), cfg.num_warps, 1)
-            return
         if cfg.rot_impl == 3:
             nprog = min(-(-m // cfg.BM), _num_sms(x.device))
             launch_kernel(tk.act_quant_rot_dense_kernel, (nprog,), (x, out, scale, hd, k, x.stride(0), m),
@@ -892,18 +874,8 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
                  STAGE1_IEEE=ieee, ROT_IMPL=cfg.rot_impl, HAS_ROWSCALE=rowscale is not None),
             cfg.num_warps)
 
-    key = ("act", mkey, mode, k_major, ROT_IMPL, ACT_KERNEL, m_bucket(m), rowscale is not None, out.dtype)
+    key = ("act", mkey, mode, k_major, ROT_IMPL, m_bucket(m), rowscale is not None, out.dtype)
     launch(TUNER.pick(key, lambda: cands, launch))
-
-
-def _act_rows_configs(p: int, interp: bool) -> List[GemmConfig]:
-    """``act_quant_rows_kernel`` candidates for padded rows of ``p``: up to three block heights of 2K-16K
-    values, two warp counts each, one block per program or a grid of 4 programs per SM looping."""
-    rows = [r for r in (1, 2, 4, 8, 16) if 2048 <= r * p <= 16384][:3] or [1]
-    if interp:
-        return [C(r, 0, 0, 1, 1, ctas_per_sm=1, rot_impl=4) for r in rows[:2]]
-    return [C(r, 0, 0, w, 1, ctas_per_sm=c, rot_impl=4) for r in rows
-            for w in ((4, 8) if r * p <= 4096 else (8, 16)) for c in (0, 4)]
 
 
 def launch_act_quant(x: torch.Tensor, convrot_groupsize: int = 0, block_k: int = 0,

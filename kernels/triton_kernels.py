@@ -158,30 +158,6 @@ def _dense_rows(x_ptr, r0, M, K, stride_xm, offs_r, offs):
 
 
 @triton.jit(do_not_specialize=["M"])
-def act_quant_rows_kernel(x_ptr, out_ptr, s_ptr, K, stride_xm, M, P: tl.constexpr, ROWS: tl.constexpr):
-    """``act_quant_kernel``'s MODE 0 without rotation or K blocks (the W8A8 per-token pass), ROWS rows
-    per block: each program loops over row blocks, loading the next block before it quantizes this one,
-    so a program keeps a load in flight while it reduces and stores (one row per program leaves the
-    load -> reduce -> store chain of every row exposed). Same arithmetic per row: the same bits."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    offs_r = tl.arange(0, ROWS)
-    offs = tl.arange(0, P)
-    x = _dense_rows(x_ptr, pid * ROWS, M, K, stride_xm, offs_r, offs)
-    for r0 in range(pid * ROWS, M, nprog * ROWS):
-        x_next = _dense_rows(x_ptr, r0 + nprog * ROWS, M, K, stride_xm, offs_r, offs)
-        y = x.to(tl.float32)
-        sc = _act_scale(_absmax(y, 1))
-        q = _round_clamp_int8(y * tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)[:, None])
-        rows = r0 + offs_r
-        rmask = rows < M
-        tl.store(s_ptr + rows, sc, mask=rmask)
-        tl.store(out_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * K + offs[None, :], q,
-                 mask=rmask[:, None] & (offs[None, :] < K))
-        x = x_next
-
-
-@triton.jit(do_not_specialize=["M"])
 def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, G: tl.constexpr,
                                ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """``act_quant_kernel``'s MODE 0 for convrot with H_G as one dense tensor-core matmul per group

@@ -138,45 +138,6 @@ def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, monkeypat
     assert (q0.cpu().long()[~bad] != qi[~bad]).sum().item() <= max(2, qi.numel() // 2000)
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
-@pytest.mark.parametrize("m,k,dtype", [(37, 272, torch.bfloat16), (70, 1024, torch.float16), (5, 3000, torch.float32),
-                                       (1, 64, torch.bfloat16)])
-def test_row_block_activation_kernel_equals_one_row_kernel(m, k, dtype, monkeypatch):
-    """The plain per-token pass through ``act_quant_rows_kernel`` (blocks of rows, programs looping over
-    them; forced with ACT_KERNEL "rows", which the tuner otherwise weighs against the one-row kernel): the
-    one-row kernel's and the reference's integers and scales bit for bit, in every block height it tries
-    (ragged last blocks, padded columns, more blocks than programs), and a NaN row's NaN scale with the other
-    rows untouched; and the rows kernel really ran."""
-    x = act(m=m, k=k, dtype=dtype, seed=k + m)
-    x[m // 2, 3] = float("nan")
-    bad = torch.zeros(m, dtype=torch.bool)
-    bad[m // 2] = True
-    monkeypatch.setattr(launch, "_ACT_META", {})
-    monkeypatch.setattr(launch, "ACT_KERNEL", "row")
-    q1, s1 = K.quantize_activations(x, backend="triton")
-    qt, st = reference.quantize_activations(x)
-    s1, st = s1.reshape(-1), st.reshape(-1)
-    assert torch.equal(q1.cpu()[~bad], qt.cpu()[~bad]) and torch.equal(s1.cpu()[~bad], st.cpu()[~bad])
-    p = launch._row_p(k, 1, 0)
-    cfgs = launch._act_rows_configs(p, launch.interpreter_active())
-    if DEV.type == "cuda":
-        cfgs = cfgs + launch._act_rows_configs(p, True)  # the interpreter's ones too: one program per SM
-    names = []
-    real = launch.launch_kernel
-    monkeypatch.setattr(launch, "launch_kernel",
-                        lambda kern, *a, **kw: (names.append(kern.fn.__name__), real(kern, *a, **kw)))
-    monkeypatch.setattr(launch, "ACT_KERNEL", "rows")
-    for cfg in cfgs:
-        monkeypatch.setattr(launch, "_ACT_META", {})
-        monkeypatch.setattr(launch.TUNER, "pick", lambda key, cands, run, cfg=cfg: cfg)
-        q, s = K.quantize_activations(x, backend="triton")
-        s = s.reshape(-1)
-        assert torch.equal(q.cpu(), q1.cpu()), cfg.short()
-        assert torch.equal(s.cpu()[~bad], s1.cpu()[~bad]) and bool(torch.isnan(s.cpu()[bad]).all()), cfg.short()
-        assert torch.equal(q.cpu()[~bad], qt.cpu()[~bad])
-    assert names and set(names) == {"act_quant_rows_kernel"}, names
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize_activations_leading_dims_zero_rows_and_errors(backend):
     x = act(k=64).reshape(37, 1, 64)
