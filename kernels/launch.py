@@ -819,18 +819,6 @@ def act_kernel_supports(k: int, convrot_groupsize: int, block_k: int) -> bool:
 _ACT_META: Dict[tuple, tuple] = {}
 
 
-def _dense_split(k: int, p: int, rows: int) -> Tuple[int, int]:
-    """Two power-of-two segments (p1, p2) covering a row of ``k`` with less padding than one of ``p``
-    (the largest power of two below k, then the rest rounded up to at least 16 groups of the dense
-    kernel's dot over ``rows`` rows), or (p, 0) where that pads no less."""
-    p1 = 1 << (k.bit_length() - 1)
-    least = 16 * DENSE_ROT_G // rows
-    if p1 >= k or p1 < least:
-        return p, 0
-    p2 = max(1 << (k - p1 - 1).bit_length(), least)
-    return (p1, p2) if p1 + p2 < p else (p, 0)
-
-
 def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], convrot_groupsize: int,
                 block_k: int, k_major: bool, mode: int, rowscale: Optional[torch.Tensor]) -> None:
     m, k = x.shape
@@ -866,11 +854,6 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             hd = _hadamard(DENSE_ROT_G, x.device, h_dtype)
             rows = [r for r in (1, 2, 4, 8, 16) if r * p >= 16 * DENSE_ROT_G and r * p <= 16384][:2]
             dense = [C(r, 0, 0, w, 1, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8, 16])]
-            # rows held as two power-of-two segments (BN = the first, BK = the second) where that pads
-            # less than one: 12288 = 8192 + 4096, 5120 = 4096 + 2048 (each segment's dot >= 16 groups)
-            splits = [(r,) + _dense_split(k, p, r) for r in (1, 2, 4, 8, 16)]
-            splits = [(r, p1, p2) for r, p1, p2 in splits if p2 and r * (p1 + p2) <= 16384][:2]
-            dense += [C(r, p1, p2, w, 1, rot_impl=3) for r, p1, p2 in splits for w in ([1] if interp else [8, 16])]
         meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
     p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd = meta
     if dense and mode == 0 and rowscale is None and not block_k:
@@ -880,7 +863,7 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
         if cfg.rot_impl == 3:
             nprog = min(-(-m // cfg.BM), _num_sms(x.device))
             launch_kernel(tk.act_quant_rot_dense_kernel, (nprog,), (x, out, scale, hd, k, x.stride(0), m),
-                          dict(P=cfg.BN or p, P2=cfg.BK, G=DENSE_ROT_G, ROWS=cfg.BM, DOT_DTYPE=stage1, IEEE=ieee),
+                          dict(P=p, G=DENSE_ROT_G, ROWS=cfg.BM, DOT_DTYPE=stage1, IEEE=ieee),
                           cfg.num_warps, cfg.num_stages)
             return
         launch_kernel(

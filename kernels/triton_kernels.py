@@ -157,35 +157,15 @@ def _dense_rows(x_ptr, r0, M, K, stride_xm, offs_r, offs):
                    mask=rmask[:, None] & (offs[None, :] < K), other=0)
 
 
-@triton.jit
-def _rot_dense_seg(x, h, ROWS: tl.constexpr, S: tl.constexpr, G: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   IEEE: tl.constexpr):
-    """[ROWS, S] activations times H_G per group of G columns, one tensor-core dot, fp32 out."""
-    xs = tl.reshape(x.to(DOT_DTYPE), (ROWS * S // G, G))
-    if IEEE:
-        y = tl.dot(xs, h, input_precision="ieee")
-    else:
-        y = tl.dot(xs, h)
-    return tl.reshape(y, (ROWS, S))
-
-
-@triton.jit
-def _store_q_seg(out_ptr, y, inv, rows, rmask, offs, K):
-    tl.store(out_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * K + offs[None, :],
-             _round_clamp_int8(y * inv[:, None]), mask=rmask[:, None] & (offs[None, :] < K))
-
-
 @triton.jit(do_not_specialize=["M"])
-def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, P2: tl.constexpr,
-                               G: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, G: tl.constexpr,
+                               ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """``act_quant_kernel``'s MODE 0 for convrot with H_G as one dense tensor-core matmul per group
     (``_rotate_row`` factors it and transposes every group through shared memory; at G = 256 this
     does 8x the multiply-adds on the tensor cores instead). bf16/fp16 activations and H's entries
     ±2^-k are exact operands, so every product is exact and only the order of the fp32 sums differs
-    from the factored kernel. Each program loads H once and loops over blocks of ROWS rows, loading the
-    next block before it works on this one. A row is held as two power-of-two segments, columns
-    [0, P) and [P, P + P2) (P2 = 0: one), padded with zeros past K (zero groups rotate to zeros): 12288
-    = 8192 + 4096 instead of one padded 16384, a quarter less dot work."""
+    from the factored kernel. Each program loads H once and loops over blocks of ROWS rows (padded
+    to P columns: zero groups rotate to zeros), loading the next block before it works on this one."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_r = tl.arange(0, ROWS)
@@ -193,27 +173,21 @@ def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P:
     r = tl.arange(0, G)
     h = tl.load(h_ptr + r[:, None] * G + r[None, :]).to(DOT_DTYPE)
     x = _dense_rows(x_ptr, pid * ROWS, M, K, stride_xm, offs_r, offs)
-    if P2 > 0:
-        offs2 = P + tl.arange(0, P2)
-        x2 = _dense_rows(x_ptr, pid * ROWS, M, K, stride_xm, offs_r, offs2)
     for r0 in range(pid * ROWS, M, nprog * ROWS):
         x_next = _dense_rows(x_ptr, r0 + nprog * ROWS, M, K, stride_xm, offs_r, offs)
-        if P2 > 0:
-            x2_next = _dense_rows(x_ptr, r0 + nprog * ROWS, M, K, stride_xm, offs_r, offs2)
-        y = _rot_dense_seg(x, h, ROWS, P, G, DOT_DTYPE, IEEE)
-        amax = _absmax(y, 1)
-        if P2 > 0:
-            y2 = _rot_dense_seg(x2, h, ROWS, P2, G, DOT_DTYPE, IEEE)
-            amax = _max_nan(amax, _absmax(y2, 1))
-        sc = _act_scale(amax)
-        inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
+        xs = tl.reshape(x.to(DOT_DTYPE), (ROWS * P // G, G))
+        if IEEE:
+            y = tl.dot(xs, h, input_precision="ieee")
+        else:
+            y = tl.dot(xs, h)
+        y = tl.reshape(y, (ROWS, P))
+        sc = _act_scale(_absmax(y, 1))
+        q = _round_clamp_int8(y * tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)[:, None])
         rows = r0 + offs_r
         rmask = rows < M
         tl.store(s_ptr + rows, sc, mask=rmask)
-        _store_q_seg(out_ptr, y, inv, rows, rmask, offs, K)
-        if P2 > 0:
-            _store_q_seg(out_ptr, y2, inv, rows, rmask, offs2, K)
-            x2 = x2_next
+        tl.store(out_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * K + offs[None, :], q,
+                 mask=rmask[:, None] & (offs[None, :] < K))
         x = x_next
 
 
