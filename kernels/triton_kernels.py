@@ -157,6 +157,90 @@ def _dense_rows(x_ptr, r0, M, K, stride_xm, offs_r, offs):
                    mask=rmask[:, None] & (offs[None, :] < K), other=0)
 
 
+@triton.jit
+def _kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, c: tl.constexpr):
+    """Quarter ``c`` of every 256-group of rows [r0, r0 + ROWS): [groups, 64] (group g of the block: row
+    rloc[g], columns gcol[g] + 64 c + d), zero past K and past M."""
+    rows = r0 + rloc
+    rmask = rows < M
+    cols = gcol[:, None] + c * 64 + d[None, :]
+    return tl.load(x_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * stride_xm + cols,
+                   mask=rmask[:, None] & (cols < K), other=0)
+
+
+@triton.jit
+def _kron_store(out_ptr, y, inv_g, r0, M, K, rloc, gcol, d, a: tl.constexpr):
+    rows = r0 + rloc
+    rmask = rows < M
+    cols = gcol[:, None] + a * 64 + d[None, :]
+    tl.store(out_ptr + tl.where(rmask, rows, 0).to(tl.int64)[:, None] * K + cols,
+             _round_clamp_int8(y * inv_g[:, None]), mask=rmask[:, None] & (cols < K))
+
+
+@triton.jit
+def _kron_dot(x, h, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(x.to(DOT_DTYPE), h, input_precision="ieee")
+    return tl.dot(x.to(DOT_DTYPE), h)
+
+
+@triton.jit(do_not_specialize=["M"])
+def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, ROWS: tl.constexpr,
+                              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """``act_quant_kernel``'s MODE 0 for convrot g = 256 with H_256 = H_4 ⊗ H_64 (the regular Hadamard is
+    a Kronecker power of H_4): a group's quarter c (64 values) is loaded as its own tensor X_c [groups, 64],
+    Z_c = X_c · H_64 is one tensor-core dot each (exact bf16/fp16 operands, fp32 sums), and output
+    quarter a is sum_c H_4[a, c] / 2 · Z_c -- signed fp32 sums of four tensors in the same layout, no
+    reshapes. H_64 takes 8 KB of shared memory where H_256 takes 128 KB, so several programs share an SM
+    (the dense kernel runs one). The fp32 sums run in another order than the dense and factored kernels'
+    (integers equal but at .5 ties within fp32 noise). Programs loop over blocks of ROWS rows padded to
+    P columns, loading the next block before they work on this one."""
+    GPR: tl.constexpr = P // 256
+    NG: tl.constexpr = ROWS * GPR
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    gi = tl.arange(0, NG)
+    rloc = gi // GPR
+    gcol = (gi % GPR) * 256
+    d = tl.arange(0, 64)
+    h = tl.load(h_ptr + d[:, None] * 64 + d[None, :]).to(DOT_DTYPE)  # H_64 is symmetric
+    offs_r = tl.arange(0, ROWS)
+    first = pid * ROWS
+    x0 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 0)
+    x1 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 1)
+    x2 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 2)
+    x3 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 3)
+    for r0 in range(pid * ROWS, M, nprog * ROWS):
+        rn = r0 + nprog * ROWS
+        n0 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 0)
+        n1 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 1)
+        n2 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 2)
+        n3 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 3)
+        z0 = _kron_dot(x0, h, DOT_DTYPE, IEEE)
+        z1 = _kron_dot(x1, h, DOT_DTYPE, IEEE)
+        z2 = _kron_dot(x2, h, DOT_DTYPE, IEEE)
+        z3 = _kron_dot(x3, h, DOT_DTYPE, IEEE)
+        # H_4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]] / 2
+        y0 = ((z0 + z1) + (z2 - z3)) * 0.5
+        y1 = ((z0 + z1) - (z2 - z3)) * 0.5
+        y2 = ((z0 - z1) + (z2 + z3)) * 0.5
+        y3 = ((z2 + z3) - (z0 - z1)) * 0.5
+        gmax = _max_nan(_max_nan(_absmax(y0, 1), _absmax(y1, 1)), _max_nan(_absmax(y2, 1), _absmax(y3, 1)))
+        sc = _act_scale(_absmax(tl.reshape(gmax, (ROWS, GPR)), 1))
+        inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
+        inv_g = tl.reshape(tl.broadcast_to(inv[:, None], (ROWS, GPR)), (NG,))
+        rows = r0 + offs_r
+        tl.store(s_ptr + rows, sc, mask=rows < M)
+        _kron_store(out_ptr, y0, inv_g, r0, M, K, rloc, gcol, d, 0)
+        _kron_store(out_ptr, y1, inv_g, r0, M, K, rloc, gcol, d, 1)
+        _kron_store(out_ptr, y2, inv_g, r0, M, K, rloc, gcol, d, 2)
+        _kron_store(out_ptr, y3, inv_g, r0, M, K, rloc, gcol, d, 3)
+        x0 = n0
+        x1 = n1
+        x2 = n2
+        x3 = n3
+
+
 @triton.jit(do_not_specialize=["M"])
 def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, G: tl.constexpr,
                                ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):

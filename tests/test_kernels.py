@@ -17,7 +17,7 @@ import convert_to_quant.kernels as K
 from convert_to_quant.kernels import dispatch, launch, reference
 from convert_to_quant.kernels.launch import GemmConfig
 from convert_to_quant.quant_core.formats import FP16, Int8Blockwise, Int8Tensorwise, QuantizedWeight
-from convert_to_quant.quant_core.hadamard import rotate_groups
+from convert_to_quant.quant_core.hadamard import regular_hadamard, rotate_groups
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_OK = launch.triton_usable(DEV)
@@ -103,16 +103,29 @@ def test_quantize_activations_matches_float64(backend, g, block_k, k):
     assert mism == 0 if g == 0 else mism <= max(2, q.numel() // 2000)
 
 
+def test_h256_is_the_kronecker_product_of_h4_and_h64():
+    """The identity ``act_quant_rot_kron_kernel`` relies on: core's regular H_256 = H_4 ⊗ H_64 (both
+    normalized), H_64 symmetric (the kernel multiplies by it unchanged) and H_4 the matrix it hard-codes."""
+    h4, h64, h256 = (regular_hadamard(g, device="cpu", dtype=torch.float64) for g in (4, 64, 256))
+    assert torch.equal(torch.kron(h4, h64), h256)
+    assert torch.equal(h64, h64.T)
+    assert torch.equal(h4 * 2, torch.tensor([[1.0, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]],
+                                            dtype=torch.float64))
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
-@pytest.mark.parametrize("m,k", [(37, 512), (5, 1024), (70, 768), (3, 4096)])
+@pytest.mark.parametrize("m,k", [(37, 512), (5, 1024), (70, 768), (3, 4096), (9, 1280)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, monkeypatch):
-    """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group,
-    programs looping over row blocks; forced with ROT_IMPL 3, which the tuner otherwise weighs against
-    the factored kernel): the float64 integers except within fp32 noise of a .5 boundary, the reference's
+@pytest.mark.parametrize("impl,kernel", [(3, "act_quant_rot_dense_kernel"), (5, "act_quant_rot_kron_kernel")])
+def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, impl, kernel, monkeypatch):
+    """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group) and
+    ``act_quant_rot_kron_kernel`` (H_4 ⊗ H_64: a dot against H_64 per quarter of the groups, then H_4 as
+    signed sums), programs looping over row blocks (padded columns, ragged last blocks), in every config the
+    kernel has for the shape (forced with ROT_IMPL 3 / 5, which the tuner otherwise weighs against the
+    factored kernel): the float64 integers except within fp32 noise of a .5 boundary, the reference's
     scales, the factored kernel's integers but for a few ties, and a NaN row's NaN scale."""
     monkeypatch.setattr(launch, "_ACT_META", {})
-    monkeypatch.setattr(launch, "ROT_IMPL", 3)
+    monkeypatch.setattr(launch, "ROT_IMPL", impl)
     names = []
     real = launch.launch_kernel
     monkeypatch.setattr(launch, "launch_kernel", lambda kern, *a, **kw: (names.append(kern.fn.__name__), real(kern, *a, **kw)))
@@ -120,22 +133,32 @@ def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, monkeypat
     x[min(2, m - 1), 7] = float("nan")
     bad = torch.zeros(m, dtype=torch.bool)
     bad[min(2, m - 1)] = True
-    q, s = K.quantize_activations(x, 256, backend="triton")
-    assert names and set(names) == {"act_quant_rot_dense_kernel"}, names
     xs = x.clone()
     xs[bad] = 0
     v64, s64 = _float64_quant(xs, 256, 0)
-    s, qi = s.reshape(-1).cpu(), q.cpu().long()
-    assert bool(torch.isnan(s[bad]).all())
-    assert torch.allclose(s[~bad].double(), s64.reshape(-1)[~bad], rtol=2e-6, atol=0)
-    diff = (qi[~bad] - torch.round(v64[~bad]).long()).abs()
-    near_tie = ((v64[~bad] - v64[~bad].floor()) - 0.5).abs() < 1e-3
-    assert diff.max() <= 1 and not (diff.bool() & ~near_tie).any()
+    K.quantize_activations(x, 256, backend="triton")
+    cfgs = [c for key, meta in launch._ACT_META.items() if key[1] == 256 for c in meta[8]]
+    assert cfgs and all(c.rot_impl == impl for c in cfgs), [c.short() for c in cfgs]
+    outs = []
+    for cfg in cfgs:
+        names.clear()
+        monkeypatch.setattr(launch.TUNER, "pick", lambda key, cands, run, cfg=cfg: cfg)
+        q, s = K.quantize_activations(x, 256, backend="triton")
+        assert names and set(names) == {kernel}, names
+        s, qi = s.reshape(-1).cpu(), q.cpu().long()
+        assert bool(torch.isnan(s[bad]).all()), cfg.short()
+        assert torch.allclose(s[~bad].double(), s64.reshape(-1)[~bad], rtol=2e-6, atol=0), cfg.short()
+        diff = (qi[~bad] - torch.round(v64[~bad]).long()).abs()
+        near_tie = ((v64[~bad] - v64[~bad].floor()) - 0.5).abs() < 1e-3
+        assert diff.max() <= 1 and not (diff.bool() & ~near_tie).any(), cfg.short()
+        outs.append((s, qi))
+    monkeypatch.undo()
     monkeypatch.setattr(launch, "_ACT_META", {})
     monkeypatch.setattr(launch, "ROT_IMPL", 0)
     q0, s0 = K.quantize_activations(x, 256, backend="triton")
-    assert torch.allclose(s0.reshape(-1).cpu()[~bad], s[~bad], rtol=1e-6, atol=0)  # the absmax's last fp32 bit
-    assert (q0.cpu().long()[~bad] != qi[~bad]).sum().item() <= max(2, qi.numel() // 2000)
+    for s, qi in outs:
+        assert torch.allclose(s0.reshape(-1).cpu()[~bad], s[~bad], rtol=1e-6, atol=0)  # the absmax's last fp32 bit
+        assert (q0.cpu().long()[~bad] != qi[~bad]).sum().item() <= max(2, qi.numel() // 2000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
