@@ -820,6 +820,21 @@ def act_kernel_supports(k: int, convrot_groupsize: int, block_k: int) -> bool:
 _ACT_META: Dict[tuple, tuple] = {}
 
 
+def _kron_split(k: int, p: int, rows: int) -> Tuple[int, int]:
+    """Columns (p1, p2) of two power-of-two sets of 256-groups covering a row of ``k`` with less padding
+    than one set of ``p`` columns, for blocks of ``rows`` rows of ``act_quant_rot_kron_kernel`` (each
+    set's dots need >= 16 groups per block, the block <= 64 groups), or (p, 0)."""
+    gpr = -(-k // DENSE_ROT_G)
+    s1 = 1 << (gpr.bit_length() - 1)
+    least = max(1, 16 // rows)
+    if s1 >= gpr or s1 < least:
+        return p, 0
+    s2 = max(1 << (gpr - s1 - 1).bit_length(), least)
+    if (s1 + s2) * DENSE_ROT_G >= p or rows * (s1 + s2) > 64:
+        return p, 0
+    return s1 * DENSE_ROT_G, s2 * DENSE_ROT_G
+
+
 def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], convrot_groupsize: int,
                 block_k: int, k_major: bool, mode: int, rowscale: Optional[torch.Tensor]) -> None:
     m, k = x.shape
@@ -861,6 +876,10 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             krows = [r for r in (1, 2, 4, 8, 16) if 16 * DENSE_ROT_G <= r * p <= 16384][:2]
             kron = [C(r, 0, 0, w, 1, ctas_per_sm=c, rot_impl=5) for r in krows
                     for w in ([1] if interp else [4, 8]) for c in ([1, 2] if interp else [2, 4])]
+            # rows as two power-of-two sets of groups where that pads less (BN, BK: their columns)
+            ksplit = [(r,) + _kron_split(k, p, r) for r in (1, 2, 4, 8, 16)]
+            kron += [C(r, p1, p2, w, 1, ctas_per_sm=c, rot_impl=5) for r, p1, p2 in ksplit if p2
+                     for w in ([1] if interp else [4, 8]) for c in ([2] if interp else [2, 4])][:2 if interp else 8]
             dense = dense if ROT_IMPL == 3 else (kron if ROT_IMPL == 5 else dense + kron)
             hd = (hd_dense, hk)
         meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
@@ -872,7 +891,8 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
         if cfg.rot_impl == 5:
             nprog = min(-(-m // cfg.BM), cfg.ctas_per_sm * _num_sms(x.device))
             launch_kernel(tk.act_quant_rot_kron_kernel, (nprog,), (x, out, scale, hd[1], k, x.stride(0), m),
-                          dict(P=p, ROWS=cfg.BM, DOT_DTYPE=stage1, IEEE=ieee), cfg.num_warps, 1)
+                          dict(P=cfg.BN or p, P2=cfg.BK or 256, SEG2=cfg.BK > 0, ROWS=cfg.BM, DOT_DTYPE=stage1,
+                               IEEE=ieee), cfg.num_warps, 1)
             return
         if cfg.rot_impl == 3:
             nprog = min(-(-m // cfg.BM), _num_sms(x.device))

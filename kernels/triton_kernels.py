@@ -184,24 +184,55 @@ def _kron_dot(x, h, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(x.to(DOT_DTYPE), h)
 
 
+@triton.jit
+def _kron_rotate(x0, x1, x2, x3, h, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """The four output quarters of H_256 = H_4 ⊗ H_64 from the four input quarters [groups, 64]:
+    Z_c = X_c · H_64 (tensor cores), then H_4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]] / 2
+    as signed fp32 sums; and each group's absmax (NaN if any value is NaN)."""
+    z0 = _kron_dot(x0, h, DOT_DTYPE, IEEE)
+    z1 = _kron_dot(x1, h, DOT_DTYPE, IEEE)
+    z2 = _kron_dot(x2, h, DOT_DTYPE, IEEE)
+    z3 = _kron_dot(x3, h, DOT_DTYPE, IEEE)
+    y0 = ((z0 + z1) + (z2 - z3)) * 0.5
+    y1 = ((z0 + z1) - (z2 - z3)) * 0.5
+    y2 = ((z0 - z1) + (z2 + z3)) * 0.5
+    y3 = ((z2 + z3) - (z0 - z1)) * 0.5
+    gmax = _max_nan(_max_nan(_absmax(y0, 1), _absmax(y1, 1)), _max_nan(_absmax(y2, 1), _absmax(y3, 1)))
+    return y0, y1, y2, y3, gmax
+
+
+@triton.jit
+def _kron_store4(out_ptr, y0, y1, y2, y3, inv, r0, M, K, rloc, gcol, d, ROWS: tl.constexpr, GPR: tl.constexpr):
+    inv_g = tl.reshape(tl.broadcast_to(inv[:, None], (ROWS, GPR)), (ROWS * GPR,))
+    _kron_store(out_ptr, y0, inv_g, r0, M, K, rloc, gcol, d, 0)
+    _kron_store(out_ptr, y1, inv_g, r0, M, K, rloc, gcol, d, 1)
+    _kron_store(out_ptr, y2, inv_g, r0, M, K, rloc, gcol, d, 2)
+    _kron_store(out_ptr, y3, inv_g, r0, M, K, rloc, gcol, d, 3)
+
+
 @triton.jit(do_not_specialize=["M"])
-def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, ROWS: tl.constexpr,
-                              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, P2: tl.constexpr,
+                              SEG2: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """``act_quant_kernel``'s MODE 0 for convrot g = 256 with H_256 = H_4 ⊗ H_64 (the regular Hadamard is
     a Kronecker power of H_4): a group's quarter c (64 values) is loaded as its own tensor X_c [groups, 64],
     Z_c = X_c · H_64 is one tensor-core dot each (exact bf16/fp16 operands, fp32 sums), and output
     quarter a is sum_c H_4[a, c] / 2 · Z_c -- signed fp32 sums of four tensors in the same layout, no
     reshapes. H_64 takes 8 KB of shared memory where H_256 takes 128 KB, so several programs share an SM
     (the dense kernel runs one). The fp32 sums run in another order than the dense and factored kernels'
-    (integers equal but at .5 ties within fp32 noise). Programs loop over blocks of ROWS rows padded to
-    P columns, loading the next block before they work on this one."""
+    (integers equal but at .5 ties within fp32 noise). Programs loop over blocks of ROWS rows, loading the
+    next block before they work on this one. A row's groups are columns [0, P) padded with zeros past K,
+    and with SEG2 also [P, P + P2): two power-of-two sets of groups where one would pad more (12288 = 8192
+    + 4096)."""
     GPR: tl.constexpr = P // 256
-    NG: tl.constexpr = ROWS * GPR
+    GPR2: tl.constexpr = P2 // 256
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    gi = tl.arange(0, NG)
+    gi = tl.arange(0, ROWS * GPR)
     rloc = gi // GPR
     gcol = (gi % GPR) * 256
+    gi2 = tl.arange(0, ROWS * GPR2)
+    rloc2 = gi2 // GPR2
+    gcol2 = P + (gi2 % GPR2) * 256
     d = tl.arange(0, 64)
     h = tl.load(h_ptr + d[:, None] * 64 + d[None, :]).to(DOT_DTYPE)  # H_64 is symmetric
     offs_r = tl.arange(0, ROWS)
@@ -210,31 +241,38 @@ def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: 
     x1 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 1)
     x2 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 2)
     x3 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 3)
+    if SEG2:
+        u0 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 0)
+        u1 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 1)
+        u2 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 2)
+        u3 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 3)
     for r0 in range(pid * ROWS, M, nprog * ROWS):
         rn = r0 + nprog * ROWS
         n0 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 0)
         n1 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 1)
         n2 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 2)
         n3 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 3)
-        z0 = _kron_dot(x0, h, DOT_DTYPE, IEEE)
-        z1 = _kron_dot(x1, h, DOT_DTYPE, IEEE)
-        z2 = _kron_dot(x2, h, DOT_DTYPE, IEEE)
-        z3 = _kron_dot(x3, h, DOT_DTYPE, IEEE)
-        # H_4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]] / 2
-        y0 = ((z0 + z1) + (z2 - z3)) * 0.5
-        y1 = ((z0 + z1) - (z2 - z3)) * 0.5
-        y2 = ((z0 - z1) + (z2 + z3)) * 0.5
-        y3 = ((z2 + z3) - (z0 - z1)) * 0.5
-        gmax = _max_nan(_max_nan(_absmax(y0, 1), _absmax(y1, 1)), _max_nan(_absmax(y2, 1), _absmax(y3, 1)))
-        sc = _act_scale(_absmax(tl.reshape(gmax, (ROWS, GPR)), 1))
+        if SEG2:
+            v0 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 0)
+            v1 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 1)
+            v2 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 2)
+            v3 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 3)
+        y0, y1, y2, y3, gmax = _kron_rotate(x0, x1, x2, x3, h, DOT_DTYPE, IEEE)
+        amax = _absmax(tl.reshape(gmax, (ROWS, GPR)), 1)
+        if SEG2:
+            w0, w1, w2, w3, gmax2 = _kron_rotate(u0, u1, u2, u3, h, DOT_DTYPE, IEEE)
+            amax = _max_nan(amax, _absmax(tl.reshape(gmax2, (ROWS, GPR2)), 1))
+        sc = _act_scale(amax)
         inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
-        inv_g = tl.reshape(tl.broadcast_to(inv[:, None], (ROWS, GPR)), (NG,))
         rows = r0 + offs_r
         tl.store(s_ptr + rows, sc, mask=rows < M)
-        _kron_store(out_ptr, y0, inv_g, r0, M, K, rloc, gcol, d, 0)
-        _kron_store(out_ptr, y1, inv_g, r0, M, K, rloc, gcol, d, 1)
-        _kron_store(out_ptr, y2, inv_g, r0, M, K, rloc, gcol, d, 2)
-        _kron_store(out_ptr, y3, inv_g, r0, M, K, rloc, gcol, d, 3)
+        _kron_store4(out_ptr, y0, y1, y2, y3, inv, r0, M, K, rloc, gcol, d, ROWS, GPR)
+        if SEG2:
+            _kron_store4(out_ptr, w0, w1, w2, w3, inv, r0, M, K, rloc2, gcol2, d, ROWS, GPR2)
+            u0 = v0
+            u1 = v1
+            u2 = v2
+            u3 = v3
         x0 = n0
         x1 = n1
         x2 = n2
