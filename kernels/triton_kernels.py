@@ -169,6 +169,15 @@ def _kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, c: tl.constexpr):
 
 
 @triton.jit
+def _kron_quarters(x_ptr, r0, M, K, stride_xm, rloc, gcol, d):
+    """The four quarters of the block's groups (``_kron_slice`` c = 0..3)."""
+    return (_kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, 0),
+            _kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, 1),
+            _kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, 2),
+            _kron_slice(x_ptr, r0, M, K, stride_xm, rloc, gcol, d, 3))
+
+
+@triton.jit
 def _kron_store(out_ptr, y, inv_g, r0, M, K, rloc, gcol, d, a: tl.constexpr):
     rows = r0 + rloc
     rmask = rows < M
@@ -237,26 +246,14 @@ def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: 
     h = tl.load(h_ptr + d[:, None] * 64 + d[None, :]).to(DOT_DTYPE)  # H_64 is symmetric
     offs_r = tl.arange(0, ROWS)
     first = pid * ROWS
-    x0 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 0)
-    x1 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 1)
-    x2 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 2)
-    x3 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc, gcol, d, 3)
+    x0, x1, x2, x3 = _kron_quarters(x_ptr, first, M, K, stride_xm, rloc, gcol, d)
     if SEG2:
-        u0 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 0)
-        u1 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 1)
-        u2 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 2)
-        u3 = _kron_slice(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d, 3)
+        u0, u1, u2, u3 = _kron_quarters(x_ptr, first, M, K, stride_xm, rloc2, gcol2, d)
     for r0 in range(pid * ROWS, M, nprog * ROWS):
         rn = r0 + nprog * ROWS
-        n0 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 0)
-        n1 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 1)
-        n2 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 2)
-        n3 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc, gcol, d, 3)
+        n0, n1, n2, n3 = _kron_quarters(x_ptr, rn, M, K, stride_xm, rloc, gcol, d)
         if SEG2:
-            v0 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 0)
-            v1 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 1)
-            v2 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 2)
-            v3 = _kron_slice(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d, 3)
+            v0, v1, v2, v3 = _kron_quarters(x_ptr, rn, M, K, stride_xm, rloc2, gcol2, d)
         y0, y1, y2, y3, gmax = _kron_rotate(x0, x1, x2, x3, h, DOT_DTYPE, IEEE)
         amax = _absmax(tl.reshape(gmax, (ROWS, GPR)), 1)
         if SEG2:
