@@ -121,9 +121,10 @@ def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, impl, ker
     """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group) and
     ``act_quant_rot_kron_kernel`` (H_4 ⊗ H_64: a dot against H_64 per quarter of the groups, then H_4 as
     signed sums), programs looping over row blocks (padded columns, ragged last blocks; for the kron kernel
-    also rows as two power-of-two sets of groups: 768, 1280, 3072), in every config the kernel has for the shape (forced with ROT_IMPL 3 / 5, which the tuner otherwise weighs against the
-    factored kernel): the float64 integers except within fp32 noise of a .5 boundary, the reference's
-    scales, the factored kernel's integers but for a few ties, and a NaN row's NaN scale."""
+    also rows as two power-of-two sets of groups: 768, 1280, 3072), in every config the kernel has for the
+    shape (forced with ROT_IMPL 3 / 5, which the tuner otherwise weighs against the factored kernel): the
+    float64 integers except within fp32 noise of a .5 boundary, the reference's scales, the factored
+    kernel's integers but for a few ties, and a NaN row's NaN scale."""
     monkeypatch.setattr(launch, "_ACT_META", {})
     monkeypatch.setattr(launch, "ROT_IMPL", impl)
     names = []
