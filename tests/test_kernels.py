@@ -896,6 +896,102 @@ def test_non_finite_activation_rows_give_non_finite_output_rows(backend, variant
 
 
 # ------------------------------------------------------------------------------------------------
+# activation epilogue: y = act(int8 GEMM + bias) on the columns from ``activation_from`` on
+# ------------------------------------------------------------------------------------------------
+_ACT64 = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu, "silu": F.silu}
+
+
+def _exact_w8a8(x, qw, bias, g=0):
+    """float64 of the W8A8 rule: the (backend-independent) integers and scales, exact products."""
+    qa, sa = K.quantize_activations(x, convrot_groupsize=g, backend="torch")
+    out = ((qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu().reshape(-1, 1)
+           * qw.scale.double().cpu().reshape(1, -1))
+    return out + (bias.double().cpu() if bias is not None else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant,activation,act_from", [
+    ("row", "gelu_tanh", 0), ("row", "silu", 40), ("row one launch", "gelu", 40), ("row fused", "gelu_tanh", 40),
+    ("tensor", "silu", 0), ("convrot 64", "gelu_tanh", 40), ("block 32", "gelu", 0), ("block 32", "gelu_tanh", 40)])
+def test_activation_epilogue_matches_float64(backend, variant, activation, act_from, monkeypatch):
+    """W8A8 with the activation in the GEMM's epilogue (fp32 output) equals float64 of the same integers
+    followed by the activation, on exactly the columns from ``act_from`` on -- the two-launch GEMM, the
+    one-launch and fused small-M kernels, per-row / tensor-wise / convrot / block-wise weights, bias, a
+    LoRA pair; the bf16 output is that rounded once, and every other path applies torch's function after
+    the call (the same bits as doing it by hand)."""
+    monkeypatch.setenv(dispatch.FUSED_ENV, "1" if variant == "row fused" else "0")
+    monkeypatch.setenv(dispatch.ONELAUNCH_ENV, "1" if variant == "row one launch" else "0")
+    if variant == "row fused":
+        monkeypatch.setattr(dispatch, "FUSED_ACT_MAX_M", 64)
+    kind, _, rest = variant.partition(" ")
+    g = int(rest) if rest.isdigit() else 0
+    w = weight(seed=21)
+    if kind == "block":
+        qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(g)))
+    else:
+        qw = to_dev(Int8Tensorwise.quantize(w, Int8Tensorwise.Params("tensor" if kind == "tensor" else "row",
+                                                                    bool(g), g or 256)))
+    x = act(seed=22) * 4  # pre-activations of a few units: every part of the curves is exercised
+    bias = (torch.randn(N, generator=gen(23))).to(DEV)
+    if kind == "block":
+        base = _exact_blockwise(x, qw, bias, g)
+    else:
+        base = _exact_w8a8(x, qw, bias, g)
+    want = base.clone()
+    want[:, act_from:] = _ACT64[activation](base[:, act_from:])
+    f = _ACT64[activation]
+    y32 = (K.int8_blockwise_linear(x, qw.qdata, qw.scale, bias, group_size=g, out_dtype=torch.float32,
+                                   path="w8a8", backend=backend, activation=activation, activation_from=act_from)
+           if kind == "block" else
+           K.int8_linear(x, qw.qdata, qw.scale, bias, convrot_groupsize=g, out_dtype=torch.float32, path="w8a8",
+                         backend=backend, activation=activation, activation_from=act_from))
+    err = (y32.double().cpu() - want).abs().max().item()
+    assert err < 2e-5 * want.abs().max().item(), err
+    if act_from:  # the columns before act_from: the plain output (negative values stay negative)
+        assert rel(y32[:, :act_from], base[:, :act_from]) < 1e-5 and bool((y32[:, :act_from] < -1).any())
+    # bf16 output: the fp32 result rounded once (the interpreter's cast truncates: one ulp)
+    yb = K.quantized_linear(x, qw, bias, path="w8a8", backend=backend, activation=activation,
+                            activation_from=act_from)
+    assert yb.dtype == torch.bfloat16 and rel(yb, want) < 6e-3
+    # the other paths: torch's function on the call's output
+    for path in ("w8a16", "dequant"):
+        plain = K.quantized_linear(x, qw, bias, path=path, backend=backend)
+        by_hand = plain.clone()
+        by_hand[:, act_from:] = f(plain[:, act_from:])
+        got = K.quantized_linear(x, qw, bias, path=path, backend=backend, activation=activation,
+                                 activation_from=act_from)
+        assert torch.equal(got, by_hand), path
+    # with a LoRA pair in the epilogue, the activation comes after the low-rank sum
+    r = 16
+    h = (torch.randn(M, r, generator=gen(24)) * 0.3).to(DEV, torch.bfloat16)
+    up = (torch.randn(N, r, generator=gen(25)) * 0.5).to(DEV, torch.bfloat16)
+    wl = base + h.double().cpu() @ up.double().cpu().T
+    wl[:, act_from:] = f(wl[:, act_from:])
+    yl = K.quantized_linear(x, qw, bias, path="w8a8", backend=backend, lora=(h, up), activation=activation,
+                            activation_from=act_from)
+    assert rel(yl, wl) < 6e-3
+    # the loader's call gives quantized_linear's bits, planned or not, with leading dims
+    monkeypatch.setenv("CONVERT_TO_QUANT_KERNEL_BACKEND", backend)
+    run = K.prepare_linear(qw, DEV)
+    for _ in range(4):
+        got = run(x.reshape(1, M, KD), bias, "w8a8", None, None, activation, act_from)
+        assert got.shape == (1, M, N) and torch.equal(got.reshape(M, N), yb)
+
+
+def test_activation_arguments_are_checked():
+    qw = to_dev(Int8Tensorwise.quantize(weight(), Int8Tensorwise.Params("row")))
+    x = act()
+    for bad, frm in (("relu", 0), ("GELU", 0), (3, 0), ("gelu", N), ("gelu", -1), ("gelu", 1.5), ("gelu", True)):
+        with pytest.raises(K.KernelInputError, match="activation"):
+            K.int8_linear(x, qw.qdata, qw.scale, activation=bad, activation_from=frm)
+        with pytest.raises(K.KernelInputError, match="activation"):
+            K.prepare_linear(qw, DEV)(x, None, None, None, None, bad, frm)
+    # None / "" are no activation
+    assert torch.equal(K.int8_linear(x, qw.qdata, qw.scale, activation=None),
+                       K.int8_linear(x, qw.qdata, qw.scale, activation=""))
+
+
+# ------------------------------------------------------------------------------------------------
 # LoRA epilogue: y = int8 GEMM + h · upᵀ, the low-rank product added to the fp32 accumulator
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
