@@ -481,13 +481,13 @@ def split_report(splits: dict, row: dict) -> dict:
     """T_bf16 = T_linear + T_rest from the bf16 profile; a 2x faster linear part bounds the step speed-up
     at T_bf16 / (T_rest + T_linear / 2); the measured bf16 / int8 speed-up (wall time) as a share of it."""
     out = {}
-    for bname, qname, key in (("bf16", "int8", "eager"), ("bf16", "int8 unfused", "eager, activations unfused"),
-                              ("bf16 compiled", "int8 compiled", "compiled")):
-        b, q = splits.get(bname), splits.get(qname)
+    for suffix in ("", " compiled"):
+        b, q = splits.get("bf16" + suffix), splits.get("int8" + suffix)
         if b is None or q is None:
             continue
         bound = b["total_ms"] / (b["rest_ms"] + b["linear_ms"] / 2) if b["total_ms"] > 0 else float("nan")
-        speed = row[bname] / row[qname]
+        speed = row["bf16" + suffix] / row["int8" + suffix]
+        key = "compiled" if suffix else "eager"
         out[key] = {"source": b["source"], "linear_names_bf16": b["linear_names"],
                     "linear_names_int8": q["linear_names"],
                     "T_bf16": b["total_ms"], "T_linear": b["linear_ms"],
@@ -664,22 +664,7 @@ def quantize_to_file(sd: dict, fmt: str, gen_dev: str, name: str, tmp: str):
     return path, len(plan.quantized_layers())
 
 
-def unfused(load):
-    """``load()`` with the loader's activation fusion off (``ops.fuse_activations``: the model's GELU / SiLU
-    layers stay separate modules instead of running in the int8 GEMM's epilogue): what it gains."""
-    from convert_to_quant.nodes.ops import FUSE_ENV
-    old = os.environ.get(FUSE_ENV)
-    os.environ[FUSE_ENV] = "0"
-    try:
-        return load()
-    finally:
-        if old is None:
-            del os.environ[FUSE_ENV]
-        else:
-            os.environ[FUSE_ENV] = old
-
-
-def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16", "int8", "int8 unfused")):
+def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16", "int8")):
     """Times each (name, make) variant: ms/step, output, the profiled time split for ``split_names`` (and
     their compiled forms) and, where ``groups(obj)`` names block modules, per-block times (eager only)."""
     from convert_to_quant.nodes.ops import quant_linears
@@ -809,8 +794,6 @@ def run_flux(args) -> int:
     variants = [("bf16", bf16_model), ("bf16+loras", lambda: with_loras(bf16_model())),
                 ("int8", lambda: load_diffusion_model(qpath, dtype)),
                 ("int8+loras", lambda: with_loras(load_diffusion_model(qpath, dtype)))]
-    if args.unfused:
-        variants.append(("int8 unfused", lambda: unfused(lambda: load_diffusion_model(qpath, dtype))))
     if args.compile:
         variants += [("bf16 compiled", lambda: compiled(bf16_model())),
                      ("int8 compiled", lambda: compiled(load_diffusion_model(qpath, dtype))),
@@ -862,14 +845,6 @@ def run_flux(args) -> int:
         if args.compile:
             r["speedup_compiled"] = row["bf16 compiled"] / row["int8 compiled"]
             r["lora_overhead_int8_compiled"] = row["int8+loras compiled"] / row["int8 compiled"]
-        if args.unfused:
-            r["speedup_bf16_over_int8_unfused"] = row["bf16"] / row["int8 unfused"]
-            r["rel_err_int8_vs_int8_unfused"] = rel_err(outs["int8"], outs["int8 unfused"])
-            if "int8 unfused" in est and "bf16" in est:
-                r["est_flux_dev_speedup_unfused"] = est["bf16"] / est["int8 unfused"]
-            log(f"activation fusion: int8 unfused {row['int8 unfused']:.2f} -> fused {row['int8']:.2f} ms/step "
-                f"({row['int8 unfused'] / row['int8']:.3f}x); bf16 -> int8 unfused "
-                f"{r['speedup_bf16_over_int8_unfused']:.3f}x; output difference {r['rel_err_int8_vs_int8_unfused']:.2e}")
         log(f"int8 + {args.loras} LoRAs / int8: {r['lora_overhead_int8']:.3f} (target <= 1.10); "
             f"stock bf16 + LoRAs / bf16: {r['lora_overhead_bf16']:.3f}")
         log(f"output error vs bf16: int8 {r['rel_err_int8_vs_bf16']:.4f}, with LoRAs "
@@ -1039,9 +1014,6 @@ def main(argv=None) -> int:
                     help="text encoder: the loader's activations mode (bf16: W8A16, its default; int8: W8A8)")
     ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
-    ap.add_argument("--unfused", action="store_true",
-                    help="also time the int8 model with the loader's activation fusion off ('int8 unfused': "
-                         "GELU / SiLU as separate layers, env CONVERT_TO_QUANT_FUSE_ACTIVATIONS=0)")
     ap.add_argument("--attention", choices=["default", "int8"], default="default",
                     help="wan: int8 adds a variant 'int8+attn8' (int8 weights + INT8 attention, the loader's "
                          "attention=int8 option) and a linear / attention / other split of the profiled steps")
@@ -1158,7 +1130,6 @@ def main(argv=None) -> int:
     lora_v = args.loras > 0
     variants = [("bf16", lambda: bf16_model())] + ([("bf16+loras", lambda: with_loras(bf16_model()))] if lora_v else [])
     variants += [("int8", lambda: int8_model())] + ([("int8+loras", lambda: with_loras(int8_model()))] if lora_v else [])
-    variants += [("int8 unfused", lambda: unfused(int8_model))] if args.unfused else []
     attn8 = args.attention == "int8"
     if attn8:
         variants += [("int8+attn8", lambda: with_attention(int8_model(), "int8"))]
@@ -1182,7 +1153,7 @@ def main(argv=None) -> int:
                 sys.exit("error: the int8 model has no int8 layers")
             ms, out = time_steps(m, x, t, ctx)
             row[name], outs[name] = ms, out
-            if name.replace(" compiled", "") in ("bf16", "int8", "int8+attn8", "int8 unfused") and not args.no_split:
+            if name.replace(" compiled", "") in ("bf16", "int8", "int8+attn8") and not args.no_split:
                 splits[name] = profile_split(lambda: m.model.apply_model(
                     x, t, c_crossattn=ctx, transformer_options=step_options(m)), dev)
             log(f"{name:>22}: {ms:9.2f} ms/step")
@@ -1212,12 +1183,6 @@ def main(argv=None) -> int:
                 r["lora_overhead_int8_compiled"] = row["int8+loras compiled"] / row["int8 compiled"]
         results[shape_name] = r
         log(f"speed-up bf16 -> int8: {r['speedup_bf16_over_int8']:.3f}x (target >= 1.3)")
-        if args.unfused:
-            r["speedup_bf16_over_int8_unfused"] = row["bf16"] / row["int8 unfused"]
-            r["rel_err_int8_vs_int8_unfused"] = err("int8", "int8 unfused")
-            log(f"activation fusion: int8 unfused {row['int8 unfused']:.2f} -> fused {row['int8']:.2f} ms/step "
-                f"({row['int8 unfused'] / row['int8']:.3f}x); bf16 -> int8 unfused "
-                f"{r['speedup_bf16_over_int8_unfused']:.3f}x; output difference {r['rel_err_int8_vs_int8_unfused']:.2e}")
         if attn8:
             r["speedup_bf16_over_int8_attn8"] = row["bf16"] / row["int8+attn8"]
             r["rel_err_int8_attn8_vs_bf16"] = err("int8+attn8", "bf16")

@@ -27,8 +27,7 @@ import comfy.weight_adapter
 
 from ..kernels import dequantize as kernel_dequantize
 from ..kernels import prepare_linear, quantized_linear, runtime_path
-from ..kernels.launch import env_get, lora_rank_padded
-from ..kernels.reference import ACTIVATIONS, apply_activation
+from ..kernels.launch import lora_rank_padded
 from ..quant_core.errors import ConvertError, SafetensorsFormatError
 from ..quant_core.formats import (FormatSpec, QuantizedWeight, comfy_quant_tensor, get_format,
                                   parse_comfy_quant, quantized_weight_from_tensors)
@@ -76,10 +75,6 @@ class QuantLinearMixin:
     # None: the kernels' path table (W8A8 for most shapes). A float dtype: weight-only W8A16 with the
     # activations in that dtype (the text-encoder loader's "accurate" mode; docs/NODES.md)
     activation_dtype: Optional[torch.dtype] = None
-    # the pointwise activation of the model's next layer, applied by this one (``fuse_activations``):
-    # a ``kernels.reference.ACTIVATIONS`` name, on the output columns from ``fused_activation_from`` on
-    fused_activation: Optional[str] = None
-    fused_activation_from: int = 0
 
     def _init_quant(self, in_features: int, out_features: int, dtype: Optional[torch.dtype] = None):
         torch.nn.Module.__init__(self)
@@ -278,12 +273,6 @@ class QuantLinearMixin:
             cached = self.__dict__["_prepared_linear"] = (key, prepare_linear(self.quantized_weight(), device))
         return cached[1]
 
-    def _post_activation(self, y: torch.Tensor) -> torch.Tensor:
-        """The fused activation where the GEMM did not apply it (torch's function, as the unfused model)."""
-        if self.fused_activation is None:
-            return y
-        return apply_activation(y, ACTIVATIONS[self.fused_activation], self.fused_activation_from)
-
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._cast_bias(x)
         # LowVramPatch entries re-apply LoRA patches to a float weight; ours already live in the side
@@ -295,9 +284,6 @@ class QuantLinearMixin:
             for f in extra_fns:
                 w = f(w)
             y = F.linear(x, w, bias)
-            if self.lora_groups or self.has_dense_delta:
-                y = self._add_side_paths(x, y)
-            return self._post_activation(y)
         else:
             # without Triton: on a CPU "cpu" (int8 GEMM for large layers where the CPU multiplies int8 fast,
             # else dequant), elsewhere (MPS, ...) "dequant": chunked dequantize + F.linear in x's dtype
@@ -309,20 +295,19 @@ class QuantLinearMixin:
             run = None if torch.compiler.is_compiling() else self._prepared(x.device)
             lora = self._fused_lora(x) if self.lora_groups and path is None and act is None else None
             fused = 1 if lora is not None else 0
-            after = len(self.lora_groups) > fused or self.has_dense_delta  # side paths added after the GEMM
-            fa = None if after else self.fused_activation  # else the activation follows them
             if act is not None and path is None and run is not None:
                 # weight-only: activations rounded once to ``act``, fp32 accumulation, output in x's dtype
-                y = run(x if x.dtype == act else x.to(act), bias, "w8a16", x.dtype, None, fa,
-                        self.fused_activation_from)
+                y = run(x if x.dtype == act else x.to(act), bias, "w8a16", x.dtype)
             elif run is not None:
-                y = run(x, bias, path, None, lora, fa, self.fused_activation_from)
+                y = run(x, bias, path, None, lora)
             else:
-                y = quantized_linear(x, self.quantized_weight(x.device), bias, path=path, lora=lora, activation=fa,
-                                     activation_from=self.fused_activation_from)
-            if after:
-                y = self._post_activation(self._add_side_paths(x, y, fused))
+                y = quantized_linear(x, self.quantized_weight(x.device), bias, path=path, lora=lora)
+            if len(self.lora_groups) > fused or self.has_dense_delta:
+                y = self._add_side_paths(x, y, fused)
             return y
+        if self.lora_groups or self.has_dense_delta:
+            y = self._add_side_paths(x, y)
+        return y
 
 
 class DequantizeOnLoadMixin:
@@ -360,7 +345,7 @@ class QuantOps(comfy.ops.manual_cast):
         def forward(self, *args, **kwargs):
             if self.quant_spec is not None:
                 return self.forward_quantized(*args, **kwargs)
-            return self._post_activation(super().forward(*args, **kwargs))
+            return super().forward(*args, **kwargs)
 
 
     class Embedding(DequantizeOnLoadMixin, comfy.ops.manual_cast.Embedding):
@@ -378,96 +363,3 @@ def consumed_quant_layers(model: torch.nn.Module) -> List[str]:
 def quant_linears(model: torch.nn.Module):
     """(name, module) of every int8 Linear in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinearMixin) and m.is_quantized]
-
-
-# --- activation fusion -------------------------------------------------------------------------------
-FUSE_ENV = "CONVERT_TO_QUANT_FUSE_ACTIVATIONS"  # "0": leave the model's activation layers where they are
-
-
-class FusedActivation(torch.nn.Module):
-    """Stands where a pointwise activation layer was; the int8 Linear before it (``into``) applies the
-    activation in its GEMM's epilogue, so this passes its input through. ``original`` is the module it
-    replaced (``unfuse_activations`` puts it back)."""
-
-    def __init__(self, original: torch.nn.Module, activation: str, into: str):
-        super().__init__()
-        self.activation, self.into = activation, into
-        self.__dict__["original"] = original  # not a submodule: no state, not moved twice
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.activation} applied by {self.into}"
-
-
-def _activation_name(m: torch.nn.Module) -> Optional[str]:
-    """The ``ACTIVATIONS`` name of a plain activation module (exact types only: a subclass may do more)."""
-    if type(m) is torch.nn.GELU:
-        return {"tanh": "gelu_tanh", "none": "gelu"}.get(m.approximate)
-    if type(m) is torch.nn.SiLU:
-        return "silu"
-    return None
-
-
-def _fusable_linear(m) -> bool:
-    return (isinstance(m, QuantLinearMixin) and m.is_quantized and m.fused_activation is None
-            and type(m).forward is QuantOps.Linear.forward)
-
-
-def fuse_activations(model: torch.nn.Module) -> List[str]:
-    """Let int8 Linear layers apply the activation that follows them (the Triton W8A8 kernels do it in the
-    GEMM's epilogue: one write of the output instead of a write, a read and a write). Two patterns whose
-    data flow is fixed by their structure:
-
-    * ``nn.Sequential(..., Linear, GELU / SiLU, ...)`` -- the feed-forward layers of Wan, Flux's double
-      blocks, HunyuanVideo, Chroma, ...: the Sequential runs its children in order, so the activation
-      always takes exactly the Linear's output;
-    * ComfyUI's Flux / Chroma ``SingleStreamBlock`` -- ``linear1``'s output is split into qkv and the MLP
-      input and ``mlp_act`` is applied to the MLP part only: the activation goes to ``linear1``'s columns
-      from ``3 * hidden_size`` on (checked against the layer's width).
-
-    The activation module is replaced by a ``FusedActivation`` that passes its input through. Returns
-    the names of the Linear layers that took an activation. env ``CONVERT_TO_QUANT_FUSE_ACTIVATIONS=0``
-    turns it off. Outputs equal the unfused model's up to one rounding (the epilogue computes the
-    activation on the fp32 result before rounding it to the output dtype)."""
-    if env_get(FUSE_ENV, "1") == "0":
-        return []
-    fused = []
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Sequential):
-            kids = list(mod._modules.items())
-            for (lname, lin), (aname, a) in zip(kids, kids[1:]):
-                act = _activation_name(a) if a is not None else None
-                if act and _fusable_linear(lin):
-                    full = f"{name}.{lname}" if name else lname
-                    lin.fused_activation, lin.fused_activation_from = act, 0
-                    mod._modules[aname] = FusedActivation(a, act, full)
-                    fused.append(full)
-        elif (type(mod).__name__ == "SingleStreamBlock" and type(mod).__module__ in ("comfy.ldm.flux.layers",
-                                                                                    "comfy.ldm.chroma.layers")):
-            lin, a = getattr(mod, "linear1", None), getattr(mod, "mlp_act", None)
-            hidden, mlp = getattr(mod, "hidden_size", None), getattr(mod, "mlp_hidden_dim", None)
-            act = _activation_name(a) if isinstance(a, torch.nn.Module) else None
-            if (act and _fusable_linear(lin) and isinstance(hidden, int) and isinstance(mlp, int)
-                    and lin.out_features == 3 * hidden + mlp and mlp > 0):
-                full = f"{name}.linear1" if name else "linear1"
-                lin.fused_activation, lin.fused_activation_from = act, 3 * hidden
-                mod.mlp_act = FusedActivation(a, act, full)
-                fused.append(full)
-    return fused
-
-
-def unfuse_activations(model: torch.nn.Module) -> int:
-    """Undo ``fuse_activations``: the activation modules back in place, the Linear layers plain again."""
-    lins = dict(model.named_modules())
-    count = 0
-    for name, mod in list(model.named_modules()):
-        for cname, child in list(mod._modules.items()):
-            if isinstance(child, FusedActivation):
-                lin = lins.get(child.into)
-                if lin is not None:
-                    lin.fused_activation, lin.fused_activation_from = None, 0
-                mod._modules[cname] = child.original
-                count += 1
-    return count

@@ -19,7 +19,7 @@ RESULT = "CTQ_RESULT "
 
 CHECKS = ("int8_model_matches_float", "memory_accounting_and_to", "lora_side_path", "lora_lowvram",
           "dense_delta_fallback", "fused_offset_patch", "blockwise_and_convrot_files", "on_the_fly_quantize",
-          "text_encoder_loader", "temp_files_and_chart", "torch_compile", "cpu_int8_gemm", "activation_fusion")
+          "text_encoder_loader", "temp_files_and_chart", "torch_compile", "cpu_int8_gemm")
 
 if __name__ != "__main__":
     import pytest
@@ -69,12 +69,6 @@ if __name__ != "__main__":
 
     def test_torch_compile(results):
         _assert_check(results, "torch_compile")
-
-    def test_activation_fusion(results):
-        d = _assert_check(results, "activation_fusion")
-        assert d["wan_fused"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]  # the embeddings stay float (preset)
-        assert d["flux_fused"] == ["joint.img_mlp.0", "joint.txt_mlp.0", "single.linear1"]
-        assert d["flux_rel_err_vs_float"] < 0.05
 
     def test_cpu_int8_gemm(results):
         d = _assert_check(results, "cpu_int8_gemm")
@@ -478,87 +472,6 @@ def check_torch_compile(c: Ctx):
     q.unpatch_model(device_to=torch.device("cpu"))
     assert torch.allclose(y_comp, y_eager, rtol=1e-5, atol=1e-5), rel(y_comp, y_eager)
     return {"backend": backend, "compile_and_run_seconds": round(seconds, 1)}
-
-
-def check_activation_fusion(c: Ctx):
-    """The loader lets int8 Linear layers apply the activation after them (``ops.fuse_activations``): on
-    ComfyUI's Wan (nn.Sequential feed-forwards, the text and time embeddings) and on its Flux blocks (the
-    double blocks' MLPs, the single block's linear1 whose MLP columns take ``mlp_act``). On a CPU the
-    activation runs as torch's function after the GEMM, so the fused model's outputs must equal the
-    unfused model's bit for bit -- plain, with LoRA side paths and with a dense delta -- and undoing the
-    fusion restores the modules."""
-    torch = c.torch
-    from convert_to_quant.nodes import ops
-    from convert_to_quant.nodes.ops import FUSE_ENV, FusedActivation, quant_linears, unfuse_activations
-    from convert_to_quant.quant_core.model_quant import plan_for_tensors, quantize_tensors
-
-    def fused_names(model):
-        return sorted(n.replace("diffusion_model.", "") for n, m in quant_linears(model) if m.fused_activation)
-
-    q = c.int8_patcher()
-    wan_fused = fused_names(q.model)
-    acts = [m for m in q.model.modules() if isinstance(m, FusedActivation)]
-    assert len(acts) == len(wan_fused) and all(a.original.__class__ in (torch.nn.GELU, torch.nn.SiLU) for a in acts)
-    lora = c.with_lora(q)
-    diff = q.clone()
-    key = "diffusion_model.blocks.0.ffn.0.weight"
-    assert diff.add_patches({key: (torch.randn(512, 256, generator=torch.Generator().manual_seed(5)) * 0.02,)}, 1.0)
-    outs = [c.run(p) for p in (q, lora, diff)]
-    assert unfuse_activations(q.model) == len(wan_fused) and not fused_names(q.model)
-    assert not any(isinstance(m, FusedActivation) for m in q.model.modules())
-    for p, want in zip((q, lora, diff), outs):
-        got = c.run(p)
-        assert torch.equal(got, want), rel(got, want)
-    os.environ[FUSE_ENV] = "0"
-    try:
-        assert not fused_names(c.int8_patcher().model)
-    finally:
-        del os.environ[FUSE_ENV]
-
-    # ComfyUI's Flux blocks with our ops, narrow (hidden 256, 2 heads of 128)
-    import comfy.ops
-    from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
-    hidden, heads = 256, 2
-    g = torch.Generator().manual_seed(11)
-
-    class Blocks(torch.nn.Module):
-        def __init__(self, operations):
-            super().__init__()
-            self.joint = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, operations=operations)
-            self.single = SingleStreamBlock(hidden, heads, 4.0, operations=operations)
-
-        def forward(self, img, txt, vec, pe):
-            img, txt = self.joint(img, txt, vec, pe)
-            return self.single(torch.cat((txt, img), 1), vec, pe)
-
-    ref_blocks = Blocks(comfy.ops.manual_cast)
-    sd = {k: (torch.randn(v.shape, generator=g) / (v.shape[-1] ** 0.5 if v.dim() > 1 else 10)
-              + (1.0 if k.endswith("scale") else 0.0)) for k, v in ref_blocks.state_dict().items()}
-    ref_blocks.load_state_dict(sd)
-    plan = plan_for_tensors(sd, c.plan_opts())
-    qsd = quantize_tensors(sd, plan)
-
-    def int8_blocks():
-        b = Blocks(ops.QuantOps)
-        b.load_state_dict(qsd, strict=False)
-        return b
-
-    fb, ub = int8_blocks(), int8_blocks()
-    flux_fused = sorted(ops.fuse_activations(fb))
-    assert isinstance(fb.single.mlp_act, FusedActivation) and fb.single.linear1.fused_activation_from == 3 * hidden
-    img = torch.randn(1, 24, hidden, generator=g)
-    txt = torch.randn(1, 8, hidden, generator=g)
-    vec = torch.randn(1, hidden, generator=g)
-    ids = torch.zeros(1, 32, 3)
-    ids[0, :, 1] = torch.arange(32) // 8
-    ids[0, :, 2] = torch.arange(32) % 8
-    pe = EmbedND(dim=hidden // heads, theta=10000, axes_dim=[16, 56, 56])(ids)
-    with torch.no_grad():
-        want = ref_blocks(img.clone(), txt.clone(), vec, pe)
-        plain = ub(img.clone(), txt.clone(), vec, pe)
-        got = fb(img.clone(), txt.clone(), vec, pe)
-    assert torch.equal(got, plain), rel(got, plain)
-    return {"wan_fused": wan_fused, "flux_fused": flux_fused, "flux_rel_err_vs_float": rel(got, want)}
 
 
 def main(names):
