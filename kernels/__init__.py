@@ -135,36 +135,17 @@ def _check_lora(lora, x: torch.Tensor, n: int, what: str):
     return h2, _same_device(up, x.device)
 
 
-def _act_args(activation: Optional[str], activation_from: int, n: int, what: str) -> Tuple[int, int]:
-    """(ACT code, first column) for ``activation`` (a name in ``reference.ACTIVATIONS`` or None)."""
-    if activation is None or activation == "":
-        return 0, 0
-    code = reference.ACTIVATIONS.get(activation) if isinstance(activation, str) else None
-    if code is None:
-        raise KernelInputError(f"{what}: activation must be one of {', '.join(reference.ACTIVATIONS)} or None, "
-                               f"got {activation!r}")
-    if isinstance(activation_from, bool) or not isinstance(activation_from, int) or not 0 <= activation_from < n:
-        raise KernelInputError(f"{what}: activation_from must be an int column index in [0, {n}), "
-                               f"got {activation_from!r}")
-    return code, activation_from
-
-
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, *, convrot_groupsize: int = 0,
                 out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
-                backend: Optional[str] = None, lora=None, activation: Optional[str] = None,
-                activation_from: int = 0) -> torch.Tensor:
+                backend: Optional[str] = None, lora=None) -> torch.Tensor:
     """``y = x · Wᵀ + bias`` for an ``int8_tensorwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
     fp32 0-dim/[1] (tensor) or [N, 1]/[N] (per row). ``convrot_groupsize`` > 0: the stored weight is
     ``W · blockdiag(H)ᵀ`` and the activations are rotated the same way before quantization.
     ``out_dtype`` defaults to x's dtype. ``lora`` = (h, up): adds ``h · upᵀ`` (a low-rank side path,
-    h = x · downᵀ), in the GEMM's epilogue where the kernel runs (docs/KERNELS.md, "LoRA epilogue").
-    ``activation`` ("gelu_tanh", "gelu", "silu" or None) is applied to the output columns from
-    ``activation_from`` on -- the pointwise layer that follows this one in the model, in the W8A8 GEMM's
-    epilogue where the kernel runs (docs/KERNELS.md, "Activation epilogue")."""
+    h = x · downᵀ), in the GEMM's epilogue where the kernel runs (docs/KERNELS.md, "LoRA epilogue")."""
     what = "int8_linear"
     n, k = _check_common(x, qdata, bias, what)
-    act = _act_args(activation, activation_from, n, what)
     if weight_scale.numel() not in (1, n):
         raise KernelInputError(f"{what}: weight_scale must be a scalar or have {n} entries (per row), "
                                f"got shape {list(weight_scale.shape)}")
@@ -182,9 +163,9 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor
     x2 = _as_rows(x, k)
     if _compiling():
         y = torch.ops.convert_to_quant.int8_linear(x2, qdata, ws, bias, convrot_groupsize, out_dtype,
-                                                   path or "", backend or "", *(lora or (None, None)), *act)
+                                                   path or "", backend or "", *(lora or (None, None)))
     else:
-        y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend, lora, *act)
+        y = dispatch.int8_linear_2d(x2, qdata, ws, bias, convrot_groupsize, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 
@@ -237,15 +218,12 @@ def int8_linear_static_input(x: torch.Tensor, qdata: torch.Tensor, weight_scale:
 def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, *, group_size: int = 128,
                           out_dtype: Optional[torch.dtype] = None, path: Optional[str] = None,
-                          backend: Optional[str] = None, lora=None, activation: Optional[str] = None,
-                          activation_from: int = 0) -> torch.Tensor:
+                          backend: Optional[str] = None, lora=None) -> torch.Tensor:
     """``y = x · Wᵀ + bias`` for an ``int8_blockwise`` weight: ``qdata`` int8 [N, K], ``weight_scale``
     fp32 [ceil(N/g), K/g] (one scale per g×g tile). W8A8 quantizes activations per token per g-block
-    of K and applies both scales per K block inside the GEMM (fp32 accumulation). ``lora``,
-    ``activation``, ``activation_from``: as for ``int8_linear``."""
+    of K and applies both scales per K block inside the GEMM (fp32 accumulation)."""
     what = "int8_blockwise_linear"
     n, k = _check_common(x, qdata, bias, what)
-    act = _act_args(activation, activation_from, n, what)
     g = int(group_size)
     if g < 16 or g % 16 or k % g:
         raise KernelInputError(f"{what}: group_size {g} must be a multiple of 16 dividing in_features {k}")
@@ -262,9 +240,9 @@ def int8_blockwise_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: to
     x2 = _as_rows(x, k)
     if _compiling():
         y = torch.ops.convert_to_quant.int8_blockwise_linear(x2, qdata, ws, bias, g, out_dtype, path or "",
-                                                             backend or "", *(lora or (None, None)), *act)
+                                                             backend or "", *(lora or (None, None)))
     else:
-        y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend, lora, *act)
+        y = dispatch.int8_blockwise_linear_2d(x2, qdata, ws, bias, g, out_dtype, path, backend, lora)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 
@@ -289,22 +267,9 @@ def registered_formats() -> Tuple[str, ...]:
 
 
 def quantized_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None, path: Optional[str] = None, *,
-                     backend: Optional[str] = None, lora=None, activation: Optional[str] = None,
-                     activation_from: int = 0) -> torch.Tensor:
-    """``y = act(x · dequant(qw)ᵀ + bias (+ h · upᵀ for lora = (h, up)))`` with the fastest kernel for
-    ``qw.format``; output in x's dtype. ``activation`` / ``activation_from``: as for ``int8_linear``."""
-    if activation is not None:
-        act = _act_args(activation, activation_from, qw.qdata.shape[0], "quantized_linear")
-        if qw.format in ("int8_tensorwise", "int8_blockwise") and not (
-                qw.format == "int8_tensorwise" and qw.extra.get("input_scale") is not None
-                and not qw.params.convrot and static_input_enabled()):
-            fn = int8_blockwise_linear if qw.format == "int8_blockwise" else int8_linear
-            extra = ({"group_size": qw.params.group_size} if qw.format == "int8_blockwise" else
-                     {"convrot_groupsize": qw.params.convrot_groupsize if qw.params.convrot else 0})
-            return fn(x, qw.qdata, qw.scale, bias, path=path, backend=backend, lora=lora, activation=activation,
-                      activation_from=activation_from, **extra)
-        y = quantized_linear(x, qw, bias, path, backend=backend, lora=lora)
-        return reference.apply_activation(y, *act)
+                     backend: Optional[str] = None, lora=None) -> torch.Tensor:
+    """``y = x · dequant(qw)ᵀ + bias (+ h · upᵀ for lora = (h, up))`` with the fastest kernel for
+    ``qw.format``; output in x's dtype."""
     fn = _LINEAR_REGISTRY.get(qw.format)
     if fn is None:  # a format that carries its runtime linear beside it (quant_core/formats/<name>.py)
         try:
@@ -345,13 +310,12 @@ register_linear("int8_blockwise", _blockwise_linear)
 register_linear("fp16", _fp16_linear)
 
 
-def _fast_key(x: torch.Tensor, bias: Optional[torch.Tensor], path, out_dtype, lora, activation=None,
-              activation_from=0) -> tuple:
+def _fast_key(x: torch.Tensor, bias: Optional[torch.Tensor], path, out_dtype, lora) -> tuple:
     """What ``PreparedLinear``'s checks and plan key look at, read without building device objects."""
     return (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, x.is_cuda, x.get_device(), launch.current_device(),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() & 15, bias.is_cuda,
                                        bias.get_device()),
-            path, out_dtype, launch.env_state(), activation, activation_from,
+            path, out_dtype, launch.env_state(),
             None if lora is None else tuple((t.shape, t.stride(), t.dtype, t.data_ptr() & 15, t.is_cuda, t.get_device())
                                             for t in lora))
 
@@ -402,10 +366,8 @@ class PreparedLinear:
                 self.cpu_fallback = self.fallback
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, path: Optional[str] = None,
-                 out_dtype: Optional[torch.dtype] = None, lora=None, activation: Optional[str] = None,
-                 activation_from: int = 0) -> torch.Tensor:
-        """``act(x · Wᵀ + bias)`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up), ``activation``
-        and ``activation_from`` as for ``int8_linear``."""
+                 out_dtype: Optional[torch.dtype] = None, lora=None) -> torch.Tensor:
+        """``x · Wᵀ + bias`` in ``out_dtype`` (default x's dtype); ``lora`` = (h, up) as for ``int8_linear``."""
         fb = self.cpu_fallback
         if (fb is not None and (path == "cpu" or path == "dequant") and lora is None and out_dtype is None
                 and type(x) is torch.Tensor and x.is_cpu and x.dtype in _FLOAT_DTYPES and x.ndim
@@ -414,32 +376,27 @@ class PreparedLinear:
                 and not launch.env_get(launch.BACKEND_ENV)):
             # what the ComfyUI loader's layers call on a CPU: the checks below in their cheapest form (a
             # FakeTensor under torch.compile is not ``torch.Tensor`` and takes the general path)
-            act = _act_args(activation, activation_from, self.n, "PreparedLinear")
-            y = fb.cpu(x, bias, x.dtype) if path == "cpu" else fb(x, bias, x.dtype)
-            return reference.apply_activation(y, *act)
+            return fb.cpu(x, bias, x.dtype) if path == "cpu" else fb(x, bias, x.dtype)
         fast = self.fast
         if fast and type(x) is torch.Tensor and not _compiling():
             # a call exactly like one already planned (same shapes, strides, dtypes, alignment, devices,
             # arguments and kernel environment): the checks below passed for it, so replay at once
             try:
-                hit = fast.get(_fast_key(x, bias, path, out_dtype, lora, activation, activation_from))
+                hit = fast.get(_fast_key(x, bias, path, out_dtype, lora))
             except (AttributeError, TypeError):  # not tensors where tensors go: the checks below say so
                 hit = None
             if hit is not None and launch.no_launch_hooks():
                 return hit[0](x, bias, lora, hit[1])
-        act = _act_args(activation, activation_from, self.n if self.n > 0 else self.qw.qdata.shape[0], "PreparedLinear")
         if (self.kind is None or type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES
                 or x.device != self.device or x.dim() < 1 or x.shape[-1] != self.k
                 or (bias is not None and (bias.device != self.device or bias.shape != (self.n,)))
                 or (out_dtype is not None and out_dtype not in _FLOAT_DTYPES) or _compiling()
                 or (lora is not None and not self._lora_ok(x, lora))):
-            if self.kind is not None and ((out_dtype is not None and out_dtype != x.dtype) or lora is not None
-                                          or act[0]):
+            if self.kind is not None and ((out_dtype is not None and out_dtype != x.dtype) or lora is not None):
                 fn = int8_blockwise_linear if self.group else int8_linear
                 extra = {"group_size": self.group} if self.group else {"convrot_groupsize": self.convrot}
-                return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, lora=lora,
-                          activation=activation, activation_from=activation_from, **extra)
-            y = quantized_linear(x, self.qw, bias, path, activation=activation, activation_from=activation_from)
+                return fn(x, self.qw.qdata, self.qw.scale, bias, out_dtype=out_dtype, path=path, lora=lora, **extra)
+            y = quantized_linear(x, self.qw, bias, path)
             return y.to(out_dtype) if out_dtype is not None else y
         out_dtype_in = out_dtype
         out_dtype = out_dtype or x.dtype
@@ -448,23 +405,22 @@ class PreparedLinear:
             p = dispatch.resolve_path(path, "block" if self.group else "row", x.numel() // max(self.k, 1),
                                       self.device, self.n * self.k, x.dtype)
             if p == "cpu":
-                return reference.apply_activation(fb.cpu(x, bias, out_dtype), *act)
+                return fb.cpu(x, bias, out_dtype)
             if p == "dequant":
-                # x with its leading dims: F.linear takes them as the float model does
-                return reference.apply_activation(fb(x, bias, out_dtype), *act)
+                return fb(x, bias, out_dtype)  # x with its leading dims: F.linear takes them as the float model does
         x2 = _as_rows(x, self.k)
         lora_in = lora
         if lora is not None:
             lora = (lora[0].reshape(-1, lora[0].shape[-1]), lora[1])
         plans = self.plans
         if plans is None:
-            return self._run(x2, bias, path, out_dtype, lora, act).reshape(x.shape[:-1] + (self.n,))
+            return self._run(x2, bias, path, out_dtype, lora).reshape(x.shape[:-1] + (self.n,))
         # launch plans (launch.LaunchPlan): the second call of a shape records its launches, and from
         # the third on they are replayed; the key holds everything the launches depend on
         key = (x2.shape[0], x2.dtype, x2.stride(0), x2.data_ptr() & 15,
                None if bias is None else (bias.dtype, bias.data_ptr() & 15), path, out_dtype, launch.env_state(),
                torch.cuda.current_device(),
-               None if lora is None else (lora[0].shape[1], lora[0].data_ptr() & 15, lora[1].data_ptr() & 15), act)
+               None if lora is None else (lora[0].shape[1], lora[0].data_ptr() & 15, lora[1].data_ptr() & 15))
         plan = plans.get(key)
         if plan.__class__ is launch.LaunchPlan and launch.no_launch_hooks():
             shape = x.shape[:-1] + (self.n,)
@@ -472,7 +428,7 @@ class PreparedLinear:
                     lora is None or (type(lora[0]) is torch.Tensor and type(lora[1]) is torch.Tensor)):
                 if len(self.fast) >= 512:
                     self.fast.clear()
-                self.fast[_fast_key(x, bias, path, out_dtype_in, lora_in, activation, activation_from)] = (plan, shape)
+                self.fast[_fast_key(x, bias, path, out_dtype_in, lora_in)] = (plan, shape)
             return plan(x2, bias, lora, shape)
         if plan is None:
             if len(plans) >= 512:  # many shapes (e.g. varying prompt lengths): start over
@@ -480,10 +436,10 @@ class PreparedLinear:
             plans[key] = False  # seen once: the first call compiles and tunes
         elif plan is False and launch.plans_enabled() and not torch.cuda.is_current_stream_capturing():
             with launch.record_launches() as rec:
-                y = self._run(x2, bias, path, out_dtype, lora, act)
+                y = self._run(x2, bias, path, out_dtype, lora)
             plans[key] = self._checked_plan(rec, x2, y, bias, lora)
             return y.reshape(x.shape[:-1] + (self.n,))
-        return self._run(x2, bias, path, out_dtype, lora, act).reshape(x.shape[:-1] + (self.n,))
+        return self._run(x2, bias, path, out_dtype, lora).reshape(x.shape[:-1] + (self.n,))
 
     def _lora_ok(self, x: torch.Tensor, lora) -> bool:
         h, up = lora
@@ -494,12 +450,11 @@ class PreparedLinear:
                 and (h.dim() == 1 or h.is_contiguous()))
 
     def _run(self, x2: torch.Tensor, bias: Optional[torch.Tensor], path: Optional[str],
-             out_dtype: torch.dtype, lora=None, act: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+             out_dtype: torch.dtype, lora=None) -> torch.Tensor:
         if self.group:
             return dispatch.int8_blockwise_linear_2d(x2, self.qdata, self.scale, bias, self.group, out_dtype, path,
-                                                     None, lora, *act)
-        return dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, out_dtype, path, None, lora,
-                                       *act)
+                                                     None, lora)
+        return dispatch.int8_linear_2d(x2, self.qdata, self.scale, bias, self.convrot, out_dtype, path, None, lora)
 
     @staticmethod
     def _checked_plan(rec, x2: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor], lora=None):

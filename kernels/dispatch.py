@@ -128,31 +128,18 @@ def _lora_fusable(lora, be: str, p: str, x: torch.Tensor) -> bool:
     return lora is not None and be == "triton" and p in ("w8a8", "w8a16") and x.dtype != torch.float32
 
 
-def _post_activation(y: torch.Tensor, act: int, act_from: int) -> torch.Tensor:
-    """Where the kernel epilogue does not apply it: the activation on the rounded output (torch)."""
-    if not act:
-        return y
-    plan_unsafe()
-    return ref.apply_activation(y, act, act_from)
-
-
 def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    convrot_groupsize: int, out_dtype: torch.dtype, path: Optional[str] = None,
-                   backend: Optional[str] = None, lora=None, act: int = 0, act_from: int = 0) -> torch.Tensor:
+                   backend: Optional[str] = None, lora=None) -> torch.Tensor:
     """``lora``: None or (h [M, R], up [N, R]) with h = x · downᵀ, R a multiple of 16 (zero-padded):
     ``+ h · upᵀ`` is added in fp32 in the GEMM's epilogue on the Triton W8A8/W8A16 paths, after it
-    elsewhere. ``act`` (a ``reference.ACTIVATIONS`` code, 0: none) then applies to the output columns
-    from ``act_from`` on: in the epilogue of the Triton W8A8 kernels, after the call elsewhere."""
+    elsewhere."""
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
     p = resolve_path(path, "row", m, x.device, n * k, x.dtype)
     if be == "triton" and not gemm_supports(n, k):
         be = "torch"  # the GEMM kernels need N, K multiples of 16
-    if act and not (be == "triton" and p == "w8a8" and (lora is None or _lora_fusable(lora, be, p, x))):
-        return _post_activation(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be, lora),
-                                act, act_from)
-    fa = (act, act_from)
     if lora is not None and not _lora_fusable(lora, be, p, x):
         return with_lora(int8_linear_2d(x, qdata, w_scale, bias, convrot_groupsize, out_dtype, p, be), lora)
     if p == "cpu":
@@ -178,20 +165,19 @@ def int8_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor, 
             return launch_w8a16(x, qdata, w_scale, bias, 0, out_dtype, lora=lora)
         return ref.w8a16_mm(x, qdata, w_scale, bias, 0, out_dtype)
     if be == "triton" and not convrot_groupsize and m <= FUSED_ACT_MAX_M and env_get(FUSED_ENV, "1") != "0":
-        return launch_w8a8_fused(x, qdata, w_scale, bias, out_dtype, lora=lora, act=fa)  # one launch, same bits
+        return launch_w8a8_fused(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
     if (be == "triton" and not convrot_groupsize and m <= ONELAUNCH_MAX_M and n * k <= ONELAUNCH_MAX_NK
             and env_get(ONELAUNCH_ENV, "1") != "0" and not capturing()):
-        return launch_w8a8_onelaunch(x, qdata, w_scale, bias, out_dtype, lora=lora, act=fa)  # one launch, same bits
+        return launch_w8a8_onelaunch(x, qdata, w_scale, bias, out_dtype, lora=lora)  # one launch, same bits
     q, s = quantize_activations_2d(x, convrot_groupsize, 0, be, resolved=True)
     if be == "triton":
-        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, lora=lora, act=fa)
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, lora=lora)
     return ref.scaled_int8_mm(q, s, qdata, w_scale, bias, out_dtype)
 
 
 def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
                              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-                             path: Optional[str] = None, backend: Optional[str] = None, lora=None,
-                             act: int = 0, act_from: int = 0) -> torch.Tensor:
+                             path: Optional[str] = None, backend: Optional[str] = None, lora=None) -> torch.Tensor:
     m, k = x.shape
     n = qdata.shape[0]
     be = resolve_backend(x.device, backend)
@@ -200,9 +186,6 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
         be = "torch"
     if p == "cpu":
         p = "dequant"  # block-wise: see cpu_int8_chosen
-    if act and not (be == "triton" and p == "w8a8" and (lora is None or _lora_fusable(lora, be, p, x))):
-        return _post_activation(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be, lora),
-                                act, act_from)
     if lora is not None and not _lora_fusable(lora, be, p, x):
         return with_lora(int8_blockwise_linear_2d(x, qdata, w_scale, bias, group_size, out_dtype, p, be), lora)
     if p == "dequant" or be == "torch":
@@ -222,7 +205,7 @@ def int8_blockwise_linear_2d(x: torch.Tensor, qdata: torch.Tensor, w_scale: torc
         plan_unsafe()
         q, s = ref.quantize_activations(x, 0, group_size)
     if be == "triton":
-        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size, lora=lora, act=(act, act_from))
+        return launch_int8_gemm(q, s, qdata, w_scale, bias, out_dtype, group_size, lora=lora)
     return ref.blockwise_int8_mm(q, s, qdata, w_scale, bias, group_size, out_dtype)
 
 
@@ -260,15 +243,13 @@ def _lora_pair(h, up):
 @torch.library.custom_op("convert_to_quant::int8_linear", mutates_args=())
 def int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    convrot_groupsize: int, out_dtype: torch.dtype, path: str, backend: str,
-                   lora_h: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None,
-                   act: int = 0, act_from: int = 0) -> torch.Tensor:
+                   lora_h: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
     return int8_linear_2d(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, _opt(path), _opt(backend),
-                          _lora_pair(lora_h, lora_up), act, act_from)
+                          _lora_pair(lora_h, lora_up))
 
 
 @int8_linear_op.register_fake
-def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend, lora_h=None, lora_up=None,
-      act=0, act_from=0):
+def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend, lora_h=None, lora_up=None):
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
 
 
@@ -276,14 +257,13 @@ def _(x, qdata, weight_scale, bias, convrot_groupsize, out_dtype, path, backend,
 def int8_blockwise_linear_op(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor,
                              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype, path: str,
                              backend: str, lora_h: Optional[torch.Tensor] = None,
-                             lora_up: Optional[torch.Tensor] = None, act: int = 0, act_from: int = 0) -> torch.Tensor:
+                             lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
     return int8_blockwise_linear_2d(x, qdata, weight_scale, bias, group_size, out_dtype, _opt(path), _opt(backend),
-                                    _lora_pair(lora_h, lora_up), act, act_from)
+                                    _lora_pair(lora_h, lora_up))
 
 
 @int8_blockwise_linear_op.register_fake
-def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend, lora_h=None, lora_up=None, act=0,
-      act_from=0):
+def _(x, qdata, weight_scale, bias, group_size, out_dtype, path, backend, lora_h=None, lora_up=None):
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=out_dtype)
 
 

@@ -1048,15 +1048,13 @@ def _lora_args(lora, fallback: torch.Tensor):
 
 def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_size: int = 0,
-                     configs: Optional[List[GemmConfig]] = None, lora=None, act: Tuple[int, int] = (0, 0)
-                     ) -> torch.Tensor:
+                     configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """C = scaled int8 GEMM of row-contiguous ``qa`` [M,K] and ``qw`` [N,K].
 
     ``group_size`` 0: a_scale [M], w_scale scalar or [N] (int32 accumulation). ``group_size`` g:
     block-wise, a_scale [M, K/g] (best K-block-major, i.e. a transposed [K/g, M] buffer, as
     ``launch_act_quant(..., scale_k_major=True)`` makes), w_scale [ceil(N/g), K/g].
-    ``configs`` bypasses the tuner (tests, experiments). ``act`` = (kind, first column): the activation
-    applied in the epilogue (``ACTIVATIONS``; kind 0: none) to the output columns from that one on.
+    ``configs`` bypasses the tuner (tests, experiments).
     """
     m, k = qa.shape
     n = qw.shape[0]
@@ -1096,7 +1094,7 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
                  GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
                  WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
                  USE_TMA=tma, FLATTEN=cfg.persistent and cfg.flatten, EVEN_K=k % cfg.BK == 0,
-                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, ACT=act[0], ACT_FROM=act[1]),
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
     key = (group_size, m_bucket(m), n, k, out_dtype, bias is not None, ws_per_row, dev, lora_r)
@@ -1197,8 +1195,7 @@ def _w8a8_call(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, out_dty
 
 
 def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                      out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None,
-                      act: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+                      out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
     ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
     m, k, n, dev, c, ws_per_row, (lh, lu, lora_r, lora_ieee) = _w8a8_call(x, qw, w_scale, out_dtype, lora)
@@ -1211,8 +1208,7 @@ def launch_w8a8_fused(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, 
             tk.w8a8_fused_act_kernel, (grid,),
             (x, qw, c, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, x.stride(0)),
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
-                 EVEN_K=k % cfg.BK == 0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-                 ACT=act[0], ACT_FROM=act[1]),
+                 EVEN_K=k % cfg.BK == 0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
     key = ("w8a8_fused", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)
@@ -1278,8 +1274,7 @@ def _pow2_at_least(v: int) -> int:
 
 
 def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                          out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None,
-                          act: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+                          out_dtype: torch.dtype, configs: Optional[List[GemmConfig]] = None, lora=None) -> torch.Tensor:
     """W8A8 (per-token int8 activations, tensor-wise / per-row weight scales) in one launch:
     ``launch_act_quant`` + ``launch_int8_gemm`` bit for bit. x [M, K] rows with a unit last stride."""
     m, k, n, dev, c, ws_per_row, (lh, lu, lora_r, lora_ieee) = _w8a8_call(x, qw, w_scale, out_dtype, lora)
@@ -1309,7 +1304,7 @@ def launch_w8a8_onelaunch(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tens
              producers),
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None,
                  EVEN_K=k % cfg.BK == 0, FENCE=not interp, QR=qr, KC=kc, MT=mt2,
-                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, ACT=act[0], ACT_FROM=act[1]),
+                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
     key = ("w8a8_1l", m_bucket(m), n, k, x.dtype, out_dtype, bias is not None, ws_per_row, dev, lora_r)

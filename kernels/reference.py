@@ -57,33 +57,6 @@ def rotate_fast(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.bmm(hadamard(a, x.device).expand(z.shape[0], a, a), z).reshape(x.shape)
 
 
-# the pointwise activations a linear layer's epilogue can apply (``int8_linear(..., activation=)``):
-# name -> the kernels' ACT code. The Triton epilogue computes them on the fp32 output before its one
-# rounding; elsewhere ``apply_activation`` runs torch's own function on the rounded output, as the
-# unfused model does.
-ACTIVATIONS = {"gelu_tanh": 1, "gelu": 2, "silu": 3}
-
-
-def apply_activation(y: torch.Tensor, act: int, act_from: int = 0) -> torch.Tensor:
-    """``y`` (a fresh linear output [..., N]) with activation ``act`` (an ``ACTIVATIONS`` code; 0: none)
-    applied to its columns from ``act_from`` on, in place where it can be."""
-    if not act:
-        return y
-    if act == 1:
-        fn = lambda t: F.gelu(t, approximate="tanh")  # noqa: E731
-    elif act == 2:
-        fn = F.gelu
-    elif act == 3:
-        fn = F.silu
-    else:
-        raise ValueError(f"unknown activation code {act}")
-    if act_from <= 0:
-        return fn(y)
-    out = y.clone() if y.requires_grad else y
-    out[..., act_from:] = fn(y[..., act_from:])
-    return out
-
-
 def _round_int8(v: torch.Tensor) -> torch.Tensor:
     # clamp first, then round half to even (torch.round); identical to the kernels' magic-number rounding
     return torch.round(v.clamp(-QMAX, QMAX)).to(torch.int8)

@@ -361,35 +361,13 @@ def _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _activation(y, ACT: tl.constexpr):
-    """The pointwise activation that follows a linear layer, on the fp32 pre-rounding output:
-    ACT 1 tanh-approximated GELU, x · sigmoid(2u) = x / (1 + e^(-2u)) with u = sqrt(2/pi) (x + 0.044715 x^3)
-    (the same function as 0.5 x (1 + tanh u), without tanh's cancellation); 2 exact GELU,
-    0.5 x (1 + erf(x / sqrt 2)); 3 SiLU, x / (1 + e^-x)."""
-    if ACT == 1:
-        u2 = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-        return y / (1.0 + tl.exp(-u2))
-    elif ACT == 2:
-        return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    else:
-        return y / (1.0 + tl.exp(-y))
-
-
-@triton.jit
 def _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACT: tl.constexpr, ACT_FROM: tl.constexpr):
-    """The shared epilogue: + LoRA (fp32), + bias, the activation (``_activation``; ACT 0: none) on the
-    columns from ACT_FROM on, one rounding to the output dtype, masked store."""
+                LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The shared epilogue: + LoRA (fp32), + bias, one rounding to the output dtype, masked store."""
     if LORA_R > 0:
         out = _lora_epilogue(out, lh_ptr, lu_ptr, rm_safe, rn_safe, LORA_R, LORA_IEEE)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-    if ACT > 0:
-        if ACT_FROM > 0:
-            out = tl.where(rn[None, :] >= ACT_FROM, _activation(out, ACT), out)
-        else:
-            out = _activation(out, ACT)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -401,8 +379,7 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
                      BLOCKWISE: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr,
                      WS_TILE_SCALAR: tl.constexpr, MAGIC_CVT: tl.constexpr,
                      USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN_K: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                     ACT: tl.constexpr, ACT_FROM: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C[M,N] = epilogue(A[M,K] int8 · B[N,K]ᵀ int8); A, B, C row-contiguous (few arguments: the
     launch overhead of a Triton kernel grows with its argument count).
 
@@ -470,7 +447,7 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
         else:
             out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
         _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                    LORA_R, LORA_IEEE, HAS_BIAS, ACT, ACT_FROM)
+                    LORA_R, LORA_IEEE, HAS_BIAS)
 
 
 @triton.jit
@@ -486,8 +463,7 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                           LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FENCE: tl.constexpr,
                           QR: tl.constexpr, KC: tl.constexpr, MT: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                          ACT: tl.constexpr, ACT_FROM: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """W8A8 (per-token activations) in one launch: ``act_quant_kernel`` + ``int8_gemm_kernel`` bit for bit,
     with the activation quantization done once by the programs themselves.
 
@@ -561,8 +537,7 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         b_ptrs += BK
     a_s = tl.load(s_ptr + rm_safe, cache_modifier=".cg")
     out = _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW)
-    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS,
-                ACT, ACT_FROM)
+    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS)
     # ---- the last program out leaves the counters zeroed for the next launch on this stream
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == total - 1:
         mt = tl.arange(0, MT)
@@ -575,8 +550,7 @@ def w8a8_onelaunch_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
 def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, stride_xm,
                           LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr, WS_PER_ROW: tl.constexpr,
                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                          ACT: tl.constexpr, ACT_FROM: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """W8A8 in one launch for few tokens: each program quantizes its BM activation rows itself (a first
     pass over K for the per-token absmax, then the rows again, rounded to int8 in registers as the GEMM
     consumes them) instead of reading a separately quantized copy. Integers, scales and the epilogue
@@ -620,8 +594,7 @@ def w8a8_fused_act_kernel(x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         x_ptrs += BK
         b_ptrs += BK
     out = _rowwise_scales(acc, a_s, ws_ptr, rn_safe, WS_PER_ROW)
-    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS,
-                ACT, ACT_FROM)
+    _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N, LORA_R, LORA_IEEE, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])
