@@ -664,6 +664,42 @@ def quantize_to_file(sd: dict, fmt: str, gen_dev: str, name: str, tmp: str):
     return path, len(plan.quantized_layers())
 
 
+def host_profile(call, dev, name: str, steps: int, top: int) -> dict:
+    """Where a step's host (CPU) time goes: the time to *issue* one step with an idle GPU queue (no sync
+    inside; median of ``steps``) against the step's wall time, and cProfile's functions with the most
+    own time per step (cProfile slows Python down, so read those as shares, not absolute times)."""
+    import cProfile
+    import pstats
+    import torch
+    issue, wall = [], []
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(steps):
+            sync()
+            s = time.perf_counter()
+            call()
+            issue.append((time.perf_counter() - s) * 1e3)
+            sync()
+            wall.append((time.perf_counter() - s) * 1e3)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(steps):
+            call()
+        sync()
+        pr.disable()
+    st = pstats.Stats(pr)
+    total = sum(v[2] for v in st.stats.values()) / steps * 1e3
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = {"issue_ms": statistics.median(issue), "wall_ms": statistics.median(wall), "profiled_own_ms": total,
+           "top": [{"function": f"{os.path.basename(f)}:{line}:{fn}", "calls": v[1] / steps,
+                    "own_ms": v[2] / steps * 1e3, "cum_ms": v[3] / steps * 1e3} for (f, line, fn), v in rows]}
+    log(f"host profile {name}: issue {out['issue_ms']:.2f} ms / wall {out['wall_ms']:.2f} ms per step (idle queue "
+        f"at the start); cProfile own time {total:.2f} ms per step, top {top}:")
+    for r in out["top"]:
+        log(f"    {r['own_ms']:7.3f} ms own {r['cum_ms']:8.3f} cum {r['calls']:6.0f} calls  {r['function']}")
+    return out
+
+
 def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16", "int8")):
     """Times each (name, make) variant: ms/step, output, the profiled time split for ``split_names`` (and
     their compiled forms) and, where ``groups(obj)`` names block modules, per-block times (eager only)."""
@@ -687,6 +723,8 @@ def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16"
         extra = ""
         if name.replace(" compiled", "") in split_names and not args.no_split:
             splits[name] = profile_split(call, dev)
+        if getattr(args, "host_profile", 0) and name in ("bf16", "int8"):
+            host_profile(call, dev, name, max(args.steps, 3), args.host_profile)
         if groups is not None and "compiled" not in name:
             blocks[name] = block_times(groups(obj), call, dev, max(1, min(args.steps, 3)))
             extra = "  (one block: " + ", ".join(f"{k} {v:.2f} ms" for k, v in blocks[name].items()) + ")"
@@ -1014,6 +1052,9 @@ def main(argv=None) -> int:
                     help="text encoder: the loader's activations mode (bf16: W8A16, its default; int8: W8A8)")
     ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="flux / text encoder: for bf16 and int8, the host time to issue a step and the N Python "
+                         "functions with the most own time per step (cProfile)")
     ap.add_argument("--attention", choices=["default", "int8"], default="default",
                     help="wan: int8 adds a variant 'int8+attn8' (int8 weights + INT8 attention, the loader's "
                          "attention=int8 option) and a linear / attention / other split of the profiled steps")
