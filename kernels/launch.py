@@ -45,9 +45,8 @@ MAX_ROW_P = 32768  # the activation kernel keeps a (padded) row in registers; lo
 # H200 for rows up to 8192) and 0 (fp32 on the CUDA cores; fastest for 16384-long rows). The
 # interpreter, which has no exact bf16 dot, always uses 0. 3: g = 256 with 16-bit activations may also
 # take the dense-H kernel (triton_kernels.act_quant_rot_dense_kernel) and 5 the H_4 ⊗ H_64 kernel
-# (act_quant_rot_kron_kernel), 6 the same in two passes over chunks of a row (act_quant_rot_kron2_kernel),
-# tuned against the factored one.
-# Env CONVERT_TO_QUANT_ROT_IMPL forces one (3 / 5 / 6: that kernel where it applies, also in the interpreter).
+# (act_quant_rot_kron_kernel), tuned against the factored one.
+# Env CONVERT_TO_QUANT_ROT_IMPL forces one (3 / 5: that kernel where it applies, also in the interpreter).
 ROT_IMPL: Optional[int] = (int(os.environ["CONVERT_TO_QUANT_ROT_IMPL"])
                            if os.environ.get("CONVERT_TO_QUANT_ROT_IMPL") else None)
 
@@ -867,7 +866,7 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
         # needs >= 16 rows of groups per block; at most 16384 values per block (registers)
         dense, hd = [], None
         if convrot_groupsize == DENSE_ROT_G and ((not interp and x.dtype in (torch.bfloat16, torch.float16))
-                                                 or ROT_IMPL in (3, 5, 6)):
+                                                 or ROT_IMPL in (3, 5)):
             hd_dense = _hadamard(DENSE_ROT_G, x.device, h_dtype)
             rows = [r for r in (1, 2, 4, 8, 16) if r * p >= 16 * DENSE_ROT_G and r * p <= 16384][:2]
             dense = [C(r, 0, 0, w, 1, rot_impl=3) for r in rows for w in ([1] if interp else [4, 8, 16])]
@@ -881,25 +880,14 @@ def _act_launch(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor
             ksplit = [(r,) + _kron_split(k, p, r) for r in (1, 2, 4, 8, 16)]
             kron += [C(r, p1, p2, w, 1, ctas_per_sm=c, rot_impl=5) for r, p1, p2 in ksplit if p2
                      for w in ([1] if interp else [4, 8]) for c in ([2] if interp else [2, 4])][:2 if interp else 8]
-            # and the same in two passes over chunks of ch groups per row (rot_impl 6; BM rows, BN chunk
-            # columns): for rows of at least two chunks, where whole rows take many registers
-            gpr = p // DENSE_ROT_G
-            chunks = [(1, 2), (2, 1)] if interp else [(1, 16), (2, 8), (1, 32), (2, 16)]  # interpreter: any size
-            kron2 = [C(r, ch * DENSE_ROT_G, 0, w, 1, ctas_per_sm=c, rot_impl=6) for r, ch in chunks
-                     if 2 * ch <= gpr or interp or ROT_IMPL == 6 for w in ([1] if interp else [4, 8]) for c in ([1] if interp else [4])]
-            dense = {3: dense, 5: kron, 6: kron2}.get(ROT_IMPL, dense + kron + kron2)
+            dense = dense if ROT_IMPL == 3 else (kron if ROT_IMPL == 5 else dense + kron)
             hd = (hd_dense, hk)
         meta = _ACT_META[mkey] = (p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd)
     p, g1, g2, stage1, ieee, h1, h2, cands, dense, hd = meta
     if dense and mode == 0 and rowscale is None and not block_k:
-        cands = dense if ROT_IMPL in (3, 5, 6) else cands + dense
+        cands = dense if ROT_IMPL in (3, 5) else cands + dense
 
     def launch(cfg: GemmConfig) -> None:
-        if cfg.rot_impl == 6:
-            nprog = min(-(-m // cfg.BM), cfg.ctas_per_sm * _num_sms(x.device))
-            launch_kernel(tk.act_quant_rot_kron2_kernel, (nprog,), (x, out, scale, hd[1], k, x.stride(0), m),
-                          dict(CH=cfg.BN // DENSE_ROT_G, ROWS=cfg.BM, DOT_DTYPE=stage1, IEEE=ieee), cfg.num_warps, 1)
-            return
         if cfg.rot_impl == 5:
             nprog = min(-(-m // cfg.BM), cfg.ctas_per_sm * _num_sms(x.device))
             launch_kernel(tk.act_quant_rot_kron_kernel, (nprog,), (x, out, scale, hd[1], k, x.stride(0), m),

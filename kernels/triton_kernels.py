@@ -277,39 +277,6 @@ def act_quant_rot_kron_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: 
 
 
 @triton.jit(do_not_specialize=["M"])
-def act_quant_rot_kron2_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, CH: tl.constexpr,
-                               ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """``act_quant_rot_kron_kernel``'s rotation (the same group values, hence the same integers and
-    scales) for long rows, in two passes over chunks of CH 256-groups per row: the first rotates each
-    chunk only for the row's absmax, the second rotates it again and stores the integers. A program holds
-    one chunk of ROWS rows instead of whole rows (plus the next block) -- few registers, several programs
-    per SM -- and the second read of a row comes from L2, where the first left it moments before. Blocks of
-    ROWS rows, programs looping over them; columns past K are zero (and not stored)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    gi = tl.arange(0, ROWS * CH)
-    rloc = gi // CH
-    gcol = (gi % CH) * 256
-    d = tl.arange(0, 64)
-    h = tl.load(h_ptr + d[:, None] * 64 + d[None, :]).to(DOT_DTYPE)  # H_64 is symmetric
-    offs_r = tl.arange(0, ROWS)
-    for r0 in range(pid * ROWS, M, nprog * ROWS):
-        amax = tl.zeros((ROWS,), dtype=tl.float32)
-        for c0 in range(0, K, CH * 256):
-            x0, x1, x2, x3 = _kron_quarters(x_ptr, r0, M, K, stride_xm, rloc, c0 + gcol, d)
-            y0, y1, y2, y3, gmax = _kron_rotate(x0, x1, x2, x3, h, DOT_DTYPE, IEEE)
-            amax = _max_nan(amax, _absmax(tl.reshape(gmax, (ROWS, CH)), 1))
-        sc = _act_scale(amax)
-        inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
-        rows = r0 + offs_r
-        tl.store(s_ptr + rows, sc, mask=rows < M)
-        for c0 in range(0, K, CH * 256):
-            x0, x1, x2, x3 = _kron_quarters(x_ptr, r0, M, K, stride_xm, rloc, c0 + gcol, d)
-            y0, y1, y2, y3, gmax = _kron_rotate(x0, x1, x2, x3, h, DOT_DTYPE, IEEE)
-            _kron_store4(out_ptr, y0, y1, y2, y3, inv, r0, M, K, rloc, c0 + gcol, d, ROWS, CH)
-
-
-@triton.jit(do_not_specialize=["M"])
 def act_quant_rot_dense_kernel(x_ptr, out_ptr, s_ptr, h_ptr, K, stride_xm, M, P: tl.constexpr, G: tl.constexpr,
                                ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """``act_quant_kernel``'s MODE 0 for convrot with H_G as one dense tensor-core matmul per group

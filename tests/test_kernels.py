@@ -116,20 +116,15 @@ def test_h256_is_the_kronecker_product_of_h4_and_h64():
 @pytest.mark.skipif(not TRITON_OK, reason="triton unusable here")
 @pytest.mark.parametrize("m,k", [(37, 512), (5, 1024), (70, 768), (3, 4096), (9, 1280), (6, 3072)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("impl,kernel", [(3, "act_quant_rot_dense_kernel"), (5, "act_quant_rot_kron_kernel"),
-                                         (6, "act_quant_rot_kron2_kernel")])
+@pytest.mark.parametrize("impl,kernel", [(3, "act_quant_rot_dense_kernel"), (5, "act_quant_rot_kron_kernel")])
 def test_dense_hadamard_activation_kernel_matches_float64(m, k, dtype, impl, kernel, monkeypatch):
-    """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group),
+    """convrot g = 256 through ``act_quant_rot_dense_kernel`` (H_256 as one dense matmul per group) and
     ``act_quant_rot_kron_kernel`` (H_4 ⊗ H_64: a dot against H_64 per quarter of the groups, then H_4 as
-    signed sums) and ``act_quant_rot_kron2_kernel`` (the same in two passes over chunks of groups: absmax,
-    then rotate again and store; rows of one chunk, of several, a ragged last chunk), programs looping
-    over row blocks (padded columns, ragged last blocks; for the kron kernel also rows as two power-of-two
-    sets of groups: 768, 1280, 3072), in every config the kernel has for the shape (forced with ROT_IMPL
-    3 / 5 / 6, which the tuner otherwise weighs against the factored kernel): the
+    signed sums), programs looping over row blocks (padded columns, ragged last blocks; for the kron kernel
+    also rows as two power-of-two sets of groups: 768, 1280, 3072), in every config the kernel has for the
+    shape (forced with ROT_IMPL 3 / 5, which the tuner otherwise weighs against the factored kernel): the
     float64 integers except within fp32 noise of a .5 boundary, the reference's scales, the factored
     kernel's integers but for a few ties, and a NaN row's NaN scale."""
-    if impl == 6 and m > 10 and DEV.type == "cpu":
-        pytest.skip("the two-pass kernel is slow in the interpreter: its four small-M shapes cover it here")
     monkeypatch.setattr(launch, "_ACT_META", {})
     monkeypatch.setattr(launch, "ROT_IMPL", impl)
     names = []
