@@ -664,6 +664,14 @@ def quantize_to_file(sd: dict, fmt: str, gen_dev: str, name: str, tmp: str):
     return path, len(plan.quantized_layers())
 
 
+def _count(v: str) -> int:
+    """argparse type: a whole number >= 0."""
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def host_profile(call, dev, name: str, steps: int, top: int) -> dict:
     """Where a step's host (CPU) time goes: the time to *issue* one step with an idle GPU queue (no sync
     inside; median of ``steps``) against the step's wall time, and cProfile's functions with the most
@@ -723,7 +731,7 @@ def run_variants(args, mm, dev, variants, step, groups=None, split_names=("bf16"
         extra = ""
         if name.replace(" compiled", "") in split_names and not args.no_split:
             splits[name] = profile_split(call, dev)
-        if getattr(args, "host_profile", 0) and name in ("bf16", "int8"):
+        if args.host_profile and name in ("bf16", "int8"):
             host_profile(call, dev, name, max(args.steps, 3), args.host_profile)
         if groups is not None and "compiled" not in name:
             blocks[name] = block_times(groups(obj), call, dev, max(1, min(args.steps, 3)))
@@ -1052,7 +1060,7 @@ def main(argv=None) -> int:
                     help="text encoder: the loader's activations mode (bf16: W8A16, its default; int8: W8A8)")
     ap.add_argument("--te-layers", type=int, default=4, help="--text-encoder: encoder layers (T5-XXL: 24)")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled linear / rest time split")
-    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+    ap.add_argument("--host-profile", type=_count, default=0, metavar="N",
                     help="flux / text encoder: for bf16 and int8, the host time to issue a step and the N Python "
                          "functions with the most own time per step (cProfile)")
     ap.add_argument("--attention", choices=["default", "int8"], default="default",
