@@ -7,7 +7,9 @@ its own CUDA graph over enough distinct weights to miss the L2 cache (consecutiv
 * ``bf16``: ``F.linear`` (cuBLAS);
 * ``act``: the activation quantization alone (``launch_act_quant``);
 * ``w8a16 <cfg>``: ``launch_w8a16`` with each candidate config, forced;
-* ``gemm <cfg>``: the W8A8 GEMM alone on pre-quantized rows (``launch_int8_gemm``), each config;
+* ``gemm <cfg>``: the W8A8 GEMM alone on pre-quantized rows (``launch_int8_gemm``), each config and each
+  stream-K twin the tuner would consider at the shape (``/strk``: checked bit for bit against the tuned
+  GEMM 50 times, as the one-launch kernel is);
 * ``1l <cfg>``: W8A8 in one launch (``launch_w8a8_onelaunch``), each config;
 * ``fused <cfg>``: ``launch_w8a8_fused``.
 
@@ -30,8 +32,14 @@ SHAPES = {
     "m1": (1, 3072, 3072), "m16": (16, 3072, 3072), "m64": (64, 3072, 3072), "m128": (128, 3072, 3072),
     "m256": (256, 3072, 3072), "m512": (512, 3072, 3072), "m1024": (1024, 3072, 3072),
     "t5_ffn": (512, 4096, 10240), "t5_ffn_down": (512, 10240, 4096),
+    # Flux-dev at 1024^2 (4,096 image + 512 text tokens): the per-call shapes and a block's other linears
+    "flux_qkv": (4608, 3072, 9216), "flux_mlp_up": (4608, 3072, 12288), "flux_mlp_down": (4608, 12288, 3072),
+    "flux_linear2": (4608, 15360, 3072), "flux_img_proj": (4096, 3072, 3072), "flux_txt_proj": (512, 3072, 3072),
+    "flux_txt_mlp_down": (512, 12288, 3072),
+    # Flux's modulation layers (one token: the conditioning vector): double blocks' img_mod / txt_mod, single blocks'
+    "flux_mod": (1, 3072, 18432), "flux_single_mod": (1, 3072, 9216),
 }
-DRY_SHAPES = {"m24": (24, 128, 96)}
+DRY_SHAPES = {"m24": (24, 288, 96)}  # K: 9 interpreter K steps, enough for a stream-K twin
 
 
 def log(*a):
@@ -66,6 +74,25 @@ def graph_us(fn, layers: int, reps: int = 4, replays: int = 20) -> float:
     return ts[len(ts) // 2]
 
 
+def eager_us(fn, layers: int, reps: int = 4, rounds: int = 9) -> float:
+    """µs per call of ``layers * reps`` back-to-back calls between two CUDA events, median over rounds."""
+    for i in range(layers):
+        fn(i)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(rounds):
+        a.record()
+        for _ in range(reps):
+            for i in range(layers):
+                fn(i)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / (layers * reps))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.double()
     if not torch.isfinite(out).all():
@@ -79,6 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one tiny shape")
     ap.add_argument("--only", default="", help="comma list of variant families to run (bf16,act,w8a16,gemm,1l,fused)")
     ap.add_argument("--ncu", default="", help="run this one variant eagerly a few times (for ncu) and exit")
+    ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
+                    help="graph: CUDA-graph replay (GPU only); eager: back-to-back calls between two events "
+                         "(for shapes whose calls take 100s of us, where the host runs ahead; no graph-capture "
+                         "memsets for the zeroed workspaces)")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -119,7 +150,8 @@ def main(argv=None) -> int:
                 variants[f"w8a16 {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_w8a16(x, qd[i], sc[i], None, 0, dtype, configs=[c]), ref16, 1e-2)
         if only is None or "gemm" in only:
-            for cfg in L._W8A8_CONFIGS.get(arch, L._W8A8_CONFIGS["sm80"]):
+            cfgs = L._W8A8_CONFIGS.get(arch, L._W8A8_CONFIGS["sm80"])
+            for cfg in L._stream_k_twins(cfgs, m, n, k, L._num_sms(dev)):
                 variants[f"gemm {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_int8_gemm(qa, a_s, qd[i], sc[i], None, dtype, configs=[c]), ref88, 1e-2)
         if only is None or "1l" in only:
@@ -148,13 +180,14 @@ def main(argv=None) -> int:
                             failures.append(f"{name} {vname}: rel err {e:.3g} > {tol}")
                             log(f"   FAIL {vname}: rel err {e:.3g}")
                             break
-                if vname.startswith("1l"):  # the two-launch W8A8's bits, always (a race would move them)
+                if vname.startswith("1l") or vname.endswith("/strk"):  # the two-launch W8A8's bits, always (a race would move them)
                     exact = L.launch_int8_gemm(qa, a_s, qd[0], sc[0], None, dtype)
                     bad = sum(not torch.equal(fn(0), exact) for _ in range(3 if args.dry_run else 50))
                     if bad:
                         failures.append(f"{name} {vname}: {bad} calls differ from the two-launch bits")
                         log(f"   FAIL {vname}: {bad} calls differ from the two-launch bits")
-                t = float("nan") if args.dry_run else graph_us(fn, count)
+                t = (float("nan") if args.dry_run else eager_us(fn, count) if args.timing == "eager"
+                     else graph_us(fn, count))
             except Exception as ex:  # a config that does not compile here is not a result
                 log(f"   {vname}: {type(ex).__name__}: {str(ex).splitlines()[0][:100] if str(ex) else ''}")
                 continue

@@ -227,6 +227,98 @@ def test_w8a8_gemm_configs_persistent_and_uneven_k(backend):
     assert rel(out16, want) < 6e-3
 
 
+@pytest.mark.parametrize("m,k,ctas", [(37, 272, 1), (16, 256, 1), (100, 320, 2), (37, 96, 2)])
+def test_w8a8_stream_k_equals_tile_per_program(m, k, ctas):
+    """Stream-K (the partial last wave's K steps shared by every program, partial int32 sums met through
+    integer atomics, the last program of a tile finishing it) gives the bits of one program per tile:
+    tiles split over 2-3 programs, a program ending one tile and starting the next, fewer tiles than programs,
+    K not a multiple of BK, K shorter than one program's share, bias and a LoRA epilogue; against float64;
+    the zeroed workspace is left zeroed."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    qw = to_dev(Int8Tensorwise.quantize(weight(k=k, seed=71), Int8Tensorwise.Params("row")))
+    x = act(m=m, k=k, seed=72)
+    qa, sa = K.quantize_activations(x)
+    bias = torch.randn(N, generator=gen(73)).to(DEV)
+    r = 16
+    h = (torch.randn(m, r, generator=gen(74)) * 0.3).to(DEV, torch.bfloat16)
+    up = (torch.randn(N, r, generator=gen(75)) * 0.5).to(DEV, torch.bfloat16)
+    base = launch._W8A8_CONFIGS["interp"][0] if DEV.type == "cpu" else GemmConfig(64, 32, 32, 4, 3)
+    plain = replace(base, persistent=True, ctas_per_sm=ctas)
+    progs = launch._num_sms(DEV) * ctas
+    assert launch.stream_k_tail(plain, m, N, progs) > 0  # the shapes leave a partial wave
+    want = ((qa.double().cpu() @ qw.qdata.double().cpu().T) * sa.double().cpu().reshape(-1, 1)
+            * qw.scale.double().cpu().reshape(1, -1) + bias.double().cpu())
+    for lora in (None, (h, up)):
+        ref = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias, torch.float32,
+                                      configs=[plain], lora=lora)
+        for cfg in (replace(plain, stream_k=True), replace(plain, stream_k=True, flatten=False)):
+            out = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias, torch.float32,
+                                          configs=[cfg], lora=lora)
+            assert torch.equal(out, ref), (cfg.short(), m, k, lora is None)
+        if lora is None:
+            assert rel(ref, want) < 1e-6
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+        for buf in launch._ZEROED.values():
+            assert buf is None or not buf.any()
+
+
+@pytest.mark.gpu
+def test_stream_k_under_plans_streams_and_graphs(monkeypatch):
+    """Stream-K GEMMs as the loader runs them: chosen by the tuner, recorded and replayed as launch plans
+    (the zeroed workspace looked up per stream at replay), on a second stream, and captured in a CUDA graph;
+    the bits of one program per tile every time, the workspace left zeroed."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    arch = launch.arch_of(DEV)
+    sk = GemmConfig(128, 128, 128, 4, 3, persistent=True, tma=2 if arch == "sm90" else 0, ctas_per_sm=2,
+                    stream_k=True)
+    monkeypatch.setitem(launch._W8A8_CONFIGS, arch, [sk])
+    monkeypatch.setattr(launch.TUNER, "choice", {})
+    monkeypatch.setenv(K.PATH_ENV, "w8a8")
+    n, k = 384, 1152  # 9 K steps of 128
+    qw = to_dev(Int8Tensorwise.quantize(weight(n=n, k=k, seed=81), Int8Tensorwise.Params("row")))
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    run = K.prepare_linear(qw, DEV)
+    plans_before = launch.LAUNCH_STATS["plan"]
+    for m in (4100, 33000):  # all tiles in the tail (99 < 264 programs); three waves and a tail
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        qa, sa = K.quantize_activations(x)
+        want = launch.launch_int8_gemm(qa, sa.reshape(-1), qw.qdata, qw.scale.reshape(-1), bias, torch.bfloat16,
+                                       configs=[replace(sk, stream_k=False)])
+        for _ in range(5):  # tune, record + check, replay ...
+            assert torch.equal(run(x, bias), want), m
+        s2 = torch.cuda.Stream()
+        s2.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s2):
+            outs = [run(x, bias) for _ in range(3)]
+        torch.cuda.current_stream().wait_stream(s2)
+        assert all(torch.equal(o, want) for o in outs), m
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = run(x, bias)
+        for _ in range(3):
+            y.zero_()
+            g.replay()
+            assert torch.equal(y, want), m
+    torch.cuda.synchronize()
+    assert launch.LAUNCH_STATS["plan"] - plans_before >= 4, "plans were not replayed"
+    assert any(c.stream_k for c in launch.TUNER.choice.values())
+    for buf in launch._ZEROED.values():
+        assert buf is None or not buf.any()
+
+
+def test_stream_k_twins_only_where_a_wave_is_partial():
+    cfg = GemmConfig(128, 128, 128, 4, 3, persistent=True, ctas_per_sm=2)
+    # Flux mlp_down on 132 SMs: 36 x 24 = 864 tiles = 3 waves of 264 + 72
+    assert launch.stream_k_tail(cfg, 4608, 3072, 264) == 72
+    twins = launch._stream_k_twins([cfg, GemmConfig(64, 64, 128, 4, 4)], 4608, 3072, 12288, 132)
+    assert [c.stream_k for c in twins] == [False, True, False]
+    assert launch._stream_k_twins([cfg], 4224, 4096, 12288, 132) == [cfg]  # 33 x 32 = 1056 = 4 full waves
+    assert launch._stream_k_twins([cfg], 4608, 3072, 512, 132) == [cfg]  # 4 K steps: nothing worth splitting
+
+
 def _card_configs_and_twins(table):
     """(GEMM configs with their unflattened twins, token counts) to check: on a GPU every config of the
     card's list, at M and at 300 tokens (several row tiles); on CPU the interpreter's config, persistent
@@ -693,6 +785,50 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
                                      configs=[cfg])
             refb = xb.double().cpu() @ deq.T + bias.to(torch.bfloat16).double().cpu()
             assert yb.dtype == torch.bfloat16 and rel(yb, refb) < 6e-3, cfg.short()
+
+
+@pytest.mark.parametrize("kind", ["row", "tensor", "block"])
+def test_w8a16_gemv_kernel_matches_float64(kind):
+    """w8a16_gemv_kernel (1-4 tokens on CUDA cores): every scale mode, 1 to 4 tokens in buckets of 1, 2 and
+    4, bias or not, a LoRA pair, ragged N, K not a multiple of BK (block-wise K must be), fp32 and bf16
+    activations and outputs, against float64; on a GPU the tuner offers it for M <= 4."""
+    if not TRITON_OK:
+        pytest.skip("triton unusable here")
+    k = 256 if kind == "block" else 200
+    w = weight(k=k, seed=61)
+    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if kind == "block"
+                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params(kind)))
+    group = 32 if kind == "block" else 0
+    scale = qw.scale if group else qw.scale.reshape(-1)
+    bias = torch.randn(N, generator=gen(62)).to(DEV)
+    r = 16
+    up = (torch.randn(N, r, generator=gen(63)) * 0.5).to(DEV)
+    deq = qw.dequantize().double().cpu()
+    for m in (1, 2, 3, 4):
+        ms = launch.m_bucket(m)
+        cfgs = [GemmConfig(ms, 16, 32 if group else 64, 4, 1, gemv=True), GemmConfig(ms, 8, 32, 4, 1, gemv=True)]
+        if DEV.type == "cuda":
+            cands = launch._w8a16_configs(launch.arch_of(DEV), m)
+            assert any(c.gemv and c.BM == ms for c in cands)
+        x = act(m=m, k=k, dtype=torch.float32, seed=60 + m)
+        h = (torch.randn(m, r, generator=gen(64)) * 0.3).to(DEV)
+        for cfg in cfgs:
+            for b in (None, bias):
+                for lora in (None, (h, up)):
+                    ref = x.double().cpu() @ deq.T
+                    if b is not None:
+                        ref = ref + b.double().cpu()
+                    if lora is not None:
+                        ref = ref + h.double().cpu() @ up.double().cpu().T
+                    y = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg], lora=lora)
+                    assert y.shape == (m, N) and rel(y, ref) < 1e-5, (cfg.short(), m, b is None, lora is None)
+            xb = x.to(torch.bfloat16)
+            yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.float32,
+                                     configs=[cfg])
+            refb = xb.double().cpu() @ deq.T + bias.to(torch.bfloat16).double().cpu()
+            assert rel(yb, refb) < 1e-5, cfg.short()  # bf16 x int8 products are exact, fp32 sums
+            yb16 = launch.launch_w8a16(xb, qw.qdata, scale, None, group, torch.bfloat16, configs=[cfg])
+            assert yb16.dtype == torch.bfloat16 and rel(yb16, xb.double().cpu() @ deq.T) < 6e-3
 
 
 # ------------------------------------------------------------------------------------------------
