@@ -7,9 +7,7 @@ its own CUDA graph over enough distinct weights to miss the L2 cache (consecutiv
 * ``bf16``: ``F.linear`` (cuBLAS);
 * ``act``: the activation quantization alone (``launch_act_quant``);
 * ``w8a16 <cfg>``: ``launch_w8a16`` with each candidate config, forced;
-* ``gemm <cfg>``: the W8A8 GEMM alone on pre-quantized rows (``launch_int8_gemm``), each config and each
-  stream-K twin the tuner would consider at the shape (``/strk``: checked bit for bit against the tuned
-  GEMM 50 times, as the one-launch kernel is);
+* ``gemm <cfg>``: the W8A8 GEMM alone on pre-quantized rows (``launch_int8_gemm``), each config;
 * ``1l <cfg>``: W8A8 in one launch (``launch_w8a8_onelaunch``), each config;
 * ``fused <cfg>``: ``launch_w8a8_fused``.
 
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {
-    "m1": (1, 3072, 3072), "m16": (16, 3072, 3072), "m64": (64, 3072, 3072), "m128": (128, 3072, 3072),
+    "m1": (1, 3072, 3072), "m2": (2, 3072, 3072), "m4": (4, 3072, 3072), "m16": (16, 3072, 3072), "m64": (64, 3072, 3072), "m128": (128, 3072, 3072),
     "m256": (256, 3072, 3072), "m512": (512, 3072, 3072), "m1024": (1024, 3072, 3072),
     "t5_ffn": (512, 4096, 10240), "t5_ffn_down": (512, 10240, 4096),
     # Flux-dev at 1024^2 (4,096 image + 512 text tokens): the per-call shapes and a block's other linears
@@ -150,8 +148,7 @@ def main(argv=None) -> int:
                 variants[f"w8a16 {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_w8a16(x, qd[i], sc[i], None, 0, dtype, configs=[c]), ref16, 1e-2)
         if only is None or "gemm" in only:
-            cfgs = L._W8A8_CONFIGS.get(arch, L._W8A8_CONFIGS["sm80"])
-            for cfg in L._stream_k_twins(cfgs, m, n, k, L._num_sms(dev)):
+            for cfg in L._W8A8_CONFIGS.get(arch, L._W8A8_CONFIGS["sm80"]):
                 variants[f"gemm {cfg.short()}"] = (
                     lambda i, c=cfg: L.launch_int8_gemm(qa, a_s, qd[i], sc[i], None, dtype, configs=[c]), ref88, 1e-2)
         if only is None or "1l" in only:
@@ -180,7 +177,7 @@ def main(argv=None) -> int:
                             failures.append(f"{name} {vname}: rel err {e:.3g} > {tol}")
                             log(f"   FAIL {vname}: rel err {e:.3g}")
                             break
-                if vname.startswith("1l") or vname.endswith("/strk"):  # the two-launch W8A8's bits, always (a race would move them)
+                if vname.startswith("1l"):  # the two-launch W8A8's bits, always (a race would move them)
                     exact = L.launch_int8_gemm(qa, a_s, qd[0], sc[0], None, dtype)
                     bad = sum(not torch.equal(fn(0), exact) for _ in range(3 if args.dry_run else 50))
                     if bad:

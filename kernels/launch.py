@@ -160,16 +160,13 @@ class GemmConfig:
     # cannot prefetch the next tile during the epilogue, but the epilogue's shared memory reuses the
     # K loop's buffers): the tuner's twins (``_unflattened_twins``)
     flatten: bool = True
-    # persistent W8A8 (tensor-wise / per-row) only: the partial last wave's K steps shared out over all
-    # programs (``int8_gemm_kernel``'s STREAM_K); the tuner's twins (``_stream_k_twins``)
-    stream_k: bool = False
 
     def short(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK}/w{self.num_warps}s{self.num_stages}"
         s += ("", "/tmah", "/tma")[self.tma] + (f"/pers{self.ctas_per_sm}" if self.persistent else "")
         return (s + ("" if self.magic_cvt else "/i2f") + (f"/sk{self.split_k}" if self.split_k > 1 else "")
                 + (f"/rot{self.rot_impl}" if self.rot_impl else "") + ("/swap" if self.swap else "") + ("/gemv" if self.gemv else "")
-                + ("" if self.flatten or not self.persistent else "/nofl") + ("/strk" if self.stream_k else ""))
+                + ("" if self.flatten or not self.persistent else "/nofl"))
 
 
 C = GemmConfig
@@ -305,25 +302,6 @@ def _unflattened_twins(cands: List[GemmConfig], first: bool = True) -> List[Gemm
     for cfg in cands:
         twin = [replace(cfg, flatten=False)] if cfg.persistent and cfg.flatten else []
         out += twin + [cfg] if first else [cfg] + twin
-    return out
-
-
-def stream_k_tail(cfg: GemmConfig, m: int, n: int, programs: int) -> int:
-    """How many output tiles ``cfg`` leaves to the stream-K phase with ``programs`` programs."""
-    return (_cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)) % programs
-
-
-def _stream_k_twins(cands: List[GemmConfig], m: int, n: int, k: int, sms: int) -> List[GemmConfig]:
-    """Each persistent config followed by its stream-K twin, where that changes something: the tiles do not
-    fill the last wave (``tiles % programs``), and each tile has enough K steps to split (at least 8).
-    H200 (docs/KERNELS.md, round 11): the tuner picks between them per shape."""
-    out = []
-    for cfg in cands:
-        out.append(cfg)
-        progs = sms * cfg.ctas_per_sm
-        if (cfg.persistent and not cfg.stream_k and _cdiv(k, cfg.BK) >= 8
-                and stream_k_tail(cfg, m, n, progs)):
-            out.append(replace(cfg, stream_k=True))
     return out
 
 
@@ -1106,24 +1084,8 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
 
     def launch(cfg: GemmConfig) -> None:
         grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
-        cnt = part = w_scale
-        stream_k = cfg.stream_k and cfg.persistent and not blockwise
         if cfg.persistent:
-            progs = _num_sms(dev) * cfg.ctas_per_sm
-            if stream_k:
-                tail = stream_k_tail(cfg, m, n, progs)
-                if not tail:
-                    stream_k = False
-                else:  # every program runs: the tail's K steps are shared by all of them
-                    grid = progs
-                    part = torch.empty(((tail + progs) * cfg.BM * cfg.BN,), dtype=torch.int32, device=dev)
-                    if dev.type == "cuda":
-                        if _capturing():
-                            plan_unsafe()  # the graph's own zeroed counters: not something a plan can replay
-                        cnt = zeroed_workspace(dev.index, _raw_stream(dev.index), 4 * tail)
-                    else:
-                        cnt = torch.zeros(tail, dtype=torch.int32, device=dev)
-            grid = min(grid, progs)
+            grid = min(grid, _num_sms(dev) * cfg.ctas_per_sm)
         tma = cfg.tma if use_tma_ok else 0
         if tma == 1:
             if TensorDescriptor is None:
@@ -1136,12 +1098,11 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
                 _ensure_allocator()
         launch_kernel(
             tk.int8_gemm_kernel, (grid,),
-            (a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, lh, lu, cnt, part, m, n, k, grid),
+            (a_arg, b_arg, c, a_scale, w_scale, w_scale if bias is None else bias, lh, lu, m, n, k, grid),
             dict(LORA_R=lora_r, LORA_IEEE=lora_ieee, WS_PER_ROW=ws_per_row, HAS_BIAS=bias is not None, BLOCKWISE=blockwise,
                  GROUP_K=max(group_size, 1), GROUP_N=max(group_size, 1),
                  WS_TILE_SCALAR=blockwise and group_size % cfg.BN == 0, MAGIC_CVT=cfg.magic_cvt,
                  USE_TMA=tma, FLATTEN=cfg.persistent and cfg.flatten, EVEN_K=k % cfg.BK == 0,
-                 STREAM_K=stream_k, FENCE=dev.type == "cuda",
                  BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M),
             cfg.num_warps, cfg.num_stages)
 
@@ -1154,8 +1115,6 @@ def launch_int8_gemm(qa: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, 
         cands = [cfg for cfg in allc if _fits_gemm(cfg, m, n, k)] or allc[-1:]
         if blockwise:  # BK must divide the scale block: shrink it (never grow) for smaller groups
             cands = [replace(cfg, BK=_largest_pow2_divisor(group_size, cfg.BK)) for cfg in cands]
-        else:
-            cands = _stream_k_twins(cands, m, n, k, _num_sms(dev))
         return _unflattened_twins(cands, first=lora_r > 0)
 
     TUNER.run(key, candidates, launch, configs)

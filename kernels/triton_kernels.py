@@ -372,42 +372,13 @@ def _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, 
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
-def _int8_k_steps(a_desc, b_desc, off_m, off_n, rm_safe, rn_safe, K, k0, k1,
-                  USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """int32 sum over K steps [k0, k1) of one output tile (A, B row-contiguous int8, or TMA descriptors)."""
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    rk = tl.arange(0, BK)
-    if USE_TMA == 0:
-        a_ptrs = a_desc + rm_safe.to(tl.int64)[:, None] * K + (k0 * BK + rk)[None, :]
-        b_ptrs = b_desc + rn_safe.to(tl.int64)[:, None] * K + (k0 * BK + rk)[None, :]
-    for ki in range(k0, k1):
-        if USE_TMA > 0:
-            a = a_desc.load([off_m, ki * BK])
-            b = b_desc.load([off_n, ki * BK])
-        else:
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                kmask = rk[None, :] < K - ki * BK
-                a = tl.load(a_ptrs, mask=kmask, other=0)
-                b = tl.load(b_ptrs, mask=kmask, other=0)
-            a_ptrs += BK
-            b_ptrs += BK
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "num_programs"])  # one compile serves every token count
-def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, cnt_ptr, part_ptr, M, N, K,
-                     num_programs,
+def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, N, K, num_programs,
                      LORA_R: tl.constexpr, LORA_IEEE: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCKWISE: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr,
                      WS_TILE_SCALAR: tl.constexpr, MAGIC_CVT: tl.constexpr,
                      USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN_K: tl.constexpr,
-                     STREAM_K: tl.constexpr, FENCE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C[M,N] = epilogue(A[M,K] int8 · B[N,K]ᵀ int8); A, B, C row-contiguous (few arguments: the
     launch overhead of a Triton kernel grows with its argument count).
@@ -416,17 +387,6 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
     Block-wise: for each BK slice in K block kb = k // GROUP_K,
         acc += f32(slice int32) · (a_s[kb, m] · w_s[n // GROUP_N, kb]),  C = acc (+ bias),
     with a_s stored K-block-major [K/G, M] (contiguous loads along M) and w_s [ceil(N/G), K/G].
-
-    STREAM_K (persistent, tensor-wise / per-row only): the last ``tiles % num_programs`` tiles -- the
-    partial last wave, or every tile when there are fewer tiles than programs -- are not given to one
-    program each; their K steps are shared out evenly, ``ceil(tail K steps / num_programs)`` per program
-    (contiguous, crossing tile boundaries). A program that computes only part of a tile stores its int32
-    partial sum in its own slot of ``part_ptr`` and counts itself in the tile's counter (``cnt_ptr``);
-    the one that counts last adds the others' slots (exact: integers), applies the epilogue and puts the
-    counter back to zero, so nobody waits on anybody. ``cnt_ptr`` int32 [tail tiles], zero at launch
-    and left zero; ``part_ptr`` int32 [tail tiles + num_programs, BM, BN], no initial value needed.
-    (Integer atomics into one zeroed slot per tile were tried first: H200, 25-60 us slower per call at
-    Flux shapes than these plain stores and loads; docs/KERNELS.md, round 11.)
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -437,15 +397,10 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
     if USE_TMA == 2:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
-    else:
+    elif USE_TMA == 1:
         a_desc = a_ptr
         b_desc = b_ptr
-    if STREAM_K:
-        sk_tiles = num_tiles % num_programs
-    else:
-        sk_tiles = 0
-    dp_tiles = num_tiles - sk_tiles
-    for tile in tl.range(pid, dp_tiles, num_programs, flatten=FLATTEN):
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
@@ -493,46 +448,6 @@ def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, lh_ptr, lu_p
             out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
         _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
                     LORA_R, LORA_IEEE, HAS_BIAS)
-    if STREAM_K:
-        total_it = sk_tiles * k_tiles
-        per_prog = tl.cdiv(total_it, num_programs)
-        it = pid * per_prog
-        end = tl.minimum(it + per_prog, total_it)
-        offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        while it < end:
-            s = it // k_tiles
-            k0 = it - s * k_tiles
-            k1 = tl.minimum(k_tiles, k0 + end - it)
-            pid_m, pid_n = _tile_coords(dp_tiles + s, num_pid_m, num_pid_n, GROUP_M)
-            rm = pid_m * BM + tl.arange(0, BM)
-            rn = pid_n * BN + tl.arange(0, BN)
-            rm_safe = tl.where(rm < M, rm, 0)
-            rn_safe = tl.where(rn < N, rn, 0)
-            acc = _int8_k_steps(a_desc, b_desc, pid_m * BM, pid_n * BN, rm_safe, rn_safe, K, k0, k1,
-                                USE_TMA, EVEN_K, BM, BN, BK)
-            last = k1 - k0 == k_tiles
-            if k1 - k0 < k_tiles:  # a shared tile: store the partial, the last of its programs finishes it
-                first = (s * k_tiles) // per_prog
-                owners = ((s + 1) * k_tiles - 1) // per_prog - first + 1
-                base = s + first  # the tile's slots: base .. base + owners - 1 (tiles' ranges never overlap)
-                tl.store(part_ptr + (base + pid - first).to(tl.int64) * (BM * BN) + offs, acc)
-                if FENCE:
-                    _fence_gpu(s)
-                tl.debug_barrier()
-                last = tl.atomic_add(cnt_ptr + s, 1, sem="acq_rel") == owners - 1
-                if last:
-                    if FENCE:
-                        _fence_gpu(s)
-                    for j in range(owners):
-                        if j != pid - first:
-                            acc += tl.load(part_ptr + (base + j).to(tl.int64) * (BM * BN) + offs,
-                                           cache_modifier=".cg")
-                    tl.atomic_xchg(cnt_ptr + s, 0, sem="relaxed")
-            if last:
-                out = _rowwise_scales(acc, tl.load(as_ptr + rm_safe), ws_ptr, rn_safe, WS_PER_ROW)
-                _store_tile(out, c_ptr, bias_ptr, lh_ptr, lu_ptr, rm, rn, rm_safe, rn_safe, M, N,
-                            LORA_R, LORA_IEEE, HAS_BIAS)
-            it += k1 - k0
 
 
 @triton.jit
