@@ -670,6 +670,17 @@ def w8a16_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
         tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
+@triton.jit
+def _scale_weight_rows(acc, ws_ptr, rn_safe, WS_MODE: tl.constexpr):
+    """acc [BN weight rows, tokens] times the per-row (WS_MODE 1) or tensor-wise (0) weight scale; block-wise
+    scales (2) were applied per K block."""
+    if WS_MODE == 1:
+        return acc * tl.load(ws_ptr + rn_safe)[:, None]
+    if WS_MODE == 0:
+        return acc * tl.load(ws_ptr)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                       M, N, K, stride_am,
@@ -723,10 +734,7 @@ def w8a16_swap_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr,
                 acc = tl.dot(w, at, acc)
         a_ptrs += BK
         b_ptrs += BK
-    if WS_MODE == 1:
-        acc = acc * tl.load(ws_ptr + rn_safe)[:, None]
-    elif WS_MODE == 0:
-        acc = acc * tl.load(ws_ptr)
+    acc = _scale_weight_rows(acc, ws_ptr, rn_safe, WS_MODE)
     if LORA_R > 0:  # Cᵀ += up[rn, :R] · h[rm, :R]ᵀ
         rr = tl.arange(0, LORA_R)
         h = tl.load(lh_ptr + rm_safe.to(tl.int64)[:, None] * LORA_R + rr[None, :])
@@ -772,10 +780,7 @@ def w8a16_gemv_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, lh_ptr, lu_ptr, M, 
         else:
             acc += part
         b_ptrs += BK
-    if WS_MODE == 1:
-        acc = acc * tl.load(ws_ptr + rn_safe)[:, None]
-    elif WS_MODE == 0:
-        acc = acc * tl.load(ws_ptr)
+    acc = _scale_weight_rows(acc, ws_ptr, rn_safe, WS_MODE)
     cm = tl.where(cols < M, cols, 0)
     if LORA_R > 0:  # Cᵀ += up[rn, :R] · h[m, :R]ᵀ, in fp32 on CUDA cores as well
         rr = tl.arange(0, LORA_R)

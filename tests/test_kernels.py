@@ -652,6 +652,33 @@ def _swap_configs(every: bool = False, group: int = 0):
     return list(dict.fromkeys(cfgs))
 
 
+def _w8a16_case(kind, seed):
+    """(K, weight on DEV, group, scale as the launchers take it, bias, LoRA rank, up) for a W8A16 kernel test:
+    K 200 (not a multiple of the tiles) or 256 for block-wise groups of 32."""
+    k = 256 if kind == "block" else 200
+    w = weight(k=k, seed=seed)
+    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if kind == "block"
+                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params(kind)))
+    group = 32 if kind == "block" else 0
+    r = 16
+    return (k, qw, group, qw.scale if group else qw.scale.reshape(-1), torch.randn(N, generator=gen(seed + 1)).to(DEV),
+            r, (torch.randn(N, r, generator=gen(seed + 2)) * 0.5).to(DEV))
+
+
+def _check_w8a16_bias_lora(cfg, x, qw, scale, group, deq, bias, h, up):
+    """``launch_w8a16`` with ``cfg``, without and with bias and a LoRA pair, fp32 out, against float64."""
+    for b in (None, bias):
+        for lora in (None, (h, up)):
+            ref = x.double().cpu() @ deq.T
+            if b is not None:
+                ref = ref + b.double().cpu()
+            if lora is not None:
+                ref = ref + h.double().cpu() @ up.double().cpu().T
+            y = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg], lora=lora)
+            assert y.shape == (x.shape[0], N) and rel(y, ref) < 1e-5, (cfg.short(), x.shape[0], b is None,
+                                                                         lora is None)
+
+
 @pytest.mark.parametrize("kind", ["tensor", "row", "block"])
 def test_w8a16_swapped_kernel_matches_float64(kind):
     """w8a16_swap_kernel (Cᵀ = dequant(W) · xᵀ, the weight as the MMA's first operand): every scale
@@ -659,29 +686,13 @@ def test_w8a16_swapped_kernel_matches_float64(kind):
     K must be), fp32 and bf16 outputs, against float64; and the auto path's tuner may pick it."""
     if not TRITON_OK:
         pytest.skip("triton unusable here")
-    k = 256 if kind == "block" else 200
-    w = weight(k=k, seed=71)
-    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if kind == "block"
-                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params(kind)))
-    group = 32 if kind == "block" else 0
-    scale = qw.scale if group else qw.scale.reshape(-1)
-    bias = torch.randn(N, generator=gen(72)).to(DEV)
-    r = 16
-    up = (torch.randn(N, r, generator=gen(73)) * 0.5).to(DEV)
+    k, qw, group, scale, bias, r, up = _w8a16_case(kind, 71)
     for m in (1, 5, 37) + ((300,) if DEV.type == "cuda" else ()):  # several token tiles on a GPU
         x = act(m=m, k=k, dtype=torch.float32, seed=70 + m)
         h = (torch.randn(m, r, generator=gen(74)) * 0.3).to(DEV)
         deq = qw.dequantize().double().cpu()
         for cfg in _swap_configs(group=group):
-            for b in (None, bias):
-                for lora in (None, (h, up)):
-                    ref = x.double().cpu() @ deq.T
-                    if b is not None:
-                        ref = ref + b.double().cpu()
-                    if lora is not None:
-                        ref = ref + h.double().cpu() @ up.double().cpu().T
-                    y = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg], lora=lora)
-                    assert y.shape == (m, N) and rel(y, ref) < 1e-5, (cfg.short(), m, b is None, lora is None)
+            _check_w8a16_bias_lora(cfg, x, qw, scale, group, deq, bias, h, up)
         if kind == "row":  # every tuned candidate on one specialization (each compiles once)
             ref = x.double().cpu() @ deq.T + bias.double().cpu() + h.double().cpu() @ up.double().cpu().T
             for cfg in _swap_configs(every=True):
@@ -702,15 +713,7 @@ def test_w8a16_gemv_kernel_matches_float64(kind):
     activations and outputs, against float64; on a GPU the tuner offers it for M <= 4."""
     if not TRITON_OK:
         pytest.skip("triton unusable here")
-    k = 256 if kind == "block" else 200
-    w = weight(k=k, seed=61)
-    qw = to_dev(Int8Blockwise.quantize(w, Int8Blockwise.Params(32)) if kind == "block"
-                else Int8Tensorwise.quantize(w, Int8Tensorwise.Params(kind)))
-    group = 32 if kind == "block" else 0
-    scale = qw.scale if group else qw.scale.reshape(-1)
-    bias = torch.randn(N, generator=gen(62)).to(DEV)
-    r = 16
-    up = (torch.randn(N, r, generator=gen(63)) * 0.5).to(DEV)
+    k, qw, group, scale, bias, r, up = _w8a16_case(kind, 61)
     deq = qw.dequantize().double().cpu()
     for m in (1, 2, 3, 4):
         ms = launch.m_bucket(m)
@@ -721,15 +724,7 @@ def test_w8a16_gemv_kernel_matches_float64(kind):
         x = act(m=m, k=k, dtype=torch.float32, seed=60 + m)
         h = (torch.randn(m, r, generator=gen(64)) * 0.3).to(DEV)
         for cfg in cfgs:
-            for b in (None, bias):
-                for lora in (None, (h, up)):
-                    ref = x.double().cpu() @ deq.T
-                    if b is not None:
-                        ref = ref + b.double().cpu()
-                    if lora is not None:
-                        ref = ref + h.double().cpu() @ up.double().cpu().T
-                    y = launch.launch_w8a16(x, qw.qdata, scale, b, group, torch.float32, configs=[cfg], lora=lora)
-                    assert y.shape == (m, N) and rel(y, ref) < 1e-5, (cfg.short(), m, b is None, lora is None)
+            _check_w8a16_bias_lora(cfg, x, qw, scale, group, deq, bias, h, up)
             xb = x.to(torch.bfloat16)
             yb = launch.launch_w8a16(xb, qw.qdata, scale, bias.to(torch.bfloat16), group, torch.float32,
                                      configs=[cfg])
