@@ -39,6 +39,8 @@ SHAPES = {
     "flux_mlp_down": (4608, 12288, 3072),
     "t5_ffn": (512, 4096, 10240),
     "t5_ffn_down": (512, 10240, 4096),
+    "flux_mod": (1, 3072, 18432),  # Flux's modulation layers: one token (the conditioning vector)
+    "flux_single_mod": (1, 3072, 9216),
     **{f"m{m}_3072": (m, 3072, 3072) for m in (1, 16, 64, 256, 512, 1024)},
 }
 DRY_SHAPES = {"m3_64": (3, 64, 96), "m40_128": (40, 128, 64)}
