@@ -23,7 +23,7 @@ from ..quant_core.loading import quant_layer_configs
 from ..quant_core.model_quant import plan_for_tensors, quantize_tensors
 from ..quant_core.plan import PlanOptions
 from ..quant_core.safetensors_io import SafetensorsReader
-from .ops import QuantOps, consumed_quant_layers, quant_linears
+from .ops import QuantOps, consumed_quant_layers, match_stock_casting, quant_linears
 from .patcher import QuantModelPatcher, as_quant_patcher
 
 log = logging.getLogger("convert_to_quant")
@@ -66,6 +66,7 @@ def load_diffusion_model(path: str, dtype: Optional[torch.dtype] = None) -> Quan
     if patcher is None:
         raise ConvertError(f"{path}: ComfyUI could not detect the model architecture from its weights")
     check_all_consumed(path, cfgs, patcher.model)
+    match_stock_casting(patcher.model)
     n = len(quant_linears(patcher.model))
     log.info("convert_to_quant: %s: %d int8 Linear layers", path, n)
     return as_quant_patcher(patcher)
@@ -133,6 +134,7 @@ def quantize_loaded_model(source: comfy.model_patcher.ModelPatcher, plan_opts: P
     model = config.get_model(sd, "")
     model = model.to(source.offload_device)
     model.load_model_weights(sd, "")
+    match_stock_casting(model)
     patcher = QuantModelPatcher(model, load_device=source.load_device, offload_device=source.offload_device)
     patcher.model_options = comfy.model_patcher.create_model_options_clone(source.model_options)
     patcher.object_patches = source.object_patches.copy()

@@ -352,6 +352,32 @@ class QuantOps(comfy.ops.manual_cast):
         pass
 
 
+def match_stock_casting(model: torch.nn.Module) -> int:
+    """Per-call weight casting as stock ComfyUI would have it. ComfyUI builds a model with
+    ``comfy.ops.disable_weight_init`` (layers use their weights as stored) when the weights are kept in the
+    compute dtype (``manual_cast_dtype`` None), and with ``manual_cast`` (every norm, conv, embedding and
+    float Linear casts its weight and bias on each call) only otherwise; ``custom_operations`` are used as
+    given, so ``QuantOps`` (a ``manual_cast``) would pay the cast on every layer of every model. On a model
+    whose ``manual_cast_dtype`` is None this turns the per-call cast off (the layer's own
+    ``comfy_cast_weights``) for each float layer whose weight and bias are stored in the compute dtype (a
+    quantized file's float tensors can keep another dtype: those layers go on casting). ComfyUI's lowvram
+    load turns casting back on for the modules it offloads and restores it afterwards, as for its own
+    layers. Returns how many layers changed."""
+    if getattr(model, "manual_cast_dtype", torch.float32) is not None or not hasattr(model, "get_dtype"):
+        return 0
+    compute = model.get_dtype()
+    n = 0
+    for m in model.modules():
+        if (not isinstance(m, comfy.ops.CastWeightBiasOp) or not m.comfy_cast_weights
+                or "comfy_cast_weights" in vars(m) or getattr(m, "is_quantized", False)):
+            continue
+        stored = [t for t in (getattr(m, "weight", None), getattr(m, "bias", None)) if t is not None]
+        if all(isinstance(t, torch.Tensor) and t.dtype == compute for t in stored):
+            m.comfy_cast_weights = False
+            n += 1
+    return n
+
+
 def consumed_quant_layers(model: torch.nn.Module) -> List[str]:
     """Names of the modules that took a quantized weight from the state dict (int8 Linear layers and
     layers dequantized at load)."""

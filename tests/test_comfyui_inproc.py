@@ -19,7 +19,7 @@ RESULT = "CTQ_RESULT "
 
 CHECKS = ("int8_model_matches_float", "memory_accounting_and_to", "lora_side_path", "lora_lowvram",
           "dense_delta_fallback", "fused_offset_patch", "blockwise_and_convrot_files", "on_the_fly_quantize",
-          "text_encoder_loader", "temp_files_and_chart", "torch_compile", "cpu_int8_gemm")
+          "text_encoder_loader", "temp_files_and_chart", "torch_compile", "cpu_int8_gemm", "stock_casting")
 
 if __name__ != "__main__":
     import pytest
@@ -69,6 +69,10 @@ if __name__ != "__main__":
 
     def test_torch_compile(results):
         _assert_check(results, "torch_compile")
+
+    def test_stock_casting(results):
+        d = _assert_check(results, "stock_casting")
+        assert d["cast_calls_per_step"] == 0 < d["cast_calls_per_step_manual_cast"] and d["lowvram_cast_calls"] > 0
 
     def test_cpu_int8_gemm(results):
         d = _assert_check(results, "cpu_int8_gemm")
@@ -404,6 +408,61 @@ def check_temp_files_and_chart(c: Ctx):
     count = lambda rgb: int((px == torch.tensor(rgb, dtype=torch.int32)).all(-1).sum())
     assert count(GOOD) > 2 * count(BAD) > 0, (count(GOOD), count(BAD))
     return {}
+
+
+def check_stock_casting(c: Ctx):
+    """Our loader's model casts weights per call only where stock ComfyUI's would: weights stored in the compute
+    dtype (``manual_cast_dtype`` None) are used as they are by every norm, conv, embedding and float Linear
+    (no ``cast_bias_weight`` call in a step), with the same output as casting on every call; ComfyUI's lowvram
+    load turns casting on for what it offloads and back off after; a model that needs a cast keeps it."""
+    import comfy.ops
+    torch = c.torch
+    from convert_to_quant.nodes.loader import load_diffusion_model
+    q = load_diffusion_model(c.tmpfile("q32.safetensors", {k: v.float() if v.is_floating_point() else v
+                                                            for k, v in c.quantized_sd().items()}))
+    assert q.model.manual_cast_dtype is None and q.model.get_dtype() == torch.float32
+    layers = [m for m in q.model.modules()
+              if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False)]
+    kinds = sorted({type(m).__name__ for m in layers})
+    assert {"Conv3d", "LayerNorm", "Linear"} <= set(kinds), kinds
+    assert not any(m.comfy_cast_weights for m in layers)
+    # the bf16 file of the other checks on this float32 CPU: its float layers keep casting (they must)
+    mixed = c.int8_patcher()
+    assert mixed.model.manual_cast_dtype is None and any(
+        m.comfy_cast_weights for m in mixed.model.modules()
+        if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False))
+    assert rel(c.run(mixed), c.run(q)) < 0.01
+    calls = [0]
+    orig = comfy.ops.cast_bias_weight
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    comfy.ops.cast_bias_weight = counting
+    try:
+        out = c.run(q)
+        plain = calls[0]
+        for m in layers:  # what every layer did before: QuantOps is a manual_cast
+            m.comfy_cast_weights = True
+        forced = c.run(q)
+        manual = calls[0] - plain
+        for m in layers:
+            m.comfy_cast_weights = False
+        low = c.run(q, lowvram_bytes=1)
+        lowvram = calls[0] - plain - manual
+    finally:
+        comfy.ops.cast_bias_weight = orig
+    assert torch.equal(out, forced) and torch.equal(out, low)
+    assert not any(m.comfy_cast_weights or hasattr(m, "prev_comfy_cast_weights") for m in layers)
+    # stored in float16, computed in float32 on a CPU: ComfyUI manual-casts, and so do we
+    q16 = load_diffusion_model(c.tmpfile("q16.safetensors", c.quantized_sd()), dtype=torch.float16)
+    assert q16.model.manual_cast_dtype is not None
+    assert all(m.comfy_cast_weights for m in q16.model.modules()
+               if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False))
+    assert rel(c.run(q16), out) < 0.01
+    return {"layers": len(layers), "kinds": kinds, "cast_calls_per_step": plain,
+            "cast_calls_per_step_manual_cast": manual, "lowvram_cast_calls": lowvram}
 
 
 def check_cpu_int8_gemm(c: Ctx):
