@@ -37,7 +37,7 @@ SHAPES = {
     # Flux's modulation layers (one token: the conditioning vector): double blocks' img_mod / txt_mod, single blocks'
     "flux_mod": (1, 3072, 18432), "flux_single_mod": (1, 3072, 9216),
 }
-DRY_SHAPES = {"m24": (24, 288, 96)}  # K: 9 interpreter K steps, enough for a stream-K twin
+DRY_SHAPES = {"m24": (24, 128, 96)}
 
 
 def log(*a):

@@ -418,19 +418,21 @@ def check_stock_casting(c: Ctx):
     import comfy.ops
     torch = c.torch
     from convert_to_quant.nodes.loader import load_diffusion_model
+
+    def float_layers(model):  # what may cast per call: every stock op layer but our int8 Linears
+        return [m for m in model.modules()
+                if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False)]
+
     q = load_diffusion_model(c.tmpfile("q32.safetensors", {k: v.float() if v.is_floating_point() else v
                                                             for k, v in c.quantized_sd().items()}))
     assert q.model.manual_cast_dtype is None and q.model.get_dtype() == torch.float32
-    layers = [m for m in q.model.modules()
-              if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False)]
+    layers = float_layers(q.model)
     kinds = sorted({type(m).__name__ for m in layers})
     assert {"Conv3d", "LayerNorm", "Linear"} <= set(kinds), kinds
     assert not any(m.comfy_cast_weights for m in layers)
     # the bf16 file of the other checks on this float32 CPU: its float layers keep casting (they must)
     mixed = c.int8_patcher()
-    assert mixed.model.manual_cast_dtype is None and any(
-        m.comfy_cast_weights for m in mixed.model.modules()
-        if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False))
+    assert mixed.model.manual_cast_dtype is None and any(m.comfy_cast_weights for m in float_layers(mixed.model))
     assert rel(c.run(mixed), c.run(q)) < 0.01
     calls = [0]
     orig = comfy.ops.cast_bias_weight
@@ -458,8 +460,7 @@ def check_stock_casting(c: Ctx):
     # stored in float16, computed in float32 on a CPU: ComfyUI manual-casts, and so do we
     q16 = load_diffusion_model(c.tmpfile("q16.safetensors", c.quantized_sd()), dtype=torch.float16)
     assert q16.model.manual_cast_dtype is not None
-    assert all(m.comfy_cast_weights for m in q16.model.modules()
-               if isinstance(m, comfy.ops.CastWeightBiasOp) and not getattr(m, "is_quantized", False))
+    assert all(m.comfy_cast_weights for m in float_layers(q16.model))
     assert rel(c.run(q16), out) < 0.01
     return {"layers": len(layers), "kinds": kinds, "cast_calls_per_step": plain,
             "cast_calls_per_step_manual_cast": manual, "lowvram_cast_calls": lowvram}
